@@ -1,0 +1,71 @@
+"""reuse_lens: which parts of a model does a task use, and which do other tasks reuse?
+
+The public API is exactly what this module exports. Submodules load on first use, so
+``import reuse_lens`` stays cheap; torch and TransformerLens load with the first call.
+
+>>> import reuse_lens as rl
+>>> model = rl.load_model("zoo:base")
+>>> task = rl.tasks.load("ioi", model, n=64, seed=0)
+>>> rl.evaluate(model, task)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from reuse_lens import nodes, tasks, zoo
+    from reuse_lens.evaluation import evaluate, normalized_metric
+    from reuse_lens.models import ModelLoadError, load_model
+    from reuse_lens.nodes import MLP, AttentionHead, Edge, nodes_of, parse_node
+    from reuse_lens.tasks.task import Task
+
+__all__ = [
+    "MLP",
+    "AttentionHead",
+    "Edge",
+    "ModelLoadError",
+    "Task",
+    "__version__",
+    "evaluate",
+    "load_model",
+    "nodes",
+    "nodes_of",
+    "normalized_metric",
+    "parse_node",
+    "tasks",
+    "zoo",
+]
+
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "load_model": ("reuse_lens.models", "load_model"),
+    "ModelLoadError": ("reuse_lens.models", "ModelLoadError"),
+    "Task": ("reuse_lens.tasks.task", "Task"),
+    "evaluate": ("reuse_lens.evaluation", "evaluate"),
+    "normalized_metric": ("reuse_lens.evaluation", "normalized_metric"),
+    "AttentionHead": ("reuse_lens.nodes", "AttentionHead"),
+    "MLP": ("reuse_lens.nodes", "MLP"),
+    "Edge": ("reuse_lens.nodes", "Edge"),
+    "nodes_of": ("reuse_lens.nodes", "nodes_of"),
+    "parse_node": ("reuse_lens.nodes", "parse_node"),
+    "nodes": ("reuse_lens.nodes", None),
+    "tasks": ("reuse_lens.tasks", None),
+    "zoo": ("reuse_lens.zoo", None),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'reuse_lens' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

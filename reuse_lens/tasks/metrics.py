@@ -1,0 +1,229 @@
+"""Metrics: one number per prompt, read from the logits at that prompt's answer position.
+
+Every metric takes the answer-position logits, shape ``(batch, d_vocab)``, and returns a
+value per prompt, shape ``(batch,)``. A task's score is the mean over its prompts; because
+every metric here is a per-prompt mean, scores of chunks of prompts can be averaged.
+
+Answer and wrong-answer sets are stored as ``(batch, n)`` id tensors padded with -1, so
+that a task such as greater-than, with many right answers per prompt, fits the same shape
+as IOI, with one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = [
+    "METRICS",
+    "Accuracy",
+    "KLFromClean",
+    "LogitDiff",
+    "Metric",
+    "MetricError",
+    "MetricInputs",
+    "NormalizedLogitDiff",
+    "ProbDiff",
+    "get_metric",
+]
+
+PAD_ANSWER = -1
+"""Fills the answer and wrong-answer rows of prompts with fewer answers than the widest."""
+
+
+class MetricError(ValueError):
+    """A metric that cannot be computed or cannot tell clean from corrupted."""
+
+
+@dataclass(frozen=True)
+class MetricInputs:
+    """What a metric reads besides the logits, for one batch of prompts.
+
+    Attributes:
+        answers: right answers, shape (batch, n_answers), padded with -1.
+        wrong: wrong answers, shape (batch, n_wrong), padded with -1.
+        clean_logits: the unpatched clean run's answer-position logits, shape
+            (batch, d_vocab); only metrics with ``needs_clean_logits`` read it.
+    """
+
+    answers: Int[Tensor, "batch n_answers"]
+    wrong: Int[Tensor, "batch n_wrong"]
+    clean_logits: Float[Tensor, "batch d_vocab"] | None = None
+
+    def select(self, index: Tensor | slice) -> MetricInputs:
+        clean = None if self.clean_logits is None else self.clean_logits[index]
+        return MetricInputs(self.answers[index], self.wrong[index], clean)
+
+
+@runtime_checkable
+class Metric(Protocol):
+    """A per-prompt score of answer-position logits. Higher means more like the clean run."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def needs_clean_logits(self) -> bool: ...
+
+    def __call__(
+        self, logits: Float[Tensor, "batch d_vocab"], inputs: MetricInputs
+    ) -> Float[Tensor, " batch"]: ...
+
+
+def _masked_gather(
+    values: Float[Tensor, "batch d_vocab"], ids: Int[Tensor, "batch n"]
+) -> tuple[Float[Tensor, "batch n"], Float[Tensor, "batch n"]]:
+    mask = (ids != PAD_ANSWER).to(values.dtype)
+    gathered = values.gather(-1, ids.clamp(min=0).to(values.device))
+    return gathered, mask.to(values.device)
+
+
+def _masked_mean(values: Float[Tensor, "batch d_vocab"], ids: Int[Tensor, "batch n"]) -> Tensor:
+    gathered, mask = _masked_gather(values, ids)
+    return (gathered * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def _masked_sum(values: Float[Tensor, "batch d_vocab"], ids: Int[Tensor, "batch n"]) -> Tensor:
+    gathered, mask = _masked_gather(values, ids)
+    return (gathered * mask).sum(-1)
+
+
+@dataclass(frozen=True)
+class LogitDiff:
+    """Mean logit of the right answers minus mean logit of the wrong ones (Wang et al. 2022)."""
+
+    name: str = "logit_diff"
+    needs_clean_logits: bool = False
+
+    def __call__(
+        self, logits: Float[Tensor, "batch d_vocab"], inputs: MetricInputs
+    ) -> Float[Tensor, " batch"]:
+        return _masked_mean(logits, inputs.answers) - _masked_mean(logits, inputs.wrong)
+
+
+@dataclass(frozen=True)
+class ProbDiff:
+    """Total probability of the right answers minus that of the wrong ones.
+
+    Hanna et al. 2023 use it for greater-than, where every year above the start is right.
+    """
+
+    name: str = "prob_diff"
+    needs_clean_logits: bool = False
+
+    def __call__(
+        self, logits: Float[Tensor, "batch d_vocab"], inputs: MetricInputs
+    ) -> Float[Tensor, " batch"]:
+        probs = logits.float().softmax(-1)
+        return _masked_sum(probs, inputs.answers) - _masked_sum(probs, inputs.wrong)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """1.0 where the top-1 prediction over the whole vocabulary is a right answer, else 0.0."""
+
+    name: str = "accuracy"
+    needs_clean_logits: bool = False
+
+    def __call__(
+        self, logits: Float[Tensor, "batch d_vocab"], inputs: MetricInputs
+    ) -> Float[Tensor, " batch"]:
+        top = logits.argmax(-1, keepdim=True)
+        answers = inputs.answers.to(top.device)
+        return (answers == top).any(-1).to(logits.dtype)
+
+
+@dataclass(frozen=True)
+class KLFromClean:
+    """Negative KL(clean ‖ patched) of the answer-position distributions.
+
+    The sign is flipped so that, like every other metric here, higher means more like the
+    clean run: it is 0 for the clean run itself and falls as a patch moves the output.
+    """
+
+    name: str = "kl_div"
+    needs_clean_logits: bool = True
+
+    def __call__(
+        self, logits: Float[Tensor, "batch d_vocab"], inputs: MetricInputs
+    ) -> Float[Tensor, " batch"]:
+        if inputs.clean_logits is None:
+            raise MetricError("the kl_div metric needs the clean run's logits; none were given")
+        log_p = inputs.clean_logits.float().log_softmax(-1)
+        log_q = logits.float().log_softmax(-1)
+        return -(log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+@dataclass(frozen=True)
+class NormalizedLogitDiff:
+    """(patched − corrupt) / (clean − corrupt) of the logit difference.
+
+    1.0 is the clean run and 0.0 the corrupted one. Build it with ``for_baselines``, which
+    refuses baselines too close to tell apart, because dividing by their gap would turn
+    noise into arbitrarily large scores.
+    """
+
+    clean: float
+    corrupted: float
+    name: str = "normalized_logit_diff"
+    needs_clean_logits: bool = False
+
+    @classmethod
+    def for_baselines(
+        cls, clean: float, corrupted: float, *, min_gap: float = 1e-3
+    ) -> NormalizedLogitDiff:
+        gap = clean - corrupted
+        if not math.isfinite(gap) or abs(gap) < min_gap:
+            raise MetricError(
+                f"the logit difference cannot tell clean ({clean:.4g}) from corrupted "
+                f"({corrupted:.4g}) prompts: their gap {gap:.2g} is below {min_gap:g}, so "
+                "the normalised score would divide by ~0. Check that the corruption changes "
+                "the answer, or that the model can do the task."
+            )
+        return cls(clean=clean, corrupted=corrupted)
+
+    def __call__(
+        self, logits: Float[Tensor, "batch d_vocab"], inputs: MetricInputs
+    ) -> Float[Tensor, " batch"]:
+        raw = LogitDiff()(logits, inputs)
+        return (raw - self.corrupted) / (self.clean - self.corrupted)
+
+
+METRICS: dict[str, Metric] = {
+    "logit_diff": LogitDiff(),
+    "prob_diff": ProbDiff(),
+    "accuracy": Accuracy(),
+    "kl_div": KLFromClean(),
+}
+"""The metrics that need no baselines, by name. ``normalized_logit_diff`` is built from
+baselines by ``reuse_lens.tasks.normalized_metric``."""
+
+
+def get_metric(metric: str | Metric) -> Metric:
+    """A metric by name (``logit_diff``, ``prob_diff``, ``accuracy``, ``kl_div``), or as given."""
+    if isinstance(metric, str):
+        if metric not in METRICS:
+            raise MetricError(
+                f"unknown metric {metric!r}: choose one of {sorted(METRICS)}, or pass a "
+                "callable (logits, MetricInputs) -> per-prompt tensor"
+            )
+        return METRICS[metric]
+    if not callable(metric):
+        raise MetricError(f"a metric must be a name or a callable, got {metric!r}")
+    return metric
+
+
+def check_finite(values: Tensor, metric: Metric) -> Tensor:
+    """Raise MetricError if ``metric`` produced NaN or infinity."""
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise MetricError(
+            f"metric {getattr(metric, 'name', metric)!r} returned {bad} non-finite value(s) "
+            "(NaN or inf). Check the metric for divisions by zero or log of zero."
+        )
+    return values

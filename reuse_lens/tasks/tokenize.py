@@ -1,0 +1,114 @@
+"""Turning prompt and answer text into token ids for one model, with errors that name the item."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = ["TaskTokenizer", "single_token_words"]
+
+
+class TaskTokenizer:
+    """Tokenizes prompts (with BOS) and single-token answers for ``model``.
+
+    Prompts given as token ids pass through unchanged, after a range check, so tasks can be
+    built for models with no tokenizer at all.
+    """
+
+    def __init__(self, model: TransformerBridge) -> None:
+        self.tokenizer: Any = getattr(model, "tokenizer", None)
+        self.d_vocab = int(model.cfg.d_vocab)
+        self.prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
+        tok = self.tokenizer
+        pad = (
+            None
+            if tok is None
+            else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        )
+        self.pad_id = int(pad) if pad is not None else 0
+
+    def _need_tokenizer(self, what: str, value: object) -> Any:
+        from reuse_lens.tasks.task import TaskError
+
+        if self.tokenizer is None:
+            raise TaskError(
+                f"{what} is text ({value!r}) but the model has no tokenizer: give token ids "
+                "instead, or load a model that has one"
+            )
+        return self.tokenizer
+
+    def _check_ids(self, ids: list[int], what: str) -> list[int]:
+        from reuse_lens.tasks.task import TaskError
+
+        bad = [t for t in ids if not 0 <= t < self.d_vocab]
+        if bad:
+            raise TaskError(
+                f"{what} has token id(s) {bad} outside the model's vocabulary [0, {self.d_vocab})"
+            )
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        tokenizer = self._need_tokenizer("a prompt", text)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt(self, prompt: str | Sequence[int], what: str) -> list[int]:
+        from reuse_lens.tasks.task import TaskError
+
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+            bos = getattr(self._need_tokenizer(what, prompt), "bos_token_id", None)
+            if self.prepend_bos and bos is not None:
+                ids = [int(bos), *ids]
+        else:
+            ids = self._check_ids([int(t) for t in prompt], what)
+        if not ids:
+            raise TaskError(f"{what} is empty")
+        return ids
+
+    def answer(self, answer: str | int, what: str) -> int:
+        from reuse_lens.tasks.task import TaskError
+
+        if isinstance(answer, int) and not isinstance(answer, bool):
+            return self._check_ids([answer], what)[0]
+        if not isinstance(answer, str):
+            raise TaskError(f"{what} must be a string or a token id, got {answer!r}")
+        ids = self.encode(answer)
+        if len(ids) != 1:
+            pieces = [self.tokenizer.decode([t]) for t in ids]
+            hint = "" if answer.startswith(" ") else "; answers usually need a leading space"
+            raise TaskError(
+                f"{what} {answer!r} is {len(ids)} tokens {pieces}, but answers must be single "
+                f"tokens{hint}"
+            )
+        return ids[0]
+
+    def answers(
+        self, answers: str | int | Sequence[str | int] | Sequence[str] | Sequence[int], what: str
+    ) -> list[int]:
+        from reuse_lens.tasks.task import TaskError
+
+        items = [answers] if isinstance(answers, str | int) else list(answers)
+        if not items:
+            raise TaskError(f"{what} is empty: give at least one answer")
+        return [self.answer(a, what) for a in items]
+
+
+def single_token_words(tokenizer: Any, words: Sequence[str], *, prefix: str = " ") -> list[str]:
+    """The words of ``words`` that are one token when written after ``prefix``.
+
+    Generators draw only from these, so that every answer is a single token and clean and
+    corrupted prompts keep the same length under any tokenizer. Order is kept, so the
+    same seed draws the same words.
+    """
+    if tokenizer is None:
+        return list(words)
+    keep = []
+    for word in words:
+        ids = tokenizer(prefix + word, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1 and tokenizer.unk_token_id not in ids:
+            keep.append(word)
+    return keep
