@@ -47,8 +47,9 @@ def sample(
     words = rng.sample(pool.induction_words, length + 1)
     seq, fresh = words[:length], words[length]
     corrupted_seq = [*seq[:prefix], fresh, *seq[prefix + 1 :]]
-    clean = " ".join([*seq, *seq[:prefix]])
-    corrupted = " ".join([*corrupted_seq, *seq[:prefix]])
+    # Every word keeps its leading space, the form WordPool checked to be one token.
+    clean = "".join(f" {w}" for w in [*seq, *seq[:prefix]])
+    corrupted = "".join(f" {w}" for w in [*corrupted_seq, *seq[:prefix]])
     return PromptPair(
         clean,
         corrupted,
