@@ -18,6 +18,23 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
         if not zoo.available():
             print(zoo.status())
         return 0
+    if args.zoo_command == "train":
+        import logging
+
+        from reuse_lens.zoo.train import TOLERANCE, train
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        result = train(args.only or None, check=args.check)
+        if not args.check:
+            print(f"trained and wrote {', '.join(f'zoo:{n}' for n in result['models'])}")
+            return 0
+        if result["problems"]:
+            print(f"NOT reproduced (tolerance {TOLERANCE}):")
+            for line in result["problems"]:
+                print(f"  {line}")
+            return 1
+        print(f"reproduced: held-out scores within {TOLERANCE} of the manifest")
+        return 0
     print(zoo.status())
     return 0
 
@@ -64,8 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="prompt seed")
     evaluate.set_defaults(func=_cmd_evaluate)
 
-    zoo = sub.add_parser("zoo", help="the embedded models: list them or show their status")
-    zoo.add_argument("zoo_command", choices=["list", "status"], help="what to do")
+    zoo = sub.add_parser(
+        "zoo", help="the embedded models: list them, show their status, or retrain them"
+    )
+    zoo.add_argument("zoo_command", choices=["list", "status", "train"], help="what to do")
+    zoo.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="train: only this model (repeatable), e.g. --only base",
+    )
+    zoo.add_argument(
+        "--check",
+        action="store_true",
+        help="train: retrain in a temporary folder and compare held-out scores with the manifest",
+    )
     zoo.set_defaults(func=_cmd_zoo)
     return parser
 

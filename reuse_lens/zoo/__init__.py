@@ -1,31 +1,43 @@
 """The zoo: small models trained on a synthetic task language and shipped with reuse_lens.
 
-``rl.load_model("zoo:<name>")`` resolves here. The models themselves are added by the
-zoo issue; until their manifest ships, every name fails with a clear error.
+``rl.load_model("zoo:<name>")`` resolves here. Each model is an HF GPT-2 folder
+(``config.json``, ``model.safetensors``, ``tokenizer.json``) under ``zoo/weights/<name>``,
+read through ``importlib.resources`` and booted by the same ``boot_transformers`` path as
+any local folder. ``weights/manifest.json`` records each model's config, seed, steps,
+data mix, held-out scores and the sha256 of its weights; loading checks the sha256.
+Rebuild the zoo with ``reuse_lens.zoo.train`` (``reuse-lens zoo train``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib import resources
+from importlib.abc import Traversable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["ZooError", "available", "load", "manifest", "status"]
+__all__ = ["ZooError", "available", "load", "manifest", "shipped_folder", "status"]
 
 MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
 
 
 class ZooError(RuntimeError):
     """A zoo model that does not exist, is not shipped yet, or fails its checksum."""
 
 
+def _weights() -> Traversable:
+    return resources.files("reuse_lens.zoo").joinpath("weights")
+
+
 def manifest() -> dict[str, Any]:
-    """The shipped manifest: one entry per model, or {} when no models ship yet."""
-    path = resources.files("reuse_lens.zoo").joinpath("weights", MANIFEST)
+    """The shipped manifest: one entry per model under ``"models"``, or {} when none ship."""
+    path = _weights().joinpath(MANIFEST)
     if not path.is_file():
         return {}
     return json.loads(path.read_text())
@@ -38,22 +50,99 @@ def available() -> list[str]:
 
 def status() -> str:
     """One honest paragraph on what the zoo holds now."""
-    names = available()
-    if not names:
+    entries = manifest().get("models", {})
+    if not entries:
         return (
             "The zoo ships no trained models yet: its synthetic task language and tokenizer "
-            "exist, but the trained models (zoo:base, zoo:ft-<task>) are still to be added, "
-            "so there is no demo to run on them."
+            "exist, but the trained models are still to be added."
         )
-    return "Zoo models: " + ", ".join(f"zoo:{n}" for n in names)
+    lines = ["Zoo models (held-out accuracy / logit diff on the tasks each was trained on):"]
+    for name, entry in sorted(entries.items()):
+        scores = entry["eval"]["scores"]
+        trained = ", ".join(
+            f"{t} {scores[t]['accuracy']:.2f}/{scores[t]['logit_diff']:.1f}"
+            for t in entry["trained_on"]
+            if t in scores
+        )
+        cfg = entry["config"]
+        shape = f"{cfg['n_layer']}L {cfg['n_head']}H d{cfg['n_embd']}"
+        kind = " attn-only" if cfg.get("attn_only") else ""
+        lines.append(f"  zoo:{name} ({shape}{kind}): {trained}")
+    return "\n".join(lines)
+
+
+def shipped_folder(name: str) -> Path:
+    """The folder of shipped zoo model ``name`` on disk, after checking its checksum.
+
+    ``boot_transformers`` needs a real folder; an installed wheel unpacks to one.
+    """
+    entry = _entry(name)
+    folder = _weights().joinpath(name)
+    if not isinstance(folder, Path):
+        raise ZooError(
+            f"zoo model 'zoo:{name}' is not on the file system (a zipped install?); "
+            "install reuse_lens unzipped to fine-tune from it"
+        )
+    _verify(folder, entry, label=f"zoo:{name}")
+    return folder
+
+
+def _entry(name: str) -> dict[str, Any]:
+    entries = manifest().get("models", {})
+    if name not in entries:
+        shipped = ", ".join(f"zoo:{n}" for n in sorted(entries)) or "none yet"
+        raise ZooError(f"no zoo model 'zoo:{name}': the shipped zoo models are {shipped}")
+    return entries[name]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(folder: Path, entry: dict[str, Any], *, label: str) -> None:
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise ZooError(f"zoo model {label!r} has no weights file {str(weights)!r}")
+    found, expected = _sha256(weights), entry["sha256"]
+    if found != expected:
+        raise ZooError(
+            f"zoo model {label!r} fails its checksum: {str(weights)!r} has sha256 {found}, "
+            f"but the manifest records {expected}. The file is corrupted or was replaced; "
+            "reinstall reuse_lens, or rebuild the zoo with `reuse-lens zoo train`."
+        )
+
+
+def load_from(
+    folder: Path,
+    entry: dict[str, Any],
+    *,
+    name: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> TransformerBridge:
+    """Load the zoo model saved in ``folder`` after checking it against manifest ``entry``."""
+    from reuse_lens.models import _SPEC_ATTR, load_model
+
+    _verify(folder, entry, label=f"zoo:{name}")
+    model = load_model(folder, device=device, dtype=dtype)
+    setattr(model, _SPEC_ATTR, f"zoo:{name}")
+    return model
 
 
 def load(
     name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> TransformerBridge:
-    """Load zoo model ``name`` (without the ``zoo:`` prefix)."""
-    names = available()
-    if name not in names:
-        shipped = ", ".join(f"zoo:{n}" for n in names) or "none yet"
-        raise ZooError(f"no zoo model 'zoo:{name}': the shipped zoo models are {shipped}")
-    raise ZooError(f"zoo model 'zoo:{name}' is listed but loading is not implemented")
+    """Load zoo model ``name`` (without the ``zoo:`` prefix), checksum verified.
+
+    Raises:
+        ZooError: for a name that is not shipped (the message lists those that are), or
+            weights whose sha256 differs from the manifest's.
+    """
+    entry = _entry(name)
+    folder = _weights().joinpath(name)
+    with resources.as_file(folder) as path:
+        return load_from(Path(path), entry, name=name, device=device, dtype=dtype)
