@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from reuse_lens.evaluation import evaluate, normalized_metric
     from reuse_lens.models import ModelLoadError, load_model
     from reuse_lens.nodes import MLP, AttentionHead, Edge, nodes_of, parse_node
+    from reuse_lens.patching.activation import activation_patching
+    from reuse_lens.patching.path import path_patching
     from reuse_lens.tasks.task import Task
 
 __all__ = [
@@ -30,12 +32,14 @@ __all__ = [
     "ModelLoadError",
     "Task",
     "__version__",
+    "activation_patching",
     "evaluate",
     "load_model",
     "nodes",
     "nodes_of",
     "normalized_metric",
     "parse_node",
+    "path_patching",
     "tasks",
     "zoo",
 ]
@@ -51,6 +55,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "Edge": ("reuse_lens.nodes", "Edge"),
     "nodes_of": ("reuse_lens.nodes", "nodes_of"),
     "parse_node": ("reuse_lens.nodes", "parse_node"),
+    "activation_patching": ("reuse_lens.patching.activation", "activation_patching"),
+    "path_patching": ("reuse_lens.patching.path", "path_patching"),
     "nodes": ("reuse_lens.nodes", None),
     "tasks": ("reuse_lens.tasks", None),
     "zoo": ("reuse_lens.zoo", None),

@@ -1,0 +1,195 @@
+"""Plumbing shared by the exact patching methods: inputs, baselines, sources, chunking."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from reuse_lens.evaluation import answer_logits
+from reuse_lens.patching._forward import RunCache, Unsupported, Weights, extract_weights
+from reuse_lens.tasks.metrics import Metric, MetricInputs, check_finite, get_metric
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from reuse_lens.tasks.task import Task
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "Prepared", "prepare", "rows_per_chunk"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_BUDGET = 1 << 30
+"""Bytes of activations one batched forward pass may hold (1 GiB); ``batch_size`` overrides."""
+
+_VERIFY_ATOL = 1e-4
+
+
+@dataclass
+class Prepared:
+    """A task on the model's device, its metric, and the unpatched clean/corrupted logits.
+
+    ``weights`` is None when the functional forward does not cover the model; the
+    callers then patch through hooks on the bridge.
+    """
+
+    model: TransformerBridge
+    clean: Int[Tensor, "batch pos"]
+    corrupted: Int[Tensor, "batch pos"]
+    answer_pos: Int[Tensor, " batch"]
+    metric: Metric
+    inputs: MetricInputs
+    clean_logits: Float[Tensor, "batch d_vocab"]
+    corrupted_logits: Float[Tensor, "batch d_vocab"]
+    weights: Weights | None
+    fallback_reason: str | None
+
+    @property
+    def n(self) -> int:
+        return int(self.clean.shape[0])
+
+    def score(self, logits: Tensor, prompt: Int[Tensor, " rows"]) -> Float[Tensor, " rows"]:
+        """The metric of each row's logits, read against prompt ``prompt[row]``'s answers."""
+        values = self.metric(logits.float(), self.inputs.select(prompt))
+        return check_finite(torch.as_tensor(values, dtype=torch.float32), self.metric)
+
+    @property
+    def clean_metric(self) -> Float[Tensor, " batch"]:
+        return self.score(self.clean_logits, torch.arange(self.n, device=self.clean.device))
+
+    @property
+    def corrupted_metric(self) -> Float[Tensor, " batch"]:
+        return self.score(self.corrupted_logits, torch.arange(self.n, device=self.clean.device))
+
+
+@torch.no_grad()
+def prepare(
+    model: TransformerBridge, task: Task, metric: str | Metric | None, *, functional: bool = True
+) -> Prepared:
+    """Check the task against the model and compute what every patching method needs.
+
+    The functional forward is verified against the bridge's own logits on the clean
+    prompts; on any mismatch the model is patched through hooks instead.
+    """
+    task.check_model(model)
+    device = torch.device(model.cfg.device or "cpu")
+    chosen = get_metric(task.metric if metric is None else metric)
+    clean, corrupted = task.clean.to(device), task.corrupted.to(device)
+    answer_pos = task.answer_pos.to(device)
+    clean_logits = answer_logits(model, clean, answer_pos)
+    corrupted_logits = answer_logits(model, corrupted, answer_pos)
+    base_inputs = task.metric_inputs()
+    inputs = MetricInputs(
+        base_inputs.answers.to(device), base_inputs.wrong.to(device), clean_logits
+    )
+    weights: Weights | None = None
+    reason: str | None = "functional forward disabled"
+    if functional:
+        try:
+            weights = extract_weights(model)
+            rows = torch.arange(clean.shape[0], device=device)
+            ours = weights.logits(weights.run(clean).final[rows, answer_pos])
+            gap = float((ours - clean_logits).abs().max())
+            tolerance = _VERIFY_ATOL * max(1.0, float(clean_logits.abs().max()))
+            if gap > tolerance:
+                raise Unsupported(f"its logits differ from the bridge's by {gap:.2g}")
+            reason = None
+        except Unsupported as why:
+            weights, reason = None, f"the fast forward cannot reproduce this model: {why}"
+            logger.info("patching through hooks: %s", reason)
+    prepared = Prepared(
+        model=model,
+        clean=clean,
+        corrupted=corrupted,
+        answer_pos=answer_pos,
+        metric=chosen,
+        inputs=inputs,
+        clean_logits=clean_logits,
+        corrupted_logits=corrupted_logits,
+        weights=weights,
+        fallback_reason=reason,
+    )
+    prepared.clean_metric  # noqa: B018  (raises MetricError on NaN before any sweep)
+    prepared.corrupted_metric  # noqa: B018
+    return prepared
+
+
+def position_mask(lengths: Int[Tensor, " batch"], width: int) -> Tensor:
+    """(batch, pos) bool: True where the prompt has a real token."""
+    return torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def mean_cache(cache: RunCache, lengths: Int[Tensor, " batch"]) -> RunCache:
+    """Every activation averaged over prompts, position by position, as a batch of one.
+
+    A position is averaged only over the prompts that have a real token there, so the
+    padding of shorter prompts never enters the mean.
+    """
+    width = cache.final.shape[1]
+    valid = position_mask(lengths, width).float()  # (batch, pos)
+    count = valid.sum(0).clamp(min=1)
+
+    def avg(x: Tensor, pos_axis: int = 1) -> Tensor:
+        shape = [1] * x.dim()
+        shape[0], shape[pos_axis] = x.shape[0], width
+        weight = valid.view(shape)
+        count_shape = [1] * x.dim()
+        count_shape[pos_axis] = width
+        return ((x * weight).sum(0, keepdim=True)) / count.view(count_shape)
+
+    return RunCache(
+        resid_pre=[avg(x) for x in cache.resid_pre],
+        resid_mid=[avg(x) for x in cache.resid_mid],
+        q=[avg(x) for x in cache.q],
+        k=[avg(x) for x in cache.k],
+        v=[avg(x) for x in cache.v],
+        pattern=[avg(x, 2) for x in cache.pattern],
+        z=[avg(x) for x in cache.z],
+        mlp_out=[avg(x) for x in cache.mlp_out],
+        final=avg(cache.final),
+    )
+
+
+def zero_cache(cache: RunCache) -> RunCache:
+    """Every activation zero, as a batch of one."""
+
+    def zero(xs: list[Tensor]) -> list[Tensor]:
+        return [torch.zeros_like(x[:1]) for x in xs]
+
+    return RunCache(
+        zero(cache.resid_pre),
+        zero(cache.resid_mid),
+        zero(cache.q),
+        zero(cache.k),
+        zero(cache.v),
+        zero(cache.pattern),
+        zero(cache.z),
+        zero(cache.mlp_out),
+        torch.zeros_like(cache.final[:1]),
+    )
+
+
+def rows_per_chunk(
+    model: TransformerBridge, width: int, batch_size: int | None, budget: int | None = None
+) -> int:
+    """How many (patch, prompt) rows one forward pass may hold under the memory budget.
+
+    The estimate counts the residual stream, q/k/v/z, the attention scores and the MLP
+    hidden layer of one block for one row, with headroom for temporaries.
+    """
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        return batch_size
+    cfg = model.cfg
+    d_mlp = int(cfg.d_mlp or 0)
+    floats = (
+        width * (8 * int(cfg.d_model) + 6 * int(cfg.n_heads) * int(cfg.d_head) + 2 * d_mlp)
+        + 3 * int(cfg.n_heads) * width * width
+    )
+    per_row = 4 * floats * 2  # float32, with 2x headroom for temporaries
+    return max(1, (budget or DEFAULT_MEMORY_BUDGET) // per_row)

@@ -1,0 +1,136 @@
+"""Patching through hooks on the bridge: the fallback for models ``_forward`` cannot run.
+
+Every patched row is a full forward pass of the bridge (``run_with_hooks``), with many
+rows stacked along the batch. It is slower than the functional engine but works on any
+architecture whose hook points have the classic shapes; a hook point with another shape
+(e.g. k/v of grouped-query attention) is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = ["HookSources", "hook_logits", "hook_name"]
+
+_HEAD_HOOKS = {
+    "out": "hook_z",
+    "q": "hook_q",
+    "k": "hook_k",
+    "v": "hook_v",
+    "pattern": "hook_pattern",
+}
+
+
+def hook_name(layer: int, component: str) -> str:
+    """The bridge hook that holds ``component`` (``out``/``q``/``k``/``v``/``pattern``/``mlp``)."""
+    if component == "mlp":
+        return f"blocks.{layer}.hook_mlp_out"
+    return f"blocks.{layer}.attn.{_HEAD_HOOKS[component]}"
+
+
+@dataclass
+class HookSources:
+    """Source activations by hook name, batch-first; a batch of one is shared by all rows."""
+
+    values: dict[str, Tensor]
+    shared: bool
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model: TransformerBridge,
+        other: Int[Tensor, "batch pos"],
+        clean: Int[Tensor, "batch pos"],
+        lengths: Int[Tensor, " batch"],
+        ablation: str,
+        component: str,
+    ) -> HookSources:
+        n_layers = int(model.cfg.n_layers)
+        names = [hook_name(layer, component) for layer in range(n_layers)]
+        if not getattr(model.cfg, "attn_only", False):
+            names += [hook_name(layer, "mlp") for layer in range(n_layers)]
+        names_set = set(names)
+        tokens = other if ablation == "resample" else clean
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names_set)
+        values = {name: cache[name] for name in names}
+        if ablation == "resample":
+            return cls(values, shared=False)
+        if ablation == "zero":
+            return cls({k: torch.zeros_like(v[:1]) for k, v in values.items()}, shared=True)
+        width = int(tokens.shape[1])
+        valid = (torch.arange(width, device=lengths.device) < lengths.unsqueeze(1)).float()
+        count = valid.sum(0).clamp(min=1)
+        means = {}
+        for name, value in values.items():
+            pos_axis = 2 if name.endswith("hook_pattern") else 1
+            shape = [1] * value.dim()
+            shape[0], shape[pos_axis] = value.shape[0], width
+            count_shape = [1] * value.dim()
+            count_shape[pos_axis] = width
+            means[name] = (value * valid.view(shape)).sum(0, keepdim=True) / count.view(count_shape)
+        return cls(means, shared=True)
+
+
+def hook_logits(
+    model: TransformerBridge,
+    tokens: Int[Tensor, "rows pos"],
+    answer_pos: Int[Tensor, " rows"],
+    sources: HookSources,
+    *,
+    layer: int,
+    component: str,
+    head: Int[Tensor, " rows"] | None,
+    pos0: int,
+    first_only: bool,
+    prompt: Int[Tensor, " rows"],
+) -> Float[Tensor, "rows d_vocab"]:
+    """Answer-position logits of ``tokens`` with each row's patch applied through a hook.
+
+    Row ``i`` replaces head ``head[i]`` (or the MLP when ``head`` is None) of ``layer`` at
+    positions ``pos0..`` (only ``pos0`` when ``first_only``) by the source value of prompt
+    ``prompt[i]``.
+    """
+    name = hook_name(layer, component)
+    source = sources.values[name]
+    index = torch.zeros_like(prompt) if sources.shared else prompt
+    n_heads = int(model.cfg.n_heads)
+    # Hook names are captured here, not read from ``hook.name`` (the bridge's internal name).
+
+    def patch(act: Tensor, hook: object) -> Tensor:
+        src = source[index]
+        if src.shape[1:] != act.shape[1:]:
+            raise ValueError(
+                f"cannot patch component {component!r} on this model: {name} has shape "
+                f"{tuple(act.shape)}, the source {tuple(src.shape)}"
+            )
+        pos_axis = 2 if component == "pattern" else 1
+        width = act.shape[pos_axis]
+        positions = torch.zeros(width, dtype=torch.bool, device=act.device)
+        positions[pos0 : pos0 + 1 if first_only else width] = True
+        if head is None:
+            mask = positions.view(1, -1, 1)
+        else:
+            if act.shape[2 if component != "pattern" else 1] != n_heads:
+                raise ValueError(
+                    f"cannot patch component {component!r} on this model: {name} has "
+                    f"{act.shape[2]} heads, the model {n_heads} (grouped-query attention?)"
+                )
+            heads = torch.nn.functional.one_hot(head, n_heads).bool()
+            if component == "pattern":
+                mask = (heads.view(-1, n_heads, 1) & positions.view(1, 1, -1)).unsqueeze(-1)
+            else:
+                mask = (heads.unsqueeze(1) & positions.view(1, -1, 1)).unsqueeze(-1)
+        return torch.where(mask, src, act)
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(name, patch)], return_type="logits")
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    return logits[rows, answer_pos].float()
