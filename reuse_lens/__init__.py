@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from reuse_lens.models import ModelLoadError, load_model
     from reuse_lens.nodes import MLP, AttentionHead, Edge, nodes_of, parse_node
     from reuse_lens.patching.activation import activation_patching
+    from reuse_lens.patching.attribution import attribution_patching
+    from reuse_lens.patching.edges import EdgeScores
     from reuse_lens.patching.path import path_patching
     from reuse_lens.tasks.task import Task
 
@@ -29,10 +31,12 @@ __all__ = [
     "MLP",
     "AttentionHead",
     "Edge",
+    "EdgeScores",
     "ModelLoadError",
     "Task",
     "__version__",
     "activation_patching",
+    "attribution_patching",
     "evaluate",
     "load_model",
     "nodes",
@@ -57,6 +61,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "parse_node": ("reuse_lens.nodes", "parse_node"),
     "activation_patching": ("reuse_lens.patching.activation", "activation_patching"),
     "path_patching": ("reuse_lens.patching.path", "path_patching"),
+    "attribution_patching": ("reuse_lens.patching.attribution", "attribution_patching"),
+    "EdgeScores": ("reuse_lens.patching.edges", "EdgeScores"),
     "nodes": ("reuse_lens.nodes", None),
     "tasks": ("reuse_lens.tasks", None),
     "zoo": ("reuse_lens.zoo", None),
