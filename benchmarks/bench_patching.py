@@ -134,7 +134,8 @@ def report(
     ratio = theirs / ours
     print(
         f"{name:<34} ours {ours:8.2f}s  baseline {theirs:9.2f}s  ratio {ratio:6.2f}x  "
-        f"max|diff| {diff:.2e}  peak MiB ours {peaks[0]:.0f} / baseline {peaks[1]:.0f}  {note}"
+        f"max|diff| {diff:.2e}  peak MiB ours {peaks[0]:.0f} / baseline {peaks[1]:.0f}  {note}",
+        flush=True,
     )
     return {"name": name, "ours_s": ours, "baseline_s": theirs, "ratio": ratio, "max_diff": diff}
 

@@ -274,7 +274,10 @@ def _rows(
         mlp = torch.where(patched, g(corrupted.mlp_out[layer]), g(clean.mlp_out[layer]))
         resid = g(clean.resid_mid[layer]) + mlp
     recorded: dict[tuple[int, int, str], Tensor] = {}
+    last_receiver = max((h.layer for h in recv), default=w.n_layers)
     for later in range(layer + 1, w.n_layers):
+        if later > last_receiver:  # nothing after the last receiver is recorded
+            break
         here = [h for h in recv if h.layer == later]
         if here:
             q, k, v = w.qkv(later, resid)
