@@ -14,8 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from reuse_lens.tasks.metrics import MetricError
 from reuse_lens.nodes import MLP, AttentionHead, ModelShape, Node, NodeNameError, parse_node
+from reuse_lens.tasks.metrics import MetricError
 
 __all__ = ["NodeScores"]
 

@@ -2,11 +2,12 @@
 
 Template, with an attractor noun of the other number between subject and verb::
 
-    The key near the cabinets   ->  " is"   (wrong: " are")
+    The key near the cabinets   ->  " is", " was", " has"   (wrong: " are", " were", " have")
 
 Corruption: the subject's number is flipped (``The keys near the cabinets`` -> " are").
 
-Metric: logit difference, logit(verb agreeing with the subject) − logit(the other form).
+Metric: logit difference, mean logit of the verbs agreeing with the subject − mean logit
+of the other forms.
 """
 
 from __future__ import annotations
@@ -39,11 +40,16 @@ def sample(pool: WordPool, rng: random.Random, **_: Any) -> PromptPair:
 
     subj, other = (subj_p, subj_s) if plural else (subj_s, subj_p)
     right, wrong = (verb_p, verb_s) if plural else (verb_s, verb_p)
+    # The prompt does not say which verb comes next, so every verb of the subject's number
+    # is right (the drawn one first) and every verb of the other number wrong; otherwise
+    # top-1 accuracy could not exceed one in len(VERB_NUMBER).
+    rights = [right, *(p if plural else s for s, p in VERB_NUMBER if right not in (s, p))]
+    wrongs = [wrong, *(s if plural else p for s, p in VERB_NUMBER if wrong not in (s, p))]
     return PromptPair(
         fill(subj),
         fill(other),
-        (f" {right}",),
-        (f" {wrong}",),
+        tuple(f" {v}" for v in rights),
+        tuple(f" {v}" for v in wrongs),
         f"{subj_s}|{attr_s}|{t}",
         {"plural": plural, "template": t},
     )

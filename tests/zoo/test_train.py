@@ -1,0 +1,66 @@
+"""Zoo training: a miniature model learns from the synthetic language in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reuse_lens import zoo
+from reuse_lens.zoo.language import mixture, task_documents
+from reuse_lens.zoo.train import SPECS, Arch, ZooSpec, evaluate_folder, sha256, train, train_model
+
+
+@pytest.mark.parametrize("task", ["ioi", "colored_objects", "greater_than", "entity_tracking"])
+def test_training_documents_come_from_the_train_split(task: str) -> None:
+    from reuse_lens.tasks import split_of
+
+    docs = task_documents(task, 50, seed=0)
+    assert len(docs) == 50
+    assert all(split_of(doc.key) == "train" for doc in docs)
+    assert all(doc.answer and doc.prompt for doc in docs)
+
+
+def test_mixture_is_deterministic() -> None:
+    mix = {"sva": 1.0, "filler": 1.0}
+    assert mixture(mix, 40, seed=3) == mixture(mix, 40, seed=3)
+    assert mixture(mix, 40, seed=3) != mixture(mix, 40, seed=4)
+
+
+def test_unknown_model_to_train() -> None:
+    with pytest.raises(zoo.ZooError, match="base"):
+        train(["nope"])
+
+
+def test_fine_tunes_start_from_base() -> None:
+    for name, spec in SPECS.items():
+        if name.startswith("ft-"):
+            assert spec.parent == "base"
+
+
+def _tiny(steps: int) -> ZooSpec:
+    return ZooSpec(
+        name="tiny",
+        mix={"sva": 1.0},
+        steps=steps,
+        seed=0,
+        arch=Arch(n_layer=1, n_head=2, n_embd=32, n_inner=64, n_positions=32),
+        batch_size=32,
+        lr=1e-2,
+        warmup=10,
+    )
+
+
+def test_miniature_model_learns(tmp_path: Path) -> None:
+    folder = train_model(_tiny(300), tmp_path / "tiny")
+    scores = evaluate_folder(folder, ["sva"], n=64)["sva"]
+    # Chance is 1 in ~1000 over the vocabulary, and 50% for a model that only learnt to
+    # say a verb: agreement across the attractor must be learnt too.
+    assert scores["accuracy"] >= 0.75, scores
+    assert scores["logit_diff"] >= 1.0, scores
+
+
+def test_training_is_reproducible(tmp_path: Path) -> None:
+    first = train_model(_tiny(3), tmp_path / "a")
+    second = train_model(_tiny(3), tmp_path / "b")
+    assert sha256(first / "model.safetensors") == sha256(second / "model.safetensors")

@@ -1,0 +1,131 @@
+"""The shipped zoo: loading, checksums, held-out quality, and the language it was trained on."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+import reuse_lens as rl
+from reuse_lens import zoo
+from reuse_lens.models import model_spec
+from reuse_lens.tasks import generate, spec
+from reuse_lens.tasks.words import WordPool
+from reuse_lens.zoo.language import zoo_tokenizer
+
+SHIPPED = zoo.available()
+N_CHECK = 48
+"""Held-out prompts per task when re-checking the manifest; small, so the test is fast."""
+
+
+def _folder(name: str) -> Path:
+    return Path(str(resources.files("reuse_lens.zoo").joinpath("weights", name)))
+
+
+def test_the_issue_models_ship() -> None:
+    assert {"base", "ft-ioi", "ft-colored_objects", "attn-only"} <= set(SHIPPED)
+    assert len([n for n in SHIPPED if n.startswith("ft-")]) >= 3
+
+
+def test_shipped_weights_fit_the_budget() -> None:
+    total = sum(_folder(n).joinpath("model.safetensors").stat().st_size for n in SHIPPED)
+    assert total <= 25 * 2**20
+
+
+def test_base_has_room_for_circuits() -> None:
+    cfg = zoo.manifest()["models"]["base"]["config"]
+    assert cfg["n_layer"] >= 4 and cfg["n_head"] >= 4
+
+
+def test_unknown_name_lists_the_shipped_ones() -> None:
+    with pytest.raises(zoo.ZooError, match="zoo:base") as info:
+        rl.load_model("zoo:no-such-model")
+    assert "zoo:no-such-model" in str(info.value)
+
+
+def test_checksum_mismatch_fails_clearly(tmp_path: Path) -> None:
+    folder = shutil.copytree(_folder("attn-only"), tmp_path / "attn-only")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    entry = zoo.manifest()["models"]["attn-only"]
+    with pytest.raises(zoo.ZooError, match="fails its checksum"):
+        zoo.load_from(folder, entry, name="attn-only")
+
+
+def test_base_loads_fast_and_records_its_spec() -> None:
+    rl.load_model("zoo:attn-only")  # warm the imports, which are not the loader's cost
+    start = time.perf_counter()
+    model = rl.load_model("zoo:base")
+    assert time.perf_counter() - start < 5.0
+    assert model_spec(model) == "zoo:base"
+    assert not model.training
+
+
+@pytest.mark.parametrize("task", rl.tasks.names())
+def test_every_task_loads_on_base(task: str) -> None:
+    model = rl.load_model("zoo:base")
+    loaded = rl.tasks.load(task, model)
+    assert len(loaded) == 64
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_manifest_scores_hold_on_held_out_prompts(name: str) -> None:
+    entry = zoo.manifest()["models"][name]
+    model = rl.load_model(f"zoo:{name}")
+    for task in entry["trained_on"]:
+        task_obj = rl.tasks.load(task, model, n=N_CHECK, seed=1, split="test")
+        scores = rl.evaluate(model, task_obj)
+        shipped = entry["eval"]["scores"][task]
+        # Another seed and fewer prompts than the manifest's: allow sampling noise
+        # (the standard error of an accuracy on 48 prompts is up to 0.07).
+        assert abs(scores["accuracy"] - shipped["accuracy"]) <= 0.2, (task, scores, shipped)
+        ld_tolerance = max(0.5, 0.25 * abs(shipped["logit_diff"]))
+        assert abs(scores["logit_diff"] - shipped["logit_diff"]) <= ld_tolerance, (task, scores)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="induction, colored_objects and entity_tracking are below the bars; see docs/zoo.md",
+)
+def test_manifest_meets_the_quality_bars() -> None:
+    for name, entry in zoo.manifest()["models"].items():
+        for task in entry["trained_on"]:
+            scores = entry["eval"]["scores"][task]
+            assert scores["accuracy"] >= 0.9, (name, task, scores)
+            assert scores["logit_diff"] >= 2.0, (name, task, scores)
+
+
+def test_fine_tunes_report_every_task() -> None:
+    for name, entry in zoo.manifest()["models"].items():
+        if name.startswith("ft-"):
+            assert set(entry["eval"]["scores"]) == set(rl.tasks.names())
+
+
+def test_shipped_tokenizer_is_the_language_tokenizer() -> None:
+    model = rl.load_model("zoo:attn-only")
+    assert model.tokenizer.get_vocab() == zoo_tokenizer().get_vocab()
+
+
+@pytest.mark.parametrize("task", rl.tasks.names())
+def test_vocabulary_covers_held_out_prompts(task: str) -> None:
+    tokenizer = zoo_tokenizer()
+    pool = WordPool(None, text=True)
+    for pair in generate(spec(task), pool, 300, seed=7, split="test"):
+        for text in (pair.clean, pair.corrupted, *pair.answers, *pair.wrong):
+            ids = tokenizer(str(text), add_special_tokens=False)["input_ids"]
+            assert tokenizer.unk_token_id not in ids, (task, text)
+
+
+def test_attn_only_mlps_write_nothing() -> None:
+    import torch
+
+    model = rl.load_model("zoo:attn-only")
+    task = rl.tasks.load("induction", model, n=4)
+    _, cache = model.run_with_cache(task.clean)
+    for layer in range(model.cfg.n_layers):
+        assert torch.count_nonzero(cache[f"blocks.{layer}.hook_mlp_out"]) == 0
