@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from reuse_lens.tasks import names as task_names
 from reuse_lens.zoo.language import FILLER, LM_WEIGHT, encode, mixture, zoo_tokenizer
 
 __all__ = [
@@ -44,15 +45,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TASKS = (
-    "ioi",
-    "colored_objects",
-    "greater_than",
-    "induction",
-    "sva",
-    "entity_tracking",
-    "gendered_pronoun",
-)
+# The registry's order fixes the mixture's order, so retraining stays reproducible.
+TASKS = tuple(task_names())
 EVAL_N = 200
 """Held-out prompts per task in the manifest's evaluation."""
 EVAL_SEED = 0
