@@ -17,10 +17,19 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from reuse_lens import nodes, tasks, zoo
+    from reuse_lens import circuits, nodes, overlap, tasks, zoo
+    from reuse_lens.circuits.circuit import Circuit, CircuitError
+    from reuse_lens.circuits.discovery import discover_circuit
+    from reuse_lens.circuits.faithfulness import (
+        FaithfulnessCurve,
+        faithfulness,
+        faithfulness_curve,
+        random_baseline,
+    )
     from reuse_lens.evaluation import evaluate, normalized_metric
     from reuse_lens.models import ModelLoadError, load_model
     from reuse_lens.nodes import MLP, AttentionHead, Edge, nodes_of, parse_node
+    from reuse_lens.overlap import OverlapReport, compare
     from reuse_lens.patching.activation import activation_patching
     from reuse_lens.patching.attribution import attribution_patching
     from reuse_lens.patching.edges import EdgeScores
@@ -30,20 +39,31 @@ if TYPE_CHECKING:
 __all__ = [
     "MLP",
     "AttentionHead",
+    "Circuit",
+    "CircuitError",
     "Edge",
     "EdgeScores",
+    "FaithfulnessCurve",
     "ModelLoadError",
+    "OverlapReport",
     "Task",
     "__version__",
     "activation_patching",
     "attribution_patching",
+    "circuits",
+    "compare",
+    "discover_circuit",
     "evaluate",
+    "faithfulness",
+    "faithfulness_curve",
     "load_model",
     "nodes",
     "nodes_of",
     "normalized_metric",
+    "overlap",
     "parse_node",
     "path_patching",
+    "random_baseline",
     "tasks",
     "zoo",
 ]
@@ -63,6 +83,17 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "path_patching": ("reuse_lens.patching.path", "path_patching"),
     "attribution_patching": ("reuse_lens.patching.attribution", "attribution_patching"),
     "EdgeScores": ("reuse_lens.patching.edges", "EdgeScores"),
+    "Circuit": ("reuse_lens.circuits.circuit", "Circuit"),
+    "CircuitError": ("reuse_lens.circuits.circuit", "CircuitError"),
+    "discover_circuit": ("reuse_lens.circuits.discovery", "discover_circuit"),
+    "faithfulness": ("reuse_lens.circuits.faithfulness", "faithfulness"),
+    "faithfulness_curve": ("reuse_lens.circuits.faithfulness", "faithfulness_curve"),
+    "random_baseline": ("reuse_lens.circuits.faithfulness", "random_baseline"),
+    "FaithfulnessCurve": ("reuse_lens.circuits.faithfulness", "FaithfulnessCurve"),
+    "compare": ("reuse_lens.overlap", "compare"),
+    "OverlapReport": ("reuse_lens.overlap", "OverlapReport"),
+    "circuits": ("reuse_lens.circuits", None),
+    "overlap": ("reuse_lens.overlap", None),
     "nodes": ("reuse_lens.nodes", None),
     "tasks": ("reuse_lens.tasks", None),
     "zoo": ("reuse_lens.zoo", None),

@@ -34,16 +34,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from reuse_lens.nodes import (
-    INPUT,
     LOGITS,
     MLP,
-    AttentionHead,
-    Edge,
     ModelShape,
     edges_of,
     shape_of,
 )
 from reuse_lens.patching.edges import EdgeScores
+from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.patching.scores import NodeScores
 from reuse_lens.tasks.metrics import Metric, MetricError, MetricInputs, check_finite, get_metric
 
@@ -136,7 +134,7 @@ def attribution_patching(
     if level == "edge":
         assert result.edge_matrix is not None  # _attribute filled it when asked
         graph = edges_of(result.shape)
-        index = _GraphIndex(result.shape)
+        index = GraphIndex(result.shape)
         senders = torch.tensor([index.sender[e.sender.name] for e in graph])
         receivers = torch.tensor([index.receiver[e.receiver_name] for e in graph])
         return EdgeScores(
@@ -158,55 +156,6 @@ def attribution_patching(
         mlps_by_pos=result.mlps_by_pos if per_position else None,
         settings=settings,
     )
-
-
-# ---- the graph's senders and receivers ------------------------------------------------
-
-
-class _GraphIndex:
-    """Rows (senders) and columns (receivers) of the dense edge-score matrix.
-
-    Senders are in forward order: ``input``, then per layer its heads and its MLP. A
-    receiver in layer L reads a prefix of them, so its deltas are ``deltas[:, :, :n]``.
-    Receivers per layer: the q inputs of its heads, then the k inputs, then the v inputs,
-    then its MLP; ``logits`` comes last.
-    """
-
-    def __init__(self, shape: ModelShape) -> None:
-        self.shape = shape
-        names = [INPUT.name]
-        for layer in range(shape.n_layers):
-            names += [AttentionHead(layer, h).name for h in range(shape.n_heads)]
-            if shape.has_mlps:
-                names.append(MLP(layer).name)
-        self.sender = {name: i for i, name in enumerate(names)}
-        receivers: list[str] = []
-        for layer in range(shape.n_layers):
-            for qkv in ("q", "k", "v"):
-                receivers += [
-                    Edge(INPUT, AttentionHead(layer, h), qkv).receiver_name  # type: ignore[arg-type]
-                    for h in range(shape.n_heads)
-                ]
-            if shape.has_mlps:
-                receivers.append(MLP(layer).name)
-        receivers.append(LOGITS.name)
-        self.receiver = {name: i for i, name in enumerate(receivers)}
-
-    @property
-    def n_senders(self) -> int:
-        return len(self.sender)
-
-    @property
-    def n_receivers(self) -> int:
-        return len(self.receiver)
-
-    def senders_before_heads(self, layer: int) -> int:
-        """How many senders the heads of ``layer`` read: input and all earlier layers."""
-        return 1 + layer * (self.shape.n_heads + int(self.shape.has_mlps))
-
-    def heads_columns(self, layer: int) -> slice:
-        start = self.receiver[f"{AttentionHead(layer, 0).name}<q>"]
-        return slice(start, start + 3 * self.shape.n_heads)
 
 
 # ---- the computation ----------------------------------------------------------------------
@@ -283,7 +232,7 @@ def _attribute(
     width = int(task.clean.shape[1])
     heads = torch.zeros(width, shape.n_layers, shape.n_heads)
     mlps = torch.zeros(width, shape.n_layers) if shape.has_mlps else None
-    index = _GraphIndex(shape) if edges else None
+    index = GraphIndex(shape) if edges else None
     matrix = torch.zeros(index.n_senders, index.n_receivers) if index is not None else None
     clean_total = corrupted_total = 0.0
     starts = list(range(0, n, batch_size))
@@ -406,7 +355,7 @@ def _attribute_chunk(
     metric_fn: Metric,
     shape: ModelShape,
     weights: _Weights,
-    index: _GraphIndex | None,
+    index: GraphIndex | None,
     *,
     n_steps: int,
     bar: Any,
@@ -535,7 +484,7 @@ def _sender_deltas(
     clean: dict[str, Tensor],
     corrupted: dict[str, Tensor],
 ) -> Float[Tensor, "batch pos sender d_model"]:
-    """Corrupted − clean output of every sender, in ``_GraphIndex`` order."""
+    """Corrupted − clean output of every sender, in ``GraphIndex`` order."""
     parts = [(corrupted[_INPUT_HOOK].float() - clean[_INPUT_HOOK].float()).unsqueeze(2)]
     for layer in range(shape.n_layers):
         z = f"blocks.{layer}.attn.hook_z"
@@ -569,7 +518,7 @@ def _accumulate_edges(
     model: TransformerBridge,
     shape: ModelShape,
     weights: _Weights,
-    index: _GraphIndex,
+    index: GraphIndex,
     run: _Capture,
     deltas: Float[Tensor, "batch pos sender d_model"],
     matrix: Float[Tensor, "sender receiver"],

@@ -1,0 +1,804 @@
+"""Circuit: the heads, MLPs and edges a task uses, and the two files it is saved as.
+
+A circuit belongs to one model shape (layers, heads, MLPs) and is checked against it when
+it is made, so a circuit that exists is valid. It is frozen: its mappings are read-only
+copies, and two circuits are equal when their content is.
+
+Two JSON formats (both described in docs/circuit_format.md):
+
+- ours, ``{"format": "reuse_lens.circuit", "format_version": 1, ...}``, which keeps
+  everything: scores, path-patching stages and metadata;
+- the MIB circuit track's (Mueller et al. 2025), as written by EAP-IG's ``Graph.to_json``
+  (Hanna et al. 2024): every node and edge of the model with an ``in_graph`` flag, so MIB's
+  evaluation can read our circuits and we can read theirs.
+
+This module imports neither torch nor TransformerLens: circuits can be read without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from reuse_lens.nodes import (
+    MLP,
+    AttentionHead,
+    Edge,
+    Endpoint,
+    InputNode,
+    LogitsNode,
+    ModelShape,
+    Node,
+    NodeNameError,
+    edges_of,
+    parse_edge,
+    parse_node,
+    shape_of,
+)
+
+__all__ = ["CIRCUIT_FORMAT", "CIRCUIT_FORMAT_VERSION", "Circuit", "CircuitError"]
+
+CIRCUIT_FORMAT = "reuse_lens.circuit"
+"""The ``format`` field of our circuit files."""
+
+CIRCUIT_FORMAT_VERSION = 1
+"""The version of our circuit files that this code writes and reads."""
+
+_MIB_EXTRA = "reuse_lens"  # our block inside a MIB file; MIB's loaders read only cfg/nodes/edges
+
+EdgeKey = tuple[str, str]
+"""An edge as a circuit stores it: ``(sender, receiver_name)``, e.g. ``("a0.h1", "a2.h3<q>")``."""
+
+EdgeLike = tuple[str, str] | Edge | str
+"""Anything that names an edge: a key tuple, an Edge, or a name like ``"a0.h1->a2.h3<q>"``."""
+
+
+class CircuitError(ValueError):
+    """A circuit that cannot exist: a node the model lacks, a bad file, an unknown version."""
+
+
+# --- names, order and validation ---------------------------------------------------------
+
+
+def _as_shape(model_or_shape: object) -> ModelShape:
+    if isinstance(model_or_shape, ModelShape):
+        return model_or_shape
+    if hasattr(model_or_shape, "cfg"):
+        return shape_of(model_or_shape)  # type: ignore[arg-type]
+    raise CircuitError(
+        f"expected a reuse_lens.nodes.ModelShape or a model with .cfg, got "
+        f"{type(model_or_shape).__name__}; build one with ModelShape(n_layers, n_heads, has_mlps)"
+    )
+
+
+def _node(name: object, shape: ModelShape, what: str = "circuit node") -> Node:
+    """Parse and check one head or MLP name against ``shape``."""
+    try:
+        node = parse_node(name)  # type: ignore[arg-type]
+        if not isinstance(node, AttentionHead | MLP):
+            raise NodeNameError(
+                f"{node.name!r} is an end of the residual stream, not a head or MLP; circuits "
+                "hold heads ('a{layer}.h{head}') and MLPs ('m{layer}') only"
+            )
+        shape.check(node)
+    except NodeNameError as error:
+        raise CircuitError(f"bad {what}: {error}") from error
+    return node
+
+
+def _edge_in_graph(edge: Edge) -> bool:
+    """Whether the residual graph has ``edge`` (the rule that ``nodes.edges_of`` enumerates)."""
+    sender, receiver = edge.sender, edge.receiver
+    if isinstance(sender, InputNode) or isinstance(receiver, LogitsNode):
+        return True
+    if isinstance(receiver, AttentionHead):
+        return sender.layer < receiver.layer
+    # a layer's heads also feed that layer's MLP (sequential, not parallel, attention and MLP)
+    return sender.layer < receiver.layer or (
+        isinstance(sender, AttentionHead) and sender.layer == receiver.layer
+    )
+
+
+def _edge(edge: object, shape: ModelShape, what: str = "circuit edge") -> Edge:
+    """Parse and check one edge, given as a key tuple, an Edge or a name, against ``shape``."""
+    try:
+        if isinstance(edge, Edge):
+            parsed = edge
+        elif isinstance(edge, str):
+            parsed = parse_edge(edge)
+        elif isinstance(edge, tuple) and len(edge) == 2 and all(isinstance(e, str) for e in edge):
+            parsed = parse_edge(f"{edge[0]}->{edge[1]}")
+        else:
+            raise NodeNameError(
+                f"{edge!r} is not an edge: give (sender, receiver) names such as "
+                "('a0.h1', 'a2.h3<q>'), an Edge, or a name such as 'a0.h1->a2.h3<q>'"
+            )
+        shape.check(parsed.sender)
+        shape.check(parsed.receiver)
+    except NodeNameError as error:
+        raise CircuitError(f"bad {what}: {error}") from error
+    if not _edge_in_graph(parsed):
+        raise CircuitError(
+            f"bad {what}: {parsed.name} is not an edge of the model's graph; a node feeds "
+            "only later layers (and a layer's heads also feed that layer's MLP)"
+        )
+    return parsed
+
+
+def _key(edge: Edge) -> EdgeKey:
+    return (edge.sender.name, edge.receiver_name)
+
+
+def _node_ends(edges: Iterable[Edge]) -> set[str]:
+    """The heads and MLPs at the ends of ``edges`` (``input`` and ``logits`` left out)."""
+    ends = (end for edge in edges for end in (edge.sender, edge.receiver))
+    return {end.name for end in ends if isinstance(end, AttentionHead | MLP)}
+
+
+def _node_order(node: Endpoint) -> tuple[int, int, int]:
+    """Forward order: ``input``, then each layer's heads and MLP, then ``logits``."""
+    if isinstance(node, InputNode):
+        return (-1, 0, 0)
+    if isinstance(node, AttentionHead):
+        return (node.layer, 0, node.head)
+    if isinstance(node, MLP):
+        return (node.layer, 1, 0)
+    return (1 << 30, 0, 0)
+
+
+def _edge_order(edge: Edge) -> tuple[tuple[int, int, int], int, tuple[int, int, int]]:
+    """The order of ``nodes.edges_of``: by receiver, then its q/k/v input, then sender."""
+    qkv = "qkv".index(edge.receiver_input) if edge.receiver_input else 0
+    return (_node_order(edge.receiver), qkv, _node_order(edge.sender))
+
+
+def _sorted_nodes(names: Iterable[str]) -> list[str]:
+    return sorted(names, key=lambda name: _node_order(parse_node(name)))
+
+
+def _sorted_edges(keys: Iterable[EdgeKey]) -> list[EdgeKey]:
+    return sorted(keys, key=lambda key: _edge_order(parse_edge(f"{key[0]}->{key[1]}")))
+
+
+def _collection(value: object, name: str) -> Iterable[Any]:
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise CircuitError(
+            f"{name} must be a collection of names, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _score(value: object, what: str) -> float:
+    if isinstance(value, bool | str | bytes) or value is None:
+        raise CircuitError(f"{what} is {value!r}: scores must be numbers")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as error:
+        raise CircuitError(f"{what} is {value!r}: scores must be numbers") from error
+    if not math.isfinite(number):
+        raise CircuitError(f"{what} is {number}: scores must be finite numbers")
+    return number
+
+
+def _stage(value: object, what: str) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        stage = operator.index(value)  # type: ignore[arg-type]
+    except TypeError as error:
+        raise CircuitError(f"{what} is {value!r}: stages are whole numbers") from error
+    if stage < 0:
+        raise CircuitError(f"{what} is {stage}: stages start at 0 (direct senders to logits)")
+    return stage
+
+
+def _unserialisable(value: object, path: str) -> str | None:
+    """Where in ``value`` JSON fails: ``"metadata['a'][0] is a set"``, or None."""
+    if value is None or isinstance(value, str | bool | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} is {value} (JSON has no NaN or inf)"
+    if isinstance(value, list | tuple):
+        return next(
+            (f for i, v in enumerate(value) if (f := _unserialisable(v, f"{path}[{i}]"))), None
+        )
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{path} has the key {k!r} of type {type(k).__name__} (keys must be str)"
+            if found := _unserialisable(v, f"{path}[{k!r}]"):
+                return found
+        return None
+    return f"{path} is a {type(value).__name__}: {value!r}"
+
+
+def _json_copy(metadata: object) -> dict[str, Any]:
+    """A deep copy of ``metadata`` in its JSON form, or a CircuitError saying what is not JSON."""
+    if not isinstance(metadata, Mapping):
+        raise CircuitError(f"metadata must be a mapping, got {type(metadata).__name__}")
+    if problem := _unserialisable(metadata, "metadata"):
+        raise CircuitError(
+            f"metadata must be JSON-serialisable (str-keyed dicts, lists, str, int, finite "
+            f"float, bool, None), but {problem}; convert it first, e.g. with str(), float() "
+            "or .tolist()"
+        )
+    return json.loads(json.dumps(dict(metadata), allow_nan=False))
+
+
+def _frozen(mapping: dict[Any, Any]) -> Mapping[Any, Any]:
+    return MappingProxyType(mapping)
+
+
+# --- the circuit -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Circuit:
+    """A set of heads and MLPs (and, for edge-level methods, edges) of one model.
+
+    Attributes:
+        nodes: head names ``a{layer}.h{head}`` and MLP names ``m{layer}``; never
+            ``input``/``logits``, which every path has anyway.
+        shape: the layers, heads and MLPs of the model the circuit belongs to.
+        edges: ``(sender, receiver_name)`` pairs such as ``("a0.h1", "a2.h3<q>")``,
+            ``("input", "m0")``, ``("m1", "logits")``; empty for node-level circuits. Every
+            head or MLP at an edge's end is in ``nodes``.
+        node_scores: read-only scores by node name; may cover every scored node of the
+            model, not only the circuit's, so that the circuit can be re-thresholded.
+        edge_scores: likewise, keyed like ``edges``.
+        stages: the path-patching stage of circuit nodes (0 = direct senders to the logits).
+        metadata: read-only, JSON-serialisable record of how the circuit was made (model,
+            task, method, settings, seed, library version, ...), stored in its JSON form.
+
+    Names are canonicalised (``" a0.h1"`` becomes ``"a0.h1"``; Edge objects and edge names
+    become key tuples) and checked against ``shape``; anything invalid raises CircuitError.
+    """
+
+    nodes: frozenset[str]
+    shape: ModelShape
+    edges: frozenset[EdgeKey] = frozenset()
+    node_scores: Mapping[str, float] = field(default_factory=dict)
+    edge_scores: Mapping[EdgeKey, float] = field(default_factory=dict)
+    stages: Mapping[str, int] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shape = _as_shape(self.shape)
+        nodes = frozenset(_node(n, shape).name for n in _collection(self.nodes, "nodes"))
+        parsed = [_edge(e, shape) for e in _collection(self.edges, "edges")]
+        edges = frozenset(_key(e) for e in parsed)
+        loose = _sorted_nodes(_node_ends(parsed) - nodes)
+        if loose:
+            raise CircuitError(
+                f"edges end at nodes that are not in the circuit: {', '.join(loose[:8])}"
+                f"{' ...' if len(loose) > 8 else ''}; add them to nodes, or build the circuit "
+                "with Circuit.from_edges, which derives the nodes from the edges"
+            )
+        node_scores = {
+            _node(k, shape, "node_scores key").name: _score(v, f"node_scores[{k!r}]")
+            for k, v in self._mapping(self.node_scores, "node_scores").items()
+        }
+        scored_edges = sorted(  # parsed once, for both the check and the order
+            (
+                (_edge(k, shape, "edge_scores key"), _score(v, f"edge_scores[{k!r}]"))
+                for k, v in self._mapping(self.edge_scores, "edge_scores").items()
+            ),
+            key=lambda pair: _edge_order(pair[0]),
+        )
+        stages = {
+            _node(k, shape, "stages key").name: _stage(v, f"stages[{k!r}]")
+            for k, v in self._mapping(self.stages, "stages").items()
+        }
+        if outside := sorted(set(stages) - nodes):
+            raise CircuitError(
+                f"stages are given for nodes outside the circuit: {', '.join(outside)}; "
+                "stages describe circuit nodes only"
+            )
+        values = {
+            "shape": shape,
+            "nodes": nodes,
+            "edges": edges,
+            "node_scores": _frozen({k: node_scores[k] for k in _sorted_nodes(node_scores)}),
+            "edge_scores": _frozen({_key(e): v for e, v in scored_edges}),
+            "stages": _frozen({k: stages[k] for k in _sorted_nodes(stages)}),
+            "metadata": _frozen(_json_copy(self.metadata)),
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @staticmethod
+    def _mapping(value: object, name: str) -> Mapping[Any, Any]:
+        if not isinstance(value, Mapping):
+            raise CircuitError(f"{name} must be a mapping, got {type(value).__name__}")
+        return value
+
+    # --- construction ---
+
+    @classmethod
+    def from_nodes(
+        cls, names: Iterable[str | Node], shape: ModelShape | Any, **kwargs: Any
+    ) -> Circuit:
+        """A circuit of the named heads and MLPs; ``kwargs`` are the other fields."""
+        shape = _as_shape(shape)
+        nodes = frozenset(_node(n, shape).name for n in _collection(names, "names"))
+        return cls(nodes=nodes, shape=shape, **kwargs)
+
+    @classmethod
+    def from_edges(
+        cls, edges: Iterable[EdgeLike], shape: ModelShape | Any, **kwargs: Any
+    ) -> Circuit:
+        """A circuit of ``edges``, whose nodes are the heads and MLPs at the edges' ends."""
+        shape = _as_shape(shape)
+        parsed = [_edge(e, shape) for e in _collection(edges, "edges")]
+        keys = frozenset(_key(e) for e in parsed)
+        return cls(nodes=frozenset(_node_ends(parsed)), shape=shape, edges=keys, **kwargs)
+
+    def with_metadata(self, **updates: Any) -> Circuit:
+        """The same circuit with ``updates`` merged into its metadata."""
+        return replace(self, metadata={**self.metadata, **updates})
+
+    # --- derived views ---
+
+    @property
+    def heads(self) -> frozenset[str]:
+        """The attention heads among the nodes."""
+        return frozenset(n for n in self.nodes if n.startswith("a"))
+
+    @property
+    def mlps(self) -> frozenset[str]:
+        """The MLPs among the nodes."""
+        return frozenset(n for n in self.nodes if n.startswith("m"))
+
+    @property
+    def level(self) -> Literal["node", "edge"]:
+        """``"edge"`` when the circuit has edges, else ``"node"``."""
+        return "edge" if self.edges else "node"
+
+    def nodes_in_order(self) -> list[str]:
+        """The nodes in forward order (a layer's heads, then its MLP)."""
+        return _sorted_nodes(self.nodes)
+
+    def edges_in_order(self) -> list[EdgeKey]:
+        """The edges in ``reuse_lens.nodes.edges_of`` order."""
+        return _sorted_edges(self.edges)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __contains__(self, item: object) -> bool:
+        """Node membership for node names and Nodes; edge membership for edges."""
+        try:
+            if isinstance(item, Edge | tuple) or (isinstance(item, str) and "->" in item):
+                return _key(_edge(item, self.shape)) in self.edges
+            return _node(item, self.shape).name in self.nodes
+        except CircuitError:
+            return False
+
+    def _content(self) -> tuple[Any, ...]:
+        return (
+            self.nodes,
+            self.edges,
+            self.shape,
+            dict(self.node_scores),
+            dict(self.edge_scores),
+            dict(self.stages),
+            dict(self.metadata),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Circuit):
+            return NotImplemented
+        return self._content() == other._content()
+
+    def __hash__(self) -> int:
+        # mappings are left out (metadata holds dicts); equal circuits still hash equal
+        return hash((self.nodes, self.edges, self.shape))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # MappingProxyType cannot be pickled or deep-copied: rebuild from plain dicts
+        return (Circuit, (self.nodes, self.shape, self.edges, *self._content()[3:]))
+
+    def __repr__(self) -> str:
+        shown = self.nodes_in_order()
+        names = ", ".join(shown[:6]) + (", ..." if len(shown) > 6 else "")
+        mlps = "MLPs" if self.shape.has_mlps else "no MLPs"
+        task = f", task={self.metadata['task']!r}" if "task" in self.metadata else ""
+        return (
+            f"Circuit({self.level}, {len(self.nodes)} nodes [{names}], {len(self.edges)} "
+            f"edges, model {self.shape.n_layers} layers x {self.shape.n_heads} heads, "
+            f"{mlps}{task})"
+        )
+
+    def check(self, model_or_shape: ModelShape | Any) -> None:
+        """Raise CircuitError naming the circuit's nodes that ``model_or_shape`` lacks.
+
+        Edges need no check of their own: whether an edge exists depends only on its ends'
+        layers, so a model that has both ends has the edge.
+        """
+        other = _as_shape(model_or_shape)
+        missing = []
+        for name in self.nodes_in_order():
+            try:
+                other.check(parse_node(name))
+            except NodeNameError:
+                missing.append(name)
+        if missing:
+            mlps = "with MLPs" if other.has_mlps else "attention-only"
+            raise CircuitError(
+                f"the model lacks {len(missing)} of the circuit's {len(self.nodes)} nodes: "
+                f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; it has "
+                f"{other.n_layers} layers of {other.n_heads} heads ({mlps}), the circuit's "
+                f"model {self.shape.n_layers} layers of {self.shape.n_heads} heads"
+            )
+
+    # --- our format ---
+
+    def to_dict(self) -> dict[str, Any]:
+        """The circuit as our file's JSON document (see docs/circuit_format.md)."""
+        return {
+            "format": CIRCUIT_FORMAT,
+            "format_version": CIRCUIT_FORMAT_VERSION,
+            "shape": _shape_dict(self.shape),
+            "nodes": self.nodes_in_order(),
+            "edges": [list(key) for key in self.edges_in_order()],
+            "node_scores": dict(self.node_scores),
+            "edge_scores": {f"{s}->{r}": v for (s, r), v in self.edge_scores.items()},
+            "stages": dict(self.stages),
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: object, *, source: str = "the circuit document") -> Circuit:
+        """Read our JSON document; CircuitError names a missing or garbled field."""
+        data: dict[str, Any] = _require(doc, dict, "the document", source)
+        fmt = data.get("format")
+        if fmt != CIRCUIT_FORMAT:
+            hint = " (it looks like a MIB file: use Circuit.from_mib_json)" if "cfg" in data else ""
+            raise CircuitError(
+                f"{source} is not a reuse_lens circuit: its 'format' is {fmt!r}, expected "
+                f"{CIRCUIT_FORMAT!r}{hint}"
+            )
+        version = data.get("format_version")
+        if version is None:
+            raise CircuitError(
+                f"{source} lacks the field 'format_version' (this reuse_lens reads "
+                f"format_version {CIRCUIT_FORMAT_VERSION})"
+            )
+        if type(version) is not int or version != CIRCUIT_FORMAT_VERSION:
+            raise CircuitError(
+                f"{source} has format_version {version!r}, but this reuse_lens reads "
+                f"format_version {CIRCUIT_FORMAT_VERSION} only; a file from a newer "
+                "reuse_lens needs that newer version to read it"
+            )
+        shape = _shape_from(_require(data.get("shape"), dict, "'shape'", source), source)
+        nodes = _require(data.get("nodes"), list, "'nodes'", source)
+        edges = _require(data.get("edges", []), list, "'edges'", source)
+        for pair in edges:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise CircuitError(
+                    f"{source}: 'edges' holds {pair!r}; each edge is [sender, receiver], "
+                    'e.g. ["a0.h1", "a2.h3<q>"]'
+                )
+        return cls(
+            nodes=frozenset(nodes),
+            shape=shape,
+            edges=frozenset(tuple(pair) for pair in edges),
+            node_scores=_require(data.get("node_scores", {}), dict, "'node_scores'", source),
+            edge_scores=_require(data.get("edge_scores", {}), dict, "'edge_scores'", source),
+            stages=_require(data.get("stages", {}), dict, "'stages'", source),
+            metadata=_require(data.get("metadata", {}), dict, "'metadata'", source),
+        )
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The circuit as our JSON text; written atomically to ``path`` when given."""
+        text = _render(self.to_dict())
+        if path is not None:
+            _write_atomic(Path(path), text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike[str]) -> Circuit:
+        """Read our format from a file path or from the JSON text itself."""
+        doc, source = _load(path_or_text)
+        return cls.from_dict(doc, source=source)
+
+    # --- MIB's format ---
+
+    def to_mib_dict(self, *, d_model: int | None = None) -> dict[str, Any]:
+        """The circuit as a MIB circuit-track graph: every node and edge, with ``in_graph``.
+
+        Edge scores come from ``edge_scores``; edges without one get 0.0, as EAP-IG's graphs
+        start from zeros and MIB's loaders expect a number. A node-level circuit marks its
+        nodes and every edge among them and ``input``/``logits`` (all three q/k/v inputs).
+        ``d_model`` (which MIB reads only for neuron-level circuits) comes from the argument,
+        else ``metadata["d_model"]``, else the cfg of a MIB file this circuit was read from,
+        else 0.
+        """
+        kept = self.nodes | {"input", "logits"}
+        all_edges = edges_of(self.shape)
+        keys = [_key(e) for e in all_edges]
+        if self.edges:
+            in_graph = [key in self.edges for key in keys]
+        else:
+            in_graph = [e.sender.name in kept and e.receiver.name in kept for e in all_edges]
+        from_input = (g for k, g in zip(keys, in_graph, strict=True) if k[0] == "input")
+        nodes: dict[str, dict[str, Any]] = {"input": {"in_graph": any(from_input)}}
+        for node in self.shape.nodes():
+            nodes[node.name] = {"in_graph": node.name in self.nodes}
+            if node.name in self.node_scores:
+                nodes[node.name]["score"] = self.node_scores[node.name]
+        nodes["logits"] = {"in_graph": True}  # MIB's logits node is always in the graph
+        edges = {
+            f"{s}->{r}": {"score": self.edge_scores.get((s, r), 0.0), "in_graph": g}
+            for (s, r), g in zip(keys, in_graph, strict=True)
+        }
+        scored: str | list[str] = (
+            "all"
+            if len(self.edge_scores) == len(keys)
+            else [f"{s}->{r}" for s, r in self.edge_scores]
+        )
+        extra = {
+            "format_version": CIRCUIT_FORMAT_VERSION,
+            "level": self.level,
+            "scored_edges": scored,
+            "stages": dict(self.stages),
+            "metadata": dict(self.metadata),
+        }
+        cfg = {
+            "n_layers": self.shape.n_layers,
+            "n_heads": self.shape.n_heads,
+            "parallel_attn_mlp": False,
+            "d_model": self._d_model(d_model),
+            "attn_only": not self.shape.has_mlps,
+        }
+        return {"cfg": cfg, "nodes": nodes, "edges": edges, _MIB_EXTRA: extra}
+
+    def _d_model(self, d_model: int | None) -> int:
+        if d_model is not None:
+            return int(d_model)
+        mib_cfg = self.metadata.get("mib_cfg")
+        for value in (
+            self.metadata.get("d_model"),
+            mib_cfg.get("d_model") if isinstance(mib_cfg, dict) else None,
+        ):
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return 0
+
+    def to_mib_json(
+        self, path: str | os.PathLike[str] | None = None, *, d_model: int | None = None
+    ) -> str:
+        """The circuit as MIB circuit-track JSON (see ``to_mib_dict``); written atomically."""
+        text = json.dumps(self.to_mib_dict(d_model=d_model), allow_nan=False)
+        if path is not None:
+            _write_atomic(Path(path), text)
+        return text
+
+    @classmethod
+    def from_mib_json(
+        cls, path_or_text: str | os.PathLike[str], shape: ModelShape | Any | None = None
+    ) -> Circuit:
+        """Read a MIB circuit-track graph (a file path or the JSON text).
+
+        The circuit is what the file marks ``in_graph``: the edges, and the heads and MLPs
+        marked or at an in-graph edge's end. A file that marks only nodes gives a node-level
+        circuit. ``shape``, when given, must agree with the file's cfg.
+        """
+        doc, source = _load(path_or_text)
+        return cls.from_mib_dict(doc, shape, source=source)
+
+    @classmethod
+    def from_mib_dict(
+        cls,
+        doc: object,
+        shape: ModelShape | Any | None = None,
+        *,
+        source: str = "the MIB document",
+    ) -> Circuit:
+        """Read a parsed MIB circuit-track document; see ``from_mib_json``."""
+        data: dict[str, Any] = _require(doc, dict, "the document", source)
+        if data.get("format") == CIRCUIT_FORMAT:
+            raise CircuitError(f"{source} is in reuse_lens's own format: use Circuit.from_json")
+        cfg = _require(data.get("cfg"), dict, "'cfg'", source)
+        node_infos = _require(data.get("nodes"), dict, "'nodes'", source)
+        edge_infos = _require(data.get("edges"), dict, "'edges'", source)
+        extra = data.get(_MIB_EXTRA)
+        extra = extra if isinstance(extra, dict) else None
+        shape = _mib_shape(cfg, node_infos, shape, source)
+
+        nodes: set[str] = set()
+        node_scores: dict[str, float] = {}
+        for name, info in node_infos.items():
+            if name in ("input", "logits"):
+                continue
+            info = _require(info, dict, f"'nodes'[{name!r}]", source)
+            node = _node(name, shape, f"node in {source}").name
+            if _flag(info, f"'nodes'[{name!r}]", source):
+                nodes.add(node)
+            if _is_number(info.get("score")):  # NaN marks an unscored node in EAP-IG
+                node_scores[node] = float(info["score"])
+            if isinstance(info.get("neurons"), list) and not all(info["neurons"]):
+                warnings.warn(
+                    f"{source}: node {name} keeps only some neurons; reuse_lens circuits are "
+                    "node-level, so the whole node is read as in_graph",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+        edges: set[Edge] = set()  # Edge objects, so that the constructor need not re-parse
+        edge_scores: dict[Edge, float] = {}
+        for name, info in edge_infos.items():
+            info = _require(info, dict, f"'edges'[{name!r}]", source)
+            edge = _edge(name, shape, f"edge in {source}")
+            if _flag(info, f"'edges'[{name!r}]", source):
+                edges.add(edge)
+            if _is_number(info.get("score")):
+                edge_scores[edge] = float(info["score"])
+        edge_scores = _known_edge_scores(edge_scores, extra, shape, source)
+
+        if extra and extra.get("level") == "node":  # from a node circuit: its edges were implied
+            edges = set()
+        return cls(
+            nodes=frozenset(nodes | _node_ends(edges)),
+            shape=shape,
+            edges=frozenset(edges),  # type: ignore[arg-type]  # Edges are canonicalised
+            node_scores=node_scores,
+            edge_scores=edge_scores,  # type: ignore[arg-type]
+            **_mib_rest(extra, cfg),
+        )
+
+
+# --- file helpers ------------------------------------------------------------------------
+
+
+def _shape_dict(shape: ModelShape) -> dict[str, Any]:
+    return {"n_layers": shape.n_layers, "n_heads": shape.n_heads, "has_mlps": shape.has_mlps}
+
+
+def _require(value: object, kind: type, what: str, source: str) -> Any:
+    if value is None:
+        raise CircuitError(f"{source} lacks the field {what}")
+    if not isinstance(value, kind):
+        raise CircuitError(
+            f"{source}: {what} must be a JSON {'object' if kind is dict else 'array'}, got "
+            f"{type(value).__name__} {value!r:.80}"
+        )
+    return value
+
+
+def _count(value: object, what: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CircuitError(f"{source}: {what} must be a positive whole number, got {value!r}")
+    return value
+
+
+def _shape_from(doc: dict[str, Any], source: str) -> ModelShape:
+    has_mlps = doc.get("has_mlps")
+    if not isinstance(has_mlps, bool):
+        raise CircuitError(f"{source}: 'shape.has_mlps' must be true or false, got {has_mlps!r}")
+    return ModelShape(
+        n_layers=_count(doc.get("n_layers"), "'shape.n_layers'", source),
+        n_heads=_count(doc.get("n_heads"), "'shape.n_heads'", source),
+        has_mlps=has_mlps,
+    )
+
+
+def _mib_shape(
+    cfg: dict[str, Any], node_infos: dict[str, Any], shape: object, source: str
+) -> ModelShape:
+    """The shape a MIB file describes, checked against ``shape`` when one is given."""
+    n_layers = _count(cfg.get("n_layers"), "'cfg.n_layers'", source)
+    n_heads = _count(cfg.get("n_heads"), "'cfg.n_heads'", source)
+    stated = "attn_only" in cfg  # our files say so; MIB's own graphs always have MLPs
+    has_mlps = not cfg["attn_only"] if stated else any(n.startswith("m") for n in node_infos)
+    if shape is None:
+        return ModelShape(n_layers, n_heads, bool(has_mlps))
+    given = _as_shape(shape)
+    if (given.n_layers, given.n_heads) != (n_layers, n_heads) or (
+        stated and given.has_mlps != has_mlps
+    ):
+        raise CircuitError(
+            f"{source} describes a model of {n_layers} layers x {n_heads} heads"
+            f"{'' if has_mlps else ' (attention-only)'}, but the shape given is "
+            f"{given.n_layers} x {given.n_heads}{'' if given.has_mlps else ' (attention-only)'}"
+        )
+    return given
+
+
+def _flag(info: dict[str, Any], what: str, source: str) -> bool:
+    value = info.get("in_graph")
+    if value not in (True, False):  # also accepts 0 and 1
+        raise CircuitError(f"{source}: {what}.in_graph must be true or false, got {value!r}")
+    return bool(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _known_edge_scores(
+    scores: dict[Edge, float], extra: dict[str, Any] | None, shape: ModelShape, source: str
+) -> dict[Edge, float]:
+    """The edge scores that are real, not MIB's 0.0 placeholders."""
+    scored = extra.get("scored_edges") if extra else None
+    if scored == "all":
+        return scores
+    if isinstance(scored, list):
+        wanted = {_edge(name, shape, f"scored edge in {source}") for name in scored}
+        return {edge: value for edge, value in scores.items() if edge in wanted}
+    # a plain MIB file: all zeros means unscored (EAP-IG's graphs start from zeros)
+    return scores if any(v != 0.0 for v in scores.values()) else {}
+
+
+def _mib_rest(extra: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Stages and metadata: ours when the file has our block, else a note of MIB's cfg."""
+    if extra is None:
+        return {"metadata": {"source_format": "mib", "mib_cfg": cfg}}
+    return {"stages": extra.get("stages") or {}, "metadata": extra.get("metadata") or {}}
+
+
+def _load(path_or_text: object) -> tuple[Any, str]:
+    """Parse JSON from a path or from the text itself; returns the document and its source."""
+    if isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{"):
+        text, source = path_or_text, "the JSON text"
+    elif isinstance(path_or_text, str | os.PathLike):
+        path = Path(path_or_text)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as error:
+            raise CircuitError(f"no circuit file at {path}") from error
+        except (OSError, UnicodeDecodeError) as error:
+            raise CircuitError(f"cannot read the circuit file {path}: {error}") from error
+    else:
+        raise CircuitError(f"expected a file path or JSON text, got {type(path_or_text).__name__}")
+    try:
+        return json.loads(text), source
+    except json.JSONDecodeError as error:
+        raise CircuitError(f"{source} is not valid JSON: {error}") from error
+
+
+def _render(doc: dict[str, Any]) -> str:
+    """Our document as JSON that reads well and diffs well: one edge or score per line."""
+    listed = ("edges", "node_scores", "edge_scores", "stages")
+    lines = []
+    for key, value in doc.items():
+        if key in listed and value:
+            items = (
+                [json.dumps(v) for v in value]
+                if isinstance(value, list)
+                else [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()]
+            )
+            opening, closing = ("[", "]") if isinstance(value, list) else ("{", "}")
+            body = ",\n".join(f"    {item}" for item in items)
+            text = f"{opening}\n{body}\n  {closing}"
+        else:
+            text = json.dumps(value, indent=2 if key == "metadata" else None, allow_nan=False)
+            text = text.replace("\n", "\n  ")
+        lines.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename,
+    so that a reader never sees half a file and a crash never leaves one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,408 @@
+"""From scores to a circuit: which heads, MLPs and edges a task uses.
+
+``discover_circuit`` scores the model's nodes (or edges) with one patching method and
+keeps the important ones. How many it keeps is decided by one of three rules:
+
+- ``top_k``: the ``k`` nodes (edges) of largest |score|;
+- ``threshold``: every node (edge) whose |score| is at least ``threshold`` times the
+  clean − corrupted gap of the metric (scores are compared normalised);
+- the automatic rule, when neither is given: order by |score| and keep the smallest prefix
+  whose faithfulness, measured by really ablating everything else, reaches
+  ``target_faithfulness`` (0.9 by default). The full prefix has faithfulness 1.0, so the
+  rule always ends. Up to 256 candidates every prefix is tried; above that, a geometric
+  grid of sizes finds the first that reaches the target, and bisection between it and the
+  grid point before finds the smallest size, taking faithfulness as monotone there.
+
+Edge circuits from EAP / EAP-IG can also be grown greedily (``selection="greedy"``,
+Hanna et al. 2024): starting from the logits, repeatedly add the best-scoring edge whose
+receiver is already connected to the logits, until ``top_k`` edges are kept.
+
+``method="path"`` is the path-patching search of Wang et al. (2022) and Merullo et al.
+(2024): stage 0 finds the senders whose direct path to the logits passes the threshold;
+stage s + 1 patches each head found at stage s, through its q, k and v inputs apart, and
+finds the senders to each; the search stops when a stage finds no new sender. Each node
+records the stage it was found at, and each edge the input it enters by.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from reuse_lens.circuits.circuit import Circuit
+from reuse_lens.circuits.faithfulness import CircuitEvaluator, ranked
+from reuse_lens.nodes import AttentionHead, parse_node, shape_of
+from reuse_lens.patching.activation import activation_patching
+from reuse_lens.patching.attribution import attribution_patching
+from reuse_lens.patching.edges import EdgeScores
+from reuse_lens.patching.path import path_patching
+from reuse_lens.patching.scores import NodeScores
+from reuse_lens.tasks.metrics import MetricError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from reuse_lens.nodes import Ablation
+    from reuse_lens.tasks.metrics import Metric
+    from reuse_lens.tasks.task import Task
+
+__all__ = ["METHODS", "discover_circuit", "select_prefix"]
+
+Method = Literal["activation", "path", "eap", "eap-ig"]
+Level = Literal["node", "edge"]
+Selection = Literal["auto", "top_k", "threshold", "greedy"]
+
+METHODS: tuple[str, ...] = ("activation", "path", "eap", "eap-ig")
+
+DEFAULT_TARGET = 0.9
+"""The faithfulness the automatic rule aims for."""
+
+DEFAULT_PATH_THRESHOLD = 0.05
+"""Path patching keeps a sender whose normalised path effect reaches 5% of the gap."""
+
+_SCAN_ALL = 256
+
+
+def discover_circuit(
+    model: TransformerBridge,
+    task: Task,
+    *,
+    method: Method = "activation",
+    level: Level | None = None,
+    threshold: float | None = None,
+    top_k: int | None = None,
+    target_faithfulness: float | None = None,
+    ablation: Ablation = "mean",
+    selection: Literal["greedy"] | None = None,
+    steps: int = 5,
+    metric: str | Metric | None = None,
+    max_stages: int | None = None,
+) -> Circuit:
+    """Find the heads and MLPs (or edges) that the task uses, as a ``Circuit``.
+
+    Arguments:
+        model: the model, a ``TransformerBridge`` in eval mode.
+        task: clean and corrupted prompts with answers.
+        method: ``activation`` (activation patching of each node, with ``ablation``),
+            ``path`` (the staged path-patching search), ``eap`` or ``eap-ig``
+            (attribution patching; ``steps`` integration steps for EAP-IG).
+        level: ``node`` or ``edge``; edge circuits come from ``eap`` and ``eap-ig``. By
+            default ``node`` (``path`` always returns nodes with their edges).
+        threshold: keep what scores at least this fraction of the clean − corrupted gap
+            (for ``path``: per stage; 0.05 when neither threshold nor top_k is given).
+        top_k: keep this many nodes (edges); for ``path``, this many senders per stage.
+        target_faithfulness: the automatic rule's target, 0.9 by default; only when
+            neither ``threshold`` nor ``top_k`` is given.
+        ablation: how everything outside the circuit is ablated when faithfulness is
+            measured (``mean``, ``resample`` or ``zero``); activation patching scores
+            nodes with the same ablation.
+        selection: ``"greedy"`` grows an edge circuit from the logits (needs ``top_k``).
+        steps: EAP-IG's integration steps.
+        metric: a metric name or ``Metric``; the task's own when None.
+        max_stages: for ``path``, the most stages to search (all layers by default).
+
+    Returns:
+        A Circuit with the scores of every scored node (and edge), path stages, and
+        metadata: model, task, method, settings, rule, seed, library version and the
+        circuit's faithfulness under ``ablation``.
+
+    Raises:
+        ValueError: for an unknown method, level or ablation, conflicting rules, an
+            out-of-range threshold/top_k/target, or an empty task.
+        MetricError: when the metric cannot separate clean from corrupted.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    level = level or "node"
+    if level not in ("node", "edge"):
+        raise ValueError(f"unknown level {level!r}: choose 'node' or 'edge'")
+    if level == "edge" and method not in ("eap", "eap-ig"):
+        raise ValueError(
+            f"edge circuits come from method='eap' or 'eap-ig', not {method!r}; "
+            "path patching returns its edges with level='node'"
+        )
+    if len(task) == 0:
+        raise ValueError(f"task {task.name!r} has no prompts")
+    _check_rule(threshold, top_k, target_faithfulness, selection, level)
+    evaluator = CircuitEvaluator(model, task, ablation=ablation, metric=metric)
+    gap = evaluator.full - float(evaluator.runner.prep.corrupted_metric.mean())
+    if abs(gap) < 1e-6:
+        raise MetricError(
+            f"the metric is the same on clean and corrupted prompts of task {task.name!r} "
+            f"({evaluator.full:.4g}): no circuit can be found. Check the task's corruption."
+        )
+    settings: dict[str, Any] = {"level": level, "ablation": ablation}
+    if method == "path":
+        circuit, rule = _path_circuit(
+            model, task, evaluator, gap, threshold, top_k, metric, max_stages
+        )
+        settings.update(rule)
+    else:
+        scores = _score(model, task, method, level, ablation, steps, metric)
+        settings.update(scores.settings)
+        settings["ablation"] = ablation
+        circuit, rule = _select(
+            scores, evaluator, gap, threshold, top_k, target_faithfulness, selection
+        )
+        settings.update(rule)
+    circuit = circuit.with_metadata(level="node" if method == "path" else level)
+    faith = evaluator(circuit)
+    return circuit.with_metadata(
+        model=_spec(model),
+        task=task.name,
+        n_prompts=len(task),
+        task_seed=task.seed,
+        method=method,
+        settings=settings,
+        faithfulness=faith,
+        clean_metric=evaluator.full,
+        library_version=_version(),
+    )
+
+
+# ---- rules --------------------------------------------------------------------------------
+
+
+def _check_rule(
+    threshold: float | None,
+    top_k: int | None,
+    target: float | None,
+    selection: str | None,
+    level: str,
+) -> None:
+    if threshold is not None and top_k is not None:
+        raise ValueError("give threshold or top_k, not both")
+    if target is not None and (threshold is not None or top_k is not None):
+        raise ValueError(
+            "target_faithfulness picks the size itself: drop threshold/top_k to use it"
+        )
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if target is not None and not 0 < target <= 1:
+        raise ValueError(f"target_faithfulness must be in (0, 1], got {target!r}")
+    if selection is not None:
+        if selection != "greedy":
+            raise ValueError(f"unknown selection {selection!r}: the only option is 'greedy'")
+        if level != "edge" or top_k is None:
+            raise ValueError(
+                "selection='greedy' grows an edge circuit: give level='edge' and top_k"
+            )
+
+
+def _score(
+    model: TransformerBridge,
+    task: Task,
+    method: str,
+    level: str,
+    ablation: Ablation,
+    steps: int,
+    metric: str | Metric | None,
+) -> NodeScores | EdgeScores:
+    if method == "activation":
+        return activation_patching(model, task, ablation=ablation, metric=metric)
+    return attribution_patching(
+        model,
+        task,
+        method=method,  # type: ignore[arg-type]
+        level=level,  # type: ignore[arg-type]
+        steps=steps,
+        metric=metric,
+    )
+
+
+def _select(
+    scores: NodeScores | EdgeScores,
+    evaluator: CircuitEvaluator,
+    gap: float,
+    threshold: float | None,
+    top_k: int | None,
+    target: float | None,
+    selection: str | None,
+) -> tuple[Circuit, dict[str, Any]]:
+    order = ranked(scores)
+    if isinstance(scores, EdgeScores):
+        values = scores.as_dict()
+        edge_scores = {(e.sender.name, e.receiver_name): values[e.name] for e in scores.edges}
+        by_key = edge_scores
+    else:
+        by_key = scores.as_dict()
+        edge_scores = {}
+    if selection == "greedy":
+        assert top_k is not None and isinstance(scores, EdgeScores)
+        kept: list[Any] = _greedy(edge_scores, top_k)
+        rule: dict[str, Any] = {"rule": "greedy", "top_k": top_k}
+    elif top_k is not None:
+        kept = order[:top_k]
+        rule = {"rule": "top_k", "top_k": top_k}
+    elif threshold is not None:
+        kept = [x for x in order if abs(by_key[x]) >= threshold * abs(gap)]  # type: ignore[index]
+        rule = {"rule": "threshold", "threshold": threshold}
+    else:
+        goal = DEFAULT_TARGET if target is None else target
+        keyed: list[Any] = list(order)
+        if isinstance(scores, EdgeScores):
+            size = select_prefix(
+                len(keyed), lambda ks: [evaluator.edges(keyed[:k]) for k in ks], goal
+            )
+        else:
+            size = select_prefix(
+                len(keyed), lambda ks: evaluator.nodes([keyed[:k] for k in ks]), goal
+            )
+        kept = order[:size]
+        rule = {"rule": "auto", "target_faithfulness": goal}
+    node_scores = (
+        scores.to_node_scores().as_dict() if isinstance(scores, EdgeScores) else scores.as_dict()
+    )
+    node_scores = {k: v for k, v in node_scores.items() if not math.isnan(v)}
+    if isinstance(scores, EdgeScores):
+        circuit = Circuit.from_edges(
+            kept, evaluator.shape, node_scores=node_scores, edge_scores=edge_scores
+        )
+    else:
+        circuit = Circuit.from_nodes(kept, evaluator.shape, node_scores=node_scores)
+    return circuit, rule
+
+
+def select_prefix(
+    n: int, faithfulness: Callable[[list[int]], Sequence[float]], target: float
+) -> int:
+    """The smallest prefix size in 1..n whose faithfulness reaches ``target``.
+
+    ``faithfulness(sizes)`` evaluates several sizes at once. Up to 256 candidates every size
+    is tried; above, a geometric grid and then bisection (faithfulness taken as monotone
+    between two grid points). Size ``n`` keeps everything (faithfulness 1.0) and ends it.
+    """
+    if n < 1:
+        raise ValueError("there is nothing to select: no node or edge was scored")
+    if n <= _SCAN_ALL:
+        sizes = list(range(1, n + 1))
+        values = faithfulness(sizes)
+        return next((k for k, f in zip(sizes, values, strict=True) if f >= target), n)
+    grid = sorted({round(x) for x in np.geomspace(1, n, 40)} | {n})
+    values = faithfulness(grid)
+    hit = next((i for i, f in enumerate(values) if f >= target), len(grid) - 1)
+    low, high = (grid[hit - 1] if hit > 0 else 0), grid[hit]
+    while high - low > 1:  # invariant: f(high) >= target, f(low) < target (or low = 0)
+        mid = (low + high) // 2
+        if faithfulness([mid])[0] >= target:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def _greedy(edge_scores: dict[tuple[str, str], float], k: int) -> list[tuple[str, str]]:
+    """Grow from the logits: add the best |score| edge whose receiver is already reached."""
+    reached = {"logits"}
+    kept: list[tuple[str, str]] = []
+    remaining = dict(edge_scores)
+    while len(kept) < k and remaining:
+        candidates = [e for e in remaining if _receiver_node(e[1]) in reached]
+        if not candidates:
+            break
+        best = max(candidates, key=lambda e: abs(remaining[e]))
+        kept.append(best)
+        del remaining[best]
+        reached.add(best[0])
+    return kept
+
+
+def _receiver_node(receiver: str) -> str:
+    return receiver.split("<", 1)[0]
+
+
+# ---- path patching ------------------------------------------------------------------------
+
+
+def _path_circuit(
+    model: TransformerBridge,
+    task: Task,
+    evaluator: CircuitEvaluator,
+    gap: float,
+    threshold: float | None,
+    top_k: int | None,
+    metric: str | Metric | None,
+    max_stages: int | None,
+) -> tuple[Circuit, dict[str, Any]]:
+    shape = shape_of(model)
+    if threshold is None and top_k is None:
+        threshold = DEFAULT_PATH_THRESHOLD
+
+    def passing(scores: NodeScores) -> dict[str, float]:
+        values = {k: v for k, v in scores.as_dict().items() if not math.isnan(v)}
+        if top_k is not None:
+            best = sorted(values, key=lambda k: abs(values[k]), reverse=True)[:top_k]
+            return {k: values[k] for k in best if values[k] != 0}
+        assert threshold is not None
+        return {k: v for k, v in values.items() if abs(v) >= threshold * abs(gap)}
+
+    stages: dict[str, int] = {}
+    node_scores: dict[str, float] = {}
+    edges: dict[tuple[str, str], float] = {}
+
+    def record(node: str, score: float, stage: int) -> None:
+        stages.setdefault(node, stage)
+        if abs(score) > abs(node_scores.get(node, 0.0)):
+            node_scores[node] = score
+
+    for node, score in passing(
+        path_patching(model, task, receivers="logits", metric=metric)
+    ).items():
+        record(node, score, 0)
+        edges[(node, "logits")] = score
+    frontier = [n for n in stages if isinstance(parse_node(n), AttentionHead)]
+    limit = shape.n_layers if max_stages is None else max_stages
+    stage = 0
+    while frontier and stage < limit:
+        stage += 1
+        found: list[str] = []
+        for receiver in frontier:
+            head = parse_node(receiver)
+            assert isinstance(head, AttentionHead)
+            if head.layer == 0:
+                continue  # nothing sends to layer 0 but the embedding
+            for qkv in ("q", "k", "v"):
+                scores = path_patching(
+                    model, task, receivers=[receiver], receiver_input=qkv, metric=metric
+                )
+                for node, score in passing(scores).items():
+                    edges[(node, f"{receiver}<{qkv}>")] = score
+                    if node not in stages:
+                        found.append(node)
+                    record(node, score, stage)
+        frontier = sorted({n for n in found if isinstance(parse_node(n), AttentionHead)})
+        if not found:
+            break
+    circuit = Circuit(
+        nodes=frozenset(stages),
+        shape=shape,
+        edges=frozenset(edges),
+        node_scores=node_scores,
+        edge_scores=edges,
+        stages=stages,
+    )
+    rule: dict[str, Any] = {
+        "rule": "path stages",
+        "threshold": threshold,
+        "top_k_per_stage": top_k,
+        "n_stages": max(stages.values(), default=-1) + 1,
+    }
+    return circuit, rule
+
+
+def _spec(model: TransformerBridge) -> str:
+    from reuse_lens.models import model_spec
+
+    return model_spec(model)
+
+
+def _version() -> str:
+    import reuse_lens
+
+    return reuse_lens.__version__

@@ -1,0 +1,365 @@
+"""How much of a task's behaviour a circuit carries on its own.
+
+Faithfulness (Hanna et al. 2024; MIB) ablates everything outside the circuit and asks how
+much of the metric is left::
+
+    f(C) = (m(C) − m(∅)) / (m(full) − m(∅))
+
+``m(full)`` is the unablated model, ``m(∅)`` the model with *everything* ablated at the
+circuit's level: every head and MLP output for a node circuit (the embedding stays), every
+edge for an edge circuit (with ``resample`` ablation that is exactly the corrupted run).
+So 1.0 means the circuit does all the work and 0.0 means it does none; values outside
+[0, 1] are real (a circuit that drops a component working against the task can exceed 1).
+
+``faithfulness_curve`` evaluates the top-scoring circuits at MIB's sizes and reports CPR
+(the area under the curve, higher is better) and CMD (the area of |1 − f|, lower is
+better), each over the fraction axis and divided by its span, so both lie in the units
+of f. ``random_baseline`` gives the faithfulness of random circuits of the same size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from reuse_lens.nodes import MLP, AttentionHead, edges_of, parse_node
+from reuse_lens.patching.ablation import AblationRunner, NodeMask
+from reuse_lens.patching.edges import EdgeScores
+from reuse_lens.patching.graph import GraphIndex
+from reuse_lens.patching.scores import NodeScores
+from reuse_lens.tasks.metrics import MetricError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from reuse_lens.circuits.circuit import Circuit
+    from reuse_lens.nodes import Ablation
+    from reuse_lens.tasks.metrics import Metric
+    from reuse_lens.tasks.task import Task
+
+__all__ = [
+    "MIB_FRACTIONS",
+    "CircuitEvaluator",
+    "FaithfulnessCurve",
+    "RandomBaseline",
+    "ablation_level",
+    "faithfulness",
+    "faithfulness_curve",
+    "random_baseline",
+]
+
+MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+"""The circuit sizes of MIB's faithfulness curve, as fractions of all nodes or edges."""
+
+_MIN_GAP = 1e-6
+
+Level = Literal["node", "edge"]
+
+
+class CircuitEvaluator:
+    """Faithfulness of many circuits on one (model, task, ablation), sharing the set-up.
+
+    Attributes:
+        full: the metric of the unablated model.
+        runner: the ablation engine (``reuse_lens.patching.ablation``).
+    """
+
+    def __init__(
+        self,
+        model: TransformerBridge,
+        task: Task,
+        *,
+        ablation: Ablation = "mean",
+        metric: str | Metric | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        self.runner = AblationRunner(
+            model, task, ablation=ablation, metric=metric, batch_size=batch_size
+        )
+        self.model = model
+        self.task = task
+        self.ablation = ablation
+        self.shape = self.runner.shape
+        self.full = self.runner.full
+        self._empty: dict[Level, float] = {}
+        self._index = GraphIndex(self.shape)
+
+    def empty(self, level: Level) -> float:
+        """The metric with everything ablated at ``level``."""
+        if level not in self._empty:
+            if level == "node":
+                value = float(self.runner.nodes(NodeMask.full(self.shape, keep=False))[0])
+            else:
+                keep = torch.zeros(self._index.n_senders, self._index.n_receivers, dtype=torch.bool)
+                value = self.runner.edges(keep)
+            gap = self.full - value
+            if abs(gap) < _MIN_GAP:
+                raise MetricError(
+                    f"the metric cannot separate the full model ({self.full:.4g}) from the "
+                    f"model with every {level} ablated ({value:.4g}) on task "
+                    f"{self.task.name!r} with {self.ablation!r} ablation, so faithfulness is "
+                    "undefined. Use a task the model solves, or another ablation/metric."
+                )
+            self._empty[level] = value
+        return self._empty[level]
+
+    def normalize(self, value: float | Tensor, level: Level) -> float | Tensor:
+        empty = self.empty(level)
+        return (value - empty) / (self.full - empty)
+
+    # ---- node circuits --------------------------------------------------------------
+
+    def node_mask(self, nodes: Iterable[str]) -> NodeMask:
+        mask = NodeMask.full(self.shape, keep=False)
+        for name in nodes:
+            node = parse_node(name)
+            self.shape.check(node)
+            if isinstance(node, AttentionHead):
+                mask.heads[node.layer, node.head] = True
+            elif isinstance(node, MLP) and mask.mlps is not None:
+                mask.mlps[node.layer] = True
+        return mask
+
+    def nodes(self, node_sets: Sequence[Iterable[str]]) -> list[float]:
+        """Faithfulness of each node set (batched through the engine)."""
+        if not node_sets:
+            return []
+        values = self.runner.nodes([self.node_mask(s) for s in node_sets])
+        return [float(v) for v in self.normalize(values, "node")]  # type: ignore[union-attr]
+
+    # ---- edge circuits --------------------------------------------------------------
+
+    def edge_mask(self, edges: Iterable[tuple[str, str]]) -> Bool[Tensor, "sender receiver"]:
+        keep = torch.zeros(self._index.n_senders, self._index.n_receivers, dtype=torch.bool)
+        for sender, receiver in edges:
+            try:
+                keep[self._index.sender[sender], self._index.receiver[receiver]] = True
+            except KeyError as error:
+                raise ValueError(
+                    f"edge {sender}->{receiver} is not in this model's graph "
+                    f"({self.shape.n_layers} layers, {self.shape.n_heads} heads)"
+                ) from error
+        return keep
+
+    def edges(self, edges: Iterable[tuple[str, str]]) -> float:
+        value = self.runner.edges(self.edge_mask(edges))
+        return float(self.normalize(value, "edge"))
+
+    # ---- circuits -------------------------------------------------------------------
+
+    def __call__(self, circuit: Circuit, level: Level | None = None) -> float:
+        circuit.check(self.shape)
+        if ablation_level(circuit, level) == "edge":
+            return self.edges(circuit.edges)
+        return self.nodes([circuit.nodes])[0]
+
+
+def ablation_level(circuit: Circuit, level: Level | None = None) -> Level:
+    """How a circuit is ablated: ``level`` if given, else the circuit's own.
+
+    A circuit's own level is ``metadata["level"]`` when set (path-patching circuits set
+    ``node``: their edges name the input each sender was found through, and a sender may
+    reach it through MLPs, so they are paths, not a complete edge graph), else ``edge``
+    when it has edges and ``node`` when not.
+    """
+    if level is None:
+        recorded = circuit.metadata.get("level")
+        level = recorded if recorded in ("node", "edge") else circuit.level
+    if level not in ("node", "edge"):
+        raise ValueError(f"unknown level {level!r}: choose 'node' or 'edge'")
+    if level == "edge" and not circuit.edges:
+        raise ValueError("level='edge' needs a circuit with edges; this one has only nodes")
+    return level
+
+
+def faithfulness(
+    model: TransformerBridge,
+    task: Task,
+    circuit: Circuit,
+    *,
+    ablation: Ablation = "mean",
+    metric: str | Metric | None = None,
+    batch_size: int | None = None,
+    level: Level | None = None,
+) -> float:
+    """The circuit's share of the task's behaviour: 1.0 = the full model, 0.0 = all ablated.
+
+    Arguments:
+        model: the model, a ``TransformerBridge``.
+        task: the prompts; every prompt is read at its own answer position.
+        circuit: a node circuit (outputs of every other head and MLP are ablated) or an
+            edge circuit (every other edge is ablated).
+        ablation: ``mean`` (the mean over the task's clean prompts, position by
+            position), ``resample`` (the corrupted partner's activation) or ``zero``.
+        metric: a metric name or ``Metric``; the task's own when None.
+        batch_size: rows per forward pass; by default under a 1 GiB activation budget.
+        level: ``node`` or ``edge`` to override how the circuit is ablated (see
+            ``ablation_level``); an edge circuit evaluated at ``node`` level keeps its nodes.
+
+    Raises:
+        CircuitError / NodeNameError: when the circuit's nodes are not in this model.
+        MetricError: when the metric cannot separate the full model from the ablated one.
+        ValueError: for an empty task or an unknown ablation.
+    """
+    evaluator = CircuitEvaluator(
+        model, task, ablation=ablation, metric=metric, batch_size=batch_size
+    )
+    return evaluator(circuit, level)
+
+
+@dataclass(frozen=True)
+class FaithfulnessCurve:
+    """Faithfulness of the top-scoring circuits at a range of sizes (MIB).
+
+    Attributes:
+        fractions: each circuit's size as a fraction of all nodes (or edges).
+        sizes: the number of nodes (or edges) kept at each fraction (at least 1).
+        faithfulness: f at each size.
+        level: ``node`` or ``edge``.
+        cpr: area under f over the fraction axis, divided by its span (higher is better).
+        cmd: area of |1 − f| likewise (lower is better).
+        method: the scoring method the circuits were ranked by.
+        task: the task's name.
+    """
+
+    fractions: tuple[float, ...]
+    sizes: tuple[int, ...]
+    faithfulness: tuple[float, ...]
+    level: Level
+    cpr: float
+    cmd: float
+    method: str
+    task: str
+
+
+def _area(x: Sequence[float], y: Sequence[float]) -> float:
+    """Trapezoid area under y(x), divided by the span of x (a mean value of y)."""
+    if len(x) < 2:
+        return float(y[0]) if y else float("nan")
+    return float(np.trapezoid(np.asarray(y), np.asarray(x)) / (x[-1] - x[0]))
+
+
+def ranked(scores: NodeScores | EdgeScores) -> list[str] | list[tuple[str, str]]:
+    """Nodes (or edges as (sender, receiver) pairs) by decreasing |score|, ties in forward order."""
+    if isinstance(scores, EdgeScores):
+        order = torch.argsort(scores.scores.abs(), descending=True, stable=True).tolist()
+        return [(scores.edges[i].sender.name, scores.edges[i].receiver_name) for i in order]
+    items = [
+        (name, abs(value)) for name, value in scores.as_dict().items() if not math.isnan(value)
+    ]
+    items.sort(key=lambda kv: kv[1], reverse=True)  # stable: ties keep forward order
+    return [name for name, _ in items]
+
+
+def faithfulness_curve(
+    model: TransformerBridge,
+    task: Task,
+    scores: NodeScores | EdgeScores,
+    *,
+    ablation: Ablation = "mean",
+    fractions: Sequence[float] = MIB_FRACTIONS,
+    metric: str | Metric | None = None,
+    evaluator: CircuitEvaluator | None = None,
+) -> FaithfulnessCurve:
+    """Faithfulness of the top-|score| circuit at each size in ``fractions`` (MIB's by default).
+
+    A fraction ``p`` keeps ``max(1, round(p · N))`` of the ``N`` scored nodes (NodeScores)
+    or edges (EdgeScores).
+    """
+    if not fractions or any(not 0 < p <= 1 for p in fractions):
+        raise ValueError(f"fractions must be non-empty and in (0, 1], got {list(fractions)}")
+    fractions = sorted(fractions)
+    evaluator = evaluator or CircuitEvaluator(model, task, ablation=ablation, metric=metric)
+    order = ranked(scores)
+    if not order:
+        raise ValueError("the scores hold no scored node or edge")
+    sizes = [max(1, round(p * len(order))) for p in fractions]
+    if isinstance(scores, EdgeScores):
+        level: Level = "edge"
+        values = [evaluator.edges(order[:k]) for k in sizes]  # type: ignore[arg-type]
+    else:
+        level = "node"
+        values = evaluator.nodes([order[:k] for k in sizes])  # type: ignore[misc]
+    return FaithfulnessCurve(
+        fractions=tuple(fractions),
+        sizes=tuple(sizes),
+        faithfulness=tuple(values),
+        level=level,
+        cpr=_area(fractions, values),
+        cmd=_area(fractions, [abs(1 - v) for v in values]),
+        method=scores.method,
+        task=task.name,
+    )
+
+
+@dataclass(frozen=True)
+class RandomBaseline:
+    """Faithfulness of random circuits of a given size: the chance level to beat.
+
+    Attributes:
+        mean, std: over the ``values``.
+        values: the faithfulness of each random circuit.
+        size: nodes (or edges) per random circuit; for node circuits, heads and MLPs are
+            drawn separately, as many of each as the circuit has.
+    """
+
+    mean: float
+    std: float
+    values: tuple[float, ...]
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} ± {self.std:.3f} (n={len(self.values)})"
+
+
+def random_baseline(
+    model: TransformerBridge,
+    task: Task,
+    circuit: Circuit,
+    *,
+    n: int = 20,
+    seed: int = 0,
+    ablation: Ablation = "mean",
+    metric: str | Metric | None = None,
+    evaluator: CircuitEvaluator | None = None,
+) -> RandomBaseline:
+    """Faithfulness of ``n`` random circuits as large as ``circuit`` (seeded)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    evaluator = evaluator or CircuitEvaluator(model, task, ablation=ablation, metric=metric)
+    circuit.check(evaluator.shape)
+    rng = np.random.default_rng(seed)
+    if ablation_level(circuit) == "edge":
+        every = [(e.sender.name, e.receiver_name) for e in edges_of(evaluator.shape)]
+        size = len(circuit.edges)
+        values = []
+        for _ in range(n):
+            pick = rng.choice(len(every), size=size, replace=False)
+            values.append(evaluator.edges([every[i] for i in pick]))
+    else:
+        shape = evaluator.shape
+        heads = [n_.name for n_ in shape.nodes() if isinstance(n_, AttentionHead)]
+        mlps = [n_.name for n_ in shape.nodes() if isinstance(n_, MLP)]
+        n_heads, n_mlps = len(circuit.heads), len(circuit.mlps)
+        size = len(circuit.nodes)
+        sets = [
+            [heads[i] for i in rng.choice(len(heads), size=n_heads, replace=False)]
+            + [mlps[i] for i in rng.choice(len(mlps), size=n_mlps, replace=False)]
+            for _ in range(n)
+        ]
+        values = evaluator.nodes(sets)
+    array = np.asarray(values, dtype=float)
+    return RandomBaseline(
+        mean=float(array.mean()),
+        std=float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        values=tuple(float(v) for v in array),
+        size=size,
+    )

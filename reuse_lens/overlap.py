@@ -1,0 +1,734 @@
+"""How much of one circuit does another reuse? Overlap statistics for a set of circuits.
+
+``compare({"ioi": c1, "colored_objects": c2})`` returns an :class:`OverlapReport` that
+answers the questions of the circuit-reuse papers for every pair of circuits:
+
+- Merullo et al. 2024 count the heads two task circuits share (25 of 32 for IOI and
+  Colored Objects in GPT2-Medium): :meth:`OverlapReport.shared`, ``unique`` and the
+  exclusive UpSet sets of :meth:`OverlapReport.intersections`.
+- Hanna et al. 2024 report node IoU, edge IoU and the directional overlap |A∩B|/|A|,
+  and test the shared count against chance with a hypergeometric tail. We use
+  P(X >= x) = ``hypergeom.sf(x - 1, M, n, N)``; their code computes P(X > x), which is
+  off by one and makes every overlap look less significant than it is.
+- Prakash et al. 2024 compare circuits of a base model and its fine-tunes: circuits of
+  models with the same shape (different ``metadata["model"]``) compare like any others.
+
+Conventions, fixed here so every statistic is defined for every input:
+
+- Sets are taken per *kind*: ``"all"`` nodes, ``"heads"`` only or ``"mlps"`` only, and
+  always inside the *universe* (by default every node of that kind in the model).
+- A ratio whose denominator is zero is ``nan``, never an exception and never a silent
+  0 or 1: the Jaccard index of two empty sets, the overlap coefficient or directional
+  overlap when a set is empty, and every statistic of a kind the model lacks (the MLPs
+  of an attention-only model). ``nan`` is written as ``null`` in JSON.
+
+scipy and pandas load on first use, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+
+from reuse_lens.nodes import MLP, AttentionHead, ModelShape, parse_node
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from reuse_lens.circuits.circuit import Circuit
+    from reuse_lens.nodes import Node
+
+__all__ = ["KINDS", "STATS", "Kind", "OverlapReport", "Stat", "compare"]
+
+Kind = Literal["all", "heads", "mlps"]
+"""Which nodes a statistic counts: every head and MLP, the heads only, or the MLPs only."""
+
+KINDS: tuple[Kind, ...] = get_args(Kind)
+
+Stat = Literal[
+    "jaccard", "overlap", "directional", "p_value", "expected_jaccard", "shared", "edge_iou"
+]
+"""A statistic that :meth:`OverlapReport.matrix` can tabulate for every ordered pair."""
+
+STATS: tuple[Stat, ...] = get_args(Stat)
+
+REPORT_FORMAT_VERSION = 1
+"""Version of the JSON written by :meth:`OverlapReport.to_json`."""
+
+_MAX_DRAWS_PER_CHUNK = 1 << 22  # random keys held at once by the permutation test (32 MiB)
+_FULL_SWEEP_UP_TO = 64  # sweeps test every k up to this many nodes, then a geometric grid
+
+
+def compare(
+    circuits: Mapping[str, Circuit], *, universe: Iterable[str | Node] | None = None
+) -> OverlapReport:
+    """Compare named circuits of one model architecture, pair by pair.
+
+    Arguments:
+        circuits: ``{name: Circuit}``; the names label every row and column of the report.
+            All circuits must have the same ``ModelShape``; they may come from different
+            models of that shape, such as a base model and its fine-tunes.
+        universe: the nodes that could have been chosen, against which chance overlap is
+            measured. By default every head and MLP of the shared shape. When given (node
+            names such as ``"a3.h1"``, ``"m3"``), every statistic is restricted to those
+            nodes: circuit nodes outside it are ignored, and so are edges with an end
+            outside it (``input`` and ``logits`` always count as inside). Restrict it when
+            the circuits could only have come from part of the model, e.g. when only
+            the heads of the upper layers were scored.
+
+    Returns:
+        An :class:`OverlapReport`.
+
+    Raises:
+        ValueError: if ``circuits`` is empty or not a mapping, if the circuits' shapes
+            differ (the message names each circuit and its shape), or if a node of a
+            circuit or of ``universe`` is not a node of the shape.
+    """
+    if not isinstance(circuits, Mapping):
+        raise ValueError(
+            "compare() takes a mapping of names to circuits, e.g. "
+            f"compare({{'ioi': c1, 'colored_objects': c2}}); got {type(circuits).__name__}"
+        )
+    if not circuits:
+        raise ValueError("compare() needs at least one circuit, e.g. compare({'ioi': c1})")
+    for name in circuits:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"circuit names must be non-empty strings, got {name!r}")
+    shape = _shared_shape(circuits)
+    universes = _universes(shape, universe)
+    return OverlapReport(circuits, shape=shape, universes=universes)
+
+
+class OverlapReport:
+    """Overlap statistics for every pair of a set of circuits; made by :func:`compare`.
+
+    Every query takes circuit names (``report.jaccard("ioi", "colored_objects")``) and a
+    ``kind`` (``"all"``, ``"heads"`` or ``"mlps"``). Queries are cheap: sets are built
+    once, and statistics are computed when asked for.
+    """
+
+    names: tuple[str, ...]
+    circuits: Mapping[str, Circuit]
+    shape: ModelShape
+    stability: Mapping[str, float]
+
+    def __init__(
+        self,
+        circuits: Mapping[str, Circuit],
+        *,
+        shape: ModelShape,
+        universes: Mapping[Kind, frozenset[str]],
+        stability: Mapping[str, float] | None = None,
+    ) -> None:
+        self.names = tuple(circuits)
+        self.circuits = MappingProxyType(dict(circuits))
+        self.shape = shape
+        self.stability = MappingProxyType(dict(stability or {}))
+        self._universes = dict(universes)
+        everything = self._universes["all"]
+        self._sets = {name: _kind_sets(name, c, shape, everything) for name, c in circuits.items()}
+        self._edges = {name: _edges_inside(c, everything) for name, c in circuits.items()}
+        self._scores = {name: _scores_inside(c, everything) for name, c in circuits.items()}
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{name}: {len(self._sets[name]['all'])}" for name in self.names)
+        return f"OverlapReport({sizes}; universe of {len(self._universes['all'])} nodes)"
+
+    # ------------------------------------------------------------------ sets
+
+    def universe(self, kind: Kind = "all") -> frozenset[str]:
+        """The nodes of ``kind`` that the circuits were chosen from."""
+        return self._universes[_check_kind(kind)]
+
+    def nodes(self, name: str, kind: Kind = "all") -> frozenset[str]:
+        """The nodes of ``kind`` of circuit ``name``, inside the universe."""
+        return self._sets[self._check_name(name)][_check_kind(kind)]
+
+    def shared(self, a: str, b: str, kind: Kind = "all") -> frozenset[str]:
+        """Nodes of ``kind`` in both ``a`` and ``b``."""
+        return self.nodes(a, kind) & self.nodes(b, kind)
+
+    def unique(self, a: str, b: str, kind: Kind = "all") -> frozenset[str]:
+        """Nodes of ``kind`` in ``a`` but not in ``b``."""
+        return self.nodes(a, kind) - self.nodes(b, kind)
+
+    def intersections(self, kind: Kind = "all") -> list[tuple[tuple[str, ...], frozenset[str]]]:
+        """The exclusive sets of an UpSet plot: nodes found in exactly these circuits.
+
+        Returns:
+            ``[(names, nodes), ...]``: each node of any circuit appears in exactly one
+            entry, the one whose ``names`` (in report order) are the circuits containing
+            it. Empty sets are left out. Largest sets come first; ties put sets shared
+            by more circuits first, then follow report order.
+        """
+        groups: dict[tuple[str, ...], set[str]] = {}
+        for node in self._union(self.names, kind):
+            members = tuple(name for name in self.names if node in self._sets[name][kind])
+            groups.setdefault(members, set()).add(node)
+        position = {name: i for i, name in enumerate(self.names)}
+
+        def order(item: tuple[tuple[str, ...], set[str]]) -> tuple[int, int, list[int]]:
+            members, nodes = item
+            return (-len(nodes), -len(members), [position[n] for n in members])
+
+        return [(members, frozenset(nodes)) for members, nodes in sorted(groups.items(), key=order)]
+
+    # ------------------------------------------------------------ statistics
+
+    def jaccard(self, a: str, b: str, kind: Kind = "all") -> float:
+        """Node IoU |A∩B| / |A∪B|; ``nan`` when both sets are empty."""
+        set_a, set_b = self.nodes(a, kind), self.nodes(b, kind)
+        return _ratio(len(set_a & set_b), len(set_a | set_b))
+
+    def overlap_coefficient(self, a: str, b: str, kind: Kind = "all") -> float:
+        """|A∩B| / min(|A|, |B|): 1 when one circuit contains the other; ``nan`` if one is empty.
+
+        Unlike Jaccard it does not penalise a small circuit for sitting inside a large one.
+        """
+        set_a, set_b = self.nodes(a, kind), self.nodes(b, kind)
+        return _ratio(len(set_a & set_b), min(len(set_a), len(set_b)))
+
+    def directional(self, a: str, b: str, kind: Kind = "all") -> float:
+        """|A∩B| / |A|: the share of ``a`` that ``b`` reuses (Hanna et al. 2024).
+
+        Not symmetric: ``directional(a, b) * |A| == directional(b, a) * |B|``. ``nan``
+        when A is empty.
+        """
+        set_a, set_b = self.nodes(a, kind), self.nodes(b, kind)
+        return _ratio(len(set_a & set_b), len(set_a))
+
+    def edge_iou(self, a: str, b: str) -> float | None:
+        """Edge IoU, or ``None`` unless both circuits have edges (node-level circuits have none).
+
+        Edges are ``(sender, receiver_name)`` pairs, so an edge into a head's query and
+        one into its value are different edges.
+        """
+        edges_a, edges_b = self._edges[self._check_name(a)], self._edges[self._check_name(b)]
+        if not edges_a or not edges_b:
+            return None
+        return len(edges_a & edges_b) / len(edges_a | edges_b)
+
+    def p_value(self, a: str, b: str, kind: Kind = "heads") -> float:
+        """Chance of sharing at least as many nodes if ``b`` were drawn at random.
+
+        The hypergeometric tail P(X >= x) with M = universe size of ``kind``, n = |A|,
+        N = |B| and x = |A∩B|, i.e. ``hypergeom.sf(x - 1, M, n, N)`` (Hanna et al. 2024
+        with their off-by-one fixed). Symmetric in ``a`` and ``b``. It is 1 when x = 0 and
+        ``nan`` when the universe of ``kind`` is empty.
+        """
+        big_m, n, big_n, x = self._counts(a, b, kind)
+        if big_m == 0:
+            return math.nan
+        if x == 0:
+            return 1.0  # P(X >= 0)
+        from scipy.stats import hypergeom
+
+        return float(hypergeom.sf(x - 1, big_m, n, big_n))
+
+    def permutation_p_value(
+        self,
+        a: str,
+        b: str,
+        kind: Kind = "heads",
+        n_permutations: int = 10_000,
+        seed: int | np.random.Generator = 0,
+    ) -> float:
+        """A second opinion on :meth:`p_value`: redraw ``b`` at random and count.
+
+        Each permutation draws |B| nodes uniformly without replacement from the universe
+        of ``kind`` and counts how many lie in A. The p-value is
+        ``(1 + #{count >= x}) / (1 + n_permutations)``, which is never 0 (the observed
+        draw counts as one of the permutations). ``nan`` when the universe is empty.
+
+        Arguments:
+            seed: an int seed for ``numpy.random.default_rng``, or a Generator.
+        """
+        if not isinstance(n_permutations, int) or n_permutations < 1:
+            raise ValueError(f"n_permutations must be a positive int, got {n_permutations!r}")
+        big_m, _, big_n, x = self._counts(a, b, kind)
+        if big_m == 0:
+            return math.nan
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        in_a = self._mask(self.nodes(a, kind), kind)
+        counts = _random_subset_hits(in_a, big_n, n_permutations, rng)
+        return float((1 + np.count_nonzero(counts >= x)) / (1 + n_permutations))
+
+    def expected_jaccard(self, a: str, b: str, kind: Kind = "heads") -> float:
+        """The Jaccard index expected by chance for circuits of these sizes.
+
+        The exact E[x / (n + N - x)] with x hypergeometric (M = universe size of ``kind``,
+        n = |A|, N = |B|), summed over the pmf. ``nan`` when both sets are empty or the
+        universe is. Compare :meth:`jaccard` with it: small circuits in a small model
+        share nodes by chance alone.
+        """
+        big_m, n, big_n, _ = self._counts(a, b, kind)
+        return _expected_jaccard(big_m, n, big_n)
+
+    def rank_correlation(self, a: str, b: str) -> dict[str, float] | None:
+        """Spearman and Kendall (tau-b) correlation of the two circuits' node scores.
+
+        Computed over the union of the two circuits' nodes (inside the universe), on the
+        signed scores, so a head that changes sign between tasks counts against the
+        agreement. A node a circuit has no score for counts as 0 (no effect).
+
+        Returns:
+            ``{"spearman": float, "kendall": float, "n": int}`` with n the number of
+            nodes compared; the correlations are ``nan`` when n < 2 or a side is
+            constant. ``None`` when either circuit has no node scores.
+        """
+        scores_a, scores_b = self._scores[self._check_name(a)], self._scores[self._check_name(b)]
+        if not scores_a or not scores_b:
+            return None
+        nodes = self._union((a, b), "all")
+        x = np.array([scores_a.get(node, 0.0) for node in nodes], dtype=float)
+        y = np.array([scores_b.get(node, 0.0) for node in nodes], dtype=float)
+        if len(nodes) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+            # scipy warns and returns nan on constant input; say nan without the warning.
+            return {"spearman": math.nan, "kendall": math.nan, "n": len(nodes)}
+        from scipy.stats import kendalltau, spearmanr
+
+        spearman = float(spearmanr(x, y).statistic)  # type: ignore[attr-defined]
+        kendall = float(kendalltau(x, y).statistic)  # type: ignore[attr-defined]
+        return {"spearman": spearman, "kendall": kendall, "n": len(nodes)}
+
+    def sweep(self, a: str, b: str, ks: Iterable[int] | None = None) -> pd.DataFrame:
+        """Jaccard of the top-k nodes of each circuit by |score|, for each k.
+
+        Shows whether overlap depends on where the circuits were cut. Ties in |score|
+        are broken by forward order of the nodes, so the result is deterministic.
+
+        Arguments:
+            ks: the values of k; each in 1..K, with K the smaller number of scored nodes
+                (inside the universe) of the two circuits. By default every k up to K
+                when K <= 64, otherwise a geometric grid from 1 to K.
+
+        Returns:
+            A DataFrame with columns ``k``, ``shared``, ``jaccard`` and
+            ``expected_jaccard`` (chance level for two random k-sets of the universe).
+
+        Raises:
+            ValueError: if a circuit has no node scores, or a k is out of range.
+        """
+        import pandas as pd
+
+        ranked = {name: self._ranked(name) for name in (a, b)}
+        available = min(len(ranked[a]), len(ranked[b]))
+        chosen = _sweep_ks(available) if ks is None else _check_ks(ks, available)
+        big_m = len(self._universes["all"])
+        rows = []
+        for k in chosen:
+            top_a, top_b = frozenset(ranked[a][:k]), frozenset(ranked[b][:k])
+            shared = len(top_a & top_b)
+            rows.append(
+                {
+                    "k": k,
+                    "shared": shared,
+                    "jaccard": shared / len(top_a | top_b),
+                    "expected_jaccard": _expected_jaccard(big_m, k, k),
+                }
+            )
+        return pd.DataFrame(rows, columns=["k", "shared", "jaccard", "expected_jaccard"])
+
+    # ---------------------------------------------------------------- tables
+
+    def per_layer(self, a: str, b: str) -> pd.DataFrame:
+        """Where the circuits agree, layer by layer.
+
+        Returns:
+            A DataFrame with columns ``layer``, ``kind`` (``"heads"`` or ``"mlps"``),
+            ``shared``, ``only_a`` and ``only_b`` (node counts, inside the universe), with
+            a row for every layer and kind of the model, zeros included.
+        """
+        import pandas as pd
+
+        kinds: tuple[Kind, ...] = ("heads", "mlps") if self.shape.has_mlps else ("heads",)
+        rows = []
+        for layer in range(self.shape.n_layers):
+            for kind in kinds:
+                set_a = {n for n in self.nodes(a, kind) if _layer(n) == layer}
+                set_b = {n for n in self.nodes(b, kind) if _layer(n) == layer}
+                rows.append(
+                    {
+                        "layer": layer,
+                        "kind": kind,
+                        "shared": len(set_a & set_b),
+                        "only_a": len(set_a - set_b),
+                        "only_b": len(set_b - set_a),
+                    }
+                )
+        return pd.DataFrame(rows, columns=["layer", "kind", "shared", "only_a", "only_b"])
+
+    def matrix(self, stat: Stat = "jaccard", kind: Kind = "all") -> pd.DataFrame:
+        """A names x names table of one statistic, e.g. for a heatmap.
+
+        Arguments:
+            stat: ``"jaccard"``, ``"overlap"`` (coefficient), ``"directional"`` (row ->
+                column: the share of the row's circuit that the column's reuses),
+                ``"p_value"``, ``"expected_jaccard"``, ``"shared"`` (a count) or
+                ``"edge_iou"`` (``kind`` is ignored; ``nan`` where a circuit has no edges).
+        """
+        import pandas as pd
+
+        _check_kind(kind)
+        if stat not in STATS:
+            raise ValueError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
+        values = [[self._stat(stat, row, col, kind) for col in self.names] for row in self.names]
+        return pd.DataFrame(values, index=list(self.names), columns=list(self.names), dtype=float)
+
+    def table(self, *, n_permutations: int = 0, seed: int = 0) -> pd.DataFrame:
+        """One row per unordered pair (a before b in report order), every statistic.
+
+        Columns: ``a``, ``b``; for each kind K of ``all``, ``heads``, ``mlps``:
+        ``size_a_K``, ``size_b_K``, ``shared_K``, ``jaccard_K``, ``overlap_K``,
+        ``directional_ab_K`` (|A∩B|/|A|), ``directional_ba_K``, ``p_value_K``,
+        ``expected_jaccard_K`` and, when ``n_permutations > 0``, ``permutation_p_value_K``
+        (off by default: it costs ``n_permutations`` draws per pair and kind); then
+        ``edge_iou``, ``spearman``, ``kendall``, ``n_scored`` (``nan`` without scores),
+        and ``stability_a``, ``stability_b`` and ``stability``, the lower of the two
+        within-task ceilings (``nan`` unless both are known; see :meth:`with_stability`).
+        """
+        import pandas as pd
+
+        rows = self._pair_rows(n_permutations=n_permutations, seed=seed)
+        return pd.DataFrame(rows, columns=self._pair_columns(n_permutations))
+
+    def with_stability(self, stability: Mapping[str, float]) -> OverlapReport:
+        """A copy that knows each circuit's within-task stability ceiling.
+
+        The ceiling is the Jaccard index between circuits of the *same* task found with
+        different prompts or seeds: cross-task overlap can only be read against it (an
+        overlap of 0.6 is full reuse if re-finding the same circuit also gives 0.6).
+        Values merge into any already given.
+
+        Raises:
+            ValueError: for a name the report lacks or a value outside [0, 1].
+        """
+        for name, value in stability.items():
+            self._check_name(name)
+            if not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+                raise ValueError(
+                    f"stability of {name!r} must be a Jaccard index in [0, 1], got {value!r}"
+                )
+        merged = {**self.stability, **{name: float(v) for name, v in stability.items()}}
+        return OverlapReport(
+            self.circuits, shape=self.shape, universes=self._universes, stability=merged
+        )
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Everything in the report as plain JSON (``nan`` written as ``null``).
+
+        Holds the shape, universe sizes (and nodes when restricted), each circuit's
+        nodes, edge count and metadata, the stability ceilings, the rows of
+        :meth:`table` under ``"pairs"`` and :meth:`intersections` for each kind.
+        Written to ``path`` too when given.
+        """
+        restricted = len(self._universes["all"]) != len(self.shape.nodes())
+        document: dict[str, Any] = {
+            "format": "reuse_lens.overlap",
+            "format_version": REPORT_FORMAT_VERSION,
+            "names": list(self.names),
+            "shape": {
+                "n_layers": self.shape.n_layers,
+                "n_heads": self.shape.n_heads,
+                "has_mlps": self.shape.has_mlps,
+            },
+            "universe_size": {kind: len(self._universes[kind]) for kind in KINDS},
+            "universe": _sorted_nodes(self._universes["all"]) if restricted else None,
+            "circuits": {
+                name: {
+                    "nodes": _sorted_nodes(self._sets[name]["all"]),
+                    "n_edges": len(self._edges[name]),
+                    "metadata": dict(getattr(self.circuits[name], "metadata", {}) or {}),
+                }
+                for name in self.names
+            },
+            "stability": dict(self.stability),
+            "pairs": self._pair_rows(n_permutations=0, seed=0),
+            "intersections": {
+                kind: [
+                    {"circuits": list(members), "nodes": _sorted_nodes(nodes)}
+                    for members, nodes in self.intersections(kind)
+                ]
+                for kind in KINDS
+            },
+        }
+        text = json.dumps(_plain(document), indent=2, allow_nan=False)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        return text
+
+    # --------------------------------------------------------------- helpers
+
+    def _check_name(self, name: str) -> str:
+        if name not in self._sets:
+            known = ", ".join(repr(n) for n in self.names)
+            raise ValueError(f"unknown circuit {name!r}; this report has: {known}")
+        return name
+
+    def _counts(self, a: str, b: str, kind: Kind) -> tuple[int, int, int, int]:
+        """(M, n, N, x) of the hypergeometric test: universe, |A|, |B|, |A∩B|."""
+        set_a, set_b = self.nodes(a, kind), self.nodes(b, kind)
+        return len(self._universes[kind]), len(set_a), len(set_b), len(set_a & set_b)
+
+    def _mask(self, nodes: frozenset[str], kind: Kind) -> np.ndarray:
+        """Membership of ``nodes`` over the universe of ``kind`` in forward order."""
+        return np.array([node in nodes for node in _sorted_nodes(self._universes[kind])])
+
+    def _union(self, names: Iterable[str], kind: Kind) -> list[str]:
+        union: set[str] = set()
+        for name in names:
+            union |= self.nodes(name, kind)
+        return _sorted_nodes(union)
+
+    def _ranked(self, name: str) -> list[str]:
+        """Scored nodes of ``name`` by decreasing |score|, ties in forward order."""
+        scores = self._scores[self._check_name(name)]
+        if not scores:
+            raise ValueError(
+                f"circuit {name!r} has no node_scores, so it cannot be cut at top-k; "
+                "discover it with a scoring method or pass node_scores= when building it"
+            )
+        return sorted(_sorted_nodes(scores), key=lambda node: -abs(scores[node]))
+
+    def _stat(self, stat: Stat, a: str, b: str, kind: Kind) -> float:
+        if stat == "edge_iou":
+            value = self.edge_iou(a, b)
+            return math.nan if value is None else value
+        if stat == "shared":
+            return float(len(self.shared(a, b, kind)))
+        functions = {
+            "jaccard": self.jaccard,
+            "overlap": self.overlap_coefficient,
+            "directional": self.directional,
+            "p_value": self.p_value,
+            "expected_jaccard": self.expected_jaccard,
+        }
+        return functions[stat](a, b, kind)
+
+    def _pair_columns(self, n_permutations: int) -> list[str]:
+        per_kind = [
+            "size_a",
+            "size_b",
+            "shared",
+            "jaccard",
+            "overlap",
+            "directional_ab",
+            "directional_ba",
+            "p_value",
+            "expected_jaccard",
+        ]
+        if n_permutations > 0:
+            per_kind.append("permutation_p_value")
+        tail = ["edge_iou", "spearman", "kendall", "n_scored"]
+        tail += ["stability_a", "stability_b", "stability"]
+        return ["a", "b", *(f"{col}_{kind}" for kind in KINDS for col in per_kind), *tail]
+
+    def _pair_rows(self, *, n_permutations: int, seed: int) -> list[dict[str, Any]]:
+        rows = []
+        for i, a in enumerate(self.names):
+            for b in self.names[i + 1 :]:
+                row: dict[str, Any] = {"a": a, "b": b}
+                for kind in KINDS:
+                    row[f"size_a_{kind}"] = len(self.nodes(a, kind))
+                    row[f"size_b_{kind}"] = len(self.nodes(b, kind))
+                    row[f"shared_{kind}"] = len(self.shared(a, b, kind))
+                    row[f"jaccard_{kind}"] = self.jaccard(a, b, kind)
+                    row[f"overlap_{kind}"] = self.overlap_coefficient(a, b, kind)
+                    row[f"directional_ab_{kind}"] = self.directional(a, b, kind)
+                    row[f"directional_ba_{kind}"] = self.directional(b, a, kind)
+                    row[f"p_value_{kind}"] = self.p_value(a, b, kind)
+                    row[f"expected_jaccard_{kind}"] = self.expected_jaccard(a, b, kind)
+                    if n_permutations > 0:
+                        row[f"permutation_p_value_{kind}"] = self.permutation_p_value(
+                            a, b, kind, n_permutations=n_permutations, seed=seed
+                        )
+                edge_iou = self.edge_iou(a, b)
+                row["edge_iou"] = math.nan if edge_iou is None else edge_iou
+                ranks = self.rank_correlation(a, b)
+                row["spearman"] = math.nan if ranks is None else ranks["spearman"]
+                row["kendall"] = math.nan if ranks is None else ranks["kendall"]
+                row["n_scored"] = math.nan if ranks is None else ranks["n"]
+                stab_a = self.stability.get(a, math.nan)
+                stab_b = self.stability.get(b, math.nan)
+                row["stability_a"], row["stability_b"] = stab_a, stab_b
+                both = a in self.stability and b in self.stability
+                row["stability"] = min(stab_a, stab_b) if both else math.nan
+                rows.append(row)
+        return rows
+
+
+# ------------------------------------------------------------------- internals
+
+
+def _check_kind(kind: str) -> Kind:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return kind  # type: ignore[return-value]
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    """numerator / denominator, ``nan`` for 0/0-type cases (see the module docstring)."""
+    return numerator / denominator if denominator else math.nan
+
+
+def _node_key(name: str) -> tuple[int, int, int]:
+    """Forward order: a layer's heads by index, then its MLP."""
+    node = parse_node(name)
+    if isinstance(node, AttentionHead):
+        return (node.layer, 0, node.head)
+    if isinstance(node, MLP):
+        return (node.layer, 1, 0)
+    raise ValueError(f"{name!r} is an edge end, not a head or MLP")
+
+
+def _sorted_nodes(nodes: Iterable[str]) -> list[str]:
+    return sorted(nodes, key=_node_key)
+
+
+def _layer(name: str) -> int:
+    return _node_key(name)[0]
+
+
+def _shared_shape(circuits: Mapping[str, Circuit]) -> ModelShape:
+    shapes = {name: circuit.shape for name, circuit in circuits.items()}
+    distinct = set(shapes.values())
+    if len(distinct) > 1:
+        listing = "; ".join(f"{name!r}: {shape}" for name, shape in shapes.items())
+        raise ValueError(
+            "circuits of models with different shapes cannot be compared node by node "
+            f"({listing}). Compare circuits of one architecture; a base model and its "
+            "fine-tunes share a shape."
+        )
+    return next(iter(distinct))
+
+
+def _canonical(name: str | Node, shape: ModelShape, where: str) -> str:
+    """The canonical name of a head or MLP of ``shape``; a ValueError says ``where`` it was."""
+    try:
+        node = parse_node(name)
+        if not isinstance(node, AttentionHead | MLP):
+            raise ValueError(f"{node.name!r} is an edge end, not a head or MLP")
+        shape.check(node)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
+    return node.name
+
+
+def _universes(
+    shape: ModelShape, universe: Iterable[str | Node] | None
+) -> dict[Kind, frozenset[str]]:
+    if universe is None:
+        everything = frozenset(node.name for node in shape.nodes())
+    else:
+        if isinstance(universe, str):
+            raise ValueError(
+                f"universe must be a collection of node names, got the string {universe!r}; "
+                f"write universe=[{universe!r}]"
+            )
+        everything = frozenset(_canonical(n, shape, "universe") for n in universe)
+    heads = frozenset(n for n in everything if _node_key(n)[1] == 0)
+    return {"all": everything, "heads": heads, "mlps": everything - heads}
+
+
+def _kind_sets(
+    name: str, circuit: Circuit, shape: ModelShape, universe: frozenset[str]
+) -> dict[Kind, frozenset[str]]:
+    nodes = {_canonical(n, shape, f"circuit {name!r}") for n in circuit.nodes}
+    inside = frozenset(nodes & universe)
+    heads = frozenset(n for n in inside if _node_key(n)[1] == 0)
+    return {"all": inside, "heads": heads, "mlps": inside - heads}
+
+
+def _edges_inside(circuit: Circuit, universe: frozenset[str]) -> frozenset[tuple[str, str]]:
+    """The circuit's edges whose both ends lie in the universe (or are input/logits)."""
+
+    def inside(end: str) -> bool:
+        node = end.split("<", 1)[0]  # "a2.h3<q>" enters head a2.h3
+        return node in ("input", "logits") or node in universe
+
+    edges = getattr(circuit, "edges", frozenset()) or frozenset()
+    return frozenset((s, r) for s, r in edges if inside(s) and inside(r))
+
+
+def _scores_inside(circuit: Circuit, universe: frozenset[str]) -> dict[str, float]:
+    """The circuit's node scores under canonical names, for nodes in the universe."""
+    scores = getattr(circuit, "node_scores", {}) or {}
+    out: dict[str, float] = {}
+    for key, value in scores.items():
+        node = parse_node(key)
+        if node.name in universe:
+            out[node.name] = float(value)
+    return out
+
+
+def _expected_jaccard(big_m: int, n: int, big_n: int) -> float:
+    """E[x / (n + N - x)] for x ~ Hypergeometric(M, n, N), summed exactly over the pmf."""
+    if big_m == 0 or n + big_n == 0:
+        return math.nan
+    from scipy.stats import hypergeom
+
+    x = np.arange(max(0, n + big_n - big_m), min(n, big_n) + 1)
+    pmf = hypergeom.pmf(x, big_m, n, big_n)
+    return float(np.sum(pmf * x / (n + big_n - x)))
+
+
+def _random_subset_hits(
+    in_a: np.ndarray, size: int, n_draws: int, rng: np.random.Generator
+) -> np.ndarray:
+    """For ``n_draws`` uniform random ``size``-subsets of the universe, how many hit A.
+
+    A subset is the ``size`` smallest of i.i.d. uniform keys (a random permutation's
+    prefix). Draws go in chunks so that memory stays bounded on large universes.
+    """
+    universe_size = len(in_a)
+    hits = np.zeros(n_draws, dtype=np.int64)
+    if size == 0:
+        return hits
+    chunk = max(1, _MAX_DRAWS_PER_CHUNK // universe_size)
+    for start in range(0, n_draws, chunk):
+        rows = min(chunk, n_draws - start)
+        keys = rng.random((rows, universe_size))
+        picked = np.argpartition(keys, size - 1, axis=1)[:, :size]
+        hits[start : start + rows] = in_a[picked].sum(axis=1)
+    return hits
+
+
+def _sweep_ks(available: int) -> list[int]:
+    if available <= _FULL_SWEEP_UP_TO:
+        return list(range(1, available + 1))
+    grid = np.unique(np.geomspace(1, available, _FULL_SWEEP_UP_TO).round().astype(int))
+    return [int(k) for k in grid]
+
+
+def _check_ks(ks: Iterable[int], available: int) -> list[int]:
+    chosen = list(ks)
+    for k in chosen:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= available:
+            raise ValueError(
+                f"every k must be an int in 1..{available} (the smaller number of scored "
+                f"nodes of the two circuits), got {k!r}"
+            )
+    return [int(k) for k in chosen]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON types: nan and inf become None, unknown objects strings."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+        return [_plain(item) for item in items]
+    return str(value)

@@ -1,0 +1,341 @@
+"""Run a model with everything outside a circuit ablated: the engine behind faithfulness.
+
+A *node* circuit keeps some heads and MLPs; every other head's and MLP's output is
+replaced by its ablated value (the corrupted partner's, the mean over the task's clean
+prompts, or zero), for every receiver downstream. An *edge* circuit keeps some edges
+(sender -> receiver input); every receiver input adds up the current outputs of the
+senders whose edge it keeps and the ablated outputs of the others (Hanna et al. 2024;
+MIB). Ablating every edge out of a node is the same as ablating the node, and
+``tests/circuits`` checks that the two engines agree on this.
+
+The attention output bias ``b_O`` of a layer belongs to no head, so it is never ablated;
+an ablated head's output is ``z @ W_O`` of its source value. The ``input`` sender (token
+plus position embedding) can only be ablated edge by edge, so a node circuit always keeps
+it.
+
+Both engines run on the functional forward of ``_forward`` (many circuits and prompts
+stacked along the batch). A model that the functional forward cannot reproduce runs node
+circuits through hooks on the bridge; edge circuits need each head's own q, k and v input,
+which the bridge cannot split, so they are refused with an explanation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from reuse_lens.nodes import LOGITS, MLP, ModelShape, shape_of
+from reuse_lens.patching._common import (
+    Prepared,
+    mean_cache,
+    prepare,
+    rows_per_chunk,
+    zero_cache,
+)
+from reuse_lens.patching._forward import RunCache, Weights, _norm
+from reuse_lens.patching._hooks import HookSources, hook_name
+from reuse_lens.patching.graph import GraphIndex
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from reuse_lens.nodes import Ablation
+    from reuse_lens.tasks.metrics import Metric
+    from reuse_lens.tasks.task import Task
+
+__all__ = ["AblationRunner", "NodeMask"]
+
+_ABLATIONS = ("resample", "mean", "zero")
+
+
+@dataclass(frozen=True)
+class NodeMask:
+    """Which heads and MLPs a node circuit keeps: True = kept, False = ablated."""
+
+    heads: Bool[Tensor, "layer head_index"]
+    mlps: Bool[Tensor, " layer"] | None
+
+    @classmethod
+    def full(cls, shape: ModelShape, keep: bool = True) -> NodeMask:
+        heads = torch.full((shape.n_layers, shape.n_heads), keep)
+        return cls(heads, torch.full((shape.n_layers,), keep) if shape.has_mlps else None)
+
+
+@dataclass
+class _Sources:
+    """The ablated output of every sender, batch-first (a batch of one is shared)."""
+
+    input: Float[Tensor, "src pos d_model"]
+    z: list[Tensor]  # per layer (src, pos, head, d_head)
+    mlp_out: list[Tensor]  # per layer (src, pos, d_model)
+
+    @property
+    def shared(self) -> bool:
+        return self.input.shape[0] == 1
+
+
+class AblationRunner:
+    """The task metric of a model with everything outside a circuit ablated.
+
+    Build one per (model, task, ablation) and call ``nodes`` / ``edges`` for as many
+    circuits as needed: the sources and the unablated runs are computed once.
+
+    Attributes:
+        full: the mean metric of the unablated model (every node and edge kept).
+        shape: the model's layers, heads and MLPs.
+    """
+
+    def __init__(
+        self,
+        model: TransformerBridge,
+        task: Task,
+        *,
+        ablation: Ablation = "mean",
+        metric: str | Metric | None = None,
+        batch_size: int | None = None,
+        functional: bool = True,
+    ) -> None:
+        if ablation not in _ABLATIONS:
+            raise ValueError(f"unknown ablation {ablation!r}: choose 'mean', 'resample' or 'zero'")
+        if len(task) == 0:
+            raise ValueError(f"task {task.name!r} has no prompts: load it with n >= 1")
+        self.ablation = ablation
+        self.prep: Prepared = prepare(model, task, metric, functional=functional)
+        self.shape = shape_of(model)
+        self.batch_size = batch_size
+        self._width = int(self.prep.clean.shape[1])
+        self.full = float(self.prep.clean_metric.mean())
+        self._sources: _Sources | None = None
+        self._hook_sources: HookSources | None = None
+        with torch.no_grad():
+            if self.prep.weights is not None:
+                self._sources = self._functional_sources(self.prep.weights)
+            else:
+                self._hook_sources = HookSources.build(
+                    model,
+                    self.prep.corrupted,
+                    self.prep.clean,
+                    self.prep.answer_pos + 1,
+                    ablation,
+                    "out",
+                )
+
+    @property
+    def engine(self) -> str:
+        return "functional" if self.prep.weights is not None else "hooks"
+
+    # ---- node circuits --------------------------------------------------------------
+
+    @torch.no_grad()
+    def nodes(self, masks: NodeMask | list[NodeMask]) -> Float[Tensor, " circuit"]:
+        """The mean metric of each node circuit (a tensor with one value per mask)."""
+        batch = [masks] if isinstance(masks, NodeMask) else masks
+        for mask in batch:
+            self._check_node_mask(mask)
+        n = self.prep.n
+        heads = torch.stack([m.heads for m in batch]).to(self.prep.clean.device)
+        mlps = (
+            torch.stack([m.mlps for m in batch]).to(self.prep.clean.device)  # type: ignore[misc]
+            if self.shape.has_mlps
+            else None
+        )
+        total = len(batch) * n
+        # Row r evaluates circuit r // n on prompt r % n.
+        circuit_of = torch.arange(total, device=heads.device) // n
+        prompt_of = torch.arange(total, device=heads.device) % n
+        values = torch.empty(total)
+        step = rows_per_chunk(self.prep.model, self._width, self.batch_size)
+        for start in range(0, total, step):
+            rows = slice(start, min(start + step, total))
+            prompt, circuit = prompt_of[rows], circuit_of[rows]
+            keep_h = heads[circuit]
+            keep_m = None if mlps is None else mlps[circuit]
+            if self.prep.weights is not None:
+                logits = self._node_logits_functional(self.prep.weights, prompt, keep_h, keep_m)
+            else:
+                logits = self._node_logits_hooks(prompt, keep_h, keep_m)
+            values[rows] = self.prep.score(logits, prompt).cpu()
+        return values.view(len(batch), n).mean(1)
+
+    def _check_node_mask(self, mask: NodeMask) -> None:
+        expected = (self.shape.n_layers, self.shape.n_heads)
+        if tuple(mask.heads.shape) != expected:
+            raise ValueError(
+                f"a head mask must have shape {expected}, got {tuple(mask.heads.shape)}"
+            )
+        if (mask.mlps is None) != (not self.shape.has_mlps):
+            raise ValueError("an MLP mask must be given exactly when the model has MLPs")
+
+    def _node_logits_functional(
+        self,
+        w: Weights,
+        prompt: Int[Tensor, " rows"],
+        keep_h: Bool[Tensor, "rows layer head_index"],
+        keep_m: Bool[Tensor, "rows layer"] | None,
+    ) -> Float[Tensor, "rows d_vocab"]:
+        assert self._sources is not None
+        src = self._sources
+        src_rows = torch.zeros_like(prompt) if src.shared else prompt
+        tokens = self.prep.clean[prompt]
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        resid = w.embed(tokens)
+        for layer in range(w.n_layers):
+            q, k, v = w.qkv(layer, resid)
+            z = w.mix(w.pattern(q, k, positions), v)
+            keep = keep_h[:, layer].view(-1, 1, w.n_heads, 1)
+            z = torch.where(keep, z, src.z[layer][src_rows])
+            resid = resid + w.attn_out(layer, z)
+            if keep_m is not None:
+                out = w.mlp_out(layer, resid)
+                kept = keep_m[:, layer].view(-1, 1, 1)
+                resid = resid + torch.where(kept, out, src.mlp_out[layer][src_rows])
+        rows = torch.arange(len(prompt), device=prompt.device)
+        return w.logits(resid[rows, self.prep.answer_pos[prompt]])
+
+    def _node_logits_hooks(
+        self,
+        prompt: Int[Tensor, " rows"],
+        keep_h: Bool[Tensor, "rows layer head_index"],
+        keep_m: Bool[Tensor, "rows layer"] | None,
+    ) -> Float[Tensor, "rows d_vocab"]:
+        assert self._hook_sources is not None
+        sources = self._hook_sources
+        index = torch.zeros_like(prompt) if sources.shared else prompt
+
+        def heads_hook(layer: int):
+            def hook(act: Tensor, hook: object) -> Tensor:
+                del hook
+                keep = keep_h[:, layer].view(-1, 1, act.shape[2], 1)
+                return torch.where(keep, act, sources.values[hook_name(layer, "out")][index])
+
+            return hook
+
+        def mlp_hook(layer: int):
+            def hook(act: Tensor, hook: object) -> Tensor:
+                del hook
+                assert keep_m is not None
+                kept = keep_m[:, layer].view(-1, 1, 1)
+                return torch.where(kept, act, sources.values[hook_name(layer, "mlp")][index])
+
+            return hook
+
+        hooks: list[Any] = [
+            (hook_name(layer, "out"), heads_hook(layer)) for layer in range(self.shape.n_layers)
+        ]
+        if keep_m is not None:
+            hooks += [
+                (hook_name(layer, "mlp"), mlp_hook(layer)) for layer in range(self.shape.n_layers)
+            ]
+        tokens = self.prep.clean[prompt]
+        logits = self.prep.model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
+        rows = torch.arange(len(prompt), device=prompt.device)
+        return logits[rows, self.prep.answer_pos[prompt]].float()
+
+    # ---- edge circuits --------------------------------------------------------------
+
+    @torch.no_grad()
+    def edges(self, keep: Bool[Tensor, "sender receiver"]) -> float:
+        """The mean metric of one edge circuit, given as a keep-mask in ``GraphIndex`` order."""
+        w = self.prep.weights
+        if w is None:
+            raise NotImplementedError(
+                "edge circuits need each head's own q, k and v input, which this model's "
+                f"bridge cannot split and the fast forward cannot run ({self.prep.fallback_reason}). "
+                "Evaluate a node circuit instead (Circuit.from_nodes(circuit.nodes, ...))."
+            )
+        index = GraphIndex(self.shape)
+        if tuple(keep.shape) != (index.n_senders, index.n_receivers):
+            raise ValueError(
+                f"an edge mask must have shape {(index.n_senders, index.n_receivers)}, "
+                f"got {tuple(keep.shape)}"
+            )
+        n = self.prep.n
+        drop = (~keep.bool()).to(w.w_u.dtype)
+        drop = drop.to(self.prep.clean.device)
+        # Each row holds every sender's delta, (pos, sender, d_model): budget for it.
+        step = max(1, rows_per_chunk(self.prep.model, self._width, self.batch_size) // 4)
+        values = torch.empty(n)
+        for start in range(0, n, step):
+            prompt = torch.arange(start, min(start + step, n), device=self.prep.clean.device)
+            logits = self._edge_logits(w, index, prompt, drop)
+            values[start : start + len(prompt)] = self.prep.score(logits, prompt).cpu()
+        return float(values.mean())
+
+    def _edge_logits(
+        self,
+        w: Weights,
+        index: GraphIndex,
+        prompt: Int[Tensor, " rows"],
+        drop: Float[Tensor, "sender receiver"],
+    ) -> Float[Tensor, "rows d_vocab"]:
+        """Answer logits with every receiver input = kept senders' outputs + dropped ones' ablations.
+
+        ``deltas[:, :, s]`` holds (ablated − current) output of sender ``s``; a receiver's
+        input is the current residual stream plus the deltas of the senders it drops.
+        """
+        assert self._sources is not None
+        src = self._sources
+        src_rows = torch.zeros_like(prompt) if src.shared else prompt
+        tokens = self.prep.clean[prompt]
+        rows, width = tokens.shape
+        n_heads, d_head = w.n_heads, w.d_head
+        positions = torch.arange(width, device=tokens.device)
+        resid = w.embed(tokens)
+        deltas = resid.new_zeros(rows, width, index.n_senders, resid.shape[-1])
+        deltas[:, :, 0] = src.input[src_rows] - resid
+        n_done = 1
+        for layer in range(w.n_layers):
+            weights = w.layers[layer]
+            cols = index.heads_columns(layer)
+            inputs = resid.unsqueeze(2) + torch.einsum(
+                "bpsd,sr->bprd", deltas[:, :, :n_done], drop[:n_done, cols]
+            )
+            x_q, x_k, x_v = _norm(inputs, weights.ln1).unflatten(2, (3, n_heads)).unbind(2)
+
+            def project(x: Tensor, w_flat: Tensor, b_flat: Tensor) -> Tensor:
+                per_head = w_flat.view(-1, n_heads, d_head).permute(1, 0, 2)
+                return torch.einsum("bphd,hde->bphe", x, per_head) + b_flat.view(n_heads, d_head)
+
+            q = project(x_q, weights.w_q, weights.b_q)
+            k = project(x_k, weights.w_k, weights.b_k)
+            v = project(x_v, weights.w_v, weights.b_v)
+            z = w.mix(w.pattern(q, k, positions), v)
+            w_o = weights.w_o.view(n_heads, d_head, -1)
+            head_out = torch.einsum("bphe,hed->bphd", z, w_o)
+            resid = resid + head_out.sum(2) + weights.b_o
+            ablated = torch.einsum("bphe,hed->bphd", src.z[layer][src_rows], w_o)
+            deltas[:, :, n_done : n_done + n_heads] = ablated.expand_as(head_out) - head_out
+            n_done += n_heads
+            if self.shape.has_mlps:
+                col = index.receiver[MLP(layer).name]
+                mlp_in = resid + torch.einsum(
+                    "bpsd,s->bpd", deltas[:, :, :n_done], drop[:n_done, col]
+                )
+                out = w.mlp_out(layer, mlp_in)
+                resid = resid + out
+                deltas[:, :, n_done] = src.mlp_out[layer][src_rows] - out
+                n_done += 1
+        final = resid + torch.einsum("bpsd,s->bpd", deltas, drop[:, index.receiver[LOGITS.name]])
+        return w.logits(
+            final[torch.arange(rows, device=tokens.device), self.prep.answer_pos[prompt]]
+        )
+
+    # ---- sources --------------------------------------------------------------------
+
+    def _functional_sources(self, w: Weights) -> _Sources:
+        prep = self.prep
+        if self.ablation == "resample":
+            cache: RunCache = w.run(prep.corrupted)
+        else:
+            clean = w.run(prep.clean)
+            cache = (
+                mean_cache(clean, prep.answer_pos + 1)
+                if self.ablation == "mean"
+                else zero_cache(clean)
+            )
+        # resid_pre[0] is the embedding, the output of the ``input`` sender.
+        return _Sources(input=cache.resid_pre[0], z=cache.z, mlp_out=cache.mlp_out)

@@ -1,0 +1,58 @@
+"""The senders and receivers of a model's edge graph, as rows and columns of a matrix.
+
+Edge attribution (``attribution.py``) accumulates scores into a dense (sender, receiver)
+matrix and edge ablation (``ablation.py``) reads a (sender, receiver) keep-mask; both use
+this one index so that a row or column means the same node everywhere.
+"""
+
+from __future__ import annotations
+
+from reuse_lens.nodes import INPUT, LOGITS, MLP, AttentionHead, Edge, ModelShape
+
+__all__ = ["GraphIndex"]
+
+
+class GraphIndex:
+    """Rows (senders) and columns (receivers) of the dense edge-score matrix.
+
+    Senders are in forward order: ``input``, then per layer its heads and its MLP. A
+    receiver in layer L reads a prefix of them, so its deltas are ``deltas[:, :, :n]``.
+    Receivers per layer: the q inputs of its heads, then the k inputs, then the v inputs,
+    then its MLP; ``logits`` comes last.
+    """
+
+    def __init__(self, shape: ModelShape) -> None:
+        self.shape = shape
+        names = [INPUT.name]
+        for layer in range(shape.n_layers):
+            names += [AttentionHead(layer, h).name for h in range(shape.n_heads)]
+            if shape.has_mlps:
+                names.append(MLP(layer).name)
+        self.sender = {name: i for i, name in enumerate(names)}
+        receivers: list[str] = []
+        for layer in range(shape.n_layers):
+            for qkv in ("q", "k", "v"):
+                receivers += [
+                    Edge(INPUT, AttentionHead(layer, h), qkv).receiver_name  # type: ignore[arg-type]
+                    for h in range(shape.n_heads)
+                ]
+            if shape.has_mlps:
+                receivers.append(MLP(layer).name)
+        receivers.append(LOGITS.name)
+        self.receiver = {name: i for i, name in enumerate(receivers)}
+
+    @property
+    def n_senders(self) -> int:
+        return len(self.sender)
+
+    @property
+    def n_receivers(self) -> int:
+        return len(self.receiver)
+
+    def senders_before_heads(self, layer: int) -> int:
+        """How many senders the heads of ``layer`` read: input and all earlier layers."""
+        return 1 + layer * (self.shape.n_heads + int(self.shape.has_mlps))
+
+    def heads_columns(self, layer: int) -> slice:
+        start = self.receiver[f"{AttentionHead(layer, 0).name}<q>"]
+        return slice(start, start + 3 * self.shape.n_heads)
