@@ -17,7 +17,17 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from reuse_lens import circuits, nodes, overlap, tasks, zoo
+    from reuse_lens import (
+        circuits,
+        interventions,
+        nodes,
+        overlap,
+        plot,
+        report,
+        study,
+        tasks,
+        zoo,
+    )
     from reuse_lens.circuits.circuit import Circuit, CircuitError
     from reuse_lens.circuits.discovery import discover_circuit
     from reuse_lens.circuits.faithfulness import (
@@ -34,6 +44,12 @@ if TYPE_CHECKING:
     from reuse_lens.patching.attribution import attribution_patching
     from reuse_lens.patching.edges import EdgeScores
     from reuse_lens.patching.path import path_patching
+    from reuse_lens.reuse import (
+        circuit_stability,
+        cross_model_faithfulness,
+        cross_task_ablation,
+        cross_task_faithfulness,
+    )
     from reuse_lens.tasks.task import Task
 
 __all__ = [
@@ -50,12 +66,17 @@ __all__ = [
     "__version__",
     "activation_patching",
     "attribution_patching",
+    "circuit_stability",
     "circuits",
     "compare",
+    "cross_model_faithfulness",
+    "cross_task_ablation",
+    "cross_task_faithfulness",
     "discover_circuit",
     "evaluate",
     "faithfulness",
     "faithfulness_curve",
+    "interventions",
     "load_model",
     "nodes",
     "nodes_of",
@@ -63,7 +84,10 @@ __all__ = [
     "overlap",
     "parse_node",
     "path_patching",
+    "plot",
     "random_baseline",
+    "report",
+    "study",
     "tasks",
     "zoo",
 ]
@@ -94,6 +118,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "OverlapReport": ("reuse_lens.overlap", "OverlapReport"),
     "circuits": ("reuse_lens.circuits", None),
     "overlap": ("reuse_lens.overlap", None),
+    "circuit_stability": ("reuse_lens.reuse", "circuit_stability"),
+    "cross_task_faithfulness": ("reuse_lens.reuse", "cross_task_faithfulness"),
+    "cross_model_faithfulness": ("reuse_lens.reuse", "cross_model_faithfulness"),
+    "cross_task_ablation": ("reuse_lens.reuse", "cross_task_ablation"),
+    "interventions": ("reuse_lens.interventions", None),
+    "plot": ("reuse_lens.plot", None),
+    "report": ("reuse_lens.report", None),
+    "study": ("reuse_lens.study", None),
     "nodes": ("reuse_lens.nodes", None),
     "tasks": ("reuse_lens.tasks", None),
     "zoo": ("reuse_lens.zoo", None),

@@ -68,24 +68,48 @@ class InterventionResult:
         )
 
 
-def token_positions(task: Task, which: Literal["wrong", "answers"]) -> list[list[int]]:
-    """For each prompt, the positions (up to its answer position) holding a wrong/right answer token."""
+def token_positions(
+    task: Task, which: Literal["wrong", "answers"], model: TransformerBridge | None = None
+) -> list[list[int]]:
+    """For each prompt, the positions (up to its answer position) of its wrong/right answers.
+
+    With a model whose tokenizer is known, a token also matches when it is the same word
+    in another case or spacing (``" blue"`` in the scene for the answer ``" Blue"``).
+    """
     ids = task.wrong if which == "wrong" else task.answers
+    same_word = _same_word_ids(model)
     out = []
     for i in range(len(task)):
         end = int(task.answer_pos[i]) + 1
-        wanted = set(ids[i][ids[i] >= 0].tolist())
+        wanted: set[int] = set()
+        for token in ids[i][ids[i] >= 0].tolist():
+            wanted |= same_word.get(token, {token})
         out.append([p for p in range(end) if int(task.clean[i, p]) in wanted])
     return out
 
 
-def _positions_per_prompt(task: Task, positions: Positions) -> list[list[int]]:
+def _same_word_ids(model: TransformerBridge | None) -> dict[int, set[int]]:
+    """token id -> ids of the same word up to case and surrounding space (needs a tokenizer)."""
+    tokenizer = getattr(model, "tokenizer", None) if model is not None else None
+    if tokenizer is None:
+        return {}
+    groups: dict[str, set[int]] = {}
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id]).strip().lower()
+        if text:
+            groups.setdefault(text, set()).add(token_id)
+    return {i: group for group in groups.values() for i in group}
+
+
+def _positions_per_prompt(
+    task: Task, positions: Positions, model: TransformerBridge | None = None
+) -> list[list[int]]:
     if isinstance(positions, str):
         if positions not in ("wrong", "answers"):
             raise ValueError(
                 f"positions must be 'wrong', 'answers' or lists of ints, got {positions!r}"
             )
-        per_prompt = token_positions(task, positions)  # type: ignore[arg-type]
+        per_prompt = token_positions(task, positions, model)  # type: ignore[arg-type]
     elif len(positions) and all(isinstance(p, (int, np.integer)) for p in positions):
         per_prompt = [[int(p) for p in positions]] * len(task)  # type: ignore[union-attr]
     else:
@@ -147,13 +171,13 @@ def uniform_attention(
         model: the model, a ``TransformerBridge``.
         task: the prompts; scored on the clean ones.
         heads: head names such as ``["a3.h0", "a3.h2"]``.
-        positions: ``"wrong"`` (the wrong answers' tokens in the prompt: the Merullo et al.
-            experiment), ``"answers"``, one list of positions for every prompt, or a list
+        positions: ``"wrong"`` (the wrong answers' words in the prompt, in any case: the
+            Merullo et al. experiment), ``"answers"``, one list of positions for every prompt, or a list
             per prompt.
     """
     task.check_model(model)
     chosen = _heads(model, heads)
-    per_prompt = _positions_per_prompt(task, positions)
+    per_prompt = _positions_per_prompt(task, positions, model)
     device = torch.device(model.cfg.device or "cpu")
     clean = task.clean.to(device)
     answer_pos: Int[Tensor, " batch"] = task.answer_pos.to(device)

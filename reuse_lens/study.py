@@ -1,0 +1,521 @@
+"""The main job: circuits of many tasks in a base model and its fine-tunes, compared.
+
+``run_study`` is what ``reuse-lens demo`` runs on the zoo, and what produced the result
+tables in docs/results.md. For each task it finds the circuit in the base model by every
+method in the config, and in each fine-tuned model on that model's own task; it measures
+each circuit's faithfulness against random circuits of the same size, how well methods
+agree, how stable each circuit is under resampling, which nodes tasks and models share
+(with significance), whether shared circuits do their work elsewhere (cross-task and
+cross-model faithfulness, cross-task ablation), and runs Merullo et al.'s intervention.
+
+Finished circuits are saved as JSON as they are found; a study stopped half-way and run
+again with the same folder and settings reuses them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from reuse_lens.circuits.circuit import Circuit, CircuitError
+from reuse_lens.circuits.discovery import Method, discover_circuit
+from reuse_lens.circuits.faithfulness import (
+    CircuitEvaluator,
+    FaithfulnessCurve,
+    faithfulness_curve,
+    random_baseline,
+)
+from reuse_lens.nodes import Ablation
+from reuse_lens.patching.scores import NodeScores
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from reuse_lens.overlap import OverlapReport
+    from reuse_lens.tasks.task import Task
+
+__all__ = ["StudyConfig", "StudyResult", "run_study", "scores_of"]
+
+logger = logging.getLogger(__name__)
+
+FAITHFUL = 0.8
+"""Circuits below this faithfulness are reported as not faithful."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What a study runs. The defaults are the zoo demo.
+
+    Attributes:
+        base: the base model's spec.
+        tasks: built-in task names; each gets a circuit in the base model.
+        fine_tuned: task name -> spec of a model fine-tuned on that task.
+        methods: discovery methods; the first is the primary one, used for overlap.
+        n_prompts, seed: the size and seed of every task.
+        ablation: how faithfulness ablates everything outside a circuit.
+        n_boot: bootstrap resamples for the stability ceiling (0 skips it).
+        n_random: random circuits per circuit for the baseline.
+    """
+
+    base: str = "zoo:base"
+    tasks: tuple[str, ...] = (
+        "ioi",
+        "colored_objects",
+        "entity_tracking",
+        "greater_than",
+        "induction",
+        "sva",
+        "gendered_pronoun",
+    )
+    fine_tuned: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "ioi": "zoo:ft-ioi",
+            "colored_objects": "zoo:ft-colored_objects",
+            "entity_tracking": "zoo:ft-entity_tracking",
+        }
+    )
+    methods: tuple[Method, ...] = ("activation", "eap-ig")
+    n_prompts: int = 64
+    seed: int = 0
+    ablation: Ablation = "mean"
+    n_boot: int = 5
+    n_random: int = 20
+
+    def __post_init__(self) -> None:
+        from reuse_lens import tasks
+        from reuse_lens.circuits.discovery import METHODS
+
+        if not self.tasks:
+            raise ValueError("a study needs at least one task")
+        if unknown := [t for t in (*self.tasks, *self.fine_tuned) if t not in tasks.names()]:
+            raise ValueError(f"unknown tasks {unknown}: built-in tasks are {tasks.names()}")
+        if bad := [m for m in self.methods if m not in METHODS or m == "path"]:
+            raise ValueError(
+                f"study methods must be among activation, eap, eap-ig (got {bad}); path "
+                "circuits come from rl.discover_circuit(method='path') directly"
+            )
+        if not self.methods:
+            raise ValueError("a study needs at least one method")
+
+
+@dataclass
+class StudyResult:
+    """Everything a study found; ``reuse_lens.report.write`` renders it."""
+
+    config: StudyConfig
+    models: dict[str, str]
+    evaluations: pd.DataFrame
+    circuits: dict[str, Circuit]
+    scores: dict[str, NodeScores]
+    curves: dict[str, FaithfulnessCurve]
+    circuit_table: pd.DataFrame
+    method_agreement: pd.DataFrame
+    task_overlap: OverlapReport
+    model_overlap: dict[str, OverlapReport]
+    stability: pd.DataFrame
+    cross_task: pd.DataFrame
+    cross_model: pd.DataFrame
+    cross_ablation: pd.DataFrame
+    interventions: list[dict[str, Any]]
+    findings: list[str]
+    seconds: float
+
+
+def scores_of(circuit: Circuit) -> NodeScores:
+    """The node scores a circuit was cut from, as NodeScores (NaN where unscored)."""
+    shape = circuit.shape
+    heads = torch.full((shape.n_layers, shape.n_heads), float("nan"))
+    mlps = torch.full((shape.n_layers,), float("nan")) if shape.has_mlps else None
+    for node in shape.nodes():
+        value = circuit.node_scores.get(node.name)
+        if value is None:
+            continue
+        if node.name.startswith("a"):
+            heads[node.layer, node.head] = value  # type: ignore[union-attr]
+        elif mlps is not None:
+            mlps[node.layer] = value
+    meta = circuit.metadata
+    return NodeScores(
+        heads=heads,
+        mlps=mlps,
+        clean=float(meta.get("clean_metric", float("nan"))),
+        corrupted=float(meta.get("corrupted_metric", float("nan"))),
+        method=str(meta.get("method", "unknown")),
+        settings=dict(meta.get("settings", {})),
+    )
+
+
+class _Store:
+    """Circuits saved under ``folder/circuits`` as they are found, reused when settings match."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = None if folder is None else Path(folder) / "circuits"
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"{key.replace('/', '__')}.json"
+
+    def load(self, key: str, expected: Mapping[str, Any]) -> Circuit | None:
+        path = self.path(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            circuit = Circuit.from_json(path)
+        except (CircuitError, OSError) as error:
+            logger.warning("ignoring the unreadable circuit file %s: %s", path.name, error)
+            return None
+        meta = circuit.metadata
+        if all(meta.get(k) == v for k, v in expected.items()):
+            return circuit
+        return None
+
+    def save(self, key: str, circuit: Circuit) -> None:
+        path = self.path(key)
+        if path is not None:
+            circuit.to_json(path)
+
+
+def run_study(
+    config: StudyConfig | None = None,
+    *,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> StudyResult:
+    """Run the whole study; circuits go to ``out/circuits`` as they are found (if given)."""
+    from reuse_lens import tasks as task_lib
+    from reuse_lens.evaluation import evaluate
+    from reuse_lens.models import load_model
+
+    config = config or StudyConfig()
+    start = time.perf_counter()
+    store = _Store(Path(out) if out is not None else None)
+    models: dict[str, TransformerBridge] = {"base": load_model(config.base)}
+    specs = {"base": config.base}
+    for task_name, spec in config.fine_tuned.items():
+        models[f"ft-{task_name}"] = load_model(spec)
+        specs[f"ft-{task_name}"] = spec
+    base = models["base"]
+    task_names = list(dict.fromkeys([*config.tasks, *config.fine_tuned]))
+    tasks: dict[str, Task] = {
+        name: task_lib.load(name, base, n=config.n_prompts, seed=config.seed) for name in task_names
+    }
+    labelled = [("base", t) for t in config.tasks] + [(f"ft-{t}", t) for t in config.fine_tuned]
+    jobs = [(label, t, m) for label, t in labelled for m in config.methods]
+
+    evaluations = _evaluations(models, tasks, evaluate)
+    circuits: dict[str, Circuit] = {}
+    evaluators: dict[tuple[str, str], CircuitEvaluator] = {}
+
+    def evaluator(model_label: str, task_name: str) -> CircuitEvaluator:
+        key = (model_label, task_name)
+        if key not in evaluators:
+            evaluators[key] = CircuitEvaluator(
+                models[model_label],
+                tasks[task_name],
+                ablation=config.ablation,  # type: ignore[arg-type]
+            )
+        return evaluators[key]
+
+    bar = tqdm(jobs, desc="circuits", disable=not progress)
+    for model_label, task_name, method in bar:
+        key = f"{model_label}/{task_name}/{method}"
+        bar.set_postfix_str(key)
+        expected = {
+            "model": specs[model_label],
+            "task": task_name,
+            "method": method,
+            "n_prompts": config.n_prompts,
+            "task_seed": config.seed,
+        }
+        circuit = store.load(key, expected)
+        if (
+            circuit is None
+            or circuit.metadata.get("settings", {}).get("ablation") != config.ablation
+        ):
+            circuit = discover_circuit(
+                models[model_label],
+                tasks[task_name],
+                method=method,
+                ablation=config.ablation,  # type: ignore[arg-type]
+            )
+            circuit = circuit.with_metadata(
+                corrupted_metric=_corrupted(evaluations, model_label, task_name)
+            )
+            store.save(key, circuit)
+        circuits[key] = circuit
+
+    rows, curves, scores = [], {}, {}
+    for key, circuit in tqdm(circuits.items(), desc="faithfulness", disable=not progress):
+        model_label, task_name, method = key.split("/")
+        ev = evaluator(model_label, task_name)
+        scores[key] = scores_of(circuit)
+        curves[key] = faithfulness_curve(
+            models[model_label], tasks[task_name], scores[key], evaluator=ev
+        )
+        baseline = random_baseline(
+            models[model_label], tasks[task_name], circuit, n=config.n_random,
+            seed=config.seed, evaluator=ev,
+        )  # fmt: skip
+        faith = float(circuit.metadata["faithfulness"])
+        rows.append(
+            {
+                "key": key, "model": model_label, "task": task_name, "method": method,
+                "n_nodes": len(circuit), "n_heads": len(circuit.heads),
+                "n_mlps": len(circuit.mlps), "n_edges": len(circuit.edges),
+                "faithfulness": faith, "random_mean": baseline.mean,
+                "random_std": baseline.std, "faithful": faith >= FAITHFUL,
+            }
+        )  # fmt: skip
+    return _compare(
+        config, specs, models, tasks, evaluations, circuits, scores, curves, rows,
+        evaluator, progress, start,
+    )  # fmt: skip
+
+
+def _evaluations(
+    models: Mapping[str, Any], tasks: Mapping[str, Task], evaluate: Any
+) -> pd.DataFrame:
+    import pandas as pd
+
+    rows = []
+    for (label, model), (name, task) in itertools.product(models.items(), tasks.items()):
+        scores = evaluate(model, task)
+        rows.append(
+            {
+                "model": label, "task": name, "accuracy": scores["accuracy"],
+                "logit_diff": scores["logit_diff"],
+                "corrupted_accuracy": scores["corrupted_accuracy"],
+                "corrupted_logit_diff": scores["corrupted_logit_diff"],
+                "clean_metric": scores["clean_metric"],
+                "corrupted_metric": scores["corrupted_metric"],
+            }
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _corrupted(evaluations: pd.DataFrame, model: str, task: str) -> float:
+    for row in evaluations.to_dict(orient="records"):
+        if row["model"] == model and row["task"] == task:
+            return float(row["corrupted_metric"])
+    raise KeyError(f"no evaluation of {model} on {task}")
+
+
+def _compare(
+    config: StudyConfig,
+    specs: dict[str, str],
+    models: dict[str, TransformerBridge],
+    tasks: dict[str, Task],
+    evaluations: pd.DataFrame,
+    circuits: dict[str, Circuit],
+    scores: dict[str, NodeScores],
+    curves: dict[str, FaithfulnessCurve],
+    rows: list[dict[str, Any]],
+    evaluator: Any,
+    progress: bool,
+    start: float,
+) -> StudyResult:
+    import pandas as pd
+
+    from reuse_lens.interventions import ablate_heads, uniform_attention
+    from reuse_lens.overlap import compare
+    from reuse_lens.reuse import (
+        circuit_stability,
+        cross_model_faithfulness,
+        cross_task_ablation,
+        cross_task_faithfulness,
+    )
+
+    primary = config.methods[0]
+    agreement = []
+    for model_label, task_name in {(k.split("/")[0], k.split("/")[1]) for k in circuits}:
+        for a, b in itertools.combinations(config.methods, 2):
+            report = compare({a: circuits[f"{model_label}/{task_name}/{a}"],
+                              b: circuits[f"{model_label}/{task_name}/{b}"]})  # fmt: skip
+            agreement.append(
+                {
+                    "model": model_label, "task": task_name, "method_a": a, "method_b": b,
+                    "jaccard": report.jaccard(a, b), "jaccard_heads": report.jaccard(a, b, "heads"),
+                    "jaccard_mlps": report.jaccard(a, b, "mlps"),
+                }
+            )  # fmt: skip
+    base_circuits = {t: circuits[f"base/{t}/{primary}"] for t in config.tasks}
+    stability_rows = []
+    if config.n_boot >= 2:
+        for task_name in tqdm(config.tasks, desc="stability", disable=not progress):
+            result = circuit_stability(
+                models["base"], tasks[task_name], method=primary, n_boot=config.n_boot,
+                seed=config.seed, ablation=config.ablation,
+            )  # fmt: skip
+            stability_rows.append(
+                {"task": task_name, "mean_jaccard": result.mean_jaccard,
+                 "std_jaccard": result.std_jaccard, "n_boot": result.n_boot}
+            )  # fmt: skip
+    stability = pd.DataFrame(
+        stability_rows, columns=["task", "mean_jaccard", "std_jaccard", "n_boot"]
+    )
+    task_overlap = compare(base_circuits)
+    if len(stability):
+        task_overlap = task_overlap.with_stability(
+            dict(zip(stability["task"], stability["mean_jaccard"], strict=True))
+        )
+    model_overlap = {
+        t: compare(
+            {"base": circuits[f"base/{t}/{primary}"], f"ft-{t}": circuits[f"ft-{t}/{t}/{primary}"]}
+        )
+        for t in config.fine_tuned
+    }
+    base_tasks = {t: tasks[t] for t in config.tasks}
+    cross_task = cross_task_faithfulness(
+        models["base"], base_circuits, base_tasks, ablation=config.ablation
+    )  # type: ignore[arg-type]
+    model_circuits = {t: circuits[f"base/{t}/{primary}"] for t in config.fine_tuned}
+    cross_model = cross_model_faithfulness(
+        model_circuits,
+        models,
+        {t: tasks[t] for t in config.fine_tuned},
+        ablation=config.ablation,  # type: ignore[arg-type]
+    )
+    cross_ablation = cross_task_ablation(
+        models["base"], base_circuits, base_tasks, ablation=config.ablation
+    )  # type: ignore[arg-type]
+    interventions = _interventions(
+        config, models["base"], tasks, task_overlap, uniform_attention, ablate_heads
+    )
+    circuit_table = pd.DataFrame(rows)
+    findings = _findings(
+        config, circuit_table, task_overlap, model_overlap, cross_model, interventions
+    )
+    return StudyResult(
+        config=config, models=specs, evaluations=evaluations, circuits=circuits, scores=scores,
+        curves=curves, circuit_table=circuit_table, method_agreement=pd.DataFrame(agreement),
+        task_overlap=task_overlap, model_overlap=model_overlap, stability=stability,
+        cross_task=cross_task, cross_model=cross_model, cross_ablation=cross_ablation,
+        interventions=interventions, findings=findings, seconds=time.perf_counter() - start,
+    )  # fmt: skip
+
+
+def _interventions(
+    config: StudyConfig,
+    model: TransformerBridge,
+    tasks: Mapping[str, Task],
+    overlap: OverlapReport,
+    uniform_attention: Any,
+    ablate_heads: Any,
+) -> list[dict[str, Any]]:
+    """Merullo et al.'s repair experiment, and the ablation of shared heads with a control."""
+    out: list[dict[str, Any]] = []
+    names = overlap.names
+    if "ioi" in names and "colored_objects" in names:
+        ioi_only = sorted(overlap.unique("ioi", "colored_objects", "heads"))
+        if ioi_only:
+            result = uniform_attention(model, tasks["colored_objects"], ioi_only, "wrong")
+            out.append(
+                {
+                    "name": "uniform attention", "task": "colored_objects", "heads": ioi_only,
+                    "description": "IOI-only heads attend uniformly over the wrong colours at "
+                    "the answer position (Merullo et al. 2024)",
+                    **_result_fields(result),
+                }
+            )  # fmt: skip
+    for a, b in itertools.combinations(names, 2):
+        shared = sorted(overlap.shared(a, b, "heads"))
+        if not shared:
+            continue
+        for task_name in (a, b):
+            result = ablate_heads(
+                model, tasks[task_name], shared, ablation=config.ablation,
+                n_random=config.n_random, seed=config.seed,
+            )  # fmt: skip
+            out.append(
+                {
+                    "name": "ablate shared heads", "task": task_name, "heads": shared,
+                    "description": f"heads shared by {a} and {b} ablated, against "
+                    f"{config.n_random} random sets of {len(shared)} heads",
+                    **_result_fields(result.result),
+                    "random_metric": result.random_metric,
+                    "random_metric_std": result.random_metric_std,
+                    "percentile": result.percentile,
+                }
+            )  # fmt: skip
+        break  # the first pair with shared heads: the demo's second experiment
+    return out
+
+
+def _result_fields(result: Any) -> dict[str, Any]:
+    return {
+        "accuracy_before": result.accuracy_before,
+        "accuracy_after": result.accuracy_after,
+        "metric_before": result.metric_before,
+        "metric_after": result.metric_after,
+    }
+
+
+def _findings(
+    config: StudyConfig,
+    circuits: pd.DataFrame,
+    overlap: OverlapReport,
+    model_overlap: Mapping[str, OverlapReport],
+    cross_model: pd.DataFrame,
+    interventions: list[dict[str, Any]],
+) -> list[str]:
+    """Plain sentences for the report's summary: what the numbers say, unfaithful ones included."""
+    out = []
+    weak = [r for r in circuits.to_dict(orient="records") if not r["faithful"]]
+    if weak:
+        listed = ", ".join(f"{r['key']} ({r['faithfulness']:.2f})" for r in weak)
+        out.append(f"Below faithfulness {FAITHFUL}: {listed}. Read their overlap with care.")
+    pairs = []
+    for a, b in itertools.combinations(overlap.names, 2):
+        pairs.append((overlap.jaccard(a, b, "heads"), a, b))
+    pairs.sort(key=lambda p: -1 if p[0] != p[0] else -p[0])
+    for jac, a, b in pairs[:3]:
+        shared = sorted(overlap.shared(a, b, "heads"))
+        p = overlap.p_value(a, b, "heads")
+        out.append(
+            f"{a} and {b} share {len(shared)} heads ({', '.join(shared) or 'none'}): head "
+            f"Jaccard {jac:.2f}, chance {overlap.expected_jaccard(a, b, 'heads'):.2f}, p = {p:.3g}."
+        )
+    for task_name, report in model_overlap.items():
+        a, b = report.names
+        out.append(
+            f"{task_name}: the base and fine-tuned circuits have node Jaccard "
+            f"{report.jaccard(a, b):.2f}; the base circuit keeps faithfulness "
+            f"{cross_model.loc[task_name, b]:.2f} inside {b}."
+        )
+    for item in interventions:
+        out.append(
+            f"{item['name']} on {item['task']} ({', '.join(item['heads'])}): accuracy "
+            f"{item['accuracy_before']:.0%} -> {item['accuracy_after']:.0%}."
+        )
+    return out
+
+
+def save_summary(result: StudyResult, path: str | Path) -> None:
+    """The study's tables as one JSON file (for docs and for comparing runs)."""
+    doc = {
+        "config": {**asdict(result.config), "fine_tuned": dict(result.config.fine_tuned)},
+        "models": result.models,
+        "seconds": result.seconds,
+        "evaluations": result.evaluations.to_dict(orient="records"),
+        "circuits": result.circuit_table.to_dict(orient="records"),
+        "method_agreement": result.method_agreement.to_dict(orient="records"),
+        "stability": result.stability.to_dict(orient="records"),
+        "task_overlap": json.loads(result.task_overlap.to_json()),
+        "cross_task": result.cross_task.to_dict(),
+        "cross_model": result.cross_model.to_dict(),
+        "cross_ablation": result.cross_ablation.to_dict(),
+        "interventions": result.interventions,
+        "findings": result.findings,
+    }
+    Path(path).write_text(json.dumps(doc, indent=2, default=float))
