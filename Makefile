@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-slow demo check lint typecheck format bench clean
+.PHONY: venv test test-slow test-browser demo check lint typecheck format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow"
+
+# The report opened in headless Chromium (Debian's package; playwright drives it and
+# never downloads a browser of its own).
+test-browser: $(STAMP)
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
+	REUSE_LENS_REQUIRE_BROWSER=1 $(BIN)/python -m pytest tests/test_report_browser.py -m ""
 
 demo: $(STAMP)
 	$(BIN)/reuse-lens demo --out $(OUT)

@@ -1,12 +1,148 @@
-"""The ``reuse-lens`` command. It parses arguments and calls the library; no logic lives here."""
+"""The ``reuse-lens`` command. It parses arguments and calls the library; no logic lives here.
+
+reuse-lens demo --out DIR                     the main job on the zoo: circuits + report.html
+reuse-lens discover --model M --task T --method activation --out C.json
+reuse-lens compare A.json B.json ... --out DIR
+reuse-lens evaluate --model M --task T [--circuit C.json]
+reuse-lens zoo list | status | train
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+_METHODS = ("activation", "path", "eap", "eap-ig")
+_ABLATIONS = ("mean", "resample", "zero")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from reuse_lens import report, zoo
+    from reuse_lens.study import StudyConfig, run_study, save_summary
+
+    if not zoo.available():
+        print(zoo.status())
+        print("reuse-lens demo needs the zoo's trained models: run `reuse-lens zoo train`.")
+        return 1
+    out = Path(args.out)
+    defaults = StudyConfig()
+    tasks = tuple(args.tasks) if args.tasks else defaults.tasks
+    config = StudyConfig(
+        tasks=tasks,
+        # A fine-tuned model is studied on its own task, when that task is in the study.
+        fine_tuned={t: spec for t, spec in defaults.fine_tuned.items() if t in tasks},
+        n_prompts=args.n,
+        seed=args.seed,
+        n_boot=args.n_boot,
+        n_random=args.n_random,
+    )
+    print(f"reuse-lens demo: {len(config.tasks)} tasks in zoo:base, "
+          f"{len(config.fine_tuned)} fine-tuned models; writing to {out}/")  # fmt: skip
+    result = run_study(config, out=out)
+    save_summary(result, out / "summary.json")
+    path = report.write(
+        out / "report.html", result, title="reuse_lens demo: circuit reuse in the zoo"
+    )
+    print(f"circuits: {out / 'circuits'}/ ({len(result.circuits)} files)")
+    print(f"report:   {path}")
+    print(f"took {result.seconds:.0f} s")
+    for line in result.findings:
+        print(f"  - {line}")
+    return 0
+
+
+def _cmd_discover(args: argparse.Namespace) -> int:
+    import reuse_lens as rl
+    from reuse_lens._io import write_text_atomic
+    from reuse_lens.study import scores_of
+
+    model = rl.load_model(args.model)
+    task = rl.tasks.load(args.task, model, n=args.n, seed=args.seed)
+    circuit = rl.discover_circuit(
+        model, task, method=args.method, level=args.level, threshold=args.threshold,
+        top_k=args.top_k, target_faithfulness=args.target, ablation=args.ablation,
+    )  # fmt: skip
+    out = Path(args.out)
+    circuit.to_json(out)
+    figure = out.with_suffix(".html")
+    diagram = rl.plot.circuit_diagram(circuit)
+    parts = [diagram.to_html(full_html=False, include_plotlyjs=True)]
+    if circuit.node_scores:
+        parts.append(
+            rl.plot.patching_heatmap(scores_of(circuit)).to_html(
+                full_html=False, include_plotlyjs=False
+            )
+        )
+    write_text_atomic(figure, "<!doctype html><html><body>" + "".join(parts) + "</body></html>")
+    faith = circuit.metadata.get("faithfulness", float("nan"))
+    print(f"{len(circuit)} nodes ({len(circuit.heads)} heads, {len(circuit.mlps)} MLPs, "
+          f"{len(circuit.edges)} edges), faithfulness {faith:.3f} ({args.ablation} ablation)")  # fmt: skip
+    print(f"nodes: {' '.join(circuit.nodes_in_order())}")
+    print(f"circuit: {out}\nfigure:  {figure}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import reuse_lens as rl
+    from reuse_lens._io import write_text_atomic
+
+    circuits = {}
+    for file in args.circuits:
+        path = Path(file)
+        if not path.is_file():
+            raise FileNotFoundError(f"no circuit file {file!r}")
+        name = path.stem
+        if name in circuits:
+            raise ValueError(f"two circuit files are named {name!r}: rename one")
+        circuits[name] = rl.Circuit.from_json(path)
+    if len(circuits) < 2:
+        raise ValueError("compare needs at least two circuit files")
+    report = rl.compare(circuits)
+    out = Path(args.out)
+    write_text_atomic(out / "overlap.json", report.to_json())
+    path = rl.report.write_comparison(out / "report.html", report)
+    table = report.table()
+    columns = [c for c in ("a", "b", "jaccard_all", "jaccard_heads", "p_value_heads") if c in table]
+    print(table[columns].round(3).to_string(index=False))
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import reuse_lens as rl
+
+    model = rl.load_model(args.model)
+    task = rl.tasks.load(args.task, model, n=args.n, seed=args.seed)
+    for key, value in rl.evaluate(model, task).items():
+        print(f"{key:>24s}  {value:.4f}")
+    if args.circuit:
+        circuit = rl.Circuit.from_json(args.circuit)
+        value = rl.faithfulness(model, task, circuit, ablation=args.ablation)
+        print(
+            f"{'faithfulness':>24s}  {value:.4f}  ({len(circuit)} nodes, {args.ablation} ablation)"
+        )
+    return 0
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
@@ -39,28 +175,14 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from reuse_lens import zoo
-
-    print(zoo.status())
-    if not zoo.available():
-        print(
-            f"reuse-lens demo needs the zoo's trained models; nothing was written to {args.out!r}.",
-            file=sys.stderr,
-        )
-        return 0
-    print("The demo pipeline (discover, compare, report) is not built yet.", file=sys.stderr)
-    return 0
+# ---- the parser -----------------------------------------------------------------------------
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import reuse_lens as rl
-
-    model = rl.load_model(args.model)
-    task = rl.tasks.load(args.task, model, n=args.n, seed=args.seed)
-    for key, value in rl.evaluate(model, task).items():
-        print(f"{key:>24s}  {value:.4f}")
-    return 0
+def _task_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="zoo:<name>, a local folder or a hub id")
+    parser.add_argument("--task", required=True, help="a built-in task name (see rl.tasks.names())")
+    parser.add_argument("--n", type=_positive, default=64, help="prompt pairs (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,32 +192,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the main job on the zoo and write a report")
+    demo = sub.add_parser("demo", help="the main job on the zoo: circuits, overlap, report")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    demo.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks (default: all built-in)")
+    demo.add_argument("--n", type=_positive, default=64, help="prompt pairs per task (default 64)")
+    demo.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    demo.add_argument("--n-boot", type=int, default=5, help="bootstrap resamples for stability")
+    demo.add_argument("--n-random", type=_positive, default=20, help="random circuits per baseline")
     demo.set_defaults(func=_cmd_demo)
 
-    evaluate = sub.add_parser("evaluate", help="score a model on a built-in task")
-    evaluate.add_argument("--model", required=True, help="zoo:<name>, a folder or a hub id")
-    evaluate.add_argument("--task", required=True, help="a built-in task name")
-    evaluate.add_argument("--n", type=int, default=64, help="number of prompt pairs")
-    evaluate.add_argument("--seed", type=int, default=0, help="prompt seed")
+    discover = sub.add_parser("discover", help="find a task's circuit and save it as JSON")
+    _task_arguments(discover)
+    discover.add_argument("--method", choices=_METHODS, default="activation")
+    discover.add_argument("--level", choices=("node", "edge"), help="edge: eap/eap-ig only")
+    discover.add_argument("--ablation", choices=_ABLATIONS, default="mean")
+    rule = discover.add_mutually_exclusive_group()
+    rule.add_argument("--threshold", type=float, help="keep |score| >= this share of the gap")
+    rule.add_argument("--top-k", type=_positive, help="keep this many nodes (edges)")
+    rule.add_argument("--target", type=_fraction, help="faithfulness target of the automatic rule")
+    discover.add_argument("--out", required=True, help="the circuit file to write (.json)")
+    discover.set_defaults(func=_cmd_discover)
+
+    compare = sub.add_parser("compare", help="compare circuit files and write an overlap report")
+    compare.add_argument("circuits", nargs="+", metavar="CIRCUIT.json")
+    compare.add_argument("--out", required=True, help="output folder")
+    compare.set_defaults(func=_cmd_compare)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="score a model on a task, and a circuit file's faithfulness"
+    )
+    _task_arguments(evaluate)
+    evaluate.add_argument("--circuit", help="a circuit JSON file to measure the faithfulness of")
+    evaluate.add_argument("--ablation", choices=_ABLATIONS, default="mean")
     evaluate.set_defaults(func=_cmd_evaluate)
 
-    zoo = sub.add_parser(
-        "zoo", help="the embedded models: list them, show their status, or retrain them"
-    )
+    zoo = sub.add_parser("zoo", help="the embedded models: list, status, or retrain them")
     zoo.add_argument("zoo_command", choices=["list", "status", "train"], help="what to do")
-    zoo.add_argument(
-        "--only",
-        action="append",
-        metavar="NAME",
-        help="train: only this model (repeatable), e.g. --only base",
-    )
-    zoo.add_argument(
-        "--check",
-        action="store_true",
-        help="train: retrain in a temporary folder and compare held-out scores with the manifest",
-    )
+    zoo.add_argument("--only", action="append", metavar="NAME",
+                     help="train: only this model (repeatable), e.g. --only base")  # fmt: skip
+    zoo.add_argument("--check", action="store_true",
+                     help="train: retrain in a temporary folder and compare with the manifest")  # fmt: skip
     zoo.set_defaults(func=_cmd_zoo)
     return parser
 
@@ -103,14 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from reuse_lens.circuits.circuit import CircuitError
     from reuse_lens.models import ModelLoadError
+    from reuse_lens.nodes import NodeNameError
+    from reuse_lens.tasks.metrics import MetricError
     from reuse_lens.tasks.task import TaskError
     from reuse_lens.zoo import ZooError
 
+    known = (ModelLoadError, TaskError, ZooError, CircuitError, MetricError, NodeNameError,
+             FileNotFoundError, ValueError)  # fmt: skip
     try:
         return int(args.func(args))
-    except (ModelLoadError, TaskError, ZooError) as error:
-        parser.exit(2, f"reuse-lens: error: {error}\n")
+    except known as error:
+        parser.exit(2, f"reuse-lens {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "reuse-lens: stopped; finished circuits are kept and reused next time\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,558 @@
+"""The HTML report: one self-contained file that opens offline, in any browser.
+
+plotly.js is embedded once in ``<head>`` and every figure is a ``<div>`` that calls it,
+so the file needs no network (no CDN, no web fonts) and can be mailed or archived as is.
+Every piece of text is HTML-escaped, because task and model names come from users.
+
+:func:`write` renders a study (the main job's results); :func:`write_comparison` renders
+the overlap of a plain set of circuits (``reuse-lens compare``). Both are built with
+:class:`HtmlReport`, which can also assemble custom reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from reuse_lens import plot
+from reuse_lens._io import write_text_atomic
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    from reuse_lens.circuits.circuit import Circuit
+    from reuse_lens.overlap import OverlapReport
+
+__all__ = ["FAITHFUL", "HtmlReport", "StudyLike", "write", "write_comparison"]
+
+FAITHFUL = 0.8
+"""Faithfulness below which a circuit is flagged: it explains too little of the model."""
+
+# Pairwise statistics shown in overlap tables; the full set is in OverlapReport.table().
+_PAIR_COLUMNS = [
+    "a",
+    "b",
+    "size_a_all",
+    "size_b_all",
+    "shared_all",
+    "jaccard_all",
+    "jaccard_heads",
+    "jaccard_mlps",
+    "directional_ab_all",
+    "directional_ba_all",
+    "p_value_heads",
+    "expected_jaccard_heads",
+    "edge_iou",
+    "spearman",
+    "stability",
+]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
+max-width:1200px;padding:1rem 2rem;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #ddd;padding-bottom:.3rem}
+h2{margin-top:2.5rem;border-bottom:1px solid #eee}
+nav.toc{background:#f7f7f9;border:1px solid #e3e3e8;padding:.5rem 1.5rem;margin:1rem 0}
+nav.toc ol{margin:.2rem 0;padding-left:1.2rem}
+table.data{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}
+.table{overflow-x:auto;max-width:100%}
+table.data th,table.data td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;
+font-variant-numeric:tabular-nums}
+table.data th{background:#f0f0f4}
+.figure{margin:1rem 0;min-height:300px}
+.caption{color:#555;font-size:.9rem}
+.flag{color:#b00020;font-weight:bold}
+.ok{color:#1b7f3b}
+.empty{color:#777;font-style:italic}
+"""
+
+
+class StudyLike(Protocol):
+    """What :func:`write` reads from a study result (``reuse_lens.study.StudyResult``)."""
+
+    @property
+    def config(self) -> Any: ...
+    @property
+    def models(self) -> Mapping[str, str]: ...
+    @property
+    def evaluations(self) -> pd.DataFrame: ...
+    @property
+    def circuits(self) -> Mapping[str, Circuit]: ...
+    @property
+    def scores(self) -> Mapping[str, Any]: ...
+    @property
+    def curves(self) -> Mapping[str, plot.CurveLike]: ...
+    @property
+    def circuit_table(self) -> pd.DataFrame: ...
+    @property
+    def method_agreement(self) -> pd.DataFrame: ...
+    @property
+    def task_overlap(self) -> OverlapReport: ...
+    @property
+    def model_overlap(self) -> Mapping[str, OverlapReport]: ...
+    @property
+    def stability(self) -> pd.DataFrame: ...
+    @property
+    def cross_task(self) -> pd.DataFrame: ...
+    @property
+    def cross_model(self) -> pd.DataFrame: ...
+    @property
+    def cross_ablation(self) -> pd.DataFrame: ...
+    @property
+    def interventions(self) -> Sequence[Mapping[str, Any]]: ...
+    @property
+    def findings(self) -> Sequence[str]: ...
+    @property
+    def seconds(self) -> float: ...
+
+
+class HtmlReport:
+    """An HTML document built section by section; :meth:`render` adds the table of contents.
+
+    Every ``add_*`` method escapes the text it is given (except :meth:`add_raw`); figures
+    are plotly figures, drawn with whatever template they were made with.
+    """
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self._body: list[str] = []
+        self._toc: list[tuple[int, str, str]] = []  # (level, anchor, text)
+        self._anchors: set[str] = set()
+        self._n_figures = 0
+
+    def add_heading(self, text: str, *, level: int = 2, anchor: str | None = None) -> str:
+        """Add an ``<h2>`` (or ``<h3>``) listed in the table of contents; returns its anchor."""
+        if level not in (2, 3):
+            raise ValueError(f"heading level must be 2 (section) or 3 (subsection), got {level}")
+        anchor = self._unique_anchor(anchor or text)
+        self._toc.append((level, anchor, text))
+        self._body.append(f'<h{level} id="{anchor}">{html.escape(text)}</h{level}>')
+        return anchor
+
+    def add_text(self, text: str, *, css_class: str | None = None) -> None:
+        """Add a paragraph of plain text (escaped)."""
+        cls = f' class="{html.escape(css_class)}"' if css_class else ""
+        self._body.append(f"<p{cls}>{html.escape(text)}</p>")
+
+    def add_list(self, items: Sequence[str]) -> None:
+        """Add a bullet list of plain-text items (escaped)."""
+        rows = "".join(f"<li>{html.escape(str(item))}</li>" for item in items)
+        self._body.append(f"<ul>{rows}</ul>")
+
+    def add_table(
+        self, df: pd.DataFrame, *, caption: str | None = None, index: bool = False
+    ) -> None:
+        """Add a DataFrame as a table: cells escaped, floats to three significant digits.
+
+        Values under 1e-3 keep scientific notation, since a p-value of 1e-9 and one of
+        1e-4 say different things.
+        """
+        cap = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""
+        if df.empty:
+            self._body.append(f'{cap}<p class="empty">No rows.</p>')
+            return
+        formatters: dict[Any, Callable[[Any], str]] = {col: _format_cell for col in df.columns}
+        table = df.to_html(
+            escape=True,
+            index=index,
+            border=0,
+            classes="data",
+            na_rep="–",
+            formatters=formatters,  # type: ignore[arg-type]
+        )
+        self._body.append(f'{cap}<div class="table">{table}</div>')
+
+    def add_figure(
+        self, fig: go.Figure, *, name: str, key: str | None = None, caption: str | None = None
+    ) -> None:
+        """Add a plotly figure in ``<div class="figure" data-figure=name data-key=key>``.
+
+        The figure's JavaScript calls the plotly.js that :meth:`render` embeds once.
+        """
+        self._n_figures += 1
+        body = fig.to_html(
+            full_html=False,
+            include_plotlyjs=False,
+            div_id=f"figure-{self._n_figures}",
+            default_height="480px",
+        )
+        attrs = f'class="figure" data-figure="{html.escape(name)}"'
+        if key is not None:
+            attrs += f' data-key="{html.escape(key)}"'
+        cap = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""
+        self._body.append(f"<div {attrs}>{body}{cap}</div>")
+
+    def add_raw(self, markup: str) -> None:
+        """Add markup as is; the caller escapes any text inside it."""
+        self._body.append(markup)
+
+    def render(self) -> str:
+        """The whole document: head with CSS and plotly.js, title, contents, body."""
+        from plotly.offline import get_plotlyjs
+
+        title = html.escape(self.title)
+        return "\n".join(
+            [
+                "<!DOCTYPE html>",
+                '<html lang="en">',
+                "<head>",
+                '<meta charset="utf-8">',
+                '<meta name="viewport" content="width=device-width, initial-scale=1">',
+                f"<title>{title}</title>",
+                f"<style>{_CSS}</style>",
+                # MathJax stays off: plotly would otherwise look for it on a CDN.
+                "<script>window.PlotlyConfig = {MathJaxConfig: 'local'};</script>",
+                f'<script type="text/javascript">{get_plotlyjs()}</script>',
+                "</head>",
+                "<body>",
+                f"<h1>{title}</h1>",
+                self._render_toc(),
+                *self._body,
+                "</body>",
+                "</html>",
+                "",
+            ]
+        )
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Render to ``path`` atomically: a reader never sees a half-written report."""
+        return _atomic_write(Path(path), self.render())
+
+    def _render_toc(self) -> str:
+        items: list[str] = []
+        open_sub = False
+        for level, anchor, text in self._toc:
+            link = f'<a href="#{anchor}">{html.escape(text)}</a>'
+            if level == 2 or not items:  # a subsection before any section is listed as one
+                items.append("</ol></li>" if open_sub else "</li>" if items else "")
+                items.append(f"<li>{link}")
+                open_sub = False
+            else:
+                items.append("" if open_sub else "<ol>")
+                items.append(f"<li>{link}</li>")
+                open_sub = True
+        if items:
+            items.append("</ol></li>" if open_sub else "</li>")
+        return f'<nav class="toc"><strong>Contents</strong><ol>{"".join(items)}</ol></nav>'
+
+    def _unique_anchor(self, text: str) -> str:
+        base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+        anchor, n = base, 1
+        while anchor in self._anchors:
+            n += 1
+            anchor = f"{base}-{n}"
+        self._anchors.add(anchor)
+        return anchor
+
+
+def write(
+    path: str | os.PathLike[str],
+    study: StudyLike,
+    *,
+    title: str | None = None,
+) -> Path:
+    """Write the report of a study as one self-contained HTML file.
+
+    Sections: summary, model evaluations, each circuit (size, faithfulness against the
+    random baseline, patching heatmap, diagram), faithfulness curves, method agreement,
+    task overlap, model overlap per task, cross-task / cross-model / cross-ablation
+    matrices and interventions.
+
+    Arguments:
+        path: the file to write; missing parent folders are created.
+        study: a ``StudyResult`` (anything with its attributes, see :class:`StudyLike`).
+        title: the page title; by default it names the base model.
+
+    Returns:
+        The path written.
+    """
+    path = _check_target(path)
+    base = str(getattr(study.config, "base", "") or study.models.get("base", "model"))
+    report = HtmlReport(title or f"reuse_lens study of {base}")
+    _summary(report, study, base)
+    report.add_heading("Model evaluations")
+    report.add_table(study.evaluations, caption="Accuracy and logit difference of each model.")
+    _circuits(report, study)
+    _curves(report, study.curves)
+    report.add_heading("Method agreement")
+    report.add_table(study.method_agreement, caption="Jaccard of circuits found by two methods.")
+    report.add_heading("Task overlap")
+    _overlap(report, study.task_overlap, key="tasks")
+    report.add_table(study.stability, caption="Within-task stability (bootstrap Jaccard).")
+    _model_overlap(report, study.model_overlap)
+    _matrices(report, study)
+    report.add_heading("Interventions")
+    report.add_table(_interventions(study.interventions), caption="Targeted ablations.")
+    return report.write(path)
+
+
+def write_comparison(
+    path: str | os.PathLike[str],
+    report: OverlapReport,
+    *,
+    title: str | None = None,
+) -> Path:
+    """Write the overlap of a set of circuits (``reuse-lens compare``) as one HTML file.
+
+    Contains the overlap grid, Jaccard matrices, UpSet plot, threshold sweep (when every
+    circuit has node scores), the pairwise statistics and a diagram of each circuit.
+    """
+    path = _check_target(path)
+    doc = HtmlReport(title or "Circuit overlap: " + ", ".join(report.names))
+    doc.add_heading("Circuits")
+    doc.add_table(_circuit_sizes(report.circuits))
+    doc.add_heading("Overlap")
+    _overlap(doc, report, key="circuits")
+    doc.add_heading("Circuit diagrams")
+    for name, circuit in report.circuits.items():
+        doc.add_heading(name, level=3)
+        doc.add_figure(plot.circuit_diagram(circuit), name="circuit_diagram", key=name)
+    return doc.write(path)
+
+
+# ------------------------------------------------------------------- sections
+
+
+def _summary(report: HtmlReport, study: StudyLike, base: str) -> None:
+    report.add_heading("Summary")
+    tasks = getattr(study.config, "tasks", ()) or ()
+    fine_tuned = getattr(study.config, "fine_tuned", {}) or {}
+    rows = [
+        ("model", base),
+        ("tasks", ", ".join(map(str, tasks)) or "–"),
+        ("fine-tuned models", ", ".join(f"{t}: {m}" for t, m in fine_tuned.items()) or "–"),
+        ("runtime", _duration(study.seconds)),
+    ]
+    report.add_raw(_key_value_table(rows))
+    report.add_heading("Findings", level=3)
+    if study.findings:
+        report.add_list(list(study.findings))
+    else:
+        report.add_text("No findings were recorded.", css_class="empty")
+    report.add_heading("Configuration", level=3)
+    report.add_raw(_key_value_table(_config_items(study.config)))
+
+
+def _circuits(report: HtmlReport, study: StudyLike) -> None:
+    report.add_heading("Circuits")
+    if not study.circuits:
+        report.add_text("The study found no circuits.", css_class="empty")
+        return
+    report.add_table(study.circuit_table, caption="Every circuit, its size and faithfulness.")
+    rows = _rows_by_key(study.circuit_table)
+    for key, circuit in study.circuits.items():
+        report.add_heading(f"Circuit {key}", level=3)
+        report.add_raw(_circuit_line(circuit, rows.get(key)))
+        if key in study.scores:
+            report.add_figure(
+                plot.patching_heatmap(study.scores[key]), name="patching_heatmap", key=key
+            )
+        report.add_figure(plot.circuit_diagram(circuit), name="circuit_diagram", key=key)
+
+
+def _curves(report: HtmlReport, curves: Mapping[str, plot.CurveLike]) -> None:
+    report.add_heading("Faithfulness curves")
+    if not curves:
+        report.add_text("No faithfulness curves were computed.", css_class="empty")
+        return
+    by_task: dict[str, dict[str, plot.CurveLike]] = {}
+    for key, curve in curves.items():
+        by_task.setdefault(str(curve.task), {})[key] = curve
+    for task, group in by_task.items():
+        report.add_figure(plot.faithfulness_curves(group), name="faithfulness_curves", key=task)
+
+
+def _overlap(report: HtmlReport, overlap: OverlapReport, *, key: str) -> None:
+    """Headline grid first, then the matrices, UpSet, sweep and pairwise table."""
+    if len(overlap.names) < 2:
+        report.add_text("Only one circuit: there is no pair to compare.", css_class="empty")
+        return
+    report.add_figure(plot.overlap_grid(overlap), name="overlap_grid", key=key)
+    kinds = ("heads", "mlps") if overlap.shape.has_mlps else ("heads",)
+    report.add_figure(plot.jaccard_matrix(overlap, kinds=kinds), name="jaccard_matrix", key=key)
+    report.add_figure(plot.upset(overlap), name="upset", key=key)
+    if all(c.node_scores for c in overlap.circuits.values()):
+        report.add_figure(plot.threshold_sweep(overlap), name="threshold_sweep", key=key)
+    report.add_table(
+        _pair_table(overlap),
+        caption="Pairwise overlap: p-value of the head overlap under a hypergeometric null "
+        "(P(X ≥ shared)), the Jaccard expected by chance, and the stability ceiling "
+        "(the lower within-task Jaccard of the two).",
+    )
+
+
+def _model_overlap(report: HtmlReport, reports: Mapping[str, OverlapReport]) -> None:
+    report.add_heading("Model overlap")
+    if not reports:
+        report.add_text("No fine-tuned models were compared.", css_class="empty")
+    for task, overlap in reports.items():
+        report.add_heading(f"Model overlap on {task}", level=3)
+        if len(overlap.names) < 2:
+            report.add_text("Only one model's circuit: nothing to compare.", css_class="empty")
+            continue
+        report.add_figure(plot.overlap_grid(overlap), name="overlap_grid", key=f"models/{task}")
+        report.add_table(_pair_table(overlap))
+
+
+def _matrices(report: HtmlReport, study: StudyLike) -> None:
+    report.add_heading("Cross-task and cross-model faithfulness")
+    matrices = (
+        ("cross_task", study.cross_task, "task's circuit", "evaluated on task"),
+        ("cross_model", study.cross_model, "task's base circuit", "model"),
+        ("cross_ablation", study.cross_ablation, "ablated circuit", "damaged task"),
+    )
+    titles = {
+        "cross_task": "Faithfulness of each task's circuit on each task",
+        "cross_model": "Faithfulness of each base circuit in each model",
+        "cross_ablation": "Damage to each task when a circuit is ablated "
+        "(1 − faithfulness of the rest of the model)",
+    }
+    for key, df, rows, columns in matrices:
+        if df.empty:
+            report.add_text(f"{titles[key]}: not computed.", css_class="empty")
+            continue
+        named = df.rename_axis(index=df.index.name or rows, columns=df.columns.name or columns)
+        fig = plot.faithfulness_matrix(named, title=titles[key])
+        report.add_figure(fig, name="faithfulness_matrix", key=key)
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _circuit_line(circuit: Circuit, row: Mapping[str, Any] | None) -> str:
+    """Size, and faithfulness against the random baseline, flagged below ``FAITHFUL``."""
+    size = (
+        f"{_count(len(circuit), 'node')} ({_count(len(circuit.heads), 'head')}, "
+        f"{_count(len(circuit.mlps), 'MLP')}), {_count(len(circuit.edges), 'edge')}"
+    )
+    parts = [html.escape(size)]
+    faith = _float(row.get("faithfulness")) if row else math.nan
+    if not math.isnan(faith):
+        mean = _float(row.get("random_mean")) if row else math.nan
+        std = _float(row.get("random_std")) if row else math.nan
+        text = (
+            f"faithfulness {faith:.3f} vs random circuits of the same size {mean:.3f} ± {std:.3f}"
+        )
+        if faith < FAITHFUL:
+            parts.append(
+                f'<span class="flag">{html.escape(text)} — below {FAITHFUL}: '
+                "this circuit does not explain the task</span>"
+            )
+        else:
+            parts.append(f'<span class="ok">{html.escape(text)}</span>')
+    return '<p class="circuit">' + "; ".join(parts) + "</p>"
+
+
+def _pair_table(overlap: OverlapReport) -> pd.DataFrame:
+    """The pairwise statistics a reader needs; ``OverlapReport.table()`` has them all."""
+    table = overlap.table()
+    return table.reindex(columns=[c for c in _PAIR_COLUMNS if c in table.columns])
+
+
+def _rows_by_key(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    if "key" not in table.columns:
+        return {}
+    return {str(row["key"]): row for row in table.to_dict("records")}
+
+
+def _circuit_sizes(circuits: Mapping[str, Circuit]) -> pd.DataFrame:
+    import pandas as pd
+
+    rows = [
+        {
+            "circuit": name,
+            "task": str(c.metadata.get("task", "–")),
+            "method": str(c.metadata.get("method", "–")),
+            "nodes": len(c),
+            "heads": len(c.heads),
+            "mlps": len(c.mlps),
+            "edges": len(c.edges),
+        }
+        for name, c in circuits.items()
+    ]
+    return pd.DataFrame(rows)
+
+
+def _interventions(interventions: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    rows = [
+        {k: ", ".join(map(str, v)) if isinstance(v, list | tuple) else v for k, v in i.items()}
+        for i in interventions
+    ]
+    return pd.DataFrame(rows)
+
+
+def _config_items(config: Any) -> list[tuple[str, str]]:
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        items = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    elif isinstance(config, Mapping):
+        items = dict(config)
+    else:
+        items = dict(vars(config)) if hasattr(config, "__dict__") else {"config": config}
+    return [(str(k), _plain(v)) for k, v in items.items()]
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}: {v}" for k, v in value.items()) or "–"
+    if isinstance(value, list | tuple | set | frozenset):
+        return ", ".join(map(str, value)) or "–"
+    return str(value)
+
+
+def _key_value_table(rows: Sequence[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f'<div class="table"><table class="data">{body}</table></div>'
+
+
+def _format_cell(value: Any) -> str:
+    """Floats to three significant digits (tiny ones in scientific notation)."""
+    if isinstance(value, bool) or not isinstance(value, float | int):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "–"
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+        return f"{value:.2e}"
+    return f"{value:.3g}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _duration(seconds: float) -> str:
+    total = round(float(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min {secs} s"
+    return f"{minutes} min {secs} s" if minutes else f"{float(seconds):.1f} s"
+
+
+def _check_target(path: str | os.PathLike[str]) -> Path:
+    """Refuse a folder before any work is done, rather than after rendering."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{target} is a folder; pass a file path such as {target / 'report.html'}")
+    return target
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    return write_text_atomic(_check_target(path), text)

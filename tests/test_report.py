@@ -1,0 +1,373 @@
+"""The HTML report: self-contained, escaped, atomically written, every figure present."""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from reuse_lens import report
+from reuse_lens.circuits import Circuit
+from reuse_lens.nodes import ModelShape
+from reuse_lens.overlap import OverlapReport, compare
+from reuse_lens.patching.scores import NodeScores
+
+SHAPE = ModelShape(n_layers=2, n_heads=3, has_mlps=True)
+EVIL = "<script>alert(1)</script>"  # a task name that must come out as text, never as markup
+TASKS = ("ioi", EVIL)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A stand-in for FaithfulnessCurve: the report only reads these fields."""
+
+    task: str
+    method: str = "activation"
+    fractions: tuple[float, ...] = (0.1, 0.5, 1.0)
+    sizes: tuple[int, ...] = (1, 4, 8)
+    faithfulness: tuple[float, ...] = (0.2, 0.7, 1.0)
+    level: str = "node"
+    cpr: float = 0.6
+    cmd: float = 0.4
+
+
+@dataclass
+class Config:
+    base: str = "zoo:base"
+    tasks: tuple[str, ...] = TASKS
+    fine_tuned: dict[str, str] = field(default_factory=lambda: {"ioi": "zoo:ft-ioi"})
+    methods: tuple[str, ...] = ("activation", "eap-ig")
+    n_prompts: int = 16
+    seed: int = 0
+
+
+@dataclass
+class FakeStudy:
+    """Has every attribute of StudyResult that the report reads, built from real objects."""
+
+    config: Config
+    models: dict[str, str]
+    evaluations: pd.DataFrame
+    circuits: dict[str, Circuit]
+    scores: dict[str, NodeScores]
+    curves: dict[str, Curve]
+    circuit_table: pd.DataFrame
+    method_agreement: pd.DataFrame
+    task_overlap: OverlapReport
+    model_overlap: dict[str, OverlapReport]
+    stability: pd.DataFrame
+    cross_task: pd.DataFrame
+    cross_model: pd.DataFrame
+    cross_ablation: pd.DataFrame
+    interventions: list[dict[str, Any]]
+    findings: list[str]
+    seconds: float
+
+
+def scores(shift: float) -> NodeScores:
+    heads = torch.tensor([[0.5, -0.25, 0.0], [1.0, -0.42, 0.125]]) + shift
+    return NodeScores(heads, torch.tensor([0.3, -0.7]), clean=2.0, corrupted=0.0, method="act")
+
+
+def circuit(nodes: list[str], task: str, ranked: NodeScores | None = None) -> Circuit:
+    node_scores = {} if ranked is None else ranked.as_dict()
+    return Circuit.from_nodes(nodes, SHAPE, node_scores=node_scores, metadata={"task": task})
+
+
+def fake_study() -> FakeStudy:
+    """Two tasks (one named like an XSS payload), a fine-tune, and an edge circuit."""
+    circuits = {
+        "base/ioi/activation": circuit(["a0.h0", "a1.h0", "m1"], "ioi", scores(0.0)),
+        f"base/{EVIL}/activation": circuit(["a0.h0", "a1.h2"], EVIL, scores(0.1)),
+        "ft-ioi/ioi/activation": circuit(["a0.h0", "a1.h0"], "ioi", scores(0.2)),
+        "base/ioi/eap-ig": Circuit.from_edges(
+            [("input", "a0.h1<v>"), ("a0.h1", "a1.h0<q>"), ("a1.h0", "logits")], SHAPE
+        ),
+    }
+    keys = list(circuits)
+    # No scores for the edge circuit: it gets a diagram but no heatmap.
+    node_scores = {key: scores(0.1 * i) for i, key in enumerate(keys[:3])}
+    circuit_table = pd.DataFrame(
+        {
+            "key": keys,
+            "n_nodes": [len(c) for c in circuits.values()],
+            "faithfulness": [0.93, 0.41, 0.88, 0.85],
+            "random_mean": [0.12, 0.05, 0.1, 0.2],
+            "random_std": [0.03, 0.02, 0.04, 0.05],
+        }
+    )
+    task_overlap = compare({t: circuits[f"base/{t}/activation"] for t in TASKS})
+    task_overlap = task_overlap.with_stability({"ioi": 0.9, EVIL: 0.75})
+    model_overlap = {
+        "ioi": compare(
+            {"base": circuits["base/ioi/activation"], "ft-ioi": circuits["ft-ioi/ioi/activation"]}
+        )
+    }
+    square = pd.DataFrame([[0.9, 0.3], [0.2, 0.8]], index=list(TASKS), columns=list(TASKS))
+    return FakeStudy(
+        config=Config(),
+        models={"base": "zoo:base", "ft-ioi": "zoo:ft-ioi"},
+        evaluations=pd.DataFrame(
+            {"model": ["base", "base"], "task": list(TASKS), "accuracy": [0.96875, 0.5]}
+        ),
+        circuits=circuits,
+        scores=node_scores,
+        curves={
+            keys[0]: Curve("ioi"),
+            keys[1]: Curve(EVIL),
+            keys[3]: Curve("ioi", method="eap-ig", level="edge"),
+        },
+        circuit_table=circuit_table,
+        method_agreement=pd.DataFrame(
+            {"task": ["ioi"], "method_a": ["activation"], "method_b": ["eap-ig"], "jaccard": [0.2]}
+        ),
+        task_overlap=task_overlap,
+        model_overlap=model_overlap,
+        stability=pd.DataFrame({"task": list(TASKS), "mean_jaccard": [0.9, 0.75]}),
+        cross_task=square,
+        cross_model=pd.DataFrame([[0.9, 0.85]], index=["ioi"], columns=["base", "ft-ioi"]),
+        cross_ablation=1.0 - square,
+        interventions=[
+            {
+                "name": "uniform inhibition",
+                "task": EVIL,
+                "heads": ["a1.h0", "a1.h2"],
+                "accuracy_before": 0.496,
+                "accuracy_after": 0.937,
+            }
+        ],
+        findings=[f"The {EVIL} circuit reuses 1 of 2 heads of ioi.", "Fine-tuning keeps it."],
+        seconds=3725.0,
+    )
+
+
+# How many figures of each kind fake_study's report has, counted by hand:
+EXPECTED_FIGURES = {
+    "patching_heatmap": 3,  # one per scored circuit; the edge circuit has no scores
+    "circuit_diagram": 4,  # one per circuit
+    "faithfulness_curves": 2,  # one per task
+    "overlap_grid": 2,  # task overlap + model overlap on ioi
+    "jaccard_matrix": 1,
+    "upset": 1,
+    "threshold_sweep": 1,  # both task circuits have node scores
+    "faithfulness_matrix": 3,  # cross-task, cross-model, cross-ablation
+}
+
+
+class Collector(HTMLParser):
+    """Records tags, attributes, inline script bodies and text, to check the markup."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.starts: list[tuple[str, dict[str, str | None]]] = []
+        self.stack: list[str] = []
+        self.scripts: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.starts.append((tag, dict(attrs)))
+        if tag not in {"meta", "br", "link"}:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-3:]}"
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        if self.stack and self.stack[-1] == "script":
+            self.scripts.append(data)
+        else:
+            self.text.append(data)
+
+
+def parse(text: str) -> Collector:
+    parser = Collector()
+    parser.feed(text)
+    parser.close()
+    assert parser.stack == [], f"unclosed tags: {parser.stack}"
+    return parser
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    path = tmp_path_factory.mktemp("report") / "sub" / "report.html"
+    out = report.write(path, fake_study(), title="Study & <friends>")
+    return out, out.read_text(encoding="utf-8")
+
+
+def test_write_returns_the_path_and_leaves_no_temporary_file(written: tuple[Path, str]) -> None:
+    path, _ = written
+    assert path.name == "report.html" and path.is_file()
+    assert [p.name for p in path.parent.iterdir()] == ["report.html"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0o600
+
+
+def test_plotly_js_is_embedded_exactly_once_in_head(written: tuple[Path, str]) -> None:
+    from plotly.offline import get_plotlyjs
+
+    _, text = written
+    plotly_js = get_plotlyjs()
+    assert text.count(plotly_js) == 1
+    assert text.index(plotly_js) < text.index("</head>")
+    assert text.count("<script") - text.count("Plotly.newPlot(") == 2  # config + library
+
+
+def test_no_external_resource_is_referenced(written: tuple[Path, str]) -> None:
+    _, text = written
+    parser = parse(text)
+    for tag, attrs in parser.starts:
+        for name in ("src", "href"):
+            value = attrs.get(name) or ""
+            assert not re.search(r"https?://|cdn\.|^//", value), (tag, name, value)
+        if tag == "link":
+            pytest.fail(f"external stylesheet or font: {attrs}")
+    links = [a.get("href") for t, a in parser.starts if t == "a"]
+    ids = {a.get("id") for _, a in parser.starts}
+    assert links and all(h and h.startswith("#") and h[1:] in ids for h in links)
+
+
+def test_every_figure_is_present(written: tuple[Path, str]) -> None:
+    _, text = written
+    starts = parse(text).starts
+    figures = Counter(a["data-figure"] for t, a in starts if t == "div" and "data-figure" in a)
+    assert dict(figures) == EXPECTED_FIGURES
+    assert text.count("Plotly.newPlot(") == sum(EXPECTED_FIGURES.values())
+    keys = [a.get("data-key") for t, a in starts if a.get("data-figure") == "patching_heatmap"]
+    assert keys == ["base/ioi/activation", f"base/{EVIL}/activation", "ft-ioi/ioi/activation"]
+
+
+def test_overlap_grid_is_the_first_figure_of_the_overlap_section(
+    written: tuple[Path, str],
+) -> None:
+    _, text = written
+    section = text[text.index('id="task-overlap"') :]
+    first = re.search(r'data-figure="([a-z_]+)"', section)
+    assert first is not None and first.group(1) == "overlap_grid"
+
+
+def test_user_text_is_escaped(written: tuple[Path, str]) -> None:
+    _, text = written
+    assert EVIL not in text  # neither in markup nor inside the figures' JSON
+    assert html.escape(EVIL) in text
+    assert "<title>Study &amp; &lt;friends&gt;</title>" in text
+    parser = parse(text)
+    assert not any(tag == "script" and "alert" in str(attrs) for tag, attrs in parser.starts)
+    visible = "".join(parser.text)
+    assert f"The {EVIL} circuit reuses 1 of 2 heads of ioi." in visible  # shown as text
+
+
+def test_summary_tables_and_flags(written: tuple[Path, str]) -> None:
+    _, text = written
+    visible = " ".join("".join(parse(text).text).split())
+    assert "1 h 2 min 5 s" in visible  # 3725 s
+    assert "ioi: zoo:ft-ioi" in visible
+    assert "0.969" in visible  # accuracy 0.96875 to three digits
+    assert "a1.h0, a1.h2" in visible  # intervention heads as a list
+    # Exactly one circuit is below 0.8 (the EVIL one, 0.41); it is flagged, the others not.
+    assert text.count('class="flag"') == 1
+    assert "faithfulness 0.410 vs random circuits of the same size 0.050 ± 0.020" in visible
+    assert text.count('class="ok"') == 3
+    assert "3 nodes (2 heads, 1 MLP), 0 edges" in visible
+    assert "2 nodes (2 heads, 0 MLPs), 3 edges" in visible  # the edge circuit
+
+
+def test_pairwise_table_has_p_values_chance_and_ceiling(written: tuple[Path, str]) -> None:
+    _, text = written
+    section = text[text.index('id="task-overlap"') : text.index('id="model-overlap"')]
+    for column in ("p_value_heads", "expected_jaccard_heads", "stability"):
+        assert f"<th>{column}</th>" in section
+    # Ceiling = min(0.9, 0.75); ioi {a0.h0, a1.h0, m1} vs EVIL {a0.h0, a1.h2}: Jaccard 1/4.
+    cells = re.findall(r"<td>([^<]*)</td>", section)
+    assert "0.75" in cells and "0.25" in cells
+
+
+def test_format_cell() -> None:
+    fmt = report._format_cell
+    assert [fmt(0.96875), fmt(2e-9), fmt(0.0), fmt(float("nan")), fmt(3), fmt(True)] == [
+        "0.969",
+        "2.00e-09",
+        "0",
+        "–",
+        "3",
+        "True",
+    ]
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "report.html"
+    path.write_text("old", encoding="utf-8")
+    broken = fake_study()
+    broken.cross_task = pd.DataFrame([["x"]], index=["ioi"], columns=["ioi"])
+    with pytest.raises(ValueError, match="faithfulness_matrix needs numbers"):
+        report.write(path, broken)
+    assert path.read_text(encoding="utf-8") == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_write_refuses_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is a folder; pass a file path"):
+        report.write(tmp_path, fake_study())
+
+
+def test_write_comparison(tmp_path: Path) -> None:
+    study = fake_study()
+    out = report.write_comparison(tmp_path / "compare.html", study.task_overlap)
+    text = out.read_text(encoding="utf-8")
+    starts = parse(text).starts
+    figures = Counter(a["data-figure"] for t, a in starts if t == "div" and "data-figure" in a)
+    assert dict(figures) == {
+        "overlap_grid": 1,
+        "jaccard_matrix": 1,
+        "upset": 1,
+        "threshold_sweep": 1,
+        "circuit_diagram": 2,
+    }
+    assert EVIL not in text and html.escape(EVIL) in text
+    assert [p.name for p in tmp_path.iterdir()] == ["compare.html"]
+
+
+def test_write_comparison_without_scores_has_no_sweep(tmp_path: Path) -> None:
+    plain = compare(
+        {"x": Circuit.from_nodes(["a0.h0"], SHAPE), "y": Circuit.from_nodes(["a0.h1"], SHAPE)}
+    )
+    text = report.write_comparison(tmp_path / "c.html", plain).read_text(encoding="utf-8")
+    assert 'data-figure="threshold_sweep"' not in text
+    assert text.count('data-figure="circuit_diagram"') == 2
+
+
+def test_a_study_with_one_task_and_nothing_else(tmp_path: Path) -> None:
+    """One circuit, no scores, curves, fine-tunes or matrices: every section says so."""
+    study = fake_study()
+    only = {"base/ioi/activation": study.circuits["base/ioi/activation"]}
+    empty = pd.DataFrame()
+    study.config.tasks, study.config.fine_tuned = ("ioi",), {}
+    study.circuits, study.scores, study.curves = only, {}, {}
+    study.circuit_table = study.method_agreement = study.stability = empty
+    study.cross_task = study.cross_model = study.cross_ablation = empty
+    study.task_overlap, study.model_overlap = compare({"ioi": only["base/ioi/activation"]}), {}
+    study.interventions, study.findings = [], []
+    text = report.write(tmp_path / "r.html", study).read_text(encoding="utf-8")
+    figures = Counter(a["data-figure"] for t, a in parse(text).starts if "data-figure" in a)
+    assert dict(figures) == {"circuit_diagram": 1}
+    for note in (
+        "No findings were recorded.",
+        "No faithfulness curves were computed.",
+        "Only one circuit: there is no pair to compare.",
+        "No fine-tuned models were compared.",
+        "Faithfulness of each task&#x27;s circuit on each task: not computed.",
+        '<p class="caption">Targeted ablations.</p><p class="empty">No rows.</p>',
+    ):
+        assert note in text
+    assert 'class="flag"' not in text and 'class="ok"' not in text  # no faithfulness known
