@@ -246,8 +246,8 @@ def run_study(
             circuit = discover_circuit(
                 models[model_label],
                 tasks[task_name],
-                method=method,
-                ablation=config.ablation,  # type: ignore[arg-type]
+                method=method,  # type: ignore[arg-type]
+                ablation=config.ablation,
             )
             circuit = circuit.with_metadata(
                 corrupted_metric=_corrupted(evaluations, model_label, task_name)

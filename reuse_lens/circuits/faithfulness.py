@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from reuse_lens.nodes import MLP, AttentionHead, edges_of, parse_node
+from reuse_lens.nodes import MLP, AttentionHead, ModelShape, edges_of, parse_node
 from reuse_lens.patching.ablation import AblationRunner, NodeMask
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
@@ -53,6 +53,7 @@ __all__ = [
     "ablation_level",
     "faithfulness",
     "faithfulness_curve",
+    "node_mask",
     "random_baseline",
 ]
 
@@ -118,15 +119,7 @@ class CircuitEvaluator:
     # ---- node circuits --------------------------------------------------------------
 
     def node_mask(self, nodes: Iterable[str]) -> NodeMask:
-        mask = NodeMask.full(self.shape, keep=False)
-        for name in nodes:
-            node = parse_node(name)
-            self.shape.check(node)
-            if isinstance(node, AttentionHead):
-                mask.heads[node.layer, node.head] = True
-            elif isinstance(node, MLP) and mask.mlps is not None:
-                mask.mlps[node.layer] = True
-        return mask
+        return node_mask(self.shape, nodes)
 
     def nodes(self, node_sets: Sequence[Iterable[str]]) -> list[float]:
         """Faithfulness of each node set (batched through the engine)."""
@@ -160,6 +153,19 @@ class CircuitEvaluator:
         if ablation_level(circuit, level) == "edge":
             return self.edges(circuit.edges)
         return self.nodes([circuit.nodes])[0]
+
+
+def node_mask(shape: ModelShape, nodes: Iterable[str]) -> NodeMask:
+    """The keep-mask of a node circuit: True for the named heads and MLPs."""
+    mask = NodeMask.full(shape, keep=False)
+    for name in nodes:
+        node = parse_node(name)
+        shape.check(node)
+        if isinstance(node, AttentionHead):
+            mask.heads[node.layer, node.head] = True
+        elif isinstance(node, MLP) and mask.mlps is not None:
+            mask.mlps[node.layer] = True
+    return mask
 
 
 def ablation_level(circuit: Circuit, level: Level | None = None) -> Level:

@@ -14,6 +14,7 @@ from reuse_lens.circuits.faithfulness import (
     _area,
     faithfulness,
     faithfulness_curve,
+    node_mask,
     random_baseline,
 )
 from reuse_lens.nodes import ModelShape, edges_of, nodes_of, shape_of
@@ -224,3 +225,34 @@ def test_random_baseline_is_seeded_and_sized(model: Any, task: rl.Task) -> None:
     edges = Circuit.from_edges(["a0.h1->logits", "input->a1.h0<q>"], shape)
     edge_baseline = random_baseline(model, task, edges, n=3, seed=0, ablation="resample")
     assert edge_baseline.size == 2
+
+
+@pytest.fixture(scope="module")
+def rotary() -> Any:
+    """A model outside the fast forward (rotary positions, RMSNorm): hooks do the work."""
+    return rl.load_model(
+        native_config(positional_embedding_type="rotary", rotary_dim=8, normalization_type="RMS")
+    )
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_hook_engine_on_an_unsupported_model_matches_activation_patching(
+    rotary: Any, ablation: str
+) -> None:
+    task = random_task(rotary, n=3, lengths=[6, 5, 6], seed=4)
+    runner = AblationRunner(rotary, task, ablation=ablation)  # type: ignore[arg-type]
+    assert runner.engine == "hooks"
+    scores = rl.activation_patching(rotary, task, ablation=ablation)  # type: ignore[arg-type]
+    shape = shape_of(rotary)
+    for node in ("a0.h2", "m1", "a1.h3"):
+        keep = node_mask(shape, {n.name for n in shape.nodes()} - {node})
+        effect = float(runner.nodes(keep)[0]) - runner.full
+        assert effect == pytest.approx(scores[node], abs=ATOL)
+
+
+def test_edge_circuits_on_an_unsupported_model_are_refused_clearly(rotary: Any) -> None:
+    task = random_task(rotary, n=2, seed=1)
+    circuit = Circuit.from_edges(["a0.h1->logits"], shape_of(rotary))
+    with pytest.raises(NotImplementedError, match="node circuit"):
+        faithfulness(rotary, task, circuit, ablation="resample")
+    assert -10 < faithfulness(rotary, task, circuit, ablation="resample", level="node") < 10

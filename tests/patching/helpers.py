@@ -9,7 +9,8 @@ import torch
 import reuse_lens as rl
 from tests.conftest import native_config
 
-MODEL_KINDS = ("native_ln", "native_noln", "attn_only", "hf")
+MODEL_KINDS = ("native_ln", "native_noln", "attn_only", "hf", "rotary_rms")
+"""``rotary_rms`` is outside what the fast forward covers: it is patched through hooks."""
 
 
 def make_model(kind: str, hf_model: Any = None) -> Any:
@@ -19,6 +20,11 @@ def make_model(kind: str, hf_model: Any = None) -> Any:
         "native_ln": {},
         "native_noln": {"normalization_type": None},
         "attn_only": {"attn_only": True},
+        "rotary_rms": {
+            "positional_embedding_type": "rotary",
+            "rotary_dim": 8,
+            "normalization_type": "RMS",
+        },
     }[kind]
     return rl.load_model(native_config(**overrides))
 

@@ -52,7 +52,7 @@ def test_head_out_and_mlp_equal_transformer_lens(models: dict[str, Any], kind: s
     model = models[kind]
     task = random_task(model, n=3, width=5)
     scores = _denoise(model, task, per_position=True)
-    assert scores.settings["engine"] == "functional"
+    assert scores.settings["engine"] == ("hooks" if kind == "rotary_rms" else "functional")
     base = scores.corrupted  # TL reports the patched metric; we report its change
     all_pos = _tl(model, task, "get_act_patch_attn_head_out_all_pos")
     torch.testing.assert_close(scores.heads + base, all_pos, atol=ATOL, rtol=0)
