@@ -40,6 +40,7 @@ def _fraction(text: str) -> float:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from reuse_lens import report, zoo
     from reuse_lens.study import StudyConfig, run_study, save_summary
+    from reuse_lens.summary import write_markdown
 
     if not zoo.available():
         print(zoo.status())
@@ -61,11 +62,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"{len(config.fine_tuned)} fine-tuned models; writing to {out}/")  # fmt: skip
     result = run_study(config, out=out)
     save_summary(result, out / "summary.json")
+    write_markdown(result, out / "results.md")
     path = report.write(
         out / "report.html", result, title="reuse_lens demo: circuit reuse in the zoo"
     )
     print(f"circuits: {out / 'circuits'}/ ({len(result.circuits)} files)")
     print(f"report:   {path}")
+    print(f"tables:   {out / 'results.md'} and {out / 'summary.json'}")
     print(f"took {result.seconds:.0f} s")
     for line in result.findings:
         print(f"  - {line}")

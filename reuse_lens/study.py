@@ -518,4 +518,6 @@ def save_summary(result: StudyResult, path: str | Path) -> None:
         "interventions": result.interventions,
         "findings": result.findings,
     }
-    Path(path).write_text(json.dumps(doc, indent=2, default=float))
+    from reuse_lens._io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(doc, indent=2, default=float))

@@ -87,6 +87,8 @@ def test_demo_writes_a_report_and_reuses_finished_circuits(
     ]  # fmt: skip
     html = (tmp_path / "report.html").read_text()
     assert html.count('data-figure="overlap_grid"') >= 1
+    results = (tmp_path / "results.md").read_text()
+    assert "| base/ioi/activation |" in results and "## Interventions" in results
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {row["key"] for row in summary["circuits"]} == {
         f.removesuffix(".json").replace("__", "/") for f in files

@@ -1,0 +1,142 @@
+"""A study's tables as Markdown: what ``reuse-lens demo`` writes to ``results.md``.
+
+docs/results.md is this file for the zoo, produced by ``reuse-lens demo --out DIR``.
+Tables are plain GitHub Markdown, so the results read well in a repository or a terminal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from reuse_lens.study import StudyResult
+
+__all__ = ["markdown", "write_markdown"]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        if value != 0 and abs(value) < 1e-3:
+            return f"{value:.1e}"
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "–"
+    return str(value).replace("|", "\\|")
+
+
+def table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A Markdown table of ``rows`` (dicts), in ``columns`` order."""
+    if not rows:
+        return "_(none)_\n"
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _matrix(frame: pd.DataFrame, corner: str) -> str:
+    rows = [{corner: index, **frame.loc[index].to_dict()} for index in frame.index]
+    return table(rows, [corner, *map(str, frame.columns)])
+
+
+def markdown(result: StudyResult) -> str:
+    """Every table of a study, with a line on how to read each."""
+    config = result.config
+    overlap = result.task_overlap
+    parts = [
+        "# Results on the zoo\n",
+        f"Produced by `reuse-lens demo` in {result.seconds:.0f} s: base model `{config.base}`, "
+        f"{config.n_prompts} held-out prompts per task (seed {config.seed}), methods "
+        f"{', '.join(config.methods)} (the first is used for overlap), `{config.ablation}` "
+        f"ablation, {config.n_random} random circuits per baseline, {config.n_boot} bootstrap "
+        "resamples for stability.\n",
+        "## Findings\n",
+        "\n".join(f"- {line}" for line in result.findings) + "\n",
+        "## How well each model does each task\n",
+        "Accuracy: the answer is the top-1 token; logit diff: right minus wrong answer.\n",
+        table(result.evaluations.to_dict(orient="records")),
+        "## Circuits\n",
+        "Faithfulness: 1 = the circuit alone does what the model does, 0 = no better than "
+        "ablating everything. A circuit below 0.8 is not a faithful explanation (`faithful` "
+        "= no). Random: the faithfulness of random circuits with as many heads and MLPs.\n",
+        table(
+            result.circuit_table.to_dict(orient="records"),
+            ["key", "n_heads", "n_mlps", "faithfulness", "random_mean", "random_std", "faithful"],
+        ),
+        "\nNodes of each circuit:\n",
+        table([{"circuit": k, "nodes": c.nodes_in_order()} for k, c in result.circuits.items()]),
+        "## Agreement between methods\n",
+        table(result.method_agreement.to_dict(orient="records")),
+        "## Stability (the ceiling for overlap)\n",
+        "Mean Jaccard between circuits found on bootstrap resamples of the same task's prompts.\n",
+        table(result.stability.to_dict(orient="records")),
+        "## Which heads and MLPs tasks share (base model)\n",
+        "p: hypergeometric P(X ≥ shared) for heads; chance: the Jaccard expected by chance.\n",
+    ]
+    rows = []
+    for a, b in itertools.combinations(overlap.names, 2):
+        rows.append(
+            {
+                "a": a, "b": b, "shared heads": sorted(overlap.shared(a, b, "heads")),
+                "Jaccard heads": overlap.jaccard(a, b, "heads"),
+                "chance": overlap.expected_jaccard(a, b, "heads"),
+                "p (heads)": overlap.p_value(a, b, "heads"),
+                "Jaccard MLPs": overlap.jaccard(a, b, "mlps"),
+                "ceiling": min(overlap.stability.get(a, math.nan), overlap.stability.get(b, math.nan)),
+            }
+        )  # fmt: skip
+    parts.append(table(rows))
+    parts += [
+        "\n## Across models: each task's circuit in the base model and its fine-tune\n",
+        table(
+            [
+                {
+                    "task": t,
+                    "shared": sorted(r.shared(r.names[0], r.names[1])),
+                    "only base": sorted(r.unique(r.names[0], r.names[1])),
+                    "only fine-tune": sorted(r.unique(r.names[1], r.names[0])),
+                    "Jaccard": r.jaccard(r.names[0], r.names[1]),
+                }
+                for t, r in result.model_overlap.items()
+            ]
+        ),
+        "\n## Cross-task faithfulness (base circuit of the row's task, on the column's task)\n",
+        _matrix(result.cross_task, "circuit"),
+        "\n## Cross-model faithfulness (base circuit, inside each model, on its own task)\n",
+        _matrix(result.cross_model, "circuit"),
+        "\n## Cross-task ablation (damage to the column's task when the row's heads are ablated)\n",
+        _matrix(result.cross_ablation, "circuit heads"),
+        "\n## Interventions\n",
+        table(
+            result.interventions,
+            [
+                "name",
+                "task",
+                "heads",
+                "accuracy_before",
+                "accuracy_after",
+                "metric_before",
+                "metric_after",
+                "random_metric",
+                "percentile",
+            ],
+        ),
+    ]
+    return "\n".join(parts)
+
+
+def write_markdown(result: StudyResult, path: str | Path) -> Path:
+    """Write ``markdown(result)`` atomically."""
+    from reuse_lens._io import write_text_atomic
+
+    return write_text_atomic(path, markdown(result))
