@@ -22,7 +22,9 @@ Conventions, fixed here so every statistic is defined for every input:
   overlap when a set is empty, and every statistic of a kind the model lacks (the MLPs
   of an attention-only model). ``nan`` is written as ``null`` in JSON.
 
-scipy and pandas load on first use, so importing this module stays cheap.
+scipy and pandas load on first use, so importing this module stays cheap. The chance
+statistics themselves (hypergeometric tail, expected Jaccard, permutation test) live in
+``reuse_lens._overlap_stats``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
+from reuse_lens import _overlap_stats as stats
 from reuse_lens.nodes import MLP, AttentionHead, ModelShape, parse_node
 
 if TYPE_CHECKING:
@@ -60,9 +63,6 @@ STATS: tuple[Stat, ...] = get_args(Stat)
 
 REPORT_FORMAT_VERSION = 1
 """Version of the JSON written by :meth:`OverlapReport.to_json`."""
-
-_MAX_DRAWS_PER_CHUNK = 1 << 22  # random keys held at once by the permutation test (32 MiB)
-_FULL_SWEEP_UP_TO = 64  # sweeps test every k up to this many nodes, then a geometric grid
 
 
 def compare(
@@ -184,7 +184,7 @@ class OverlapReport:
     def jaccard(self, a: str, b: str, kind: Kind = "all") -> float:
         """Node IoU |A∩B| / |A∪B|; ``nan`` when both sets are empty."""
         set_a, set_b = self.nodes(a, kind), self.nodes(b, kind)
-        return _ratio(len(set_a & set_b), len(set_a | set_b))
+        return stats.ratio(len(set_a & set_b), len(set_a | set_b))
 
     def overlap_coefficient(self, a: str, b: str, kind: Kind = "all") -> float:
         """|A∩B| / min(|A|, |B|): 1 when one circuit contains the other; ``nan`` if one is empty.
@@ -192,7 +192,7 @@ class OverlapReport:
         Unlike Jaccard it does not penalise a small circuit for sitting inside a large one.
         """
         set_a, set_b = self.nodes(a, kind), self.nodes(b, kind)
-        return _ratio(len(set_a & set_b), min(len(set_a), len(set_b)))
+        return stats.ratio(len(set_a & set_b), min(len(set_a), len(set_b)))
 
     def directional(self, a: str, b: str, kind: Kind = "all") -> float:
         """|A∩B| / |A|: the share of ``a`` that ``b`` reuses (Hanna et al. 2024).
@@ -201,7 +201,7 @@ class OverlapReport:
         when A is empty.
         """
         set_a, set_b = self.nodes(a, kind), self.nodes(b, kind)
-        return _ratio(len(set_a & set_b), len(set_a))
+        return stats.ratio(len(set_a & set_b), len(set_a))
 
     def edge_iou(self, a: str, b: str) -> float | None:
         """Edge IoU, or ``None`` unless both circuits have edges (node-level circuits have none).
@@ -222,14 +222,7 @@ class OverlapReport:
         with their off-by-one fixed). Symmetric in ``a`` and ``b``. It is 1 when x = 0 and
         ``nan`` when the universe of ``kind`` is empty.
         """
-        big_m, n, big_n, x = self._counts(a, b, kind)
-        if big_m == 0:
-            return math.nan
-        if x == 0:
-            return 1.0  # P(X >= 0)
-        from scipy.stats import hypergeom
-
-        return float(hypergeom.sf(x - 1, big_m, n, big_n))
+        return stats.hypergeom_tail(*self._counts(a, b, kind))
 
     def permutation_p_value(
         self,
@@ -256,8 +249,7 @@ class OverlapReport:
             return math.nan
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         in_a = self._mask(self.nodes(a, kind), kind)
-        counts = _random_subset_hits(in_a, big_n, n_permutations, rng)
-        return float((1 + np.count_nonzero(counts >= x)) / (1 + n_permutations))
+        return stats.permutation_p_value(in_a, big_n, x, n_permutations, rng)
 
     def expected_jaccard(self, a: str, b: str, kind: Kind = "heads") -> float:
         """The Jaccard index expected by chance for circuits of these sizes.
@@ -268,7 +260,7 @@ class OverlapReport:
         share nodes by chance alone.
         """
         big_m, n, big_n, _ = self._counts(a, b, kind)
-        return _expected_jaccard(big_m, n, big_n)
+        return stats.expected_jaccard(big_m, n, big_n)
 
     def rank_correlation(self, a: str, b: str) -> dict[str, float] | None:
         """Spearman and Kendall (tau-b) correlation of the two circuits' node scores.
@@ -319,7 +311,7 @@ class OverlapReport:
 
         ranked = {name: self._ranked(name) for name in (a, b)}
         available = min(len(ranked[a]), len(ranked[b]))
-        chosen = _sweep_ks(available) if ks is None else _check_ks(ks, available)
+        chosen = stats.sweep_ks(available) if ks is None else stats.check_ks(ks, available)
         big_m = len(self._universes["all"])
         rows = []
         for k in chosen:
@@ -330,7 +322,7 @@ class OverlapReport:
                     "k": k,
                     "shared": shared,
                     "jaccard": shared / len(top_a | top_b),
-                    "expected_jaccard": _expected_jaccard(big_m, k, k),
+                    "expected_jaccard": stats.expected_jaccard(big_m, k, k),
                 }
             )
         return pd.DataFrame(rows, columns=["k", "shared", "jaccard", "expected_jaccard"])
@@ -458,7 +450,7 @@ class OverlapReport:
                 for kind in KINDS
             },
         }
-        text = json.dumps(_plain(document), indent=2, allow_nan=False)
+        text = json.dumps(stats.plain(document), indent=2, allow_nan=False)
         if path is not None:
             with open(path, "w", encoding="utf-8") as handle:
                 handle.write(text)
@@ -573,11 +565,6 @@ def _check_kind(kind: str) -> Kind:
     return kind  # type: ignore[return-value]
 
 
-def _ratio(numerator: int, denominator: int) -> float:
-    """numerator / denominator, ``nan`` for 0/0-type cases (see the module docstring)."""
-    return numerator / denominator if denominator else math.nan
-
-
 def _node_key(name: str) -> tuple[int, int, int]:
     """Forward order: a layer's heads by index, then its MLP."""
     node = parse_node(name)
@@ -666,69 +653,3 @@ def _scores_inside(circuit: Circuit, universe: frozenset[str]) -> dict[str, floa
         if node.name in universe:
             out[node.name] = float(value)
     return out
-
-
-def _expected_jaccard(big_m: int, n: int, big_n: int) -> float:
-    """E[x / (n + N - x)] for x ~ Hypergeometric(M, n, N), summed exactly over the pmf."""
-    if big_m == 0 or n + big_n == 0:
-        return math.nan
-    from scipy.stats import hypergeom
-
-    x = np.arange(max(0, n + big_n - big_m), min(n, big_n) + 1)
-    pmf = hypergeom.pmf(x, big_m, n, big_n)
-    return float(np.sum(pmf * x / (n + big_n - x)))
-
-
-def _random_subset_hits(
-    in_a: np.ndarray, size: int, n_draws: int, rng: np.random.Generator
-) -> np.ndarray:
-    """For ``n_draws`` uniform random ``size``-subsets of the universe, how many hit A.
-
-    A subset is the ``size`` smallest of i.i.d. uniform keys (a random permutation's
-    prefix). Draws go in chunks so that memory stays bounded on large universes.
-    """
-    universe_size = len(in_a)
-    hits = np.zeros(n_draws, dtype=np.int64)
-    if size == 0:
-        return hits
-    chunk = max(1, _MAX_DRAWS_PER_CHUNK // universe_size)
-    for start in range(0, n_draws, chunk):
-        rows = min(chunk, n_draws - start)
-        keys = rng.random((rows, universe_size))
-        picked = np.argpartition(keys, size - 1, axis=1)[:, :size]
-        hits[start : start + rows] = in_a[picked].sum(axis=1)
-    return hits
-
-
-def _sweep_ks(available: int) -> list[int]:
-    if available <= _FULL_SWEEP_UP_TO:
-        return list(range(1, available + 1))
-    grid = np.unique(np.geomspace(1, available, _FULL_SWEEP_UP_TO).round().astype(int))
-    return [int(k) for k in grid]
-
-
-def _check_ks(ks: Iterable[int], available: int) -> list[int]:
-    chosen = list(ks)
-    for k in chosen:
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= available:
-            raise ValueError(
-                f"every k must be an int in 1..{available} (the smaller number of scored "
-                f"nodes of the two circuits), got {k!r}"
-            )
-    return [int(k) for k in chosen]
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as plain JSON types: nan and inf become None, unknown objects strings."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
-        return [_plain(item) for item in items]
-    return str(value)

@@ -404,9 +404,9 @@ def _model_overlap(report: HtmlReport, reports: Mapping[str, OverlapReport]) -> 
 def _matrices(report: HtmlReport, study: StudyLike) -> None:
     report.add_heading("Cross-task and cross-model faithfulness")
     matrices = (
-        ("cross_task", study.cross_task, "task's circuit", "evaluated on task"),
-        ("cross_model", study.cross_model, "task's base circuit", "model"),
-        ("cross_ablation", study.cross_ablation, "ablated circuit", "damaged task"),
+        ("cross_task", study.cross_task, "task's circuit", "evaluated on task", "faithfulness"),
+        ("cross_model", study.cross_model, "task's base circuit", "model", "faithfulness"),
+        ("cross_ablation", study.cross_ablation, "ablated circuit", "damaged task", "damage"),
     )
     titles = {
         "cross_task": "Faithfulness of each task's circuit on each task",
@@ -414,12 +414,12 @@ def _matrices(report: HtmlReport, study: StudyLike) -> None:
         "cross_ablation": "Damage to each task when a circuit is ablated "
         "(1 − faithfulness of the rest of the model)",
     }
-    for key, df, rows, columns in matrices:
+    for key, df, rows, columns, value_name in matrices:
         if df.empty:
             report.add_text(f"{titles[key]}: not computed.", css_class="empty")
             continue
         named = df.rename_axis(index=df.index.name or rows, columns=df.columns.name or columns)
-        fig = plot.faithfulness_matrix(named, title=titles[key])
+        fig = plot.faithfulness_matrix(named, title=titles[key], value_name=value_name)
         report.add_figure(fig, name="faithfulness_matrix", key=key)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from reuse_lens.circuits.faithfulness import (
 )
 from reuse_lens.nodes import Ablation
 from reuse_lens.patching.scores import NodeScores
+from reuse_lens.tasks.metrics import MetricError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -129,6 +131,7 @@ class StudyResult:
     interventions: list[dict[str, Any]]
     findings: list[str]
     seconds: float
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def scores_of(circuit: Circuit) -> NodeScores:
@@ -215,6 +218,7 @@ def run_study(
 
     evaluations = _evaluations(models, tasks, evaluate)
     circuits: dict[str, Circuit] = {}
+    skipped: dict[str, str] = {}
     evaluators: dict[tuple[str, str], CircuitEvaluator] = {}
 
     def evaluator(model_label: str, task_name: str) -> CircuitEvaluator:
@@ -243,12 +247,16 @@ def run_study(
             circuit is None
             or circuit.metadata.get("settings", {}).get("ablation") != config.ablation
         ):
-            circuit = discover_circuit(
-                models[model_label],
-                tasks[task_name],
-                method=method,  # type: ignore[arg-type]
-                ablation=config.ablation,
-            )
+            try:
+                circuit = discover_circuit(
+                    models[model_label],
+                    tasks[task_name],
+                    method=method,  # type: ignore[arg-type]
+                    ablation=config.ablation,
+                )
+            except MetricError as error:  # the model does not do this task: say so, go on
+                skipped[key] = str(error).split(":")[0] + f" ({model_label} on {task_name})"
+                continue
             circuit = circuit.with_metadata(
                 corrupted_metric=_corrupted(evaluations, model_label, task_name)
             )
@@ -278,8 +286,8 @@ def run_study(
             }
         )  # fmt: skip
     return _compare(
-        config, specs, models, tasks, evaluations, circuits, scores, curves, rows,
-        evaluator, progress, start,
+        _Run(config, specs, models, tasks, evaluations, circuits, skipped, scores, curves,
+             rows, progress, start)
     )  # fmt: skip
 
 
@@ -311,97 +319,128 @@ def _corrupted(evaluations: pd.DataFrame, model: str, task: str) -> float:
     raise KeyError(f"no evaluation of {model} on {task}")
 
 
-def _compare(
-    config: StudyConfig,
-    specs: dict[str, str],
-    models: dict[str, TransformerBridge],
-    tasks: dict[str, Task],
-    evaluations: pd.DataFrame,
-    circuits: dict[str, Circuit],
-    scores: dict[str, NodeScores],
-    curves: dict[str, FaithfulnessCurve],
-    rows: list[dict[str, Any]],
-    evaluator: Any,
-    progress: bool,
-    start: float,
-) -> StudyResult:
+@dataclass
+class _Run:
+    """What the discovery stage of a study hands to the comparison stage."""
+
+    config: StudyConfig
+    specs: dict[str, str]
+    models: dict[str, TransformerBridge]
+    tasks: dict[str, Task]
+    evaluations: pd.DataFrame
+    circuits: dict[str, Circuit]
+    skipped: dict[str, str]
+    scores: dict[str, NodeScores]
+    curves: dict[str, FaithfulnessCurve]
+    rows: list[dict[str, Any]]
+    progress: bool
+    start: float
+
+    def circuit(self, model: str, task: str) -> Circuit | None:
+        """The primary method's circuit, if one was found."""
+        return self.circuits.get(f"{model}/{task}/{self.config.methods[0]}")
+
+
+def _agreement(run: _Run) -> pd.DataFrame:
     import pandas as pd
 
-    from reuse_lens.interventions import ablate_heads, uniform_attention
     from reuse_lens.overlap import compare
-    from reuse_lens.reuse import (
-        circuit_stability,
-        cross_model_faithfulness,
-        cross_task_ablation,
-        cross_task_faithfulness,
-    )
 
-    primary = config.methods[0]
-    agreement = []
-    for model_label, task_name in {(k.split("/")[0], k.split("/")[1]) for k in circuits}:
-        for a, b in itertools.combinations(config.methods, 2):
-            report = compare({a: circuits[f"{model_label}/{task_name}/{a}"],
-                              b: circuits[f"{model_label}/{task_name}/{b}"]})  # fmt: skip
-            agreement.append(
+    rows = []
+    pairs = sorted({tuple(k.split("/")[:2]) for k in run.circuits})
+    for model_label, task_name in pairs:
+        for a, b in itertools.combinations(run.config.methods, 2):
+            ka, kb = f"{model_label}/{task_name}/{a}", f"{model_label}/{task_name}/{b}"
+            if ka not in run.circuits or kb not in run.circuits:
+                continue
+            report = compare({a: run.circuits[ka], b: run.circuits[kb]})
+            rows.append(
                 {
                     "model": model_label, "task": task_name, "method_a": a, "method_b": b,
                     "jaccard": report.jaccard(a, b), "jaccard_heads": report.jaccard(a, b, "heads"),
                     "jaccard_mlps": report.jaccard(a, b, "mlps"),
                 }
             )  # fmt: skip
-    base_circuits = {t: circuits[f"base/{t}/{primary}"] for t in config.tasks}
-    stability_rows = []
+    return pd.DataFrame(rows)
+
+
+def _stability(run: _Run, task_names: list[str]) -> pd.DataFrame:
+    import pandas as pd
+
+    from reuse_lens.reuse import circuit_stability
+
+    config, rows = run.config, []
     if config.n_boot >= 2:
-        for task_name in tqdm(config.tasks, desc="stability", disable=not progress):
-            result = circuit_stability(
-                models["base"], tasks[task_name], method=primary, n_boot=config.n_boot,
-                seed=config.seed, ablation=config.ablation,
-            )  # fmt: skip
-            stability_rows.append(
+        for task_name in tqdm(task_names, desc="stability", disable=not run.progress):
+            try:
+                result = circuit_stability(
+                    run.models["base"], run.tasks[task_name], method=config.methods[0],
+                    n_boot=config.n_boot, seed=config.seed, ablation=config.ablation,
+                )  # fmt: skip
+            except MetricError:  # a resample on which the model does not separate the task
+                rows.append({"task": task_name, "mean_jaccard": math.nan,
+                             "std_jaccard": math.nan, "n_boot": 0})  # fmt: skip
+                continue
+            rows.append(
                 {"task": task_name, "mean_jaccard": result.mean_jaccard,
                  "std_jaccard": result.std_jaccard, "n_boot": result.n_boot}
             )  # fmt: skip
-    stability = pd.DataFrame(
-        stability_rows, columns=["task", "mean_jaccard", "std_jaccard", "n_boot"]
+    return pd.DataFrame(rows, columns=["task", "mean_jaccard", "std_jaccard", "n_boot"])
+
+
+def _compare(run: _Run) -> StudyResult:
+    import pandas as pd
+
+    from reuse_lens.interventions import ablate_heads, uniform_attention
+    from reuse_lens.overlap import compare
+    from reuse_lens.reuse import (
+        cross_model_faithfulness,
+        cross_task_ablation,
+        cross_task_faithfulness,
     )
+
+    config, base = run.config, run.models["base"]
+    base_circuits = {t: c for t in config.tasks if (c := run.circuit("base", t)) is not None}
+    if len(base_circuits) < 2:
+        raise MetricError(
+            f"only {len(base_circuits)} task(s) had a circuit in {config.base} "
+            f"({'; '.join(run.skipped.values()) or 'none skipped'}): overlap needs two"
+        )
+    stability = _stability(run, list(base_circuits))
     task_overlap = compare(base_circuits)
     if len(stability):
-        task_overlap = task_overlap.with_stability(
-            dict(zip(stability["task"], stability["mean_jaccard"], strict=True))
-        )
-    model_overlap = {
-        t: compare(
-            {"base": circuits[f"base/{t}/{primary}"], f"ft-{t}": circuits[f"ft-{t}/{t}/{primary}"]}
-        )
-        for t in config.fine_tuned
-    }
-    base_tasks = {t: tasks[t] for t in config.tasks}
-    cross_task = cross_task_faithfulness(
-        models["base"], base_circuits, base_tasks, ablation=config.ablation
-    )  # type: ignore[arg-type]
-    model_circuits = {t: circuits[f"base/{t}/{primary}"] for t in config.fine_tuned}
+        ceilings = {
+            t: v
+            for t, v in zip(stability["task"], stability["mean_jaccard"], strict=True)
+            if not math.isnan(v)
+        }
+        task_overlap = task_overlap.with_stability(ceilings)
+    model_overlap = {}
+    for t in config.fine_tuned:
+        pair = {"base": run.circuit("base", t), f"ft-{t}": run.circuit(f"ft-{t}", t)}
+        if all(c is not None for c in pair.values()):
+            model_overlap[t] = compare(pair)  # type: ignore[arg-type]
+    base_tasks = {t: run.tasks[t] for t in base_circuits}
+    ablation = config.ablation
+    cross_task = cross_task_faithfulness(base, base_circuits, base_tasks, ablation=ablation)
+    tuned = {t: base_circuits[t] for t in config.fine_tuned if t in base_circuits}
     cross_model = cross_model_faithfulness(
-        model_circuits,
-        models,
-        {t: tasks[t] for t in config.fine_tuned},
-        ablation=config.ablation,  # type: ignore[arg-type]
+        tuned, run.models, {t: run.tasks[t] for t in tuned}, ablation=ablation
     )
-    cross_ablation = cross_task_ablation(
-        models["base"], base_circuits, base_tasks, ablation=config.ablation
-    )  # type: ignore[arg-type]
+    cross_ablation = cross_task_ablation(base, base_circuits, base_tasks, ablation=ablation)
     interventions = _interventions(
-        config, models["base"], tasks, task_overlap, uniform_attention, ablate_heads
+        config, base, run.tasks, task_overlap, uniform_attention, ablate_heads
     )
-    circuit_table = pd.DataFrame(rows)
-    findings = _findings(
-        config, circuit_table, task_overlap, model_overlap, cross_model, interventions
-    )
+    circuit_table = pd.DataFrame(run.rows)
+    findings = [f"No circuit for {key}: {why}." for key, why in run.skipped.items()]
+    findings += _findings(circuit_table, task_overlap, model_overlap, cross_model, interventions)
     return StudyResult(
-        config=config, models=specs, evaluations=evaluations, circuits=circuits, scores=scores,
-        curves=curves, circuit_table=circuit_table, method_agreement=pd.DataFrame(agreement),
-        task_overlap=task_overlap, model_overlap=model_overlap, stability=stability,
-        cross_task=cross_task, cross_model=cross_model, cross_ablation=cross_ablation,
-        interventions=interventions, findings=findings, seconds=time.perf_counter() - start,
+        config=config, models=run.specs, evaluations=run.evaluations, circuits=run.circuits,
+        scores=run.scores, curves=run.curves, circuit_table=circuit_table,
+        method_agreement=_agreement(run), task_overlap=task_overlap,
+        model_overlap=model_overlap, stability=stability, cross_task=cross_task,
+        cross_model=cross_model, cross_ablation=cross_ablation, interventions=interventions,
+        findings=findings, seconds=time.perf_counter() - run.start, skipped=run.skipped,
     )  # fmt: skip
 
 
@@ -462,7 +501,6 @@ def _result_fields(result: Any) -> dict[str, Any]:
 
 
 def _findings(
-    config: StudyConfig,
     circuits: pd.DataFrame,
     overlap: OverlapReport,
     model_overlap: Mapping[str, OverlapReport],

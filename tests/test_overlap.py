@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reuse_lens import overlap
+from reuse_lens import _overlap_stats, overlap
 from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.nodes import Edge, ModelShape, edges_of
 from reuse_lens.overlap import KINDS, Kind, OverlapReport, compare
@@ -415,7 +415,7 @@ def test_permutation_p_value_counts_the_observed_draw() -> None:
 def test_permutation_chunks_do_not_change_the_draws(monkeypatch: pytest.MonkeyPatch) -> None:
     rep = compare({"ioi": circuit(IOI), "colored": circuit(COLORED)})
     whole = rep.permutation_p_value("ioi", "colored", "all", n_permutations=1000, seed=7)
-    monkeypatch.setattr(overlap, "_MAX_DRAWS_PER_CHUNK", 15 * 7)  # 7 draws per chunk
+    monkeypatch.setattr(_overlap_stats, "_MAX_DRAWS_PER_CHUNK", 15 * 7)  # 7 draws per chunk
     chunked = rep.permutation_p_value("ioi", "colored", "all", n_permutations=1000, seed=7)
     assert chunked == whole
 
@@ -494,6 +494,6 @@ def test_expected_jaccard_in_a_gpt2_medium_sized_universe() -> None:
     rng = np.random.default_rng(0)
     in_a = np.zeros(384, dtype=bool)
     in_a[:32] = True
-    hits = overlap._random_subset_hits(in_a, 32, 4000, rng)
+    hits = _overlap_stats.random_subset_hits(in_a, 32, 4000, rng)
     simulated = float(np.mean(hits / (64 - hits)))
     assert rep.expected_jaccard("a", "b", "heads") == pytest.approx(simulated, rel=0.05)

@@ -419,6 +419,21 @@ def test_faithfulness_matrix_is_the_frame() -> None:
     assert layout(fig).title.text == "cross-task"
 
 
+def test_faithfulness_matrix_names_its_values() -> None:
+    df = pd.DataFrame(
+        [[0.25, 0.5]],
+        index=pd.Index(["ioi"], name="ablated circuit"),
+        columns=pd.Index(["ioi", "sva"], name="damaged task"),
+    )
+    (default,) = traces(plot.faithfulness_matrix(df))
+    assert default.colorbar.title.text == "faithfulness"
+    fig = plot.faithfulness_matrix(df, value_name="damage")
+    (heatmap,) = traces(fig)
+    assert heatmap.colorbar.title.text == "damage"
+    assert heatmap.customdata[0][1] == "ablated circuit: ioi<br>damaged task: sva<br>damage: 0.5"
+    assert layout(fig).title.text == "Damage of each ablated circuit on each damaged task"
+
+
 def test_faithfulness_matrix_bad_input() -> None:
     with pytest.raises(ValueError, match="at least one row"):
         plot.faithfulness_matrix(pd.DataFrame())

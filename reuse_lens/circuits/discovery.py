@@ -30,6 +30,8 @@ import math
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from jaxtyping import Float
+from torch import Tensor
 
 from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.circuits.faithfulness import CircuitEvaluator, ranked
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
     from reuse_lens.tasks.metrics import Metric
     from reuse_lens.tasks.task import Task
 
-__all__ = ["METHODS", "discover_circuit", "select_prefix"]
+__all__ = ["METHODS", "check_separates", "discover_circuit", "select_prefix"]
 
 Method = Literal["activation", "path", "eap", "eap-ig"]
 Level = Literal["node", "edge"]
@@ -129,12 +131,8 @@ def discover_circuit(
         raise ValueError(f"task {task.name!r} has no prompts")
     _check_rule(threshold, top_k, target_faithfulness, selection, level)
     evaluator = CircuitEvaluator(model, task, ablation=ablation, metric=metric)
-    gap = evaluator.full - float(evaluator.runner.prep.corrupted_metric.mean())
-    if abs(gap) < 1e-6:
-        raise MetricError(
-            f"the metric is the same on clean and corrupted prompts of task {task.name!r} "
-            f"({evaluator.full:.4g}): no circuit can be found. Check the task's corruption."
-        )
+    prep = evaluator.runner.prep
+    gap = check_separates(prep.clean_metric, prep.corrupted_metric, task.name)
     settings: dict[str, Any] = {"level": level, "ablation": ablation}
     if method == "path":
         circuit, rule = _path_circuit(
@@ -165,6 +163,34 @@ def discover_circuit(
 
 
 # ---- rules --------------------------------------------------------------------------------
+
+
+MIN_T = 2.0
+"""The paired t statistic of clean − corrupted below which a task is said not to separate."""
+
+
+def check_separates(
+    clean: Float[Tensor, " batch"], corrupted: Float[Tensor, " batch"], task: str
+) -> float:
+    """The mean clean − corrupted gap, or MetricError if the metric cannot tell them apart.
+
+    With three or more prompts the gap must be significant: a paired t statistic of at
+    least 2 over prompts (a model that only guesses gives a gap of noise, and every
+    circuit "found" in noise is noise). With fewer, it must be at least 1e-6.
+    """
+    diff = (clean - corrupted).double()
+    gap = float(diff.mean())
+    spread = float(diff.std()) if len(diff) >= 3 else 0.0
+    t = math.inf if spread == 0 else gap / (spread / math.sqrt(len(diff)))
+    if abs(gap) < 1e-6 or abs(t) < MIN_T:
+        raise MetricError(
+            f"the metric cannot separate the clean from the corrupted prompts of task "
+            f"{task!r}: clean {float(clean.mean()):.4g}, corrupted {float(corrupted.mean()):.4g} "
+            f"(paired t = {t:.2f} over {len(diff)} prompts, below {MIN_T}). The model does not "
+            "do this task (or the corruption changes nothing), so no circuit can be found: "
+            "check rl.evaluate(model, task), or use more prompts."
+        )
+    return gap
 
 
 def _check_rule(

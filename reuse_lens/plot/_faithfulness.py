@@ -114,6 +114,7 @@ def faithfulness_matrix(
     *,
     template: str = "plotly_white",
     title: str | None = None,
+    value_name: str = "faithfulness",
 ) -> go.Figure:
     """Annotated heatmap of the faithfulness of each circuit on each task (or model).
 
@@ -126,6 +127,9 @@ def faithfulness_matrix(
             faithfulness; the index and column ``name`` label the axes when set.
         template: a plotly template name.
         title: the figure title.
+        value_name: what the values are, for the colour bar, the hover text and the
+            default title; e.g. ``"damage"`` for a cross-ablation matrix, whose values
+            are 1 − faithfulness.
 
     Returns:
         A figure with one heatmap whose ``z`` equals ``df``'s values (rows top to bottom).
@@ -141,7 +145,7 @@ def faithfulness_matrix(
         values = df.to_numpy(dtype=float)
     except (TypeError, ValueError) as error:
         raise ValueError(
-            f"faithfulness_matrix needs numbers (faithfulness floats); {error}"
+            f"faithfulness_matrix needs numbers ({value_name} floats); {error}"
         ) from error
     rows, cols = [str(r) for r in df.index], [str(c) for c in df.columns]
     row_title = str(df.index.name or "circuit")
@@ -149,7 +153,7 @@ def faithfulness_matrix(
     text = [["–" if math.isnan(v) else f"{v:.2f}" for v in row] for row in values]
     hover = [
         [
-            f"{row_title}: {r}<br>{col_title}: {c}<br>faithfulness: {fmt(float(v))}"
+            f"{row_title}: {r}<br>{col_title}: {c}<br>{value_name}: {fmt(float(v))}"
             for c, v in zip(cols, row, strict=True)
         ]
         for r, row in zip(rows, values, strict=True)
@@ -171,12 +175,12 @@ def faithfulness_matrix(
             zmax=high,
             xgap=1,
             ygap=1,
-            colorbar={"title": {"text": "faithfulness"}},
+            colorbar={"title": {"text": value_name}},
         )
     )
     fig.update_xaxes(title_text=col_title)
     fig.update_yaxes(title_text=row_title, autorange="reversed")
-    default = f"Faithfulness of each {row_title} on each {col_title}"
+    default = f"{value_name[:1].upper()}{value_name[1:]} of each {row_title} on each {col_title}"
     return finish(fig, template=template, title=title, default_title=default)
 
 

@@ -99,11 +99,21 @@ def test_top_k_and_threshold_rules(handbuilt: tuple[Any, rl.Task]) -> None:
 
 
 def test_discovery_is_deterministic() -> None:
-    model = rl.load_model(native_config())
-    task = random_task(model, n=4, seed=5)
+    model = rl.load_model("zoo:base")
+    task = rl.tasks.load("ioi", model, n=16, seed=3)
     first = discover_circuit(model, task, method="eap-ig")
-    again = discover_circuit(model, task, method="eap-ig")
+    again = discover_circuit(model, rl.tasks.load("ioi", model, n=16, seed=3), method="eap-ig")
     assert first == again
+
+
+def test_a_task_the_model_only_guesses_at_is_refused() -> None:
+    """A random model's logit differences on random prompts are noise: no circuit."""
+    model = rl.load_model(native_config())
+    task = random_task(model, n=8, seed=5)
+    gaps = rl.evaluate(model, task)
+    assert abs(gaps["clean_metric"] - gaps["corrupted_metric"]) > 1e-3  # not exactly equal
+    with pytest.raises(rl.tasks.MetricError, match="paired t"):
+        discover_circuit(model, task)
 
 
 def test_select_prefix_scans_small_and_bisects_large() -> None:

@@ -1,0 +1,127 @@
+"""The chance statistics behind ``reuse_lens.overlap``, on plain counts and arrays.
+
+Nothing here knows about circuits or reports: each function takes set sizes (M, the
+universe; n = |A|; N = |B|; x = |A∩B|) or a membership mask, so each can be checked
+against a brute-force count on its own. scipy loads on first use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "check_ks",
+    "expected_jaccard",
+    "hypergeom_tail",
+    "permutation_p_value",
+    "plain",
+    "random_subset_hits",
+    "ratio",
+    "sweep_ks",
+]
+
+_MAX_DRAWS_PER_CHUNK = 1 << 22  # random keys held at once by the permutation test (32 MiB)
+_FULL_SWEEP_UP_TO = 64  # sweeps test every k up to this many nodes, then a geometric grid
+
+
+def ratio(numerator: int, denominator: int) -> float:
+    """numerator / denominator, ``nan`` for 0/0-type cases (see ``reuse_lens.overlap``)."""
+    return numerator / denominator if denominator else math.nan
+
+
+def hypergeom_tail(big_m: int, n: int, big_n: int, x: int) -> float:
+    """P(X >= x) for X ~ Hypergeometric(M, n, N): ``hypergeom.sf(x - 1, M, n, N)``.
+
+    Hanna et al. 2024 compute P(X > x), one too strict. 1 when x = 0 (no scipy needed)
+    and ``nan`` when the universe is empty.
+    """
+    if big_m == 0:
+        return math.nan
+    if x == 0:
+        return 1.0  # P(X >= 0)
+    from scipy.stats import hypergeom
+
+    return float(hypergeom.sf(x - 1, big_m, n, big_n))
+
+
+def expected_jaccard(big_m: int, n: int, big_n: int) -> float:
+    """E[x / (n + N - x)] for x ~ Hypergeometric(M, n, N), summed exactly over the pmf."""
+    if big_m == 0 or n + big_n == 0:
+        return math.nan
+    from scipy.stats import hypergeom
+
+    x = np.arange(max(0, n + big_n - big_m), min(n, big_n) + 1)
+    pmf = hypergeom.pmf(x, big_m, n, big_n)
+    return float(np.sum(pmf * x / (n + big_n - x)))
+
+
+def random_subset_hits(
+    in_a: np.ndarray, size: int, n_draws: int, rng: np.random.Generator
+) -> np.ndarray:
+    """For ``n_draws`` uniform random ``size``-subsets of the universe, how many hit A.
+
+    A subset is the ``size`` smallest of i.i.d. uniform keys (a random permutation's
+    prefix). Draws go in chunks so that memory stays bounded on large universes.
+    """
+    universe_size = len(in_a)
+    hits = np.zeros(n_draws, dtype=np.int64)
+    if size == 0:
+        return hits
+    chunk = max(1, _MAX_DRAWS_PER_CHUNK // universe_size)
+    for start in range(0, n_draws, chunk):
+        rows = min(chunk, n_draws - start)
+        keys = rng.random((rows, universe_size))
+        picked = np.argpartition(keys, size - 1, axis=1)[:, :size]
+        hits[start : start + rows] = in_a[picked].sum(axis=1)
+    return hits
+
+
+def permutation_p_value(
+    in_a: np.ndarray, size: int, observed: int, n_permutations: int, rng: np.random.Generator
+) -> float:
+    """``(1 + #{hits >= observed}) / (1 + n_permutations)`` over random ``size``-subsets.
+
+    The observed draw counts as one of the permutations, so the p-value is never 0.
+    """
+    counts = random_subset_hits(in_a, size, n_permutations, rng)
+    return float((1 + np.count_nonzero(counts >= observed)) / (1 + n_permutations))
+
+
+def sweep_ks(available: int) -> list[int]:
+    """Every k up to ``available`` when that is small, else a geometric grid from 1."""
+    if available <= _FULL_SWEEP_UP_TO:
+        return list(range(1, available + 1))
+    grid = np.unique(np.geomspace(1, available, _FULL_SWEEP_UP_TO).round().astype(int))
+    return [int(k) for k in grid]
+
+
+def check_ks(ks: Iterable[int], available: int) -> list[int]:
+    """``ks`` as ints, each checked to lie in 1..``available``."""
+    chosen = list(ks)
+    for k in chosen:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= available:
+            raise ValueError(
+                f"every k must be an int in 1..{available} (the smaller number of scored "
+                f"nodes of the two circuits), got {k!r}"
+            )
+    return [int(k) for k in chosen]
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain JSON types: nan and inf become None, unknown objects strings."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+        return [plain(item) for item in items]
+    return str(value)

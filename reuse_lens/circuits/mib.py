@@ -1,0 +1,229 @@
+"""The MIB circuit track's circuit file (Mueller et al. 2025), read and written.
+
+MIB's files are what EAP-IG's ``Graph.to_json`` writes (Hanna et al. 2024): every node and
+edge of the model with an ``in_graph`` flag, so that MIB's evaluation can read our circuits
+and we can read theirs. Our own fields (stages, metadata, which edge scores are real) travel
+in an extra ``"reuse_lens"`` block that MIB's loaders ignore. The format is described in
+docs/circuit_format.md; ``Circuit.to_mib_json`` and ``Circuit.from_mib_json`` call this
+module.
+
+Like ``circuit.py``, this module imports neither torch nor TransformerLens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from reuse_lens.circuits.circuit import (
+    CIRCUIT_FORMAT,
+    CIRCUIT_FORMAT_VERSION,
+    Circuit,
+    CircuitError,
+    _as_shape,
+    _count,
+    _edge,
+    _key,
+    _node,
+    _node_ends,
+    _require,
+    _write_atomic,
+)
+from reuse_lens.nodes import Edge, ModelShape, edges_of
+
+__all__ = ["mib_fields", "to_mib_dict", "to_mib_json"]
+
+_MIB_EXTRA = "reuse_lens"  # our block inside a MIB file; MIB's loaders read only cfg/nodes/edges
+
+
+def to_mib_dict(circuit: Circuit, *, d_model: int | None = None) -> dict[str, Any]:
+    """``circuit`` as a MIB circuit-track graph: every node and edge, with ``in_graph``.
+
+    Edge scores come from ``edge_scores``; edges without one get 0.0, as EAP-IG's graphs
+    start from zeros and MIB's loaders expect a number. A node-level circuit marks its
+    nodes and every edge among them and ``input``/``logits`` (all three q/k/v inputs).
+    ``d_model`` (which MIB reads only for neuron-level circuits) comes from the argument,
+    else ``metadata["d_model"]``, else the cfg of a MIB file the circuit was read from,
+    else 0.
+    """
+    kept = circuit.nodes | {"input", "logits"}
+    all_edges = edges_of(circuit.shape)
+    keys = [_key(e) for e in all_edges]
+    if circuit.edges:
+        in_graph = [key in circuit.edges for key in keys]
+    else:
+        in_graph = [e.sender.name in kept and e.receiver.name in kept for e in all_edges]
+    from_input = (g for k, g in zip(keys, in_graph, strict=True) if k[0] == "input")
+    nodes: dict[str, dict[str, Any]] = {"input": {"in_graph": any(from_input)}}
+    for node in circuit.shape.nodes():
+        nodes[node.name] = {"in_graph": node.name in circuit.nodes}
+        if node.name in circuit.node_scores:
+            nodes[node.name]["score"] = circuit.node_scores[node.name]
+    nodes["logits"] = {"in_graph": True}  # MIB's logits node is always in the graph
+    edges = {
+        f"{s}->{r}": {"score": circuit.edge_scores.get((s, r), 0.0), "in_graph": g}
+        for (s, r), g in zip(keys, in_graph, strict=True)
+    }
+    scored: str | list[str] = (
+        "all"
+        if len(circuit.edge_scores) == len(keys)
+        else [f"{s}->{r}" for s, r in circuit.edge_scores]
+    )
+    extra = {
+        "format_version": CIRCUIT_FORMAT_VERSION,
+        "level": circuit.level,
+        "scored_edges": scored,
+        "stages": dict(circuit.stages),
+        "metadata": dict(circuit.metadata),
+    }
+    cfg = {
+        "n_layers": circuit.shape.n_layers,
+        "n_heads": circuit.shape.n_heads,
+        "parallel_attn_mlp": False,
+        "d_model": _d_model(circuit, d_model),
+        "attn_only": not circuit.shape.has_mlps,
+    }
+    return {"cfg": cfg, "nodes": nodes, "edges": edges, _MIB_EXTRA: extra}
+
+
+def _d_model(circuit: Circuit, d_model: int | None) -> int:
+    if d_model is not None:
+        return int(d_model)
+    mib_cfg = circuit.metadata.get("mib_cfg")
+    for value in (
+        circuit.metadata.get("d_model"),
+        mib_cfg.get("d_model") if isinstance(mib_cfg, dict) else None,
+    ):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
+
+
+def to_mib_json(
+    circuit: Circuit, path: str | os.PathLike[str] | None = None, *, d_model: int | None = None
+) -> str:
+    """``circuit`` as MIB circuit-track JSON (see ``to_mib_dict``); written atomically."""
+    text = json.dumps(to_mib_dict(circuit, d_model=d_model), allow_nan=False)
+    if path is not None:
+        _write_atomic(Path(path), text)
+    return text
+
+
+def mib_fields(
+    doc: object, shape: ModelShape | Any | None = None, *, source: str = "the MIB document"
+) -> dict[str, Any]:
+    """The Circuit fields (constructor keywords) of a parsed MIB circuit-track document.
+
+    The circuit is what the document marks ``in_graph``: the edges, and the heads and MLPs
+    marked or at an in-graph edge's end. A document that marks only nodes gives a node-level
+    circuit. ``shape``, when given, must agree with the document's cfg. The caller builds
+    the Circuit, so that ``Circuit.from_mib_dict`` keeps building its own class.
+    """
+    data: dict[str, Any] = _require(doc, dict, "the document", source)
+    if data.get("format") == CIRCUIT_FORMAT:
+        raise CircuitError(f"{source} is in reuse_lens's own format: use Circuit.from_json")
+    cfg = _require(data.get("cfg"), dict, "'cfg'", source)
+    node_infos = _require(data.get("nodes"), dict, "'nodes'", source)
+    edge_infos = _require(data.get("edges"), dict, "'edges'", source)
+    extra = data.get(_MIB_EXTRA)
+    extra = extra if isinstance(extra, dict) else None
+    shape = _mib_shape(cfg, node_infos, shape, source)
+
+    nodes: set[str] = set()
+    node_scores: dict[str, float] = {}
+    for name, info in node_infos.items():
+        if name in ("input", "logits"):
+            continue
+        info = _require(info, dict, f"'nodes'[{name!r}]", source)
+        node = _node(name, shape, f"node in {source}").name
+        if _flag(info, f"'nodes'[{name!r}]", source):
+            nodes.add(node)
+        if _is_number(info.get("score")):  # NaN marks an unscored node in EAP-IG
+            node_scores[node] = float(info["score"])
+        if isinstance(info.get("neurons"), list) and not all(info["neurons"]):
+            warnings.warn(
+                f"{source}: node {name} keeps only some neurons; reuse_lens circuits are "
+                "node-level, so the whole node is read as in_graph",
+                UserWarning,
+                stacklevel=4,  # past this function and Circuit.from_mib_dict/from_mib_json
+            )
+
+    edges: set[Edge] = set()  # Edge objects, so that the constructor need not re-parse
+    edge_scores: dict[Edge, float] = {}
+    for name, info in edge_infos.items():
+        info = _require(info, dict, f"'edges'[{name!r}]", source)
+        edge = _edge(name, shape, f"edge in {source}")
+        if _flag(info, f"'edges'[{name!r}]", source):
+            edges.add(edge)
+        if _is_number(info.get("score")):
+            edge_scores[edge] = float(info["score"])
+    edge_scores = _known_edge_scores(edge_scores, extra, shape, source)
+
+    if extra and extra.get("level") == "node":  # from a node circuit: its edges were implied
+        edges = set()
+    return {
+        "nodes": frozenset(nodes | _node_ends(edges)),
+        "shape": shape,
+        "edges": frozenset(edges),  # Edges are canonicalised to key tuples by the Circuit
+        "node_scores": node_scores,
+        "edge_scores": edge_scores,
+        **_mib_rest(extra, cfg),
+    }
+
+
+def _mib_shape(
+    cfg: dict[str, Any], node_infos: dict[str, Any], shape: object, source: str
+) -> ModelShape:
+    """The shape a MIB file describes, checked against ``shape`` when one is given."""
+    n_layers = _count(cfg.get("n_layers"), "'cfg.n_layers'", source)
+    n_heads = _count(cfg.get("n_heads"), "'cfg.n_heads'", source)
+    stated = "attn_only" in cfg  # our files say so; MIB's own graphs always have MLPs
+    has_mlps = not cfg["attn_only"] if stated else any(n.startswith("m") for n in node_infos)
+    if shape is None:
+        return ModelShape(n_layers, n_heads, bool(has_mlps))
+    given = _as_shape(shape)
+    if (given.n_layers, given.n_heads) != (n_layers, n_heads) or (
+        stated and given.has_mlps != has_mlps
+    ):
+        raise CircuitError(
+            f"{source} describes a model of {n_layers} layers x {n_heads} heads"
+            f"{'' if has_mlps else ' (attention-only)'}, but the shape given is "
+            f"{given.n_layers} x {given.n_heads}{'' if given.has_mlps else ' (attention-only)'}"
+        )
+    return given
+
+
+def _flag(info: dict[str, Any], what: str, source: str) -> bool:
+    value = info.get("in_graph")
+    if value not in (True, False):  # also accepts 0 and 1
+        raise CircuitError(f"{source}: {what}.in_graph must be true or false, got {value!r}")
+    return bool(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _known_edge_scores(
+    scores: dict[Edge, float], extra: dict[str, Any] | None, shape: ModelShape, source: str
+) -> dict[Edge, float]:
+    """The edge scores that are real, not MIB's 0.0 placeholders."""
+    scored = extra.get("scored_edges") if extra else None
+    if scored == "all":
+        return scores
+    if isinstance(scored, list):
+        wanted = {_edge(name, shape, f"scored edge in {source}") for name in scored}
+        return {edge: value for edge, value in scores.items() if edge in wanted}
+    # a plain MIB file: all zeros means unscored (EAP-IG's graphs start from zeros)
+    return scores if any(v != 0.0 for v in scores.values()) else {}
+
+
+def _mib_rest(extra: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Stages and metadata: ours when the file has our block, else a note of MIB's cfg."""
+    if extra is None:
+        return {"metadata": {"source_format": "mib", "mib_cfg": cfg}}
+    return {"stages": extra.get("stages") or {}, "metadata": extra.get("metadata") or {}}

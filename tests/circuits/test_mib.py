@@ -1,0 +1,47 @@
+"""reuse_lens.circuits.mib on its own; the format's behaviour is tested through Circuit
+in test_circuit.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+from reuse_lens.circuits import Circuit, mib
+from reuse_lens.nodes import ModelShape, edges_of
+
+SMALL = ModelShape(n_layers=2, n_heads=1, has_mlps=True)
+
+
+def test_mib_module_imports_no_torch() -> None:
+    """MIB files can be converted without a model, like circuit.py's own."""
+    code = "import sys, reuse_lens.circuits.mib; print(*sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert {"torch", "transformer_lens"}.isdisjoint(run.stdout.split())
+
+
+def test_module_functions_are_what_the_methods_give() -> None:
+    circuit = Circuit.from_edges(
+        ["a0.h0->a1.h0<q>", "a1.h0->logits"], SMALL, edge_scores={"a1.h0->logits": 0.5}
+    )
+    doc = mib.to_mib_dict(circuit, d_model=8)
+    assert doc == circuit.to_mib_dict(d_model=8)
+    assert json.loads(mib.to_mib_json(circuit, d_model=8)) == doc
+    fields = mib.mib_fields(doc)
+    assert fields["nodes"] == frozenset({"a0.h0", "a1.h0"})
+    assert fields["shape"] == SMALL
+    assert Circuit(**fields) == circuit
+
+
+def test_neuron_warning_points_at_the_caller() -> None:
+    """The warning names the line that called from_mib_json, not reuse_lens code."""
+    nodes = {n.name: {"in_graph": n.name == "m0"} for n in SMALL.nodes()}
+    nodes["m0"]["neurons"] = [True, False]
+    edges = {e.name: {"score": 0.0, "in_graph": False} for e in edges_of(SMALL)}
+    doc = {"cfg": {"n_layers": 2, "n_heads": 1}, "nodes": nodes, "edges": edges}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Circuit.from_mib_json(json.dumps(doc))
+    (warning,) = caught
+    assert warning.filename == __file__

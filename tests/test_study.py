@@ -1,0 +1,51 @@
+"""The study pipeline: skipped tasks are reported, scores come back from circuits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import reuse_lens as rl
+from reuse_lens import study
+from reuse_lens.tasks.metrics import MetricError
+
+
+def test_a_task_without_a_circuit_is_reported_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = study.discover_circuit
+
+    def refuse_induction(model: Any, task: rl.Task, **kwargs: Any) -> rl.Circuit:
+        if task.name == "induction":
+            raise MetricError("the metric cannot separate the clean from the corrupted prompts")
+        return original(model, task, **kwargs)
+
+    monkeypatch.setattr(study, "discover_circuit", refuse_induction)
+    config = study.StudyConfig(
+        tasks=("ioi", "induction", "sva"), fine_tuned={}, methods=("activation",),
+        n_prompts=12, n_boot=0, n_random=2,
+    )  # fmt: skip
+    result = study.run_study(config, progress=False)
+    assert set(result.circuits) == {"base/ioi/activation", "base/sva/activation"}
+    assert list(result.skipped) == ["base/induction/activation"]
+    assert result.findings[0].startswith("No circuit for base/induction/activation")
+    assert result.task_overlap.names == ("ioi", "sva")
+    assert list(result.cross_task.columns) == ["ioi", "sva"]
+
+
+def test_study_config_refuses_bad_settings() -> None:
+    with pytest.raises(ValueError, match="unknown tasks"):
+        study.StudyConfig(tasks=("ioi", "nope"))
+    with pytest.raises(ValueError, match="path"):
+        study.StudyConfig(methods=("path",))  # type: ignore[arg-type]
+
+
+def test_scores_of_a_circuit_round_trip_its_node_scores() -> None:
+    shape = rl.nodes.ModelShape(2, 2, True)
+    circuit = rl.Circuit.from_nodes(
+        ["a0.h1", "m1"], shape, node_scores={"a0.h1": -0.5, "m1": 0.25, "a1.h0": 0.1},
+        metadata={"method": "activation", "clean_metric": 2.0, "corrupted_metric": -1.0},
+    )  # fmt: skip
+    scores = study.scores_of(circuit)
+    assert scores.as_dict() == {"a0.h1": -0.5, "a1.h0": pytest.approx(0.1), "m1": 0.25}
+    assert torch.isnan(scores.heads[0, 0]) and scores.clean == 2.0 and scores.corrupted == -1.0
