@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     )
     from reuse_lens.circuits.circuit import Circuit, CircuitError
     from reuse_lens.circuits.discovery import discover_circuit
-    from reuse_lens.circuits.faithfulness import (
+    from reuse_lens.circuits.measure import (
         FaithfulnessCurve,
         faithfulness,
         faithfulness_curve,
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from reuse_lens.patching.attribution import attribution_patching
     from reuse_lens.patching.edges import EdgeScores
     from reuse_lens.patching.path import path_patching
+    from reuse_lens.patching.scores import NodeScores
     from reuse_lens.reuse import (
         circuit_stability,
         cross_model_faithfulness,
@@ -61,6 +62,7 @@ __all__ = [
     "EdgeScores",
     "FaithfulnessCurve",
     "ModelLoadError",
+    "NodeScores",
     "OverlapReport",
     "Task",
     "__version__",
@@ -107,13 +109,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "path_patching": ("reuse_lens.patching.path", "path_patching"),
     "attribution_patching": ("reuse_lens.patching.attribution", "attribution_patching"),
     "EdgeScores": ("reuse_lens.patching.edges", "EdgeScores"),
+    "NodeScores": ("reuse_lens.patching.scores", "NodeScores"),
     "Circuit": ("reuse_lens.circuits.circuit", "Circuit"),
     "CircuitError": ("reuse_lens.circuits.circuit", "CircuitError"),
     "discover_circuit": ("reuse_lens.circuits.discovery", "discover_circuit"),
-    "faithfulness": ("reuse_lens.circuits.faithfulness", "faithfulness"),
-    "faithfulness_curve": ("reuse_lens.circuits.faithfulness", "faithfulness_curve"),
-    "random_baseline": ("reuse_lens.circuits.faithfulness", "random_baseline"),
-    "FaithfulnessCurve": ("reuse_lens.circuits.faithfulness", "FaithfulnessCurve"),
+    "faithfulness": ("reuse_lens.circuits.measure", "faithfulness"),
+    "faithfulness_curve": ("reuse_lens.circuits.measure", "faithfulness_curve"),
+    "random_baseline": ("reuse_lens.circuits.measure", "random_baseline"),
+    "FaithfulnessCurve": ("reuse_lens.circuits.measure", "FaithfulnessCurve"),
     "compare": ("reuse_lens.overlap", "compare"),
     "OverlapReport": ("reuse_lens.overlap", "OverlapReport"),
     "circuits": ("reuse_lens.circuits", None),

@@ -29,7 +29,7 @@ import numpy as np
 
 from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.circuits.discovery import discover_circuit
-from reuse_lens.circuits.faithfulness import CircuitEvaluator
+from reuse_lens.circuits.measure import CircuitEvaluator
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -24,12 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from reuse_lens.circuits.circuit import Circuit, CircuitError
 from reuse_lens.circuits.discovery import Method, discover_circuit
-from reuse_lens.circuits.faithfulness import (
+from reuse_lens.circuits.measure import (
     CircuitEvaluator,
     FaithfulnessCurve,
     faithfulness_curve,
@@ -136,25 +135,14 @@ class StudyResult:
 
 def scores_of(circuit: Circuit) -> NodeScores:
     """The node scores a circuit was cut from, as NodeScores (NaN where unscored)."""
-    shape = circuit.shape
-    heads = torch.full((shape.n_layers, shape.n_heads), float("nan"))
-    mlps = torch.full((shape.n_layers,), float("nan")) if shape.has_mlps else None
-    for node in shape.nodes():
-        value = circuit.node_scores.get(node.name)
-        if value is None:
-            continue
-        if node.name.startswith("a"):
-            heads[node.layer, node.head] = value  # type: ignore[union-attr]
-        elif mlps is not None:
-            mlps[node.layer] = value
     meta = circuit.metadata
-    return NodeScores(
-        heads=heads,
-        mlps=mlps,
+    return NodeScores.from_mapping(
+        circuit.node_scores,
+        circuit.shape,
         clean=float(meta.get("clean_metric", float("nan"))),
         corrupted=float(meta.get("corrupted_metric", float("nan"))),
         method=str(meta.get("method", "unknown")),
-        settings=dict(meta.get("settings", {})),
+        settings=meta.get("settings", {}),
     )
 
 

@@ -18,7 +18,7 @@ from reuse_lens.circuits.circuit import (
 
 if TYPE_CHECKING:
     from reuse_lens.circuits.discovery import METHODS, discover_circuit
-    from reuse_lens.circuits.faithfulness import (
+    from reuse_lens.circuits.measure import (
         MIB_FRACTIONS,
         CircuitEvaluator,
         FaithfulnessCurve,
@@ -47,13 +47,13 @@ __all__ = [
 _LAZY = {
     "METHODS": "reuse_lens.circuits.discovery",
     "discover_circuit": "reuse_lens.circuits.discovery",
-    "MIB_FRACTIONS": "reuse_lens.circuits.faithfulness",
-    "CircuitEvaluator": "reuse_lens.circuits.faithfulness",
-    "FaithfulnessCurve": "reuse_lens.circuits.faithfulness",
-    "RandomBaseline": "reuse_lens.circuits.faithfulness",
-    "faithfulness": "reuse_lens.circuits.faithfulness",
-    "faithfulness_curve": "reuse_lens.circuits.faithfulness",
-    "random_baseline": "reuse_lens.circuits.faithfulness",
+    "MIB_FRACTIONS": "reuse_lens.circuits.measure",
+    "CircuitEvaluator": "reuse_lens.circuits.measure",
+    "FaithfulnessCurve": "reuse_lens.circuits.measure",
+    "RandomBaseline": "reuse_lens.circuits.measure",
+    "faithfulness": "reuse_lens.circuits.measure",
+    "faithfulness_curve": "reuse_lens.circuits.measure",
+    "random_baseline": "reuse_lens.circuits.measure",
 }
 
 

@@ -357,7 +357,15 @@ class Circuit:
 
     @property
     def level(self) -> Literal["node", "edge"]:
-        """``"edge"`` when the circuit has edges, else ``"node"``."""
+        """How the circuit is ablated: ``metadata["level"]`` when set, else ``"edge"`` when it
+        has edges and ``"node"`` when not.
+
+        Path-patching circuits record ``"node"``: their edges name the input each sender was
+        found through, possibly by way of MLPs, so they are paths, not a complete edge graph.
+        """
+        recorded = self.metadata.get("level")
+        if recorded in ("node", "edge") and (recorded == "node" or self.edges):
+            return recorded
         return "edge" if self.edges else "node"
 
     def nodes_in_order(self) -> list[str]:

@@ -34,7 +34,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from reuse_lens.circuits.circuit import Circuit
-from reuse_lens.circuits.faithfulness import CircuitEvaluator, ranked
+from reuse_lens.circuits.measure import CircuitEvaluator, ranked
 from reuse_lens.nodes import AttentionHead, parse_node, shape_of
 from reuse_lens.patching.activation import activation_patching
 from reuse_lens.patching.attribution import attribution_patching
@@ -105,7 +105,8 @@ def discover_circuit(
         selection: ``"greedy"`` grows an edge circuit from the logits (needs ``top_k``).
         steps: EAP-IG's integration steps.
         metric: a metric name or ``Metric``; the task's own when None.
-        max_stages: for ``path``, the most stages to search (all layers by default).
+        max_stages: for ``path``, the most stages to search, stage 0 included (by default
+            as many as it takes: each stage reaches at least one layer further down).
 
     Returns:
         A Circuit with the scores of every scored node (and edge), path stages, and
@@ -130,6 +131,11 @@ def discover_circuit(
     if len(task) == 0:
         raise ValueError(f"task {task.name!r} has no prompts")
     _check_rule(threshold, top_k, target_faithfulness, selection, level)
+    if method == "path" and target_faithfulness is not None:
+        raise ValueError(
+            "path patching stops when a stage finds no sender above the threshold; it takes "
+            "threshold or top_k, not target_faithfulness"
+        )
     evaluator = CircuitEvaluator(model, task, ablation=ablation, metric=metric)
     prep = evaluator.runner.prep
     gap = check_separates(prep.clean_metric, prep.corrupted_metric, task.name)
@@ -360,35 +366,40 @@ def _path_circuit(
     if threshold is None and top_k is None:
         threshold = DEFAULT_PATH_THRESHOLD
 
-    def passing(scores: NodeScores) -> dict[str, float]:
-        values = {k: v for k, v in scores.as_dict().items() if not math.isnan(v)}
-        if top_k is not None:
-            best = sorted(values, key=lambda k: abs(values[k]), reverse=True)[:top_k]
-            return {k: values[k] for k in best if values[k] != 0}
-        assert threshold is not None
-        return {k: v for k, v in values.items() if abs(v) >= threshold * abs(gap)}
+    def select(candidates: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+        """The edges of one stage that pass the rule.
+
+        With ``top_k``, the ``k`` senders whose best edge of the stage is largest are kept,
+        each with its edges at least as large as the weakest kept sender's best edge.
+        """
+        if threshold is not None:
+            return {e: v for e, v in candidates.items() if abs(v) >= threshold * abs(gap)}
+        assert top_k is not None
+        best: dict[str, float] = {}
+        for (sender, _), value in candidates.items():
+            best[sender] = max(best.get(sender, 0.0), abs(value))
+        kept = [n for n in sorted(best, key=lambda n: -best[n]) if best[n] > 0][:top_k]
+        if not kept:
+            return {}
+        floor = min(best[n] for n in kept)
+        return {e: v for e, v in candidates.items() if e[0] in kept and abs(v) >= floor}
+
+    def scored(scores: NodeScores, receiver: str) -> dict[tuple[str, str], float]:
+        return {(n, receiver): v for n, v in scores.as_dict().items() if not math.isnan(v)}
 
     stages: dict[str, int] = {}
     node_scores: dict[str, float] = {}
     edges: dict[tuple[str, str], float] = {}
-
-    def record(node: str, score: float, stage: int) -> None:
-        stages.setdefault(node, stage)
-        if abs(score) > abs(node_scores.get(node, 0.0)):
-            node_scores[node] = score
-
-    for node, score in passing(
-        path_patching(model, task, receivers="logits", metric=metric)
-    ).items():
-        record(node, score, 0)
-        edges[(node, "logits")] = score
-    frontier = [n for n in stages if isinstance(parse_node(n), AttentionHead)]
-    limit = shape.n_layers if max_stages is None else max_stages
+    frontier = ["logits"]
+    # Each stage after the first reaches at least one layer further down.
+    limit = shape.n_layers + 1 if max_stages is None else max_stages
     stage = 0
     while frontier and stage < limit:
-        stage += 1
-        found: list[str] = []
+        candidates: dict[tuple[str, str], float] = {}
         for receiver in frontier:
+            if receiver == "logits":
+                candidates |= scored(path_patching(model, task, metric=metric), "logits")
+                continue
             head = parse_node(receiver)
             assert isinstance(head, AttentionHead)
             if head.layer == 0:
@@ -397,14 +408,17 @@ def _path_circuit(
                 scores = path_patching(
                     model, task, receivers=[receiver], receiver_input=qkv, metric=metric
                 )
-                for node, score in passing(scores).items():
-                    edges[(node, f"{receiver}<{qkv}>")] = score
-                    if node not in stages:
-                        found.append(node)
-                    record(node, score, stage)
-        frontier = sorted({n for n in found if isinstance(parse_node(n), AttentionHead)})
-        if not found:
-            break
+                candidates |= scored(scores, f"{receiver}<{qkv}>")
+        new: set[str] = set()
+        for (sender, receiver), value in select(candidates).items():
+            edges[(sender, receiver)] = value
+            if sender not in stages:
+                stages[sender] = stage
+                new.add(sender)
+            if abs(value) > abs(node_scores.get(sender, 0.0)):
+                node_scores[sender] = value
+        frontier = sorted(n for n in new if isinstance(parse_node(n), AttentionHead))
+        stage += 1
     circuit = Circuit(
         nodes=frozenset(stages),
         shape=shape,
@@ -416,7 +430,7 @@ def _path_circuit(
     rule: dict[str, Any] = {
         "rule": "path stages",
         "threshold": threshold,
-        "top_k_per_stage": top_k,
+        "top_k_senders_per_stage": top_k,
         "n_stages": max(stages.values(), default=-1) + 1,
     }
     return circuit, rule

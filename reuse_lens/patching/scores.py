@@ -7,6 +7,7 @@ drawn as the usual patching heatmap; ``as_dict`` flattens them to MIB node names
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,30 @@ class NodeScores:
     heads_by_pos: Float[Tensor, "pos layer head_index"] | None = None
     mlps_by_pos: Float[Tensor, "pos layer"] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(
+        cls,
+        scores: Mapping[str, float],
+        shape: ModelShape,
+        *,
+        clean: float = float("nan"),
+        corrupted: float = float("nan"),
+        method: str = "unknown",
+        settings: Mapping[str, Any] | None = None,
+    ) -> NodeScores:
+        """NodeScores from ``{node name: effect}`` (e.g. a Circuit's ``node_scores``); NaN
+        where a node has no score."""
+        heads = torch.full((shape.n_layers, shape.n_heads), float("nan"))
+        mlps = torch.full((shape.n_layers,), float("nan")) if shape.has_mlps else None
+        for name, value in scores.items():
+            node = parse_node(name)
+            shape.check(node)
+            if isinstance(node, AttentionHead):
+                heads[node.layer, node.head] = float(value)
+            elif isinstance(node, MLP) and mlps is not None:
+                mlps[node.layer] = float(value)
+        return cls(heads, mlps, clean, corrupted, method, settings=dict(settings or {}))
 
     @property
     def shape(self) -> ModelShape:

@@ -224,13 +224,47 @@ def zoo_tokenizer(name_or_path: str = "reuse-lens-zoo") -> Any:
     return build_tokenizer(vocabulary(), name_or_path=name_or_path)
 
 
-def encode(tokenizer: Any, docs: Sequence[Document]) -> list[tuple[list[int], int]]:
-    """Token ids of each document (BOS first) and the position of its answer token, or -1."""
-    prompts = tokenizer([d.prompt for d in docs], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([d.answer for d in docs], add_special_tokens=False)["input_ids"]
+def _fast_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of ``texts``, as ``tokenizer`` gives them, by the split regex and a dict.
+
+    A WordLevel model is a lookup after the split, so this is exact, and about 15 times
+    faster than the tokenizer on the ~10^5 documents of a run.
+    """
+    vocab = tokenizer.get_vocab()
+    unk = int(tokenizer.unk_token_id)
+    split = re.compile(PATTERN)
+    return [[vocab.get(p, unk) for p in split.findall(t) if p.strip(" ")] for t in texts]
+
+
+def _repeat_targets(ids: Sequence[int]) -> list[int]:
+    """Positions an induction head can predict: each token of the repeat after its first.
+
+    An induction document is ``BOS w1 .. wL w1 .. wk`` then its answer ``w(k+1)``; the
+    words are distinct, so the repeat starts at the second occurrence of ``w1``.
+    """
+    start = list(ids).index(ids[1], 2)
+    return list(range(start + 1, len(ids)))
+
+
+def encode(tokenizer: Any, docs: Sequence[Document]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each document (BOS first) and the positions whose token carries loss.
+
+    A task document's last position is its answer; an induction document also supervises
+    every other predictable token of its repeat (an induction head predicts them all, so
+    one sequence teaches several copies). Filler has no such positions (it gets the
+    light language-model loss instead).
+    """
+    prompts = _fast_ids(tokenizer, [d.prompt for d in docs])
+    answers = _fast_ids(tokenizer, [d.answer for d in docs])
     bos = int(tokenizer.bos_token_id)
     out = []
-    for prompt, answer in zip(prompts, answers, strict=True):
+    for doc, prompt, answer in zip(docs, prompts, answers, strict=True):
         ids = [bos, *prompt, *answer]
-        out.append((ids, len(prompt) + 1 if answer else -1))
+        if not answer:
+            targets = []
+        elif doc.source == "induction":
+            targets = _repeat_targets(ids)
+        else:
+            targets = [len(prompt) + 1]
+        out.append((ids, targets))
     return out

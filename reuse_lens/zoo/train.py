@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from reuse_lens.tasks import names as task_names
 from reuse_lens.zoo.language import FILLER, LM_WEIGHT, encode, mixture, zoo_tokenizer
@@ -152,12 +152,13 @@ def _batches(
             width = max(len(ids) for ids, _ in rows)
             tokens = torch.full((len(rows), width), pad, dtype=torch.long)
             weights = torch.zeros((len(rows), width - 1))
-            for i, (ids, answer_pos) in enumerate(rows):
+            for i, (ids, targets) in enumerate(rows):
                 tokens[i, : len(ids)] = torch.tensor(ids)
-                # Weight of predicting token t+1 from position t: the answer of a task
-                # document, or every token of filler, lightly.
-                if answer_pos >= 0:
-                    weights[i, answer_pos - 1] = 1.0
+                # Weight of predicting token t+1 from position t: the answer (and, for
+                # induction, the rest of the repeat) of a task document, or every token
+                # of filler, lightly.
+                if targets:
+                    weights[i, [t - 1 for t in targets]] = 1.0
                 else:
                     weights[i, : len(ids) - 1] = LM_WEIGHT
             out.append((tokens, weights))

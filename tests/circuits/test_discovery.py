@@ -168,3 +168,16 @@ def test_an_empty_task_cannot_be_built(handbuilt: tuple[Any, rl.Task]) -> None:
     model, _ = handbuilt
     with pytest.raises(rl.tasks.TaskError, match="no prompts"):
         rl.Task.from_pairs(model, [], [], [], [])
+
+
+def test_path_top_k_keeps_that_many_senders_per_stage(handbuilt: tuple[Any, rl.Task]) -> None:
+    model, task = handbuilt
+    circuit = discover_circuit(model, task, method="path", top_k=1)
+    per_stage: dict[int, int] = {}
+    for stage in circuit.stages.values():
+        per_stage[stage] = per_stage.get(stage, 0) + 1
+    assert per_stage[0] == 1 and circuit.stages["a1.h0"] == 0
+    assert all(count == 1 for count in per_stage.values())
+    assert circuit.level == "node"  # path edges are paths: ablated node by node
+    with pytest.raises(ValueError, match="not target_faithfulness"):
+        discover_circuit(model, task, method="path", target_faithfulness=0.9)

@@ -9,7 +9,7 @@ import torch
 
 import reuse_lens as rl
 from reuse_lens.circuits.circuit import Circuit, CircuitError
-from reuse_lens.circuits.faithfulness import (
+from reuse_lens.circuits.measure import (
     CircuitEvaluator,
     _area,
     faithfulness,

@@ -177,8 +177,7 @@ def ablation_level(circuit: Circuit, level: Level | None = None) -> Level:
     when it has edges and ``node`` when not.
     """
     if level is None:
-        recorded = circuit.metadata.get("level")
-        level = recorded if recorded in ("node", "edge") else circuit.level
+        level = circuit.level
     if level not in ("node", "edge"):
         raise ValueError(f"unknown level {level!r}: choose 'node' or 'edge'")
     if level == "edge" and not circuit.edges:
