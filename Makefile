@@ -39,8 +39,8 @@ demo: $(STAMP)
 	$(BIN)/reuse-lens demo --out $(OUT)
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check reuse_lens tests benchmarks
-	$(BIN)/ruff check reuse_lens tests benchmarks
+	$(BIN)/ruff format --check reuse_lens tests benchmarks scripts
+	$(BIN)/ruff check reuse_lens tests benchmarks scripts
 
 typecheck: $(STAMP)
 	$(BIN)/pyright
@@ -48,8 +48,8 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 format: $(STAMP)
-	$(BIN)/ruff format reuse_lens tests benchmarks
-	$(BIN)/ruff check --fix reuse_lens tests benchmarks
+	$(BIN)/ruff format reuse_lens tests benchmarks scripts
+	$(BIN)/ruff check --fix reuse_lens tests benchmarks scripts
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_patching.py
