@@ -93,7 +93,8 @@ def attribution_patching(
 
     Raises:
         ValueError: for an unknown method or level, ``steps < 1``, a bad batch size,
-            ``per_position`` with ``level="edge"``, or a model in training mode.
+            ``per_position`` with ``level="edge"``, a model in training mode, or EAP with a
+            metric measured against the clean run (``kl_div``), whose gradient there is 0.
         NotImplementedError: at edge level, for models with grouped key/value heads or
             parallel attention and MLP.
         TaskError: if the task was built for another vocabulary.
@@ -114,6 +115,14 @@ def attribution_patching(
         raise ValueError("the model is in training mode: call model.eval() first")
     task.check_model(model)
     metric_fn = task.metric if metric is None else get_metric(metric)
+    if method == "eap" and getattr(metric_fn, "needs_clean_logits", False):
+        # KL from the clean run is at its minimum on the clean run, so its gradient there,
+        # and every EAP score, is exactly zero: refuse rather than return zeros.
+        raise ValueError(
+            f"EAP takes one gradient on the clean run, where metric {metric_fn.name!r} (a "
+            "divergence from the clean run) has zero gradient, so every score would be 0. "
+            "Use method='eap-ig' or a metric such as 'logit_diff'."
+        )
     n_steps = 1 if method == "eap" else steps
     result = _attribute(
         model,

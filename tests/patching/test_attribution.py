@@ -421,6 +421,7 @@ class _NaNMetric:
         ({"method": "eap-ig", "steps": 0}, "steps must be a positive integer"),
         ({"batch_size": 0}, "batch_size"),
         ({"level": "edge", "per_position": True}, "per_position"),
+        ({"method": "eap", "metric": "kl_div"}, "zero gradient"),
     ],
 )
 def test_bad_options(native_model: Any, options: dict[str, Any], message: str) -> None:
