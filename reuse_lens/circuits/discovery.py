@@ -180,15 +180,16 @@ def check_separates(
 ) -> float:
     """The mean clean − corrupted gap, or MetricError if the metric cannot tell them apart.
 
-    With three or more prompts the gap must be significant: a paired t statistic of at
-    least 2 over prompts (a model that only guesses gives a gap of noise, and every
-    circuit "found" in noise is noise). With fewer, it must be at least 1e-6.
+    With three or more prompts the gap must be significant and positive (metrics are
+    higher on the right answer): a paired t statistic of at least 2 over prompts. A model
+    that only guesses gives a gap of noise, and every circuit "found" in noise is noise.
+    With fewer prompts, the gap must be at least 1e-6.
     """
     diff = (clean - corrupted).double()
     gap = float(diff.mean())
     spread = float(diff.std()) if len(diff) >= 3 else 0.0
-    t = math.inf if spread == 0 else gap / (spread / math.sqrt(len(diff)))
-    if abs(gap) < 1e-6 or abs(t) < MIN_T:
+    t = math.copysign(math.inf, gap) if spread == 0 else gap / (spread / math.sqrt(len(diff)))
+    if abs(gap) < 1e-6 or t < MIN_T:
         raise MetricError(
             f"the metric cannot separate the clean from the corrupted prompts of task "
             f"{task!r}: clean {float(clean.mean()):.4g}, corrupted {float(corrupted.mean()):.4g} "

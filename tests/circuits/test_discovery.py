@@ -181,3 +181,25 @@ def test_path_top_k_keeps_that_many_senders_per_stage(handbuilt: tuple[Any, rl.T
     assert circuit.level == "node"  # path edges are paths: ablated node by node
     with pytest.raises(ValueError, match="not target_faithfulness"):
         discover_circuit(model, task, method="path", target_faithfulness=0.9)
+
+
+@pytest.mark.parametrize(
+    ("clean", "corrupted", "ok"),
+    [
+        ([3.0, 2.0, 4.0, 3.5], [0.0, 0.5, -1.0, 0.2], True),
+        ([0.1, -0.2, 0.15, 0.0], [0.0, 0.1, 0.1, 0.05], False),  # noise
+        ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], False),  # the wrong answer wins every time
+        ([1.0, 1.0], [0.0, 0.0], True),  # too few prompts for a t test: the gap decides
+    ],
+)
+def test_check_separates(clean: list[float], corrupted: list[float], ok: bool) -> None:
+    import torch
+
+    from reuse_lens.circuits.discovery import check_separates
+
+    a, b = torch.tensor(clean), torch.tensor(corrupted)
+    if ok:
+        assert check_separates(a, b, "t") == pytest.approx(float((a - b).mean()))
+    else:
+        with pytest.raises(rl.tasks.MetricError, match="cannot separate"):
+            check_separates(a, b, "t")
