@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from reuse_lens import zoo
-from reuse_lens.zoo.language import mixture, task_documents
+from reuse_lens.zoo.language import Document, encode, mixture, task_documents, zoo_tokenizer
 from reuse_lens.zoo.train import SPECS, Arch, ZooSpec, evaluate_folder, sha256, train, train_model
 
 
@@ -27,6 +27,32 @@ def test_mixture_is_deterministic() -> None:
     assert mixture(mix, 40, seed=3) != mixture(mix, 40, seed=4)
 
 
+def test_encode_matches_the_tokenizer() -> None:
+    tokenizer = zoo_tokenizer()
+    docs = mixture({"colored_objects": 1.0, "ioi": 1.0, "filler": 1.0}, 30, seed=0)
+    for doc, (ids, _) in zip(docs, encode(tokenizer, docs), strict=True):
+        assert ids == [
+            tokenizer.bos_token_id,
+            *tokenizer(doc.text, add_special_tokens=False)["input_ids"],
+        ]
+
+
+def test_loss_positions_of_each_kind_of_document() -> None:
+    tokenizer = zoo_tokenizer()
+    docs = [
+        # BOS pen lake card siege | pen lake -> card: the repeat starts at position 5.
+        Document("induction", " pen lake card siege pen lake", " card"),
+        Document("sva", "The dog near the cats", " is"),
+        Document("filler", "Mary went to the park.", ""),
+    ]
+    (induction, induction_targets), (sva, sva_targets), (_, filler_targets) = encode(
+        tokenizer, docs
+    )
+    assert len(induction) == 8 and induction_targets == [6, 7]
+    assert len(sva) == 7 and sva_targets == [6]
+    assert filler_targets == []
+
+
 def test_unknown_model_to_train() -> None:
     with pytest.raises(zoo.ZooError, match="base"):
         train(["nope"])
@@ -36,6 +62,9 @@ def test_fine_tunes_start_from_base() -> None:
     for name, spec in SPECS.items():
         if name.startswith("ft-"):
             assert spec.parent == "base"
+            task = name.removeprefix("ft-")
+            assert spec.task == task
+            assert spec.mix[task] == max(spec.mix.values())
 
 
 def _tiny(steps: int) -> ZooSpec:

@@ -88,16 +88,46 @@ def test_manifest_scores_hold_on_held_out_prompts(name: str) -> None:
         assert abs(scores["logit_diff"] - shipped["logit_diff"]) <= ld_tolerance, (task, scores)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="induction, colored_objects and entity_tracking are below the bars; see docs/zoo.md",
-)
-def test_manifest_meets_the_quality_bars() -> None:
+BELOW_THE_BARS = ("colored_objects", "entity_tracking", "induction")
+"""Tasks on which zoo:base and its fine-tunes are below the bars (docs/zoo.md says why):
+they name an object or colour of the scene at chance instead of binding it to the
+question, and their induction is at about 0.6 accuracy. zoo:attn-only meets the bars on
+induction and IOI."""
+
+
+def _bar_failures(skip: tuple[str, ...]) -> list[tuple[str, str, dict[str, float]]]:
+    failures = []
     for name, entry in zoo.manifest()["models"].items():
         for task in entry["trained_on"]:
             scores = entry["eval"]["scores"][task]
-            assert scores["accuracy"] >= 0.9, (name, task, scores)
-            assert scores["logit_diff"] >= 2.0, (name, task, scores)
+            if task not in skip and (scores["accuracy"] < 0.9 or scores["logit_diff"] < 2.0):
+                failures.append((name, task, scores))
+    return failures
+
+
+def test_manifest_meets_the_quality_bars() -> None:
+    assert _bar_failures(skip=BELOW_THE_BARS) == []
+
+
+def test_attn_only_meets_the_bars_on_induction() -> None:
+    scores = zoo.manifest()["models"]["attn-only"]["eval"]["scores"]["induction"]
+    assert scores["accuracy"] >= 0.9 and scores["logit_diff"] >= 2.0
+
+
+@pytest.mark.xfail(
+    strict=True, reason="colored_objects, entity_tracking and base's induction are below the bars"
+)
+def test_every_task_meets_the_quality_bars() -> None:
+    assert _bar_failures(skip=()) == []
+
+
+def test_fine_tunes_record_their_own_task() -> None:
+    for name, entry in zoo.manifest()["models"].items():
+        if name.startswith("ft-"):
+            assert entry["task"] == name.removeprefix("ft-")
+            assert entry["task"] in entry["trained_on"]
+        else:
+            assert entry["task"] is None
 
 
 def test_fine_tunes_report_every_task() -> None:
