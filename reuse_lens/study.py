@@ -443,15 +443,20 @@ def _interventions(
     """Merullo et al.'s repair experiment, and the ablation of shared heads with a control."""
     out: list[dict[str, Any]] = []
     names = overlap.names
-    if "ioi" in names and "colored_objects" in names:
-        ioi_only = sorted(overlap.unique("ioi", "colored_objects", "heads"))
-        if ioi_only:
-            result = uniform_attention(model, tasks["colored_objects"], ioi_only, "wrong")
+    if "ioi" in names and "colored_objects" in tasks:
+        if "colored_objects" in names:
+            heads = sorted(overlap.unique("ioi", "colored_objects", "heads"))
+            which = "IOI-only heads (in the IOI circuit, not the Colored Objects one)"
+        else:  # the model has no Colored Objects circuit: every IOI head is "IOI-only"
+            heads = sorted(overlap.circuits["ioi"].heads)
+            which = "the IOI circuit's heads (the model has no Colored Objects circuit)"
+        if heads:
+            result = uniform_attention(model, tasks["colored_objects"], heads, "wrong")
             out.append(
                 {
-                    "name": "uniform attention", "task": "colored_objects", "heads": ioi_only,
-                    "description": "IOI-only heads attend uniformly over the wrong colours at "
-                    "the answer position (Merullo et al. 2024)",
+                    "name": "uniform attention", "task": "colored_objects", "heads": heads,
+                    "description": f"{which} attend uniformly over the wrong colours at the "
+                    "answer position (Merullo et al. 2024)",
                     **_result_fields(result),
                 }
             )  # fmt: skip

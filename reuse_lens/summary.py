@@ -21,6 +21,8 @@ __all__ = ["markdown", "write_markdown"]
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, bool):
         return "yes" if value else "**no**"
     if isinstance(value, float):
