@@ -87,6 +87,13 @@ class ZooSpec:
     warmup: int = 100
     task: str | None = None
     """The one task a fine-tune specialises in (None for models trained on a mixture)."""
+    attention_hints: tuple[tuple[str, int, int], ...] = ()
+    """Colored Objects attention scaffold: ``(role, layer, head)`` with role ``"prev"``
+    (each asked object attends to its colour), ``"move"`` (the answer position attends to
+    the question's object) or ``"look"`` (the answer position attends to the asked object
+    in the scene). Each adds -log(attention) on Colored Objects documents to the loss.
+    Fine-tunes only (a spec with a parent): the parent is loaded with eager attention,
+    the one implementation that returns attention patterns."""
 
     @property
     def trained_on(self) -> list[str]:
@@ -116,12 +123,29 @@ def _finetune(task: str, seed: int) -> ZooSpec:
     )
 
 
+# With answer loss alone, the binding circuit Colored Objects needs (colour -> object ->
+# question) never leaves its plateau (docs/zoo.md). Supervising the attention of three
+# heads to the positions that circuit reads breaks it within about 750 steps; a fifth of
+# IOI keeps IOI.
+_FT_COLORED_OBJECTS = ZooSpec(
+    name="ft-colored_objects",
+    mix={"colored_objects": 0.8, "ioi": 0.2},
+    steps=2000,
+    seed=2,
+    parent="base",
+    lr=3e-3,
+    warmup=100,
+    task="colored_objects",
+    attention_hints=(("prev", 0, 2), ("move", 1, 1), ("look", 2, 1)),
+)
+
+
 SPECS: dict[str, ZooSpec] = {
     spec.name: spec
     for spec in (
         ZooSpec(name="base", mix=_MIX_ALL, steps=12000, seed=0, batch_size=48, warmup=200),
         _finetune("ioi", 1),
-        _finetune("colored_objects", 2),
+        _FT_COLORED_OBJECTS,
         _finetune("entity_tracking", 3),
         ZooSpec(
             name="attn-only",
@@ -179,11 +203,57 @@ def _batches(
     return out[: spec.steps]
 
 
+def _binding_positions(
+    tokens: Int[Tensor, "batch pos"], weights: Float[Tensor, "batch pos_1"], tokenizer: Any
+) -> list[tuple[int, int, int, int]]:
+    """``(row, answer position, question object, asked object in the scene)`` of each
+    Colored Objects document of a batch, found by its ending ``the OBJ ?\\n A :`` and
+    capitalised colour answer; the asked object is the last earlier occurrence of OBJ."""
+    from reuse_lens.tasks.words import COLORS
+
+    vocab = tokenizer.get_vocab()
+    tail = [vocab["?"], vocab["\n"], vocab["A"], vocab[":"]]
+    colours = {vocab[f" {c.capitalize()}"] for c in COLORS}
+    out = []
+    for row, answer_pos in (weights == 1.0).nonzero().tolist():
+        ids = tokens[row].tolist()
+        if ids[answer_pos + 1] not in colours or ids[answer_pos - 3 : answer_pos + 1] != tail:
+            continue
+        question = answer_pos - 4
+        scene = [j for j in range(1, question) if ids[j] == ids[question]]
+        if scene:
+            out.append((row, answer_pos, question, scene[-1]))
+    return out
+
+
+def _hint_loss(
+    spec: ZooSpec, attentions: Sequence[Tensor], found: list[tuple[int, int, int, int]]
+) -> Tensor:
+    """Summed -log attention of each hinted head to its target, per batch row (see
+    ``ZooSpec.attention_hints``)."""
+    rows, answer, question, scene = (torch.tensor(x) for x in zip(*found, strict=True))
+    total = torch.zeros(())
+    for role, layer, head in spec.attention_hints:
+        pattern = attentions[layer][:, head]
+        if role == "prev":
+            weight = pattern[rows, scene, scene - 1]
+        elif role == "move":
+            weight = pattern[rows, answer, question]
+        else:
+            weight = pattern[rows, answer, scene]
+        total = total - (weight + 1e-6).log().sum()
+    return total
+
+
 def _new_model(spec: ZooSpec, tokenizer: Any, parent: Path | None) -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if parent is not None:
-        return GPT2LMHeadModel.from_pretrained(str(parent), local_files_only=True)
+        # Attention hints read the attention pattern, which only eager attention returns.
+        implementation = "eager" if spec.attention_hints else None
+        return GPT2LMHeadModel.from_pretrained(
+            str(parent), local_files_only=True, attn_implementation=implementation
+        )
     arch = spec.arch
     config = GPT2Config(
         vocab_size=len(tokenizer.get_vocab()),
@@ -245,13 +315,18 @@ def train_model(spec: ZooSpec, out: Path, *, parent: Path | None = None) -> Path
         for group in optimizer.param_groups:
             group["lr"] = _lr(spec, step)
         mask = (tokens != tokenizer.pad_token_id).long()
-        hidden = model.transformer(tokens, attention_mask=mask).last_hidden_state[:, :-1]
+        hints = bool(spec.attention_hints)
+        output = model.transformer(tokens, attention_mask=mask, output_attentions=hints)
+        hidden = output.last_hidden_state[:, :-1]
         # Unembed only the positions that carry loss: most task documents have one, and
         # the unembedding would otherwise be about a quarter of the compute.
         where = weights > 0
         logits = model.lm_head(hidden[where])
         losses = torch.nn.functional.cross_entropy(logits, tokens[:, 1:][where], reduction="none")
         loss = (losses * weights[where]).sum() / tokens.shape[0]
+        found = _binding_positions(tokens, weights, tokenizer) if hints else []
+        if found:
+            loss = loss + _hint_loss(spec, output.attentions, found) / tokens.shape[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

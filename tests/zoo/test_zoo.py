@@ -94,13 +94,17 @@ they name an object or colour of the scene at chance instead of binding it to th
 question, and their induction is at about 0.6 accuracy. zoo:attn-only meets the bars on
 induction and IOI."""
 
+MEETS_THE_BARS = (("ft-colored_objects", "colored_objects"),)
+"""(model, task) pairs never skipped: the attention-scaffolded fine-tune binds colours."""
+
 
 def _bar_failures(skip: tuple[str, ...]) -> list[tuple[str, str, dict[str, float]]]:
     failures = []
     for name, entry in zoo.manifest()["models"].items():
         for task in entry["trained_on"]:
             scores = entry["eval"]["scores"][task]
-            if task not in skip and (scores["accuracy"] < 0.9 or scores["logit_diff"] < 2.0):
+            skipped = task in skip and (name, task) not in MEETS_THE_BARS
+            if not skipped and (scores["accuracy"] < 0.9 or scores["logit_diff"] < 2.0):
                 failures.append((name, task, scores))
     return failures
 
@@ -109,13 +113,21 @@ def test_manifest_meets_the_quality_bars() -> None:
     assert _bar_failures(skip=BELOW_THE_BARS) == []
 
 
+def test_ft_colored_objects_does_colored_objects_and_ioi() -> None:
+    scores = zoo.manifest()["models"]["ft-colored_objects"]["eval"]["scores"]
+    for task in ("colored_objects", "ioi"):
+        assert scores[task]["accuracy"] >= 0.9 and scores[task]["logit_diff"] >= 2.0, task
+
+
 def test_attn_only_meets_the_bars_on_induction() -> None:
     scores = zoo.manifest()["models"]["attn-only"]["eval"]["scores"]["induction"]
     assert scores["accuracy"] >= 0.9 and scores["logit_diff"] >= 2.0
 
 
 @pytest.mark.xfail(
-    strict=True, reason="colored_objects, entity_tracking and base's induction are below the bars"
+    strict=True,
+    reason="colored_objects (but on ft-colored_objects), entity_tracking and base's induction "
+    "are below the bars",
 )
 def test_every_task_meets_the_quality_bars() -> None:
     assert _bar_failures(skip=()) == []
