@@ -287,6 +287,12 @@ def write(
     _overlap(report, study.task_overlap, key="tasks")
     report.add_table(study.stability, caption="Within-task stability (bootstrap Jaccard).")
     _model_overlap(report, study.model_overlap)
+    within = getattr(study, "within_model", {})
+    if within:
+        _model_overlap(
+            report, within, title="Tasks inside each fine-tuned model",
+            heading="IOI and the fine-tune's own task, inside {}",
+        )  # fmt: skip
     _matrices(report, study)
     report.add_heading("Interventions")
     report.add_table(_interventions(study.interventions), caption="Targeted ablations.")
@@ -388,12 +394,19 @@ def _overlap(report: HtmlReport, overlap: OverlapReport, *, key: str) -> None:
     )
 
 
-def _model_overlap(report: HtmlReport, reports: Mapping[str, OverlapReport]) -> None:
-    report.add_heading("Model overlap")
+def _model_overlap(
+    report: HtmlReport,
+    reports: Mapping[str, OverlapReport],
+    *,
+    title: str = "Model overlap",
+    heading: str = "Model overlap on {}",
+    empty: str = "No fine-tuned models were compared.",
+) -> None:
+    report.add_heading(title)
     if not reports:
-        report.add_text("No fine-tuned models were compared.", css_class="empty")
+        report.add_text(empty, css_class="empty")
     for task, overlap in reports.items():
-        report.add_heading(f"Model overlap on {task}", level=3)
+        report.add_heading(heading.format(task), level=3)
         if len(overlap.names) < 2:
             report.add_text("Only one model's circuit: nothing to compare.", css_class="empty")
             continue

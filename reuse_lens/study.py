@@ -123,6 +123,7 @@ class StudyResult:
     method_agreement: pd.DataFrame
     task_overlap: OverlapReport
     model_overlap: dict[str, OverlapReport]
+    within_model: dict[str, OverlapReport]
     stability: pd.DataFrame
     cross_task: pd.DataFrame
     cross_model: pd.DataFrame
@@ -203,6 +204,10 @@ def run_study(
     }
     labelled = [("base", t) for t in config.tasks] + [(f"ft-{t}", t) for t in config.fine_tuned]
     jobs = [(label, t, m) for label, t in labelled for m in config.methods]
+    if "ioi" in config.tasks:
+        # Each fine-tune's IOI circuit too, to compare IOI with its own task inside it
+        # (Merullo et al. compare tasks within one model).
+        jobs += [(f"ft-{t}", "ioi", config.methods[0]) for t in config.fine_tuned if t != "ioi"]
 
     evaluations = _evaluations(models, tasks, evaluate)
     circuits: dict[str, Circuit] = {}
@@ -408,6 +413,11 @@ def _compare(run: _Run) -> StudyResult:
         pair = {"base": run.circuit("base", t), f"ft-{t}": run.circuit(f"ft-{t}", t)}
         if all(c is not None for c in pair.values()):
             model_overlap[t] = compare(pair)  # type: ignore[arg-type]
+    within_model = {}
+    for t in config.fine_tuned:
+        pair = {"ioi": run.circuit(f"ft-{t}", "ioi"), t: run.circuit(f"ft-{t}", t)}
+        if t != "ioi" and all(c is not None for c in pair.values()):
+            within_model[f"ft-{t}"] = compare(pair)  # type: ignore[arg-type]
     base_tasks = {t: run.tasks[t] for t in base_circuits}
     ablation = config.ablation
     cross_task = cross_task_faithfulness(base, base_circuits, base_tasks, ablation=ablation)
@@ -419,14 +429,17 @@ def _compare(run: _Run) -> StudyResult:
     interventions = _interventions(
         config, base, run.tasks, task_overlap, uniform_attention, ablate_heads
     )
+    interventions += _within_model_interventions(run, within_model, uniform_attention)
     circuit_table = pd.DataFrame(run.rows)
     findings = [f"No circuit for {key}: {why}." for key, why in run.skipped.items()]
     findings += _findings(circuit_table, task_overlap, model_overlap, cross_model, interventions)
+    findings += _within_findings(within_model)
     return StudyResult(
         config=config, models=run.specs, evaluations=run.evaluations, circuits=run.circuits,
         scores=run.scores, curves=run.curves, circuit_table=circuit_table,
         method_agreement=_agreement(run), task_overlap=task_overlap,
-        model_overlap=model_overlap, stability=stability, cross_task=cross_task,
+        model_overlap=model_overlap, within_model=within_model, stability=stability,
+        cross_task=cross_task,
         cross_model=cross_model, cross_ablation=cross_ablation, interventions=interventions,
         findings=findings, seconds=time.perf_counter() - run.start, skipped=run.skipped,
     )  # fmt: skip
@@ -481,6 +494,43 @@ def _interventions(
                 }
             )  # fmt: skip
         break  # the first pair with shared heads: the demo's second experiment
+    return out
+
+
+def _within_model_interventions(
+    run: _Run, within_model: Mapping[str, OverlapReport], uniform_attention: Any
+) -> list[dict[str, Any]]:
+    """Merullo et al.'s repair inside a model that has both an IOI and a Colored Objects circuit."""
+    out = []
+    for label, overlap in within_model.items():
+        if "colored_objects" not in overlap.names:
+            continue
+        heads = sorted(overlap.unique("ioi", "colored_objects", "heads"))
+        if not heads:
+            continue
+        result = uniform_attention(run.models[label], run.tasks["colored_objects"], heads, "wrong")
+        out.append(
+            {
+                "name": f"uniform attention in {label}", "task": "colored_objects",
+                "heads": heads,
+                "description": f"IOI-only heads of {label} attend uniformly over the wrong "
+                "colours at the answer position (Merullo et al. 2024)",
+                **_result_fields(result),
+            }
+        )  # fmt: skip
+    return out
+
+
+def _within_findings(within_model: Mapping[str, OverlapReport]) -> list[str]:
+    out = []
+    for label, overlap in within_model.items():
+        a, b = overlap.names[0], overlap.names[1]
+        shared = sorted(overlap.shared(a, b, "heads"))
+        out.append(
+            f"Inside {label}, {a} and {b} share {len(shared)} heads ({', '.join(shared) or 'none'}):"
+            f" head Jaccard {overlap.jaccard(a, b, 'heads'):.2f}, chance "
+            f"{overlap.expected_jaccard(a, b, 'heads'):.2f}, p = {overlap.p_value(a, b, 'heads'):.3g}."
+        )
     return out
 
 

@@ -112,6 +112,21 @@ def markdown(result: StudyResult) -> str:
                 for t, r in result.model_overlap.items()
             ]
         ),
+        "\n## Inside each fine-tune: IOI's circuit against the fine-tune's own task's\n",
+        table(
+            [
+                {
+                    "model": label,
+                    "shared heads": sorted(r.shared(r.names[0], r.names[1], "heads")),
+                    "only ioi": sorted(r.unique(r.names[0], r.names[1], "heads")),
+                    "only own task": sorted(r.unique(r.names[1], r.names[0], "heads")),
+                    "Jaccard heads": r.jaccard(r.names[0], r.names[1], "heads"),
+                    "chance": r.expected_jaccard(r.names[0], r.names[1], "heads"),
+                    "p (heads)": r.p_value(r.names[0], r.names[1], "heads"),
+                }
+                for label, r in result.within_model.items()
+            ]
+        ),
         "\n## Cross-task faithfulness (base circuit of the row's task, on the column's task)\n",
         _matrix(result.cross_task, "circuit"),
         "\n## Cross-model faithfulness (base circuit, inside each model, on its own task)\n",
