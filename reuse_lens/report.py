@@ -98,6 +98,8 @@ class StudyLike(Protocol):
     @property
     def model_overlap(self) -> Mapping[str, OverlapReport]: ...
     @property
+    def within_model(self) -> Mapping[str, OverlapReport]: ...
+    @property
     def stability(self) -> pd.DataFrame: ...
     @property
     def cross_task(self) -> pd.DataFrame: ...
@@ -287,10 +289,9 @@ def write(
     _overlap(report, study.task_overlap, key="tasks")
     report.add_table(study.stability, caption="Within-task stability (bootstrap Jaccard).")
     _model_overlap(report, study.model_overlap)
-    within = getattr(study, "within_model", {})
-    if within:
+    if study.within_model:
         _model_overlap(
-            report, within, title="Tasks inside each fine-tuned model",
+            report, study.within_model, title="Tasks inside each fine-tuned model",
             heading="IOI and the fine-tune's own task, inside {}",
         )  # fmt: skip
     _matrices(report, study)

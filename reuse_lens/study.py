@@ -186,7 +186,6 @@ def run_study(
 ) -> StudyResult:
     """Run the whole study; circuits go to ``out/circuits`` as they are found (if given)."""
     from reuse_lens import tasks as task_lib
-    from reuse_lens.evaluation import evaluate
     from reuse_lens.models import load_model
 
     config = config or StudyConfig()
@@ -209,7 +208,7 @@ def run_study(
         # (Merullo et al. compare tasks within one model).
         jobs += [(f"ft-{t}", "ioi", config.methods[0]) for t in config.fine_tuned if t != "ioi"]
 
-    evaluations = _evaluations(models, tasks, evaluate)
+    evaluations = _evaluations(models, tasks)
     circuits: dict[str, Circuit] = {}
     skipped: dict[str, str] = {}
     evaluators: dict[tuple[str, str], CircuitEvaluator] = {}
@@ -284,10 +283,10 @@ def run_study(
     )  # fmt: skip
 
 
-def _evaluations(
-    models: Mapping[str, Any], tasks: Mapping[str, Task], evaluate: Any
-) -> pd.DataFrame:
+def _evaluations(models: Mapping[str, Any], tasks: Mapping[str, Task]) -> pd.DataFrame:
     import pandas as pd
+
+    from reuse_lens.evaluation import evaluate
 
     rows = []
     for (label, model), (name, task) in itertools.product(models.items(), tasks.items()):
@@ -384,7 +383,6 @@ def _stability(run: _Run, task_names: list[str]) -> pd.DataFrame:
 def _compare(run: _Run) -> StudyResult:
     import pandas as pd
 
-    from reuse_lens.interventions import ablate_heads, uniform_attention
     from reuse_lens.overlap import compare
     from reuse_lens.reuse import (
         cross_model_faithfulness,
@@ -426,10 +424,8 @@ def _compare(run: _Run) -> StudyResult:
         tuned, run.models, {t: run.tasks[t] for t in tuned}, ablation=ablation
     )
     cross_ablation = cross_task_ablation(base, base_circuits, base_tasks, ablation=ablation)
-    interventions = _interventions(
-        config, base, run.tasks, task_overlap, uniform_attention, ablate_heads
-    )
-    interventions += _within_model_interventions(run, within_model, uniform_attention)
+    interventions = _interventions(config, base, run.tasks, task_overlap)
+    interventions += _within_model_interventions(run, within_model)
     circuit_table = pd.DataFrame(run.rows)
     findings = [f"No circuit for {key}: {why}." for key, why in run.skipped.items()]
     findings += _findings(circuit_table, task_overlap, model_overlap, cross_model, interventions)
@@ -450,10 +446,10 @@ def _interventions(
     model: TransformerBridge,
     tasks: Mapping[str, Task],
     overlap: OverlapReport,
-    uniform_attention: Any,
-    ablate_heads: Any,
 ) -> list[dict[str, Any]]:
     """Merullo et al.'s repair experiment, and the ablation of shared heads with a control."""
+    from reuse_lens.interventions import ablate_heads, uniform_attention
+
     out: list[dict[str, Any]] = []
     names = overlap.names
     if "ioi" in names and "colored_objects" in tasks:
@@ -498,9 +494,11 @@ def _interventions(
 
 
 def _within_model_interventions(
-    run: _Run, within_model: Mapping[str, OverlapReport], uniform_attention: Any
+    run: _Run, within_model: Mapping[str, OverlapReport]
 ) -> list[dict[str, Any]]:
     """Merullo et al.'s repair inside a model that has both an IOI and a Colored Objects circuit."""
+    from reuse_lens.interventions import uniform_attention
+
     out = []
     for label, overlap in within_model.items():
         if "colored_objects" not in overlap.names:

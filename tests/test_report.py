@@ -65,6 +65,7 @@ class FakeStudy:
     method_agreement: pd.DataFrame
     task_overlap: OverlapReport
     model_overlap: dict[str, OverlapReport]
+    within_model: dict[str, OverlapReport]
     stability: pd.DataFrame
     cross_task: pd.DataFrame
     cross_model: pd.DataFrame
@@ -133,6 +134,14 @@ def fake_study() -> FakeStudy:
         ),
         task_overlap=task_overlap,
         model_overlap=model_overlap,
+        within_model={
+            "ft-ioi": compare(
+                {
+                    "ioi": circuits["ft-ioi/ioi/activation"],
+                    EVIL: circuits[f"base/{EVIL}/activation"],
+                }
+            )
+        },
         stability=pd.DataFrame({"task": list(TASKS), "mean_jaccard": [0.9, 0.75]}),
         cross_task=square,
         cross_model=pd.DataFrame([[0.9, 0.85]], index=["ioi"], columns=["base", "ft-ioi"]),
@@ -156,7 +165,7 @@ EXPECTED_FIGURES = {
     "patching_heatmap": 3,  # one per scored circuit; the edge circuit has no scores
     "circuit_diagram": 4,  # one per circuit
     "faithfulness_curves": 2,  # one per task
-    "overlap_grid": 2,  # task overlap + model overlap on ioi
+    "overlap_grid": 3,  # task overlap, model overlap on ioi, tasks inside ft-ioi
     "jaccard_matrix": 1,
     "upset": 1,
     "threshold_sweep": 1,  # both task circuits have node scores
@@ -357,6 +366,7 @@ def test_a_study_with_one_task_and_nothing_else(tmp_path: Path) -> None:
     study.circuit_table = study.method_agreement = study.stability = empty
     study.cross_task = study.cross_model = study.cross_ablation = empty
     study.task_overlap, study.model_overlap = compare({"ioi": only["base/ioi/activation"]}), {}
+    study.within_model = {}
     study.interventions, study.findings = [], []
     text = report.write(tmp_path / "r.html", study).read_text(encoding="utf-8")
     figures = Counter(a["data-figure"] for t, a in parse(text).starts if "data-figure" in a)
