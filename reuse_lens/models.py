@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from transformer_lens import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["ModelLoadError", "load_model", "model_spec"]
+__all__ = ["ModelLoadError", "load_model", "model_spec", "weights_digest"]
 
 _SPEC_ATTR = "_reuse_lens_spec"
 _HUB_PROBE_SECONDS = 3.0
@@ -92,6 +92,25 @@ def load_model(
 def model_spec(model: TransformerBridge) -> str:
     """The spec a model was loaded from, for the metadata of circuits and reports."""
     return getattr(model, _SPEC_ATTR, None) or f"bridge:{model.cfg.model_name}"
+
+
+def weights_digest(model: TransformerBridge) -> str:
+    """The sha256 of a model's parameters (names, dtypes, shapes and values).
+
+    A spec names a model, not its weights: ``"zoo:base"`` after a zoo retrain, or a local
+    folder that was overwritten, loads other weights under the same name. Results cached
+    by spec alone would then be reused for the wrong model; cache them by this digest too.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        data = param.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{data.dtype}:{tuple(param.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

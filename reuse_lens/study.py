@@ -186,7 +186,7 @@ def run_study(
 ) -> StudyResult:
     """Run the whole study; circuits go to ``out/circuits`` as they are found (if given)."""
     from reuse_lens import tasks as task_lib
-    from reuse_lens.models import load_model
+    from reuse_lens.models import load_model, weights_digest
 
     config = config or StudyConfig()
     start = time.perf_counter()
@@ -196,6 +196,9 @@ def run_study(
     for task_name, spec in config.fine_tuned.items():
         models[f"ft-{task_name}"] = load_model(spec)
         specs[f"ft-{task_name}"] = spec
+    # Cached circuits are reused only for the weights they were found in, not for
+    # whatever the same spec loads today (a retrained zoo, an overwritten folder).
+    digests = {label: weights_digest(model) for label, model in models.items()}
     base = models["base"]
     task_names = list(dict.fromkeys([*config.tasks, *config.fine_tuned]))
     tasks: dict[str, Task] = {
@@ -229,6 +232,7 @@ def run_study(
         bar.set_postfix_str(key)
         expected = {
             "model": specs[model_label],
+            "weights": digests[model_label],
             "task": task_name,
             "method": method,
             "n_prompts": config.n_prompts,
@@ -250,7 +254,8 @@ def run_study(
                 skipped[key] = str(error).split(":")[0] + f" ({model_label} on {task_name})"
                 continue
             circuit = circuit.with_metadata(
-                corrupted_metric=_corrupted(evaluations, model_label, task_name)
+                corrupted_metric=_corrupted(evaluations, model_label, task_name),
+                weights=digests[model_label],
             )
             store.save(key, circuit)
         circuits[key] = circuit

@@ -49,3 +49,40 @@ def test_scores_of_a_circuit_round_trip_its_node_scores() -> None:
     scores = study.scores_of(circuit)
     assert scores.as_dict() == {"a0.h1": -0.5, "a1.h0": pytest.approx(0.1), "m1": 0.25}
     assert torch.isnan(scores.heads[0, 0]) and scores.clean == 2.0 and scores.corrupted == -1.0
+
+
+def test_saved_circuits_are_reused_only_for_the_same_weights(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from reuse_lens import models
+
+    calls: list[str] = []
+    original = study.discover_circuit
+
+    def counting(model: Any, task: rl.Task, **kwargs: Any) -> rl.Circuit:
+        calls.append(task.name)
+        return original(model, task, **kwargs)
+
+    monkeypatch.setattr(study, "discover_circuit", counting)
+    config = study.StudyConfig(
+        tasks=("sva", "greater_than"), fine_tuned={}, methods=("activation",), n_prompts=12,
+        n_boot=0, n_random=2,
+    )  # fmt: skip
+    first = study.run_study(config, out=tmp_path, progress=False)
+    study.run_study(config, out=tmp_path, progress=False)
+    assert calls == ["sva", "greater_than"]  # the second run read the saved circuits
+    digest = models.weights_digest(rl.load_model("zoo:base"))
+    assert first.circuits["base/sva/activation"].metadata["weights"] == digest
+
+    # The same spec now loads other weights (a retrained zoo): the circuit is found again.
+    monkeypatch.setattr(models, "weights_digest", lambda model: "other weights")
+    study.run_study(config, out=tmp_path, progress=False)
+    assert calls == ["sva", "greater_than"] * 2
+
+
+def test_weights_digest_tells_weights_apart() -> None:
+    from reuse_lens.models import weights_digest
+
+    base, tuned = rl.load_model("zoo:base"), rl.load_model("zoo:ft-ioi")
+    assert weights_digest(base) == weights_digest(rl.load_model("zoo:base"))
+    assert weights_digest(base) != weights_digest(tuned)
