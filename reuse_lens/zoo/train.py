@@ -16,8 +16,9 @@ import random
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from reuse_lens.tasks import names as task_names
+from reuse_lens.zoo.hints import AttentionHint, HintTargets, hint_loss, hint_targets
 from reuse_lens.zoo.language import FILLER, LM_WEIGHT, encode, mixture, zoo_tokenizer
 
 __all__ = [
@@ -87,12 +89,9 @@ class ZooSpec:
     warmup: int = 100
     task: str | None = None
     """The one task a fine-tune specialises in (None for models trained on a mixture)."""
-    attention_hints: tuple[tuple[str, int, int], ...] = ()
-    """Colored Objects attention scaffold: ``(role, layer, head)`` with role ``"prev"``
-    (each asked object attends to its colour), ``"move"`` (the answer position attends to
-    the question's object) or ``"look"`` (the answer position attends to the asked object
-    in the scene). Each adds -log(attention) on Colored Objects documents to the loss.
-    Fine-tunes only (a spec with a parent): the parent is loaded with eager attention,
+    attention_hints: tuple[AttentionHint, ...] = ()
+    """Attention scaffolds (``reuse_lens.zoo.hints``): each adds -log(attention) of one
+    step of a task's circuit to the loss. A model with hints trains with eager attention,
     the one implementation that returns attention patterns."""
 
     @property
@@ -101,16 +100,32 @@ class ZooSpec:
 
 
 _MIX_ALL = {**{t: 1.0 for t in TASKS}, FILLER: 0.5}
-# colored_objects and ioi are the hardest for a small model: give them more data.
-_MIX_ALL["colored_objects"] = 1.5
-_MIX_ALL["ioi"] = 1.5
+# The binding tasks and IOI form their circuits last in a mixture: give them more data.
+_MIX_ALL["colored_objects"] = 4.0
+_MIX_ALL["entity_tracking"] = 4.0
+_MIX_ALL["ioi"] = 3.0
 # Induction heads form late in a mixture; more induction documents bring them sooner.
 _MIX_ALL["induction"] = 2.0
+
+# Colored Objects, entity tracking and induction need circuits of several attention steps
+# that answer loss alone does not find in a CPU budget (docs/zoo.md). The scaffold asks
+# for each step in a layer, and leaves to training which head does it, and whether tasks
+# share it.
+_SCAFFOLD = (
+    AttentionHint("colored_objects", "prev", 0),
+    AttentionHint("colored_objects", "look", 1),
+    AttentionHint("colored_objects", "move", 2),
+    AttentionHint("entity_tracking", "prev", 0),
+    AttentionHint("entity_tracking", "look", 1),
+    AttentionHint("entity_tracking", "move", 2),
+    AttentionHint("induction", "prev", 0),
+    AttentionHint("induction", "look", 1),
+)
 
 
 def _finetune(task: str, seed: int) -> ZooSpec:
     # Mostly the one task, with a little of the full mixture against forgetting.
-    mix = {t: 0.1 for t in TASKS} | {FILLER: 0.05, task: 3.0}
+    mix = {t: 0.3 for t in TASKS} | {FILLER: 0.05, task: 3.0}
     return ZooSpec(
         name=f"ft-{task}",
         mix=mix,
@@ -123,29 +138,20 @@ def _finetune(task: str, seed: int) -> ZooSpec:
     )
 
 
-# With answer loss alone, the binding circuit Colored Objects needs (colour -> object ->
-# question) never leaves its plateau (docs/zoo.md). Supervising the attention of three
-# heads to the positions that circuit reads breaks it within about 750 steps; a fifth of
-# IOI keeps IOI.
-_FT_COLORED_OBJECTS = ZooSpec(
-    name="ft-colored_objects",
-    mix={"colored_objects": 0.8, "ioi": 0.2},
-    steps=2000,
-    seed=2,
-    parent="base",
-    lr=3e-3,
-    warmup=100,
-    task="colored_objects",
-    attention_hints=(("prev", 0, 2), ("move", 1, 1), ("look", 2, 1)),
-)
-
-
 SPECS: dict[str, ZooSpec] = {
     spec.name: spec
     for spec in (
-        ZooSpec(name="base", mix=_MIX_ALL, steps=12000, seed=0, batch_size=48, warmup=200),
+        ZooSpec(
+            name="base",
+            mix=_MIX_ALL,
+            steps=22000,
+            seed=0,
+            batch_size=48,
+            warmup=200,
+            attention_hints=_SCAFFOLD,
+        ),
         _finetune("ioi", 1),
-        _FT_COLORED_OBJECTS,
+        _finetune("colored_objects", 2),
         _finetune("entity_tracking", 3),
         ZooSpec(
             name="attn-only",
@@ -168,81 +174,57 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _batches(
-    spec: ZooSpec, tokenizer: Any
-) -> list[tuple[Int[Tensor, "batch pos"], Float[Tensor, "batch pos"]]]:
-    """The whole run's batches, in a fixed order: token ids and per-target loss weights.
+@dataclass(frozen=True)
+class _Batch:
+    tokens: Int[Tensor, "batch pos"]
+    weights: Float[Tensor, "batch pos_1"]
+    """Loss weight of predicting token t+1 from position t."""
+    sources: tuple[str, ...]
+    """Each row's task (or filler)."""
+    hints: HintTargets
+    """The batch's attention-hint targets (empty unless the spec has hints)."""
+
+
+def _batches(spec: ZooSpec, tokenizer: Any) -> list[_Batch]:
+    """The whole run's batches, in a fixed order.
 
     Documents are grouped by length within chunks of 16 batches, so a batch of short SVA
     prompts is not padded to the length of a Colored Objects prompt.
     """
     n_docs = spec.steps * spec.batch_size
-    docs = encode(tokenizer, mixture(spec.mix, n_docs, seed=spec.seed))
+    documents = mixture(spec.mix, n_docs, seed=spec.seed)
+    docs = [
+        (doc.source, ids, targets)
+        for doc, (ids, targets) in zip(documents, encode(tokenizer, documents), strict=True)
+    ]
+    hinted = {hint.task for hint in spec.attention_hints}
+    vocab = tokenizer.get_vocab()
     rng = random.Random(f"batches:{spec.seed}")
     pad = int(tokenizer.pad_token_id)
     chunk = spec.batch_size * 16
     out = []
     for start in range(0, len(docs), chunk):
-        group = sorted(docs[start : start + chunk], key=lambda d: len(d[0]))
+        group = sorted(docs[start : start + chunk], key=lambda d: len(d[1]))
         for b in range(0, len(group), spec.batch_size):
             rows = group[b : b + spec.batch_size]
-            width = max(len(ids) for ids, _ in rows)
+            width = max(len(ids) for _, ids, _ in rows)
             tokens = torch.full((len(rows), width), pad, dtype=torch.long)
             weights = torch.zeros((len(rows), width - 1))
-            for i, (ids, targets) in enumerate(rows):
+            hints: HintTargets = {}
+            for i, (source, ids, targets) in enumerate(rows):
                 tokens[i, : len(ids)] = torch.tensor(ids)
-                # Weight of predicting token t+1 from position t: the answer (and, for
-                # induction, the rest of the repeat) of a task document, or every token
-                # of filler, lightly.
+                # The answer (and, for induction, the rest of the repeat) of a task
+                # document, or every token of filler, lightly.
                 if targets:
                     weights[i, [t - 1 for t in targets]] = 1.0
                 else:
                     weights[i, : len(ids) - 1] = LM_WEIGHT
-            out.append((tokens, weights))
+                if source in hinted:
+                    for step, pairs in hint_targets(source, ids, targets, vocab).items():
+                        hints.setdefault((source, step), []).extend((i, q, k) for q, k in pairs)
+            out.append(_Batch(tokens, weights, tuple(r[0] for r in rows), hints))
     rng.shuffle(out)
     return out[: spec.steps]
-
-
-def _binding_positions(
-    tokens: Int[Tensor, "batch pos"], weights: Float[Tensor, "batch pos_1"], tokenizer: Any
-) -> list[tuple[int, int, int, int]]:
-    """``(row, answer position, question object, asked object in the scene)`` of each
-    Colored Objects document of a batch, found by its ending ``the OBJ ?\\n A :`` and
-    capitalised colour answer; the asked object is the last earlier occurrence of OBJ."""
-    from reuse_lens.tasks.words import COLORS
-
-    vocab = tokenizer.get_vocab()
-    tail = [vocab["?"], vocab["\n"], vocab["A"], vocab[":"]]
-    colours = {vocab[f" {c.capitalize()}"] for c in COLORS}
-    out = []
-    for row, answer_pos in (weights == 1.0).nonzero().tolist():
-        ids = tokens[row].tolist()
-        if ids[answer_pos + 1] not in colours or ids[answer_pos - 3 : answer_pos + 1] != tail:
-            continue
-        question = answer_pos - 4
-        scene = [j for j in range(1, question) if ids[j] == ids[question]]
-        if scene:
-            out.append((row, answer_pos, question, scene[-1]))
-    return out
-
-
-def _hint_loss(
-    spec: ZooSpec, attentions: Sequence[Tensor], found: list[tuple[int, int, int, int]]
-) -> Tensor:
-    """Summed -log attention of each hinted head to its target, per batch row (see
-    ``ZooSpec.attention_hints``)."""
-    rows, answer, question, scene = (torch.tensor(x) for x in zip(*found, strict=True))
-    total = torch.zeros(())
-    for role, layer, head in spec.attention_hints:
-        pattern = attentions[layer][:, head]
-        if role == "prev":
-            weight = pattern[rows, scene, scene - 1]
-        elif role == "move":
-            weight = pattern[rows, answer, question]
-        else:
-            weight = pattern[rows, answer, scene]
-        total = total - (weight + 1e-6).log().sum()
-    return total
 
 
 def _new_model(spec: ZooSpec, tokenizer: Any, parent: Path | None) -> Any:
@@ -270,6 +252,8 @@ def _new_model(spec: ZooSpec, tokenizer: Any, parent: Path | None) -> Any:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if spec.attention_hints:
+        config._attn_implementation = "eager"
     model = GPT2LMHeadModel(config)
     if arch.attn_only:
         # Attention-only in function: every MLP writes exactly zero into the residual
@@ -280,6 +264,23 @@ def _new_model(spec: ZooSpec, tokenizer: Any, parent: Path | None) -> Any:
                 param.data.zero_()
                 param.requires_grad_(False)
     return model
+
+
+def _count_answers(
+    batch: _Batch,
+    logits: Float[Tensor, "target vocab"],
+    where: Tensor,
+    right: Counter[str],
+    seen: Counter[str],
+) -> None:
+    """Add each task's right and seen answers (weight-1 targets) of a batch to the counts."""
+    rows = where.nonzero()[:, 0]
+    is_answer = batch.weights[where] == 1.0
+    correct = logits.argmax(-1) == batch.tokens[:, 1:][where]
+    for row, answer, ok in zip(rows.tolist(), is_answer.tolist(), correct.tolist(), strict=True):
+        if answer:
+            seen[batch.sources[row]] += 1
+            right[batch.sources[row]] += ok
 
 
 def _lr(spec: ZooSpec, step: int) -> float:
@@ -310,8 +311,11 @@ def train_model(spec: ZooSpec, out: Path, *, parent: Path | None = None) -> Path
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
     start = time.perf_counter()
     bar = tqdm(batches, desc=f"zoo:{spec.name}", mininterval=10, disable=None)
-    recent: list[float] = []
-    for step, (tokens, weights) in enumerate(bar):
+    right: Counter[str] = Counter()
+    seen: Counter[str] = Counter()
+    scaffold_losses: list[float] = []
+    for step, batch in enumerate(bar):
+        tokens, weights = batch.tokens, batch.weights
         for group in optimizer.param_groups:
             group["lr"] = _lr(spec, step)
         mask = (tokens != tokenizer.pad_token_id).long()
@@ -324,23 +328,30 @@ def train_model(spec: ZooSpec, out: Path, *, parent: Path | None = None) -> Path
         logits = model.lm_head(hidden[where])
         losses = torch.nn.functional.cross_entropy(logits, tokens[:, 1:][where], reduction="none")
         loss = (losses * weights[where]).sum() / tokens.shape[0]
-        found = _binding_positions(tokens, weights, tokenizer) if hints else []
-        if found:
-            loss = loss + _hint_loss(spec, output.attentions, found) / tokens.shape[0]
+        if batch.hints:
+            scaffold = hint_loss(spec.attention_hints, output.attentions, batch.hints)
+            loss = loss + scaffold / tokens.shape[0]
+            scaffold_losses.append(scaffold.item() / tokens.shape[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        is_answer = weights[where] == 1.0
-        if bool(is_answer.any()):
-            right = logits.argmax(-1) == tokens[:, 1:][where]
-            recent.append(right[is_answer].float().mean().item())
+        _count_answers(batch, logits, where, right, seen)
         if (step + 1) % 100 == 0 or step == len(batches) - 1:
-            # Top-1 accuracy on the answers of the last 100 training batches.
-            accuracy = sum(recent) / max(1, len(recent))
-            recent.clear()
-            bar.set_postfix(loss=f"{loss.item():.3f}", answer_acc=f"{accuracy:.2f}")
-            logger.info("zoo:%s step %d answer accuracy %.3f", spec.name, step + 1, accuracy)
+            # Answer accuracy per task over the last 100 batches (and the scaffold's mean loss).
+            rates = {k: right[k] / seen[k] for k in sorted(seen)}
+            if scaffold_losses:
+                rates["scaffold"] = sum(scaffold_losses) / len(scaffold_losses)
+            right.clear()
+            seen.clear()
+            scaffold_losses.clear()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            logger.info(
+                "zoo:%s step %d %s",
+                spec.name,
+                step + 1,
+                " ".join(f"{k} {v:.2f}" for k, v in rates.items()),
+            )
     logger.info("trained zoo:%s in %.0f s", spec.name, time.perf_counter() - start)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
@@ -378,6 +389,7 @@ def _entry(spec: ZooSpec, folder: Path, seconds: float) -> dict[str, Any]:
         "task": spec.task,
         "mix": spec.mix,
         "trained_on": spec.trained_on,
+        "attention_hints": [asdict(hint) for hint in spec.attention_hints],
         "train_seconds": round(seconds, 1),
         "eval": {"n": EVAL_N, "seed": EVAL_SEED, "split": "test"}
         | {"scores": evaluate_folder(folder)},

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from reuse_lens import zoo
 from reuse_lens.zoo.language import Document, encode, mixture, task_documents, zoo_tokenizer
@@ -54,33 +53,11 @@ def test_loss_positions_of_each_kind_of_document() -> None:
     assert filler_targets == []
 
 
-def test_binding_positions_of_a_colored_objects_document() -> None:
-    from reuse_lens.zoo.train import _binding_positions
-
-    tokenizer = zoo_tokenizer()
-    docs = [
-        Document("ioi", "When Mary and John went to the park, John gave a ball to", " Mary"),
-        # BOS Q : On the desk , I see a red pen , a blue cup(15) , and a black hat .
-        # What color is the cup(26) ? \n A :(30) Blue
-        Document(
-            "colored_objects",
-            "Q: On the desk, I see a red pen, a blue cup, and a black hat. "
-            "What color is the cup?\nA:",
-            " Blue",
-        ),
-    ]
-    encoded = encode(tokenizer, docs)
-    width = max(len(ids) for ids, _ in encoded)
-    tokens = torch.full((2, width), int(tokenizer.pad_token_id))
-    weights = torch.zeros((2, width - 1))
-    for row, (ids, targets) in enumerate(encoded):
-        tokens[row, : len(ids)] = torch.tensor(ids)
-        weights[row, targets[0] - 1] = 1.0
-    assert _binding_positions(tokens, weights, tokenizer) == [(1, 30, 26, 15)]
-
-
-def test_only_ft_colored_objects_has_attention_hints() -> None:
-    assert {n for n, s in SPECS.items() if s.attention_hints} == {"ft-colored_objects"}
+def test_only_base_is_scaffolded_and_training_picks_the_heads() -> None:
+    assert {n for n, s in SPECS.items() if s.attention_hints} == {"base"}
+    hints = SPECS["base"].attention_hints
+    assert {h.task for h in hints} == {"colored_objects", "entity_tracking", "induction"}
+    assert all(h.head is None for h in hints)
 
 
 def test_unknown_model_to_train() -> None:

@@ -14,6 +14,7 @@ from reuse_lens import zoo
 from reuse_lens.models import model_spec
 from reuse_lens.tasks import generate, spec
 from reuse_lens.tasks.words import WordPool
+from reuse_lens.zoo.hints import AttentionHint
 from reuse_lens.zoo.language import zoo_tokenizer
 
 SHIPPED = zoo.available()
@@ -88,29 +89,22 @@ def test_manifest_scores_hold_on_held_out_prompts(name: str) -> None:
         assert abs(scores["logit_diff"] - shipped["logit_diff"]) <= ld_tolerance, (task, scores)
 
 
-BELOW_THE_BARS = ("colored_objects", "entity_tracking", "induction")
-"""Tasks on which zoo:base and its fine-tunes are below the bars (docs/zoo.md says why):
-they name an object or colour of the scene at chance instead of binding it to the
-question, and their induction is at about 0.6 accuracy. zoo:attn-only meets the bars on
-induction and IOI."""
-
-MEETS_THE_BARS = (("ft-colored_objects", "colored_objects"),)
-"""(model, task) pairs never skipped: the attention-scaffolded fine-tune binds colours."""
-
-
-def _bar_failures(skip: tuple[str, ...]) -> list[tuple[str, str, dict[str, float]]]:
+def _bar_failures() -> list[tuple[str, str, dict[str, float]]]:
     failures = []
     for name, entry in zoo.manifest()["models"].items():
         for task in entry["trained_on"]:
             scores = entry["eval"]["scores"][task]
-            skipped = task in skip and (name, task) not in MEETS_THE_BARS
-            if not skipped and (scores["accuracy"] < 0.9 or scores["logit_diff"] < 2.0):
+            if scores["accuracy"] < 0.9 or scores["logit_diff"] < 2.0:
                 failures.append((name, task, scores))
     return failures
 
 
-def test_manifest_meets_the_quality_bars() -> None:
-    assert _bar_failures(skip=BELOW_THE_BARS) == []
+def test_every_model_meets_the_quality_bars_on_its_tasks() -> None:
+    assert _bar_failures() == []
+
+
+def test_base_is_trained_on_every_task() -> None:
+    assert set(zoo.manifest()["models"]["base"]["trained_on"]) == set(rl.tasks.names())
 
 
 def test_ft_colored_objects_does_colored_objects_and_ioi() -> None:
@@ -119,18 +113,12 @@ def test_ft_colored_objects_does_colored_objects_and_ioi() -> None:
         assert scores[task]["accuracy"] >= 0.9 and scores[task]["logit_diff"] >= 2.0, task
 
 
-def test_attn_only_meets_the_bars_on_induction() -> None:
-    scores = zoo.manifest()["models"]["attn-only"]["eval"]["scores"]["induction"]
-    assert scores["accuracy"] >= 0.9 and scores["logit_diff"] >= 2.0
+def test_the_manifest_records_the_scaffold() -> None:
+    from reuse_lens.zoo.train import SPECS
 
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="colored_objects (but on ft-colored_objects), entity_tracking and base's induction "
-    "are below the bars",
-)
-def test_every_task_meets_the_quality_bars() -> None:
-    assert _bar_failures(skip=()) == []
+    for name, entry in zoo.manifest()["models"].items():
+        recorded = [AttentionHint(**hint) for hint in entry["attention_hints"]]
+        assert tuple(recorded) == SPECS[name].attention_hints, name
 
 
 def test_fine_tunes_record_their_own_task() -> None:
@@ -171,3 +159,17 @@ def test_attn_only_mlps_write_nothing() -> None:
     _, cache = model.run_with_cache(task.clean)
     for layer in range(model.cfg.n_layers):
         assert torch.count_nonzero(cache[f"blocks.{layer}.hook_mlp_out"]) == 0
+
+
+def test_each_scaffolded_step_is_done_by_one_head() -> None:
+    from transformers import GPT2LMHeadModel
+
+    from reuse_lens.zoo.hints import scaffold_heads
+    from reuse_lens.zoo.train import SPECS
+
+    folder = str(zoo.shipped_folder("base"))
+    model = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+    found = scaffold_heads(model, SPECS["base"].attention_hints, n=16)
+    assert set(found) == set(SPECS["base"].attention_hints)
+    for hint, (head, attention) in found.items():
+        assert attention >= 0.9, (hint, head, attention)
