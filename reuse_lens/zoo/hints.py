@@ -52,8 +52,8 @@ __all__ = [
 
 Step = Literal["prev", "move", "look"]
 STEPS: dict[str, tuple[Step, ...]] = {
-    "colored_objects": ("prev", "move", "look"),
-    "entity_tracking": ("prev", "move", "look"),
+    "colored_objects": ("prev", "look", "move"),
+    "entity_tracking": ("prev", "look", "move"),
     "induction": ("prev", "look"),
 }
 """The steps a hint can supervise, per task."""
@@ -109,17 +109,17 @@ def hint_targets(
         if list(ids[answer - 3 : answer + 1]) != tail:
             raise ValueError("a Colored Objects document does not end 'OBJ?\\nA:'")
         question = answer - 4
-        colour_offset = 1
+        bound = 1  # the colour is right before its object
     elif task == "entity_tracking":
         if ids[answer - 1] != vocab[" contains"]:
             raise ValueError("an entity tracking document does not end 'Box X contains the'")
         question = answer - 2
-        colour_offset = 4  # "the card is in box V": the object is four tokens before V
+        bound = 4  # "the card is in box V": the object is four tokens before V
     else:
         raise ValueError(f"no attention hints for task {task!r}")
     scene = _earlier(ids, question)
     return {
-        "prev": [(scene, scene - colour_offset)],
+        "prev": [(scene, scene - bound)],
         "look": [(question, scene)],
         "move": [(answer, question)],
     }
