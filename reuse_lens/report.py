@@ -426,7 +426,7 @@ def _matrices(report: HtmlReport, study: StudyLike) -> None:
         "cross_task": "Faithfulness of each task's circuit on each task",
         "cross_model": "Faithfulness of each base circuit in each model",
         "cross_ablation": "Damage to each task when a circuit is ablated "
-        "(1 − faithfulness of the rest of the model)",
+        "(1 − faithfulness of the rest of the model; above 1: worse than ablating everything)",
     }
     for key, df, rows, columns, value_name in matrices:
         if df.empty:

@@ -169,7 +169,8 @@ def cross_task_ablation(
     """Damage to each task (columns) when each circuit's heads (rows) are ablated.
 
     Damage = 1 − faithfulness of every node *except* the circuit's: 0 when the task does
-    not need those nodes, 1 when losing them is as bad as losing everything. By default
+    not need those nodes, 1 when losing them is as bad as losing everything, above 1 when
+    the model without them scores below the model with every node ablated. By default
     only the circuit's heads are ablated (``kind="heads"``): in small models MLP 0 acts as
     part of the embedding and sits in nearly every circuit, so ablating it would mark
     every task as damaged by every circuit and hide which *heads* are reused.

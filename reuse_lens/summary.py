@@ -132,6 +132,8 @@ def markdown(result: StudyResult) -> str:
         "\n## Cross-model faithfulness (base circuit, inside each model, on its own task)\n",
         _matrix(result.cross_model, "circuit"),
         "\n## Cross-task ablation (damage to the column's task when the row's heads are ablated)\n",
+        "0 = no harm, 1 = as bad as ablating every node; above 1, the model without these "
+        "heads scores below the model with every node ablated.\n",
         _matrix(result.cross_ablation, "circuit heads"),
         "\n## Interventions\n",
         table(
