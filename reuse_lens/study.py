@@ -453,7 +453,7 @@ def _interventions(
     overlap: OverlapReport,
 ) -> list[dict[str, Any]]:
     """Merullo et al.'s repair experiment, and the ablation of shared heads with a control."""
-    from reuse_lens.interventions import ablate_heads, uniform_attention
+    from reuse_lens.interventions import ablate_heads
 
     out: list[dict[str, Any]] = []
     names = overlap.names
@@ -465,15 +465,7 @@ def _interventions(
             heads = sorted(overlap.circuits["ioi"].heads)
             which = "the IOI circuit's heads (the model has no Colored Objects circuit)"
         if heads:
-            result = uniform_attention(model, tasks["colored_objects"], heads, "wrong")
-            out.append(
-                {
-                    "name": "uniform attention", "task": "colored_objects", "heads": heads,
-                    "description": f"{which} attend uniformly over the wrong colours at the "
-                    "answer position (Merullo et al. 2024)",
-                    **_result_fields(result),
-                }
-            )  # fmt: skip
+            out.append(_uniform_attention(model, tasks, heads, "uniform attention", which))
     for a, b in itertools.combinations(names, 2):
         shared = sorted(overlap.shared(a, b, "heads"))
         if not shared:
@@ -502,39 +494,47 @@ def _within_model_interventions(
     run: _Run, within_model: Mapping[str, OverlapReport]
 ) -> list[dict[str, Any]]:
     """Merullo et al.'s repair inside a model that has both an IOI and a Colored Objects circuit."""
-    from reuse_lens.interventions import uniform_attention
-
     out = []
     for label, overlap in within_model.items():
         if "colored_objects" not in overlap.names:
             continue
         heads = sorted(overlap.unique("ioi", "colored_objects", "heads"))
-        if not heads:
-            continue
-        result = uniform_attention(run.models[label], run.tasks["colored_objects"], heads, "wrong")
-        out.append(
-            {
-                "name": f"uniform attention in {label}", "task": "colored_objects",
-                "heads": heads,
-                "description": f"IOI-only heads of {label} attend uniformly over the wrong "
-                "colours at the answer position (Merullo et al. 2024)",
-                **_result_fields(result),
-            }
-        )  # fmt: skip
+        if heads:
+            name, which = f"uniform attention in {label}", f"IOI-only heads of {label}"
+            out.append(_uniform_attention(run.models[label], run.tasks, heads, name, which))
     return out
+
+
+def _uniform_attention(
+    model: TransformerBridge, tasks: Mapping[str, Task], heads: list[str], name: str, which: str
+) -> dict[str, Any]:
+    """One row of Merullo et al.'s repair: ``heads`` attend uniformly over the wrong colours."""
+    from reuse_lens.interventions import uniform_attention
+
+    result = uniform_attention(model, tasks["colored_objects"], heads, "wrong")
+    return {
+        "name": name, "task": "colored_objects", "heads": heads,
+        "description": f"{which} attend uniformly over the wrong colours at the answer "
+        "position (Merullo et al. 2024)",
+        **_result_fields(result),
+    }  # fmt: skip
 
 
 def _within_findings(within_model: Mapping[str, OverlapReport]) -> list[str]:
-    out = []
-    for label, overlap in within_model.items():
-        a, b = overlap.names[0], overlap.names[1]
-        shared = sorted(overlap.shared(a, b, "heads"))
-        out.append(
-            f"Inside {label}, {a} and {b} share {len(shared)} heads ({', '.join(shared) or 'none'}):"
-            f" head Jaccard {overlap.jaccard(a, b, 'heads'):.2f}, chance "
-            f"{overlap.expected_jaccard(a, b, 'heads'):.2f}, p = {overlap.p_value(a, b, 'heads'):.3g}."
-        )
-    return out
+    return [
+        f"Inside {label}, {_sharing(overlap, *overlap.names[:2])}"
+        for label, overlap in within_model.items()
+    ]
+
+
+def _sharing(overlap: OverlapReport, a: str, b: str) -> str:
+    """The finding that a and b share N heads, with their Jaccard, chance and p-value."""
+    shared = sorted(overlap.shared(a, b, "heads"))
+    return (
+        f"{a} and {b} share {len(shared)} heads ({', '.join(shared) or 'none'}): head Jaccard "
+        f"{overlap.jaccard(a, b, 'heads'):.2f}, chance "
+        f"{overlap.expected_jaccard(a, b, 'heads'):.2f}, p = {overlap.p_value(a, b, 'heads'):.3g}."
+    )
 
 
 def _result_fields(result: Any) -> dict[str, Any]:
@@ -563,13 +563,7 @@ def _findings(
     for a, b in itertools.combinations(overlap.names, 2):
         pairs.append((overlap.jaccard(a, b, "heads"), a, b))
     pairs.sort(key=lambda p: -1 if p[0] != p[0] else -p[0])
-    for jac, a, b in pairs[:3]:
-        shared = sorted(overlap.shared(a, b, "heads"))
-        p = overlap.p_value(a, b, "heads")
-        out.append(
-            f"{a} and {b} share {len(shared)} heads ({', '.join(shared) or 'none'}): head "
-            f"Jaccard {jac:.2f}, chance {overlap.expected_jaccard(a, b, 'heads'):.2f}, p = {p:.3g}."
-        )
+    out += [_sharing(overlap, a, b) for _, a, b in pairs[:3]]
     for task_name, report in model_overlap.items():
         a, b = report.names
         out.append(
@@ -596,6 +590,7 @@ def save_summary(result: StudyResult, path: str | Path) -> None:
         "method_agreement": result.method_agreement.to_dict(orient="records"),
         "stability": result.stability.to_dict(orient="records"),
         "task_overlap": json.loads(result.task_overlap.to_json()),
+        "within_model": {k: json.loads(r.to_json()) for k, r in result.within_model.items()},
         "cross_task": result.cross_task.to_dict(),
         "cross_model": result.cross_model.to_dict(),
         "cross_ablation": result.cross_ablation.to_dict(),

@@ -86,3 +86,27 @@ def test_weights_digest_tells_weights_apart() -> None:
     base, tuned = rl.load_model("zoo:base"), rl.load_model("zoo:ft-ioi")
     assert weights_digest(base) == weights_digest(rl.load_model("zoo:base"))
     assert weights_digest(base) != weights_digest(tuned)
+
+
+def test_ioi_is_compared_with_each_fine_tunes_own_task_inside_it(tmp_path: Any) -> None:
+    import json
+
+    config = study.StudyConfig(
+        tasks=("ioi", "colored_objects"), fine_tuned={"colored_objects": "zoo:ft-colored_objects"},
+        methods=("activation",), n_prompts=12, n_boot=0, n_random=2,
+    )  # fmt: skip
+    result = study.run_study(config, progress=False)
+    assert {
+        "ft-colored_objects/ioi/activation",
+        "ft-colored_objects/colored_objects/activation",
+    } <= set(result.circuits)
+    overlap = result.within_model["ft-colored_objects"]
+    assert overlap.names == ("ioi", "colored_objects")
+    assert any(
+        f.startswith("Inside ft-colored_objects, ioi and colored_objects share")
+        for f in result.findings
+    )
+    assert any(i["name"] == "uniform attention in ft-colored_objects" for i in result.interventions)
+    study.save_summary(result, tmp_path / "summary.json")
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["within_model"] == {"ft-colored_objects": json.loads(overlap.to_json())}
