@@ -314,13 +314,13 @@ def train_model(spec: ZooSpec, out: Path, *, parent: Path | None = None) -> Path
     right: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     scaffold_losses: list[float] = []
+    hinted = bool(spec.attention_hints)  # attention patterns are returned only then
     for step, batch in enumerate(bar):
         tokens, weights = batch.tokens, batch.weights
         for group in optimizer.param_groups:
             group["lr"] = _lr(spec, step)
         mask = (tokens != tokenizer.pad_token_id).long()
-        hints = bool(spec.attention_hints)
-        output = model.transformer(tokens, attention_mask=mask, output_attentions=hints)
+        output = model.transformer(tokens, attention_mask=mask, output_attentions=hinted)
         hidden = output.last_hidden_state[:, :-1]
         # Unembed only the positions that carry loss: most task documents have one, and
         # the unembedding would otherwise be about a quarter of the compute.
