@@ -401,11 +401,10 @@ def _model_overlap(
     *,
     title: str = "Model overlap",
     heading: str = "Model overlap on {}",
-    empty: str = "No fine-tuned models were compared.",
 ) -> None:
     report.add_heading(title)
     if not reports:
-        report.add_text(empty, css_class="empty")
+        report.add_text("No fine-tuned models were compared.", css_class="empty")
     for task, overlap in reports.items():
         report.add_heading(heading.format(task), level=3)
         if len(overlap.names) < 2:
