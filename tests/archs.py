@@ -1,0 +1,176 @@
+"""Tiny random-weight models of every architecture family, built from ``transformers`` configs.
+
+Each model is saved with a word-level tokenizer and loaded through ``rl.load_model(folder)``:
+the same path a user's checkpoint takes. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+D_MODEL = 64
+N_HEADS = 4
+N_KV = 2
+"""Grouped-query models share each key/value head between two query heads."""
+
+_COMMON = dict(hidden_size=D_MODEL, num_hidden_layers=2, num_attention_heads=N_HEADS)
+
+ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2": ("GPT2Config", dict(n_embd=D_MODEL, n_layer=2, n_head=N_HEADS, n_positions=128)),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(**_COMMON, intermediate_size=128, rotary_pct=0.5, max_position_embeddings=128),
+    ),
+    "llama": (
+        "LlamaConfig",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_HEADS),
+    ),
+    "llama_gqa": (
+        "LlamaConfig",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV),
+    ),
+    "qwen2": ("Qwen2Config", dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV)),
+    "qwen3": (
+        "Qwen3Config",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV, head_dim=16),
+    ),
+    "gemma": (
+        "GemmaConfig",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=1, head_dim=16),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            **_COMMON,
+            intermediate_size=128,
+            num_key_value_heads=N_KV,
+            head_dim=16,
+            sliding_window=4,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV, sliding_window=None),
+    ),
+    "phi": ("PhiConfig", dict(**_COMMON, intermediate_size=128, partial_rotary_factor=0.5)),
+    "phi3": ("Phi3Config", dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV)),
+    "opt": (
+        "OPTConfig",
+        dict(
+            hidden_size=D_MODEL,
+            num_hidden_layers=2,
+            num_attention_heads=N_HEADS,
+            ffn_dim=128,
+            word_embed_proj_dim=D_MODEL,
+            max_position_embeddings=128,
+        ),
+    ),
+    "gptj": (
+        "GPTJConfig",
+        dict(n_embd=D_MODEL, n_layer=2, n_head=N_HEADS, rotary_dim=8, n_positions=128),
+    ),
+    "gpt_neo": (
+        "GPTNeoConfig",
+        dict(
+            hidden_size=D_MODEL,
+            num_layers=2,
+            num_heads=N_HEADS,
+            attention_types=[[["global", "local"], 1]],
+            window_size=4,
+            max_position_embeddings=128,
+        ),
+    ),
+    "olmo2": ("Olmo2Config", dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV)),
+    "bloom": ("BloomConfig", dict(hidden_size=D_MODEL, n_layer=2, n_head=N_HEADS)),
+    "falcon": (
+        "FalconConfig",
+        dict(**_COMMON, new_decoder_architecture=False, multi_query=True, parallel_attn=True),
+    ),
+    "gpt_bigcode": (
+        "GPTBigCodeConfig",
+        dict(n_embd=D_MODEL, n_layer=2, n_head=N_HEADS, multi_query=True, n_positions=128),
+    ),
+    "granite": ("GraniteConfig", dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV)),
+    "stablelm": (
+        "StableLmConfig",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV),
+    ),
+    "cohere": ("CohereConfig", dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV)),
+    "mamba": ("MambaConfig", dict(hidden_size=D_MODEL, num_hidden_layers=2, state_size=4)),
+}
+"""name -> (``transformers`` config class, its fields). Attention models have 2 layers,
+d_model 64 and 4 query heads."""
+
+
+def save_arch(name: str, folder: Path, tokenizer: Any, *, seed: int = 0) -> Path:
+    """Build architecture ``name`` with random weights and save it, with ``tokenizer``."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    class_name, fields = ARCHS[name]
+    config = getattr(transformers, class_name)(
+        vocab_size=len(tokenizer.get_vocab()),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **fields,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    _scale_up(model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _scale_up(model: torch.nn.Module) -> None:
+    """Larger random weights, so that heads differ and attention is far from uniform.
+
+    ``transformers`` initialises with std 0.02, which makes every head of a tiny model
+    attend almost uniformly; patching effects would then be too small to tell apart.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "norm" not in name and "ln" not in name:
+                p.mul_(8.0)
+
+
+def expand_kv(folder: Path, out: Path) -> Path:
+    """The multi-head twin of a grouped-query model: each key/value head repeated per query head.
+
+    Both compute the same function, so every method must score them the same.
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((folder / "config.json").read_text())
+    n_heads = config["num_attention_heads"]
+    n_kv = config["num_key_value_heads"]
+    group = n_heads // n_kv
+    state = load_file(folder / "model.safetensors")
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
+    if not any(key.endswith("k_proj.weight") for key in state):
+        raise ValueError(f"{folder} has no separate k_proj/v_proj to expand")
+    expanded = {}
+    for key, value in state.items():
+        # Projections, their biases, and a norm over the whole key width (OLMo-2's k_norm;
+        # Qwen3's is per head, of length head_dim, and stays) are laid out head-major.
+        per_head = key.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"))
+        whole_norm = key.endswith("k_norm.weight") and value.shape[0] == n_kv * head_dim > head_dim
+        if per_head or whole_norm:
+            value = value.unflatten(0, (n_kv, -1)).repeat_interleave(group, 0).flatten(0, 1)
+        expanded[key] = value.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(expanded, out / "model.safetensors", metadata={"format": "pt"})
+    config["num_key_value_heads"] = n_heads
+    (out / "config.json").write_text(json.dumps(config))
+    for extra in folder.iterdir():
+        if extra.name not in ("config.json", "model.safetensors"):
+            (out / extra.name).write_bytes(extra.read_bytes())
+    return out
