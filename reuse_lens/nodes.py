@@ -32,6 +32,7 @@ __all__ = [
     "ModelShape",
     "Node",
     "NodeNameError",
+    "Sender",
     "edges_of",
     "format_node",
     "nodes_of",
@@ -118,6 +119,9 @@ Node = AttentionHead | MLP
 
 Endpoint = AttentionHead | MLP | InputNode | LogitsNode
 """Anything an edge can start or end at."""
+
+Sender = AttentionHead | MLP | InputNode
+"""Anything an edge can start at."""
 
 
 @dataclass(frozen=True)
@@ -225,11 +229,16 @@ class _HasConfig(Protocol):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The part of a model's configuration that decides which nodes it has."""
+    """The part of a model's configuration that decides its nodes and its residual graph.
+
+    ``parallel``: attention and MLP read the same residual stream (GPT-NeoX, GPT-J, Phi,
+    Falcon, Cohere), so a layer's heads do not feed its MLP.
+    """
 
     n_layers: int
     n_heads: int
     has_mlps: bool
+    parallel: bool = False
 
     def check(self, node: Endpoint) -> None:
         """Raise NodeNameError if ``node`` is not a node of a model of this shape."""
@@ -257,6 +266,47 @@ class ModelShape:
                 out.append(MLP(layer))
         return out
 
+    def feeds(self, sender: Endpoint, receiver: Endpoint) -> bool:
+        """Whether the residual graph has an edge from ``sender`` to ``receiver``.
+
+        The one rule behind ``edges``, circuits and the edge engines: ``input`` feeds
+        everything and everything feeds ``logits``; a node feeds every node of a later
+        layer; and, unless the block is parallel, a layer's heads feed that layer's MLP.
+        """
+        if isinstance(sender, LogitsNode) or isinstance(receiver, InputNode):
+            return False
+        if isinstance(sender, InputNode) or isinstance(receiver, LogitsNode):
+            return True
+        if sender.layer < receiver.layer:
+            return True
+        return (
+            not self.parallel
+            and isinstance(receiver, MLP)
+            and isinstance(sender, AttentionHead)
+            and sender.layer == receiver.layer
+        )
+
+    def senders_of(self, receiver: AttentionHead | MLP | LogitsNode) -> list[Sender]:
+        """The senders that ``receiver`` reads, in forward order (a prefix of all senders)."""
+        senders: list[Sender] = [INPUT, *self.nodes()]
+        return [s for s in senders if self.feeds(s, receiver)]
+
+    def edges(self) -> list[Edge]:
+        """Every edge, receivers in forward order: per layer the heads' q, k and v inputs,
+        then the MLP; ``logits`` last."""
+        edges: list[Edge] = []
+        for layer in range(self.n_layers):
+            heads = [AttentionHead(layer, head) for head in range(self.n_heads)]
+            senders = self.senders_of(heads[0])
+            for head in heads:
+                for qkv in ("q", "k", "v"):
+                    edges.extend(Edge(sender, head, qkv) for sender in senders)
+            if self.has_mlps:
+                mlp = MLP(layer)
+                edges.extend(Edge(sender, mlp) for sender in self.senders_of(mlp))
+        edges.extend(Edge(sender, LOGITS) for sender in self.senders_of(LOGITS))
+        return edges
+
 
 def shape_of(model: _HasConfig) -> ModelShape:
     """Read the node-deciding shape of a TransformerLens model (or anything with ``cfg``)."""
@@ -265,6 +315,7 @@ def shape_of(model: _HasConfig) -> ModelShape:
         n_layers=int(cfg.n_layers),  # type: ignore[attr-defined]
         n_heads=int(cfg.n_heads),  # type: ignore[attr-defined]
         has_mlps=not bool(getattr(cfg, "attn_only", False)),
+        parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
     )
 
 
@@ -281,24 +332,12 @@ def nodes_of(model: _HasConfig | ModelShape) -> list[Node]:
 def edges_of(model: _HasConfig | ModelShape) -> list[Edge]:
     """Every edge of ``model``'s residual graph, in forward order of the receivers.
 
-    A sender feeds every receiver in a later layer; in a layer, the heads also feed that
-    layer's MLP. ``input`` feeds everything and everything feeds ``logits``.
+    A sender feeds every receiver in a later layer; in a sequential block the heads also
+    feed that layer's MLP (``ModelShape.feeds``). ``input`` feeds everything and
+    everything feeds ``logits``.
     """
     shape = model if isinstance(model, ModelShape) else shape_of(model)
-    edges: list[Edge] = []
-    upstream: list[AttentionHead | MLP | InputNode] = [INPUT]
-    for layer in range(shape.n_layers):
-        heads = [AttentionHead(layer, head) for head in range(shape.n_heads)]
-        for head in heads:
-            for qkv in ("q", "k", "v"):
-                edges.extend(Edge(sender, head, qkv) for sender in upstream)
-        upstream.extend(heads)
-        if shape.has_mlps:
-            mlp = MLP(layer)
-            edges.extend(Edge(sender, mlp) for sender in upstream)
-            upstream.append(mlp)
-    edges.extend(Edge(sender, LOGITS) for sender in upstream)
-    return edges
+    return shape.edges()
 
 
 def parse_nodes(names: Iterable[str | Endpoint], shape: ModelShape | None = None) -> list[Node]:

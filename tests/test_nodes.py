@@ -19,6 +19,7 @@ from reuse_lens.nodes import (
     parse_edge,
     parse_node,
     parse_nodes,
+    shape_of,
 )
 
 
@@ -125,3 +126,27 @@ def test_shape_check_names_the_node() -> None:
         parse_nodes(["m1"], shape)
     with pytest.raises(NodeNameError, match="edge end"):
         parse_nodes(["logits"], shape)
+
+
+def test_parallel_blocks_have_no_edges_from_a_layers_heads_into_its_mlp() -> None:
+    sequential = ModelShape(n_layers=2, n_heads=2, has_mlps=True)
+    parallel = ModelShape(n_layers=2, n_heads=2, has_mlps=True, parallel=True)
+    missing = {e.name for e in edges_of(sequential)} - {e.name for e in edges_of(parallel)}
+    # each layer's 2 heads into its own MLP, and nothing else
+    assert missing == {f"a{layer}.h{h}->m{layer}" for layer in (0, 1) for h in (0, 1)}
+    assert {e.name for e in edges_of(parallel)} < {e.name for e in edges_of(sequential)}
+    for edge in edges_of(parallel):
+        assert parallel.feeds(edge.sender, edge.receiver)
+    assert not parallel.feeds(AttentionHead(1, 0), MLP(1))
+    assert parallel.feeds(AttentionHead(0, 0), MLP(1))
+    assert parallel.feeds(MLP(0), AttentionHead(1, 1))
+    assert not parallel.feeds(MLP(1), AttentionHead(1, 1))
+
+
+def test_shape_of_reads_the_parallel_flag(native_model) -> None:
+    import reuse_lens as rl
+    from tests.conftest import native_config
+
+    assert not shape_of(native_model).parallel
+    model = rl.load_model(native_config(parallel_attn_mlp=True))
+    assert shape_of(model).parallel

@@ -35,7 +35,6 @@ from reuse_lens.nodes import (
     Edge,
     Endpoint,
     InputNode,
-    LogitsNode,
     ModelShape,
     Node,
     NodeNameError,
@@ -92,19 +91,6 @@ def _node(name: object, shape: ModelShape, what: str = "circuit node") -> Node:
     return node
 
 
-def _edge_in_graph(edge: Edge) -> bool:
-    """Whether the residual graph has ``edge`` (the rule that ``nodes.edges_of`` enumerates)."""
-    sender, receiver = edge.sender, edge.receiver
-    if isinstance(sender, InputNode) or isinstance(receiver, LogitsNode):
-        return True
-    if isinstance(receiver, AttentionHead):
-        return sender.layer < receiver.layer
-    # a layer's heads also feed that layer's MLP (sequential, not parallel, attention and MLP)
-    return sender.layer < receiver.layer or (
-        isinstance(sender, AttentionHead) and sender.layer == receiver.layer
-    )
-
-
 def _edge(edge: object, shape: ModelShape, what: str = "circuit edge") -> Edge:
     """Parse and check one edge, given as a key tuple, an Edge or a name, against ``shape``."""
     try:
@@ -123,12 +109,18 @@ def _edge(edge: object, shape: ModelShape, what: str = "circuit edge") -> Edge:
         shape.check(parsed.receiver)
     except NodeNameError as error:
         raise CircuitError(f"bad {what}: {error}") from error
-    if not _edge_in_graph(parsed):
+    if not shape.feeds(parsed.sender, parsed.receiver):
         raise CircuitError(
             f"bad {what}: {parsed.name} is not an edge of the model's graph; a node feeds "
-            "only later layers (and a layer's heads also feed that layer's MLP)"
+            "only later layers (and a layer's heads also feed that layer's MLP, unless "
+            "attention and MLP run in parallel)"
         )
     return parsed
+
+
+def _ends(sender: str, receiver: str) -> tuple[Endpoint, Endpoint]:
+    edge = parse_edge(f"{sender}->{receiver}")
+    return edge.sender, edge.receiver
 
 
 def _key(edge: Edge) -> EdgeKey:
@@ -444,6 +436,14 @@ class Circuit:
                 f"{other.n_layers} layers of {other.n_heads} heads ({mlps}), the circuit's "
                 f"model {self.shape.n_layers} layers of {self.shape.n_heads} heads"
             )
+        absent = [f"{s}->{r}" for s, r in self.edges_in_order() if not other.feeds(*_ends(s, r))]
+        if absent:
+            raise CircuitError(
+                f"the model's residual graph lacks {len(absent)} of the circuit's edges "
+                f"({', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}): its attention "
+                f"and MLP run {'in parallel' if other.parallel else 'one after the other'}, "
+                "unlike the circuit's model"
+            )
 
     # --- our format ---
 
@@ -566,7 +566,14 @@ class Circuit:
 
 
 def _shape_dict(shape: ModelShape) -> dict[str, Any]:
-    return {"n_layers": shape.n_layers, "n_heads": shape.n_heads, "has_mlps": shape.has_mlps}
+    out: dict[str, Any] = {
+        "n_layers": shape.n_layers,
+        "n_heads": shape.n_heads,
+        "has_mlps": shape.has_mlps,
+    }
+    if shape.parallel:  # written only when true, so sequential models' files are unchanged
+        out["parallel_attn_mlp"] = True
+    return out
 
 
 def _require(value: object, kind: type, what: str, source: str) -> Any:
@@ -590,10 +597,16 @@ def _shape_from(doc: dict[str, Any], source: str) -> ModelShape:
     has_mlps = doc.get("has_mlps")
     if not isinstance(has_mlps, bool):
         raise CircuitError(f"{source}: 'shape.has_mlps' must be true or false, got {has_mlps!r}")
+    parallel = doc.get("parallel_attn_mlp", False)
+    if not isinstance(parallel, bool):
+        raise CircuitError(
+            f"{source}: 'shape.parallel_attn_mlp' must be true or false, got {parallel!r}"
+        )
     return ModelShape(
         n_layers=_count(doc.get("n_layers"), "'shape.n_layers'", source),
         n_heads=_count(doc.get("n_heads"), "'shape.n_heads'", source),
         has_mlps=has_mlps,
+        parallel=parallel,
     )
 
 

@@ -83,7 +83,7 @@ def to_mib_dict(circuit: Circuit, *, d_model: int | None = None) -> dict[str, An
     cfg = {
         "n_layers": circuit.shape.n_layers,
         "n_heads": circuit.shape.n_heads,
-        "parallel_attn_mlp": False,
+        "parallel_attn_mlp": circuit.shape.parallel,
         "d_model": _d_model(circuit, d_model),
         "attn_only": not circuit.shape.has_mlps,
     }
@@ -183,16 +183,24 @@ def _mib_shape(
     n_heads = _count(cfg.get("n_heads"), "'cfg.n_heads'", source)
     stated = "attn_only" in cfg  # our files say so; MIB's own graphs always have MLPs
     has_mlps = not cfg["attn_only"] if stated else any(n.startswith("m") for n in node_infos)
+    # EAP-IG builds its edge graph from this flag (no MLP edges from the same layer's heads).
+    parallel = cfg.get("parallel_attn_mlp", False)
+    if not isinstance(parallel, bool):
+        raise CircuitError(f"{source}: 'cfg.parallel_attn_mlp' must be true or false")
     if shape is None:
-        return ModelShape(n_layers, n_heads, bool(has_mlps))
+        return ModelShape(n_layers, n_heads, bool(has_mlps), parallel)
     given = _as_shape(shape)
-    if (given.n_layers, given.n_heads) != (n_layers, n_heads) or (
-        stated and given.has_mlps != has_mlps
+    if (
+        (given.n_layers, given.n_heads) != (n_layers, n_heads)
+        or (stated and given.has_mlps != has_mlps)
+        or given.parallel != parallel
     ):
         raise CircuitError(
             f"{source} describes a model of {n_layers} layers x {n_heads} heads"
-            f"{'' if has_mlps else ' (attention-only)'}, but the shape given is "
-            f"{given.n_layers} x {given.n_heads}{'' if given.has_mlps else ' (attention-only)'}"
+            f"{'' if has_mlps else ' (attention-only)'}{' (parallel)' if parallel else ''}, "
+            f"but the shape given is {given.n_layers} x {given.n_heads}"
+            f"{'' if given.has_mlps else ' (attention-only)'}"
+            f"{' (parallel)' if given.parallel else ''}"
         )
     return given
 

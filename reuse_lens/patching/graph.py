@@ -16,7 +16,8 @@ class GraphIndex:
     """Rows (senders) and columns (receivers) of the dense edge-score matrix.
 
     Senders are in forward order: ``input``, then per layer its heads and its MLP. A
-    receiver in layer L reads a prefix of them, so its deltas are ``deltas[:, :, :n]``.
+    receiver reads a prefix of them (``ModelShape.senders_of``), so its deltas are
+    ``deltas[:, :, :n]``.
     Receivers per layer: the q inputs of its heads, then the k inputs, then the v inputs,
     then its MLP; ``logits`` comes last.
     """
@@ -51,7 +52,12 @@ class GraphIndex:
 
     def senders_before_heads(self, layer: int) -> int:
         """How many senders the heads of ``layer`` read: input and all earlier layers."""
-        return 1 + layer * (self.shape.n_heads + int(self.shape.has_mlps))
+        return len(self.shape.senders_of(AttentionHead(layer, 0)))
+
+    def senders_before_mlp(self, layer: int) -> int:
+        """How many senders the MLP of ``layer`` reads: also that layer's heads, unless the
+        block runs attention and MLP in parallel."""
+        return len(self.shape.senders_of(MLP(layer)))
 
     def heads_columns(self, layer: int) -> slice:
         start = self.receiver[f"{AttentionHead(layer, 0).name}<q>"]

@@ -8,7 +8,9 @@ import subprocess
 import sys
 import warnings
 
-from reuse_lens.circuits import Circuit, mib
+import pytest
+
+from reuse_lens.circuits import Circuit, CircuitError, mib
 from reuse_lens.nodes import ModelShape, edges_of
 
 SMALL = ModelShape(n_layers=2, n_heads=1, has_mlps=True)
@@ -45,3 +47,29 @@ def test_neuron_warning_points_at_the_caller() -> None:
         Circuit.from_mib_json(json.dumps(doc))
     (warning,) = caught
     assert warning.filename == __file__
+
+
+def test_parallel_models_round_trip_with_their_own_graph() -> None:
+    # EAP-IG builds its edge graph from cfg.parallel_attn_mlp: a parallel model's file
+    # must say so, and must not hold an edge from a layer's heads into its own MLP.
+    shape = ModelShape(n_layers=2, n_heads=1, has_mlps=True, parallel=True)
+    circuit = Circuit.from_edges([("a0.h0", "m1"), ("m0", "logits")], shape)
+    doc = json.loads(circuit.to_mib_json())
+    assert doc["cfg"]["parallel_attn_mlp"] is True
+    assert "a1.h0->m1" not in doc["edges"] and "a0.h0->m0" not in doc["edges"]
+    assert len(doc["edges"]) == len(edges_of(shape))
+    back = Circuit.from_mib_json(json.dumps(doc))
+    assert back.shape == shape and back.edges == circuit.edges
+    assert Circuit.from_json(circuit.to_json()).shape == shape
+    sequential = ModelShape(n_layers=2, n_heads=1, has_mlps=True)
+    assert (
+        json.loads(Circuit.from_nodes(["a0.h0"], sequential).to_mib_json())["cfg"][
+            "parallel_attn_mlp"
+        ]
+        is False
+    )
+    with pytest.raises(CircuitError, match="not an edge of the model's graph"):
+        Circuit.from_edges([("a1.h0", "m1")], shape)
+    seq_circuit = Circuit.from_edges([("a1.h0", "m1")], sequential)
+    with pytest.raises(CircuitError, match="in parallel"):
+        seq_circuit.check(shape)
