@@ -107,8 +107,11 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
 d_model 64 and 4 query heads."""
 
 
-def save_arch(name: str, folder: Path, tokenizer: Any, *, seed: int = 0) -> Path:
-    """Build architecture ``name`` with random weights and save it, with ``tokenizer``."""
+def save_arch(name: str, folder: Path, tokenizer: Any, *, seed: int = 0, **overrides: Any) -> Path:
+    """Build architecture ``name`` with random weights and save it, with ``tokenizer``.
+
+    ``overrides`` replace config fields, e.g. ``num_hidden_layers=3``.
+    """
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -118,7 +121,7 @@ def save_arch(name: str, folder: Path, tokenizer: Any, *, seed: int = 0) -> Path
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **fields,
+        **{**fields, **overrides},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

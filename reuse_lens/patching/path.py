@@ -17,6 +17,9 @@ A head receiver's input is recorded as its q, k or v vector (``hook_q``/``hook_k
 v input (TransformerLens's ``use_split_qkv_input``), because LayerNorm and ``W_Q`` act on
 that head's copy alone; native bridges cannot enable split inputs, and their
 ``hook_attn_scores`` edits are dropped, so q/k/v are the hook points that work everywhere.
+Under grouped-query attention each query head still has its own k and v input, the
+semantics of TransformerLens's ``ungroup_grouped_query_attention``: a receiver's recorded
+k is its kv head's, read from the sender-patched run, and it reaches that query head alone.
 
 Steps 1 to 3 involve no attention (every head but the sender is frozen), so they are
 position-wise: the fast version runs them on the patched positions only (on the answer
@@ -322,6 +325,7 @@ def _path_hooks(
     model = prep.model
     n_layers = int(model.cfg.n_layers)
     has_mlps = not getattr(model.cfg, "attn_only", False)
+    group = int(model.cfg.n_heads) // int(model.cfg.n_key_value_heads or model.cfg.n_heads)
     every = torch.arange(prep.n, device=prep.clean.device)
     final_name = f"blocks.{n_layers - 1}.hook_resid_post"
     with torch.no_grad():
@@ -355,20 +359,56 @@ def _path_hooks(
         hooks += [(name, _recorder(store, name)) for name in record_names]
         with torch.no_grad():
             model.run_with_hooks(prep.clean, fwd_hooks=hooks)
-            if recv:
+            if not recv:
+                patch_hooks: list[Any] = [(final_name, _setter(store[final_name]))]
+            elif group > 1 and {"k", "v"} & set(inputs):
+                patch_hooks = _grouped_receivers(model, prep.clean, store, recv, inputs, group)
+            else:
                 # Only the receivers' slices are replaced; other heads of their layers run
                 # on, and see what earlier receivers changed.
-                patch_hooks: list[Any] = [
+                patch_hooks = [
                     (hook_name(h.layer, c), _head_setter(store[hook_name(h.layer, c)], h.head))
                     for h in recv
                     for c in inputs
                 ]
-            else:
-                patch_hooks = [(final_name, _setter(store[final_name]))]
             out = model.run_with_hooks(prep.clean, fwd_hooks=patch_hooks)
         values = prep.score(out[every, prep.answer_pos].float(), every)
         effects[sender] = float((values - base).mean())
     return effects
+
+
+def _grouped_receivers(
+    model: TransformerBridge,
+    clean: Tensor,
+    store: dict[str, Tensor],
+    recv: list[AttentionHead],
+    inputs: tuple[str, ...],
+    group: int,
+) -> list[Any]:
+    """Hooks that give each receiver head its recorded inputs under grouped-query attention.
+
+    Under GQA ``hook_k``/``hook_v`` hold one key/value head per ``group`` query heads, so
+    patching a receiver's k or v there would also change the other query heads of its
+    group (and, for a head number above the kv heads, index past the end). Each query
+    head has its own k and v input (TransformerLens's ``ungroup_grouped_query_attention``),
+    so receivers are handled layer by layer: a run patches the receivers' q and their kv
+    groups, and keeps only the receivers' outputs (``hook_z``); later passes and the final
+    run set those outputs, so siblings in a group stay as in the clean run.
+    """
+    fixed: list[Any] = []
+    for layer in sorted({h.layer for h in recv}):
+        here = [h for h in recv if h.layer == layer]
+        hooks = list(fixed)
+        for c in inputs:
+            name = hook_name(layer, c)
+            slots = sorted({h.head if c == "q" else h.head // group for h in here})
+            hooks += [(name, _head_setter(store[name], slot)) for slot in slots]
+        z_name = hook_name(layer, "out")
+        seen: dict[str, Tensor] = {}
+        hooks.append((z_name, _recorder(seen, z_name)))
+        model.run_with_hooks(clean, fwd_hooks=hooks, stop_at_layer=layer + 1)
+        fixed += [(z_name, _head_setter(seen[z_name], h.head)) for h in here]
+    return fixed
 
 
 def _setter(value: Tensor):
