@@ -121,8 +121,11 @@ def hook_logits(
         else:
             if act.shape[2 if component != "pattern" else 1] != n_heads:
                 raise ValueError(
-                    f"cannot patch component {component!r} on this model: {name} has "
-                    f"{act.shape[2]} heads, the model {n_heads} (grouped-query attention?)"
+                    f"cannot patch component {component!r} of single heads on this model: "
+                    f"{name} has {act.shape[2]} key/value heads shared by {n_heads} query "
+                    "heads (grouped-query attention), so one query head's k or v cannot be "
+                    "patched there alone. Patch component 'out' or 'q', or use path_patching "
+                    "with receiver_input='k' or 'v', which gives each query head its own input"
                 )
             heads = torch.nn.functional.one_hot(head, n_heads).bool()
             if component == "pattern":

@@ -85,3 +85,10 @@ def test_the_twin_is_built_from_separate_projections(tmp_path: Path, word_tokeni
     folder = save_arch("phi3", tmp_path / "phi3", word_tokenizer)  # fused qkv_proj
     with pytest.raises(ValueError, match="no separate k_proj"):
         expand_kv(folder, tmp_path / "out")
+
+
+def test_patching_one_heads_key_is_refused_with_the_way_out(
+    twins: tuple[Any, Any], task: rl.Task
+) -> None:
+    with pytest.raises(ValueError, match="grouped-query attention.*receiver_input"):
+        rl.activation_patching(twins[0], task, nodes="heads", component="k")
