@@ -177,3 +177,17 @@ def expand_kv(folder: Path, out: Path) -> Path:
         if extra.name not in ("config.json", "model.safetensors"):
             (out / extra.name).write_bytes(extra.read_bytes())
     return out
+
+
+_LOADED: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
+
+
+def load_arch(name: str, root: Path, tokenizer: Any, **overrides: Any) -> Any:
+    """``rl.load_model`` of architecture ``name``, built once per test session under ``root``."""
+    import reuse_lens as rl
+
+    key = (name, tuple(sorted(overrides.items())))
+    if key not in _LOADED:
+        label = "-".join([name, *(f"{k}{v}" for k, v in key[1])])
+        _LOADED[key] = rl.load_model(save_arch(name, root / label, tokenizer, **overrides))
+    return _LOADED[key]

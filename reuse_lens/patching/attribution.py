@@ -96,7 +96,7 @@ def attribution_patching(
             ``per_position`` with ``level="edge"``, a model in training mode, or EAP with a
             metric measured against the clean run (``kl_div``), whose gradient there is 0.
         NotImplementedError: at edge level, for models with grouped key/value heads or
-            parallel attention and MLP.
+            norms after attention and MLP (Gemma-2, OLMo-2).
         TaskError: if the task was built for another vocabulary.
         MetricError: if the metric is NaN or infinite on some prompt.
     """
@@ -204,7 +204,14 @@ class _Capture:
         return name, hook
 
 
-def _hook_names(shape: ModelShape) -> dict[str, list[str]]:
+def _mlp_norm(model: TransformerBridge) -> str:
+    """The norm in front of each MLP: ``ln2``; or ``ln1`` in a parallel block that shares
+    one norm between attention and MLP (GPT-J, Phi, Falcon, Cohere; GPT-NeoX has its own
+    ``ln2`` on the same residual)."""
+    return "ln2" if "blocks.0.ln2.hook_in" in model.hook_dict else "ln1"
+
+
+def _hook_names(shape: ModelShape, mlp_norm: str = "ln2") -> dict[str, list[str]]:
     layers = range(shape.n_layers)
     mlps = list(layers) if shape.has_mlps else []
     return {
@@ -214,8 +221,8 @@ def _hook_names(shape: ModelShape) -> dict[str, list[str]]:
         "k": [f"blocks.{layer}.attn.hook_k" for layer in layers],
         "v": [f"blocks.{layer}.attn.hook_v" for layer in layers],
         "ln1_in": [f"blocks.{layer}.ln1.hook_in" for layer in layers],
-        "ln2_in": [f"blocks.{layer}.ln2.hook_in" for layer in mlps],
-        "ln2_out": [f"blocks.{layer}.ln2.hook_out" for layer in mlps],
+        "mlp_norm_in": [f"blocks.{layer}.{mlp_norm}.hook_in" for layer in mlps],
+        "mlp_in": [f"blocks.{layer}.mlp.hook_in" for layer in mlps],
         "final": [f"blocks.{shape.n_layers - 1}.hook_resid_post"],
     }
 
@@ -302,16 +309,35 @@ class _Weights:
 def _check_edge_support(model: TransformerBridge) -> None:
     cfg = model.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None)
+    arch = _architecture(model)
     if n_kv is not None and n_kv != cfg.n_heads:
         raise NotImplementedError(
-            f"edge-level attribution needs one k and v per query head; this model shares "
-            f"{n_kv} key/value heads among {cfg.n_heads} query heads (GQA). Use level='node'."
+            f"edge-level attribution needs each query head's own k and v input; this "
+            f"{arch} model shares {n_kv} key/value heads among {cfg.n_heads} query heads "
+            "(grouped-query attention), and its hooks hold only the shared ones. Use "
+            "level='node', or path_patching with head receivers, which is exact under GQA."
         )
-    if getattr(cfg, "parallel_attn_mlp", False):
+    hooks = model.hook_dict
+    if any(f"blocks.0.{norm}.hook_in" in hooks for norm in ("ln1_post", "ln2_post")):
         raise NotImplementedError(
-            "edge-level attribution assumes the MLP reads the residual after attention; this "
-            "model runs attention and MLP in parallel. Use level='node'."
+            f"edge-level attribution needs each head's output to reach the residual stream "
+            f"as a sum; this {arch} model normalises the attention and MLP outputs after "
+            "the block (post-norms, as Gemma-2 and OLMo-2), which mixes the senders. Use "
+            "level='node'."
         )
+    has_mlps = not getattr(cfg, "attn_only", False)
+    if "blocks.0.ln1.hook_in" not in hooks or (has_mlps and "blocks.0.mlp.hook_in" not in hooks):
+        raise NotImplementedError(
+            f"edge-level attribution reads the residual entering each block's norms; this "
+            f"{arch} model has no 'ln1' (or 'mlp') hook points in front of its attention. "
+            "Use level='node'."
+        )
+
+
+def _architecture(model: TransformerBridge) -> str:
+    names = getattr(getattr(model, "original_model", None), "config", None)
+    archs = getattr(names, "architectures", None) or [getattr(model.cfg, "model_name", "")]
+    return str(archs[0] or "this")
 
 
 @dataclass
@@ -369,7 +395,7 @@ def _attribute_chunk(
     n_steps: int,
     bar: Any,
 ) -> _ChunkOut:
-    names = _hook_names(shape)
+    names = _hook_names(shape, _mlp_norm(model))
     edges = index is not None
     node_acts = [_INPUT_HOOK, *names["z"], *names["mlp_out"]]
     base = task.metric_inputs()
@@ -385,8 +411,8 @@ def _attribute_chunk(
     grad_names = names["z"] + names["mlp_out"]
     step_acts: list[str] = []
     if edges:
-        grad_names += names["q"] + names["k"] + names["v"] + names["ln2_out"] + names["final"]
-        step_acts = names["ln1_in"] + names["ln2_in"]
+        grad_names += names["q"] + names["k"] + names["v"] + names["mlp_in"] + names["final"]
+        step_acts = list(dict.fromkeys(names["ln1_in"] + names["mlp_norm_in"]))
     corrupted_input = corrupted.acts[_INPUT_HOOK]
 
     grad_sums: dict[str, Tensor] = {}
@@ -549,10 +575,13 @@ def _accumulate_edges(
         cols = index.heads_columns(layer)
         matrix[:n, cols] += torch.einsum("bpsd,bprd->sr", deltas[:, :, :n], g_in)
         if shape.has_mlps:
-            g_out = run.grads[f"blocks.{layer}.ln2.hook_out"].float().unsqueeze(2)
-            x2 = run.acts[f"blocks.{layer}.ln2.hook_in"]
-            g_mlp = _norm_vjp(block.ln2, x2, g_out)
-            n_mlp = n + shape.n_heads
+            # ∂m/∂(MLP input) through the MLP alone, back through the norm in front of it
+            # (in a parallel block with one shared norm, the heads' path is not included).
+            mlp_norm = _mlp_norm(model)
+            g_out = run.grads[f"blocks.{layer}.mlp.hook_in"].float().unsqueeze(2)
+            x2 = run.acts[f"blocks.{layer}.{mlp_norm}.hook_in"]
+            g_mlp = _norm_vjp(getattr(block, mlp_norm), x2, g_out)
+            n_mlp = index.senders_before_mlp(layer)
             col = index.receiver[MLP(layer).name]
             matrix[:n_mlp, col] += torch.einsum("bpsd,bpd->s", deltas[:, :, :n_mlp], g_mlp[:, :, 0])
     final = run.grads[f"blocks.{shape.n_layers - 1}.hook_resid_post"].float()
