@@ -28,7 +28,22 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from reuse_lens._io import write_text_atomic
+from reuse_lens.circuits import mib
+from reuse_lens.circuits._checks import (
+    CIRCUIT_FORMAT,
+    CIRCUIT_FORMAT_VERSION,
+    CircuitError,
+    EdgeKey,
+    as_shape,
+    check_edge,
+    check_node,
+    count_field,
+    edge_ends,
+    edge_key,
+    node_ends,
+    require,
+    write_atomic,
+)
 from reuse_lens.nodes import (
     MLP,
     AttentionHead,
@@ -40,97 +55,14 @@ from reuse_lens.nodes import (
     NodeNameError,
     parse_edge,
     parse_node,
-    shape_of,
 )
 
 __all__ = ["CIRCUIT_FORMAT", "CIRCUIT_FORMAT_VERSION", "Circuit", "CircuitError"]
 
-CIRCUIT_FORMAT = "reuse_lens.circuit"
-"""The ``format`` field of our circuit files."""
-
-CIRCUIT_FORMAT_VERSION = 1
-"""The version of our circuit files that this code writes and reads."""
-
-EdgeKey = tuple[str, str]
-"""An edge as a circuit stores it: ``(sender, receiver_name)``, e.g. ``("a0.h1", "a2.h3<q>")``."""
-
 EdgeLike = tuple[str, str] | Edge | str
 """Anything that names an edge: a key tuple, an Edge, or a name like ``"a0.h1->a2.h3<q>"``."""
 
-
-class CircuitError(ValueError):
-    """A circuit that cannot exist: a node the model lacks, a bad file, an unknown version."""
-
-
 # --- names, order and validation ---------------------------------------------------------
-
-
-def _as_shape(model_or_shape: object) -> ModelShape:
-    if isinstance(model_or_shape, ModelShape):
-        return model_or_shape
-    if hasattr(model_or_shape, "cfg"):
-        return shape_of(model_or_shape)  # type: ignore[arg-type]
-    raise CircuitError(
-        f"expected a reuse_lens.nodes.ModelShape or a model with .cfg, got "
-        f"{type(model_or_shape).__name__}; build one with ModelShape(n_layers, n_heads, has_mlps)"
-    )
-
-
-def _node(name: object, shape: ModelShape, what: str = "circuit node") -> Node:
-    """Parse and check one head or MLP name against ``shape``."""
-    try:
-        node = parse_node(name)  # type: ignore[arg-type]
-        if not isinstance(node, AttentionHead | MLP):
-            raise NodeNameError(
-                f"{node.name!r} is an end of the residual stream, not a head or MLP; circuits "
-                "hold heads ('a{layer}.h{head}') and MLPs ('m{layer}') only"
-            )
-        shape.check(node)
-    except NodeNameError as error:
-        raise CircuitError(f"bad {what}: {error}") from error
-    return node
-
-
-def _edge(edge: object, shape: ModelShape, what: str = "circuit edge") -> Edge:
-    """Parse and check one edge, given as a key tuple, an Edge or a name, against ``shape``."""
-    try:
-        if isinstance(edge, Edge):
-            parsed = edge
-        elif isinstance(edge, str):
-            parsed = parse_edge(edge)
-        elif isinstance(edge, tuple) and len(edge) == 2 and all(isinstance(e, str) for e in edge):
-            parsed = parse_edge(f"{edge[0]}->{edge[1]}")
-        else:
-            raise NodeNameError(
-                f"{edge!r} is not an edge: give (sender, receiver) names such as "
-                "('a0.h1', 'a2.h3<q>'), an Edge, or a name such as 'a0.h1->a2.h3<q>'"
-            )
-        shape.check(parsed.sender)
-        shape.check(parsed.receiver)
-    except NodeNameError as error:
-        raise CircuitError(f"bad {what}: {error}") from error
-    if not shape.feeds(parsed.sender, parsed.receiver):
-        raise CircuitError(
-            f"bad {what}: {parsed.name} is not an edge of the model's graph; a node feeds "
-            "only later layers (and a layer's heads also feed that layer's MLP, unless "
-            "attention and MLP run in parallel)"
-        )
-    return parsed
-
-
-def _ends(sender: str, receiver: str) -> tuple[Endpoint, Endpoint]:
-    edge = parse_edge(f"{sender}->{receiver}")
-    return edge.sender, edge.receiver
-
-
-def _key(edge: Edge) -> EdgeKey:
-    return (edge.sender.name, edge.receiver_name)
-
-
-def _node_ends(edges: Iterable[Edge]) -> set[str]:
-    """The heads and MLPs at the ends of ``edges`` (``input`` and ``logits`` left out)."""
-    ends = (end for edge in edges for end in (edge.sender, edge.receiver))
-    return {end.name for end in ends if isinstance(end, AttentionHead | MLP)}
 
 
 def _node_order(node: Endpoint) -> tuple[int, int, int]:
@@ -261,11 +193,11 @@ class Circuit:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        shape = _as_shape(self.shape)
-        nodes = frozenset(_node(n, shape).name for n in _collection(self.nodes, "nodes"))
-        parsed = [_edge(e, shape) for e in _collection(self.edges, "edges")]
-        edges = frozenset(_key(e) for e in parsed)
-        loose = _sorted_nodes(_node_ends(parsed) - nodes)
+        shape = as_shape(self.shape)
+        nodes = frozenset(check_node(n, shape).name for n in _collection(self.nodes, "nodes"))
+        parsed = [check_edge(e, shape) for e in _collection(self.edges, "edges")]
+        edges = frozenset(edge_key(e) for e in parsed)
+        loose = _sorted_nodes(node_ends(parsed) - nodes)
         if loose:
             raise CircuitError(
                 f"edges end at nodes that are not in the circuit: {', '.join(loose[:8])}"
@@ -273,18 +205,18 @@ class Circuit:
                 "with Circuit.from_edges, which derives the nodes from the edges"
             )
         node_scores = {
-            _node(k, shape, "node_scores key").name: _score(v, f"node_scores[{k!r}]")
+            check_node(k, shape, "node_scores key").name: _score(v, f"node_scores[{k!r}]")
             for k, v in self._mapping(self.node_scores, "node_scores").items()
         }
         scored_edges = sorted(  # parsed once, for both the check and the order
             (
-                (_edge(k, shape, "edge_scores key"), _score(v, f"edge_scores[{k!r}]"))
+                (check_edge(k, shape, "edge_scores key"), _score(v, f"edge_scores[{k!r}]"))
                 for k, v in self._mapping(self.edge_scores, "edge_scores").items()
             ),
             key=lambda pair: _edge_order(pair[0]),
         )
         stages = {
-            _node(k, shape, "stages key").name: _stage(v, f"stages[{k!r}]")
+            check_node(k, shape, "stages key").name: _stage(v, f"stages[{k!r}]")
             for k, v in self._mapping(self.stages, "stages").items()
         }
         if outside := sorted(set(stages) - nodes):
@@ -297,7 +229,7 @@ class Circuit:
             "nodes": nodes,
             "edges": edges,
             "node_scores": _frozen({k: node_scores[k] for k in _sorted_nodes(node_scores)}),
-            "edge_scores": _frozen({_key(e): v for e, v in scored_edges}),
+            "edge_scores": _frozen({edge_key(e): v for e, v in scored_edges}),
             "stages": _frozen({k: stages[k] for k in _sorted_nodes(stages)}),
             "metadata": _frozen(_json_copy(self.metadata)),
         }
@@ -317,8 +249,8 @@ class Circuit:
         cls, names: Iterable[str | Node], shape: ModelShape | Any, **kwargs: Any
     ) -> Circuit:
         """A circuit of the named heads and MLPs; ``kwargs`` are the other fields."""
-        shape = _as_shape(shape)
-        nodes = frozenset(_node(n, shape).name for n in _collection(names, "names"))
+        shape = as_shape(shape)
+        nodes = frozenset(check_node(n, shape).name for n in _collection(names, "names"))
         return cls(nodes=nodes, shape=shape, **kwargs)
 
     @classmethod
@@ -326,10 +258,10 @@ class Circuit:
         cls, edges: Iterable[EdgeLike], shape: ModelShape | Any, **kwargs: Any
     ) -> Circuit:
         """A circuit of ``edges``, whose nodes are the heads and MLPs at the edges' ends."""
-        shape = _as_shape(shape)
-        parsed = [_edge(e, shape) for e in _collection(edges, "edges")]
-        keys = frozenset(_key(e) for e in parsed)
-        return cls(nodes=frozenset(_node_ends(parsed)), shape=shape, edges=keys, **kwargs)
+        shape = as_shape(shape)
+        parsed = [check_edge(e, shape) for e in _collection(edges, "edges")]
+        keys = frozenset(edge_key(e) for e in parsed)
+        return cls(nodes=frozenset(node_ends(parsed)), shape=shape, edges=keys, **kwargs)
 
     def with_metadata(self, **updates: Any) -> Circuit:
         """The same circuit with ``updates`` merged into its metadata."""
@@ -375,8 +307,8 @@ class Circuit:
         """Node membership for node names and Nodes; edge membership for edges."""
         try:
             if isinstance(item, Edge | tuple) or (isinstance(item, str) and "->" in item):
-                return _key(_edge(item, self.shape)) in self.edges
-            return _node(item, self.shape).name in self.nodes
+                return edge_key(check_edge(item, self.shape)) in self.edges
+            return check_node(item, self.shape).name in self.nodes
         except CircuitError:
             return False
 
@@ -421,7 +353,7 @@ class Circuit:
         Edges need no check of their own: whether an edge exists depends only on its ends'
         layers, so a model that has both ends has the edge.
         """
-        other = _as_shape(model_or_shape)
+        other = as_shape(model_or_shape)
         missing = []
         for name in self.nodes_in_order():
             try:
@@ -436,7 +368,9 @@ class Circuit:
                 f"{other.n_layers} layers of {other.n_heads} heads ({mlps}), the circuit's "
                 f"model {self.shape.n_layers} layers of {self.shape.n_heads} heads"
             )
-        absent = [f"{s}->{r}" for s, r in self.edges_in_order() if not other.feeds(*_ends(s, r))]
+        absent = [
+            f"{s}->{r}" for s, r in self.edges_in_order() if not other.feeds(*edge_ends(s, r))
+        ]
         if absent:
             raise CircuitError(
                 f"the model's residual graph lacks {len(absent)} of the circuit's edges "
@@ -464,7 +398,7 @@ class Circuit:
     @classmethod
     def from_dict(cls, doc: object, *, source: str = "the circuit document") -> Circuit:
         """Read our JSON document; CircuitError names a missing or garbled field."""
-        data: dict[str, Any] = _require(doc, dict, "the document", source)
+        data: dict[str, Any] = require(doc, dict, "the document", source)
         fmt = data.get("format")
         if fmt != CIRCUIT_FORMAT:
             hint = " (it looks like a MIB file: use Circuit.from_mib_json)" if "cfg" in data else ""
@@ -484,9 +418,9 @@ class Circuit:
                 f"format_version {CIRCUIT_FORMAT_VERSION} only; a file from a newer "
                 "reuse_lens needs that newer version to read it"
             )
-        shape = _shape_from(_require(data.get("shape"), dict, "'shape'", source), source)
-        nodes = _require(data.get("nodes"), list, "'nodes'", source)
-        edges = _require(data.get("edges", []), list, "'edges'", source)
+        shape = _shape_from(require(data.get("shape"), dict, "'shape'", source), source)
+        nodes = require(data.get("nodes"), list, "'nodes'", source)
+        edges = require(data.get("edges", []), list, "'edges'", source)
         for pair in edges:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise CircuitError(
@@ -497,17 +431,17 @@ class Circuit:
             nodes=frozenset(nodes),
             shape=shape,
             edges=frozenset(tuple(pair) for pair in edges),
-            node_scores=_require(data.get("node_scores", {}), dict, "'node_scores'", source),
-            edge_scores=_require(data.get("edge_scores", {}), dict, "'edge_scores'", source),
-            stages=_require(data.get("stages", {}), dict, "'stages'", source),
-            metadata=_require(data.get("metadata", {}), dict, "'metadata'", source),
+            node_scores=require(data.get("node_scores", {}), dict, "'node_scores'", source),
+            edge_scores=require(data.get("edge_scores", {}), dict, "'edge_scores'", source),
+            stages=require(data.get("stages", {}), dict, "'stages'", source),
+            metadata=require(data.get("metadata", {}), dict, "'metadata'", source),
         )
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """The circuit as our JSON text; written atomically to ``path`` when given."""
         text = _render(self.to_dict())
         if path is not None:
-            _write_atomic(Path(path), text)
+            write_atomic(Path(path), text)
         return text
 
     @classmethod
@@ -523,7 +457,6 @@ class Circuit:
 
         See ``reuse_lens.circuits.mib.to_mib_dict`` for the scores and ``d_model`` it writes.
         """
-        from reuse_lens.circuits import mib  # mib imports this module
 
         return mib.to_mib_dict(self, d_model=d_model)
 
@@ -531,7 +464,6 @@ class Circuit:
         self, path: str | os.PathLike[str] | None = None, *, d_model: int | None = None
     ) -> str:
         """The circuit as MIB circuit-track JSON (see ``to_mib_dict``); written atomically."""
-        from reuse_lens.circuits import mib
 
         return mib.to_mib_json(self, path, d_model=d_model)
 
@@ -557,7 +489,6 @@ class Circuit:
         source: str = "the MIB document",
     ) -> Circuit:
         """Read a parsed MIB circuit-track document; see ``from_mib_json``."""
-        from reuse_lens.circuits import mib
 
         return cls(**mib.mib_fields(doc, shape, source=source))
 
@@ -576,23 +507,6 @@ def _shape_dict(shape: ModelShape) -> dict[str, Any]:
     return out
 
 
-def _require(value: object, kind: type, what: str, source: str) -> Any:
-    if value is None:
-        raise CircuitError(f"{source} lacks the field {what}")
-    if not isinstance(value, kind):
-        raise CircuitError(
-            f"{source}: {what} must be a JSON {'object' if kind is dict else 'array'}, got "
-            f"{type(value).__name__} {value!r:.80}"
-        )
-    return value
-
-
-def _count(value: object, what: str, source: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CircuitError(f"{source}: {what} must be a positive whole number, got {value!r}")
-    return value
-
-
 def _shape_from(doc: dict[str, Any], source: str) -> ModelShape:
     has_mlps = doc.get("has_mlps")
     if not isinstance(has_mlps, bool):
@@ -603,8 +517,8 @@ def _shape_from(doc: dict[str, Any], source: str) -> ModelShape:
             f"{source}: 'shape.parallel_attn_mlp' must be true or false, got {parallel!r}"
         )
     return ModelShape(
-        n_layers=_count(doc.get("n_layers"), "'shape.n_layers'", source),
-        n_heads=_count(doc.get("n_heads"), "'shape.n_heads'", source),
+        n_layers=count_field(doc.get("n_layers"), "'shape.n_layers'", source),
+        n_heads=count_field(doc.get("n_heads"), "'shape.n_heads'", source),
         has_mlps=has_mlps,
         parallel=parallel,
     )
@@ -650,7 +564,3 @@ def _render(doc: dict[str, Any]) -> str:
             text = text.replace("\n", "\n  ")
         lines.append(f"  {json.dumps(key)}: {text}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    write_text_atomic(path, text)

@@ -17,23 +17,25 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from reuse_lens.circuits.circuit import (
+from reuse_lens.circuits._checks import (
     CIRCUIT_FORMAT,
     CIRCUIT_FORMAT_VERSION,
-    Circuit,
     CircuitError,
-    _as_shape,
-    _count,
-    _edge,
-    _key,
-    _node,
-    _node_ends,
-    _require,
-    _write_atomic,
+    as_shape,
+    check_edge,
+    check_node,
+    count_field,
+    edge_key,
+    node_ends,
+    require,
+    write_atomic,
 )
 from reuse_lens.nodes import Edge, ModelShape, edges_of
+
+if TYPE_CHECKING:
+    from reuse_lens.circuits.circuit import Circuit
 
 __all__ = ["mib_fields", "to_mib_dict", "to_mib_json"]
 
@@ -52,7 +54,7 @@ def to_mib_dict(circuit: Circuit, *, d_model: int | None = None) -> dict[str, An
     """
     kept = circuit.nodes | {"input", "logits"}
     all_edges = edges_of(circuit.shape)
-    keys = [_key(e) for e in all_edges]
+    keys = [edge_key(e) for e in all_edges]
     if circuit.edges:
         in_graph = [key in circuit.edges for key in keys]
     else:
@@ -109,7 +111,7 @@ def to_mib_json(
     """``circuit`` as MIB circuit-track JSON (see ``to_mib_dict``); written atomically."""
     text = json.dumps(to_mib_dict(circuit, d_model=d_model), allow_nan=False)
     if path is not None:
-        _write_atomic(Path(path), text)
+        write_atomic(Path(path), text)
     return text
 
 
@@ -123,12 +125,12 @@ def mib_fields(
     circuit. ``shape``, when given, must agree with the document's cfg. The caller builds
     the Circuit, so that ``Circuit.from_mib_dict`` keeps building its own class.
     """
-    data: dict[str, Any] = _require(doc, dict, "the document", source)
+    data: dict[str, Any] = require(doc, dict, "the document", source)
     if data.get("format") == CIRCUIT_FORMAT:
         raise CircuitError(f"{source} is in reuse_lens's own format: use Circuit.from_json")
-    cfg = _require(data.get("cfg"), dict, "'cfg'", source)
-    node_infos = _require(data.get("nodes"), dict, "'nodes'", source)
-    edge_infos = _require(data.get("edges"), dict, "'edges'", source)
+    cfg = require(data.get("cfg"), dict, "'cfg'", source)
+    node_infos = require(data.get("nodes"), dict, "'nodes'", source)
+    edge_infos = require(data.get("edges"), dict, "'edges'", source)
     extra = data.get(_MIB_EXTRA)
     extra = extra if isinstance(extra, dict) else None
     shape = _mib_shape(cfg, node_infos, shape, source)
@@ -138,8 +140,8 @@ def mib_fields(
     for name, info in node_infos.items():
         if name in ("input", "logits"):
             continue
-        info = _require(info, dict, f"'nodes'[{name!r}]", source)
-        node = _node(name, shape, f"node in {source}").name
+        info = require(info, dict, f"'nodes'[{name!r}]", source)
+        node = check_node(name, shape, f"node in {source}").name
         if _flag(info, f"'nodes'[{name!r}]", source):
             nodes.add(node)
         if _is_number(info.get("score")):  # NaN marks an unscored node in EAP-IG
@@ -155,8 +157,8 @@ def mib_fields(
     edges: set[Edge] = set()  # Edge objects, so that the constructor need not re-parse
     edge_scores: dict[Edge, float] = {}
     for name, info in edge_infos.items():
-        info = _require(info, dict, f"'edges'[{name!r}]", source)
-        edge = _edge(name, shape, f"edge in {source}")
+        info = require(info, dict, f"'edges'[{name!r}]", source)
+        edge = check_edge(name, shape, f"edge in {source}")
         if _flag(info, f"'edges'[{name!r}]", source):
             edges.add(edge)
         if _is_number(info.get("score")):
@@ -166,7 +168,7 @@ def mib_fields(
     if extra and extra.get("level") == "node":  # from a node circuit: its edges were implied
         edges = set()
     return {
-        "nodes": frozenset(nodes | _node_ends(edges)),
+        "nodes": frozenset(nodes | node_ends(edges)),
         "shape": shape,
         "edges": frozenset(edges),  # Edges are canonicalised to key tuples by the Circuit
         "node_scores": node_scores,
@@ -179,8 +181,8 @@ def _mib_shape(
     cfg: dict[str, Any], node_infos: dict[str, Any], shape: object, source: str
 ) -> ModelShape:
     """The shape a MIB file describes, checked against ``shape`` when one is given."""
-    n_layers = _count(cfg.get("n_layers"), "'cfg.n_layers'", source)
-    n_heads = _count(cfg.get("n_heads"), "'cfg.n_heads'", source)
+    n_layers = count_field(cfg.get("n_layers"), "'cfg.n_layers'", source)
+    n_heads = count_field(cfg.get("n_heads"), "'cfg.n_heads'", source)
     stated = "attn_only" in cfg  # our files say so; MIB's own graphs always have MLPs
     has_mlps = not cfg["attn_only"] if stated else any(n.startswith("m") for n in node_infos)
     # EAP-IG builds its edge graph from this flag (no MLP edges from the same layer's heads).
@@ -189,7 +191,7 @@ def _mib_shape(
         raise CircuitError(f"{source}: 'cfg.parallel_attn_mlp' must be true or false")
     if shape is None:
         return ModelShape(n_layers, n_heads, bool(has_mlps), parallel)
-    given = _as_shape(shape)
+    given = as_shape(shape)
     if (
         (given.n_layers, given.n_heads) != (n_layers, n_heads)
         or (stated and given.has_mlps != has_mlps)
@@ -224,7 +226,7 @@ def _known_edge_scores(
     if scored == "all":
         return scores
     if isinstance(scored, list):
-        wanted = {_edge(name, shape, f"scored edge in {source}") for name in scored}
+        wanted = {check_edge(name, shape, f"scored edge in {source}") for name in scored}
         return {edge: value for edge, value in scores.items() if edge in wanted}
     # a plain MIB file: all zeros means unscored (EAP-IG's graphs start from zeros)
     return scores if any(v != 0.0 for v in scores.values()) else {}

@@ -18,7 +18,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from reuse_lens.tasks.errors import TaskError
 from reuse_lens.tasks.metrics import PAD_ANSWER, Metric, MetricInputs, get_metric
+from reuse_lens.tasks.tokenize import TaskTokenizer
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -28,10 +30,6 @@ __all__ = ["Task", "TaskError", "VocabSignature"]
 
 Prompt = str | Sequence[int]
 Answer = str | int | Sequence[str] | Sequence[int] | Sequence[str | int]
-
-
-class TaskError(ValueError):
-    """Prompts or answers that cannot make a task; the message names the bad item."""
 
 
 @dataclass(frozen=True)
@@ -187,8 +185,6 @@ class Task:
                 a clean/corrupted pair of different token lengths, or an answer that is not
                 a single token.
         """
-        from reuse_lens.tasks.tokenize import TaskTokenizer
-
         n = len(clean)
         if n == 0:
             raise TaskError(f"task {name!r} has no prompts: give at least one clean prompt")

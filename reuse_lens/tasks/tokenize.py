@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from reuse_lens.tasks.errors import TaskError
+
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -31,8 +33,6 @@ class TaskTokenizer:
         self.pad_id = int(pad) if pad is not None else 0
 
     def _need_tokenizer(self, what: str, value: object) -> Any:
-        from reuse_lens.tasks.task import TaskError
-
         if self.tokenizer is None:
             raise TaskError(
                 f"{what} is text ({value!r}) but the model has no tokenizer: give token ids "
@@ -41,8 +41,6 @@ class TaskTokenizer:
         return self.tokenizer
 
     def _check_ids(self, ids: list[int], what: str) -> list[int]:
-        from reuse_lens.tasks.task import TaskError
-
         bad = [t for t in ids if not 0 <= t < self.d_vocab]
         if bad:
             raise TaskError(
@@ -56,8 +54,6 @@ class TaskTokenizer:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def prompt(self, prompt: str | Sequence[int], what: str) -> list[int]:
-        from reuse_lens.tasks.task import TaskError
-
         if isinstance(prompt, str):
             ids = self.encode(prompt)
             bos = getattr(self._need_tokenizer(what, prompt), "bos_token_id", None)
@@ -70,8 +66,6 @@ class TaskTokenizer:
         return ids
 
     def answer(self, answer: str | int, what: str) -> int:
-        from reuse_lens.tasks.task import TaskError
-
         if isinstance(answer, int) and not isinstance(answer, bool):
             return self._check_ids([answer], what)[0]
         if not isinstance(answer, str):
@@ -89,8 +83,6 @@ class TaskTokenizer:
     def answers(
         self, answers: str | int | Sequence[str | int] | Sequence[str] | Sequence[int], what: str
     ) -> list[int]:
-        from reuse_lens.tasks.task import TaskError
-
         items = [answers] if isinstance(answers, str | int) else list(answers)
         if not items:
             raise TaskError(f"{what} is empty: give at least one answer")
