@@ -53,11 +53,16 @@ class HookSources:
         lengths: Int[Tensor, " batch"],
         ablation: str,
         component: str,
+        *,
+        extra: tuple[str, ...] = (),
     ) -> HookSources:
+        """Sources for ``component`` of every head, every MLP's output and the hook points
+        named in ``extra``, from the corrupted run (``resample``), or as a batch of one."""
         n_layers = int(model.cfg.n_layers)
         names = [hook_name(layer, component) for layer in range(n_layers)]
         if not getattr(model.cfg, "attn_only", False):
             names += [hook_name(layer, "mlp") for layer in range(n_layers)]
+        names += extra
         names_set = set(names)
         tokens = other if ablation == "resample" else clean
         _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names_set)

@@ -14,9 +14,9 @@ plus position embedding) can only be ablated edge by edge, so a node circuit alw
 it.
 
 Both engines run on the functional forward of ``_forward`` (many circuits and prompts
-stacked along the batch). A model that the functional forward cannot reproduce runs node
-circuits through hooks on the bridge; edge circuits need each head's own q, k and v input,
-which the bridge cannot split, so they are refused with an explanation.
+stacked along the batch). A model that the functional forward cannot reproduce runs them
+through hooks on the bridge (``_hook_edges`` for edges, which refuses, with the reason,
+a model whose hooks cannot give each head its own inputs).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from reuse_lens.patching._common import (
     zero_cache,
 )
 from reuse_lens.patching._forward import RunCache, Weights, _norm
+from reuse_lens.patching._hook_edges import HookEdges
 from reuse_lens.patching._hooks import HookSources, hook_name
 from reuse_lens.patching.graph import GraphIndex
 
@@ -111,6 +112,7 @@ class AblationRunner:
         self.full = float(self.prep.clean_metric.mean())
         self._sources: _Sources | None = None
         self._hook_sources: HookSources | None = None
+        self._edges_by_hooks: HookEdges | None = None
         with torch.no_grad():
             if self.prep.weights is not None:
                 self._sources = self._functional_sources(self.prep.weights)
@@ -241,12 +243,6 @@ class AblationRunner:
     def edges(self, keep: Bool[Tensor, "sender receiver"]) -> float:
         """The mean metric of one edge circuit, given as a keep-mask in ``GraphIndex`` order."""
         w = self.prep.weights
-        if w is None:
-            raise NotImplementedError(
-                "edge circuits need each head's own q, k and v input, which this model's "
-                f"bridge cannot split and the fast forward cannot run ({self.prep.fallback_reason}). "
-                "Evaluate a node circuit instead (Circuit.from_nodes(circuit.nodes, ...))."
-            )
         index = GraphIndex(self.shape)
         if tuple(keep.shape) != (index.n_senders, index.n_receivers):
             raise ValueError(
@@ -254,16 +250,31 @@ class AblationRunner:
                 f"got {tuple(keep.shape)}"
             )
         n = self.prep.n
-        drop = (~keep.bool()).to(w.w_u.dtype)
-        drop = drop.to(self.prep.clean.device)
+        dtype = w.w_u.dtype if w is not None else self.prep.model.W_O.dtype
+        drop = (~keep.bool()).to(dtype).to(self.prep.clean.device)
+        hooks = self._hook_edges() if w is None else None
         # Each row holds every sender's delta, (pos, sender, d_model): budget for it.
         step = max(1, rows_per_chunk(self.prep.model, self._width, self.batch_size) // 4)
         values = torch.empty(n)
         for start in range(0, n, step):
             prompt = torch.arange(start, min(start + step, n), device=self.prep.clean.device)
-            logits = self._edge_logits(w, index, prompt, drop)
+            if hooks is not None:
+                tokens, answer = self.prep.clean[prompt], self.prep.answer_pos[prompt]
+                logits = hooks.logits(tokens, prompt, answer, drop)
+            else:
+                assert w is not None
+                logits = self._edge_logits(w, index, prompt, drop)
             values[start : start + len(prompt)] = self.prep.score(logits, prompt).cpu()
         return float(values.mean())
+
+    def _hook_edges(self) -> HookEdges:
+        """The hook engine for edge circuits, built on first use (its sources cost a run)."""
+        if self._edges_by_hooks is None:
+            prep = self.prep
+            self._edges_by_hooks = HookEdges(
+                prep.model, prep.corrupted, prep.clean, prep.answer_pos + 1, self.ablation
+            )
+        return self._edges_by_hooks
 
     def _edge_logits(
         self,

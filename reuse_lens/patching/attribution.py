@@ -40,6 +40,7 @@ from reuse_lens.nodes import (
     edges_of,
     shape_of,
 )
+from reuse_lens.patching._hook_edges import EDGE_INPUT_HOOK, edge_refusal, mlp_norm
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.patching.scores import NodeScores
@@ -204,13 +205,6 @@ class _Capture:
         return name, hook
 
 
-def _mlp_norm(model: TransformerBridge) -> str:
-    """The norm in front of each MLP: ``ln2``; or ``ln1`` in a parallel block that shares
-    one norm between attention and MLP (GPT-J, Phi, Falcon, Cohere; GPT-NeoX has its own
-    ``ln2`` on the same residual)."""
-    return "ln2" if "blocks.0.ln2.hook_in" in model.hook_dict else "ln1"
-
-
 def _hook_names(shape: ModelShape, mlp_norm: str = "ln2") -> dict[str, list[str]]:
     layers = range(shape.n_layers)
     mlps = list(layers) if shape.has_mlps else []
@@ -227,7 +221,7 @@ def _hook_names(shape: ModelShape, mlp_norm: str = "ln2") -> dict[str, list[str]
     }
 
 
-_INPUT_HOOK = "blocks.0.hook_resid_pre"
+_INPUT_HOOK = EDGE_INPUT_HOOK
 """Token plus position embedding: the ``input`` node and where EAP-IG interpolates."""
 
 
@@ -307,37 +301,12 @@ class _Weights:
 
 
 def _check_edge_support(model: TransformerBridge) -> None:
-    cfg = model.cfg
-    n_kv = getattr(cfg, "n_key_value_heads", None)
-    arch = _architecture(model)
-    if n_kv is not None and n_kv != cfg.n_heads:
+    reason = edge_refusal(model)
+    if reason is not None:
         raise NotImplementedError(
-            f"edge-level attribution needs each query head's own k and v input; this "
-            f"{arch} model shares {n_kv} key/value heads among {cfg.n_heads} query heads "
-            "(grouped-query attention), and its hooks hold only the shared ones. Use "
-            "level='node', or path_patching with head receivers, which is exact under GQA."
+            f"edge-level attribution: {reason}. Use level='node' (and, for head inputs under "
+            "grouped-query attention, path_patching with head receivers, which is exact there)."
         )
-    hooks = model.hook_dict
-    if any(f"blocks.0.{norm}.hook_in" in hooks for norm in ("ln1_post", "ln2_post")):
-        raise NotImplementedError(
-            f"edge-level attribution needs each head's output to reach the residual stream "
-            f"as a sum; this {arch} model normalises the attention and MLP outputs after "
-            "the block (post-norms, as Gemma-2 and OLMo-2), which mixes the senders. Use "
-            "level='node'."
-        )
-    has_mlps = not getattr(cfg, "attn_only", False)
-    if "blocks.0.ln1.hook_in" not in hooks or (has_mlps and "blocks.0.mlp.hook_in" not in hooks):
-        raise NotImplementedError(
-            f"edge-level attribution reads the residual entering each block's norms; this "
-            f"{arch} model has no 'ln1' (or 'mlp') hook points in front of its attention. "
-            "Use level='node'."
-        )
-
-
-def _architecture(model: TransformerBridge) -> str:
-    names = getattr(getattr(model, "original_model", None), "config", None)
-    archs = getattr(names, "architectures", None) or [getattr(model.cfg, "model_name", "")]
-    return str(archs[0] or "this")
 
 
 @dataclass
@@ -395,7 +364,7 @@ def _attribute_chunk(
     n_steps: int,
     bar: Any,
 ) -> _ChunkOut:
-    names = _hook_names(shape, _mlp_norm(model))
+    names = _hook_names(shape, mlp_norm(model))
     edges = index is not None
     node_acts = [_INPUT_HOOK, *names["z"], *names["mlp_out"]]
     base = task.metric_inputs()
@@ -577,10 +546,10 @@ def _accumulate_edges(
         if shape.has_mlps:
             # ∂m/∂(MLP input) through the MLP alone, back through the norm in front of it
             # (in a parallel block with one shared norm, the heads' path is not included).
-            mlp_norm = _mlp_norm(model)
+            norm = mlp_norm(model)
             g_out = run.grads[f"blocks.{layer}.mlp.hook_in"].float().unsqueeze(2)
-            x2 = run.acts[f"blocks.{layer}.{mlp_norm}.hook_in"]
-            g_mlp = _norm_vjp(getattr(block, mlp_norm), x2, g_out)
+            x2 = run.acts[f"blocks.{layer}.{norm}.hook_in"]
+            g_mlp = _norm_vjp(getattr(block, norm), x2, g_out)
             n_mlp = index.senders_before_mlp(layer)
             col = index.receiver[MLP(layer).name]
             matrix[:n_mlp, col] += torch.einsum("bpsd,bpd->s", deltas[:, :, :n_mlp], g_mlp[:, :, 0])
