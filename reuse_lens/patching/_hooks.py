@@ -15,6 +15,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from reuse_lens.patching._common import masked_mean
+
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -66,17 +68,11 @@ class HookSources:
             return cls(values, shared=False)
         if ablation == "zero":
             return cls({k: torch.zeros_like(v[:1]) for k, v in values.items()}, shared=True)
-        width = int(tokens.shape[1])
-        valid = (torch.arange(width, device=lengths.device) < lengths.unsqueeze(1)).float()
-        count = valid.sum(0).clamp(min=1)
-        means = {}
-        for name, value in values.items():
-            pos_axis = 2 if name.endswith("hook_pattern") else 1
-            shape = [1] * value.dim()
-            shape[0], shape[pos_axis] = value.shape[0], width
-            count_shape = [1] * value.dim()
-            count_shape[pos_axis] = width
-            means[name] = (value * valid.view(shape)).sum(0, keepdim=True) / count.view(count_shape)
+        # Summed in float32, kept in the model's dtype (masked_mean).
+        means = {
+            name: masked_mean(value, lengths, 2 if name.endswith("hook_pattern") else 1)
+            for name, value in values.items()
+        }
         return cls(means, shared=True)
 
 
