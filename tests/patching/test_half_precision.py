@@ -95,7 +95,7 @@ def _values(result: Any) -> torch.Tensor:
 
 def _faithfulness_scale(model: Any, task: rl.Task, key: str) -> float:
     """|m(full) − m(∅)| of the ablation behind a faithfulness result (float32 model)."""
-    named = [a for a in _ABLATIONS if a in key]
+    named = [a for a in _ABLATIONS if key.find(a) >= 0]
     ablation: Ablation = named[0] if named else "mean"
     level = "edge" if "edge" in key else "node"
     evaluator = CircuitEvaluator(model, task, ablation=ablation)
