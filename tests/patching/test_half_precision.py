@@ -95,8 +95,10 @@ def _values(result: Any) -> torch.Tensor:
 
 def _faithfulness_scale(model: Any, task: rl.Task, key: str) -> float:
     """|m(full) − m(∅)| of the ablation behind a faithfulness result (float32 model)."""
-    named = [a for a in _ABLATIONS if key.find(a) >= 0]
-    ablation: Ablation = named[0] if named else "mean"
+    ablation: Ablation = "mean"  # discover_circuit's and faithfulness's default
+    for each in _ABLATIONS:
+        if key.endswith(each):
+            ablation = each
     level = "edge" if "edge" in key else "node"
     evaluator = CircuitEvaluator(model, task, ablation=ablation)
     return abs(evaluator.full - evaluator.empty(level))
