@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from reuse_lens.nodes import AttentionHead, NodeNameError, parse_nodes, shape_of
+from reuse_lens.patching._hooks import check_pattern_edits
 from reuse_lens.patching.ablation import AblationRunner, NodeMask
 from reuse_lens.tasks.metrics import Accuracy, check_finite
 
@@ -167,6 +168,10 @@ def uniform_attention(
     replaced by 1/k on each of the k given positions and 0 elsewhere; everything
     downstream is recomputed.
 
+    Raises:
+        PatternEditsDropped: on architectures where TransformerLens drops edits of
+            ``hook_pattern`` (OPT, GPT-J, GPT-Neo), where the intervention would do nothing.
+
     Arguments:
         model: the model, a ``TransformerBridge``.
         task: the prompts; scored on the clean ones.
@@ -177,6 +182,7 @@ def uniform_attention(
     """
     task.check_model(model)
     chosen = _heads(model, heads)
+    check_pattern_edits(model, "uniform_attention")
     per_prompt = _positions_per_prompt(task, positions, model)
     device = torch.device(model.cfg.device or "cpu")
     clean = task.clean.to(device)

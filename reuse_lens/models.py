@@ -6,7 +6,10 @@
 - a local folder holding an HF ``config.json``, weights and a tokenizer;
 - a hub id such as ``"gpt2"``: from the local HF cache, or the hub when it is reachable;
 - a ``TransformerBridgeConfig`` or a dict of its fields: a randomly initialised native model;
-- a ``TransformerBridge``: returned as it is, in eval mode.
+- a ``TransformerBridge``: returned in eval mode, moved and cast in place when asked.
+
+Whatever the spec, the parameters, ``cfg.device`` and ``cfg.dtype`` end up on the device and
+in the dtype asked for; a device this machine lacks is refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
     from transformer_lens import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["ModelLoadError", "load_model", "model_spec", "weights_digest"]
+__all__ = ["ModelLoadError", "available_devices", "load_model", "model_spec", "weights_digest"]
 
 _SPEC_ATTR = "_reuse_lens_spec"
 _HUB_PROBE_SECONDS = 3.0
@@ -43,26 +46,28 @@ def load_model(
     Arguments:
         spec: ``"zoo:<name>"``, a local folder, a hub id, a ``TransformerBridgeConfig`` or
             dict of its fields, or a ``TransformerBridge``.
-        device: where to put the model, e.g. ``"cpu"`` or ``"cuda"``; the loader's default
-            when None.
-        dtype: a torch dtype or its name (``"float32"``, ``"bfloat16"``); float32 when None.
+        device: where to put the model, e.g. ``"cpu"``, ``"cuda"`` or ``"cuda:1"``; when
+            None, TransformerLens's default (CUDA when available, else the CPU), or where
+            the parameters of a given ``TransformerBridge`` already are.
+        dtype: a torch dtype or its name (``"float32"``, ``"bfloat16"``); when None, float32
+            (the dtype of a given ``TransformerBridge``'s parameters).
 
     Returns:
-        The model, in eval mode.
+        The model, in eval mode, with every parameter, ``cfg.device`` and ``cfg.dtype`` on
+        the device and in the dtype asked for, whatever the kind of spec.
 
     Raises:
-        ModelLoadError: at once, naming the spec, when it cannot be loaded.
+        ModelLoadError: at once, naming the spec, when it cannot be loaded, and before
+            anything is loaded for a device this machine does not have (the message lists
+            those it has) or a dtype that is not a floating-point torch dtype.
     """
     torch_dtype = _as_dtype(dtype)
+    device = _check_device(device)
     from transformer_lens import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
     if isinstance(spec, TransformerBridge):
         model = spec
-        if device is not None:
-            model = model.to(device)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
         label = getattr(model, _SPEC_ATTR, None) or f"bridge:{model.cfg.model_name}"
     elif isinstance(spec, TransformerBridgeConfig | dict):
         model = _load_native(spec, device=device, dtype=torch_dtype)
@@ -84,6 +89,7 @@ def load_model(
             f"cannot load a model from {spec!r} ({type(spec).__name__}): give 'zoo:<name>', a "
             "local folder, a hub id, a TransformerBridgeConfig or dict, or a TransformerBridge"
         )
+    _place(model, device, torch_dtype)
     model.eval()
     setattr(model, _SPEC_ATTR, label)
     return model
@@ -116,12 +122,112 @@ def weights_digest(model: TransformerBridge) -> str:
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     import torch
 
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if dtype is None:
+        return None
+    resolved = (
+        dtype
+        if isinstance(dtype, torch.dtype)
+        else getattr(torch, str(dtype).removeprefix("torch."), None)
+    )
     if not isinstance(resolved, torch.dtype):
         raise ModelLoadError(f"unknown dtype {dtype!r}: use e.g. 'float32' or 'bfloat16'")
+    if not resolved.is_floating_point:
+        raise ModelLoadError(
+            f"dtype {dtype!r} is not a floating-point dtype: use 'float32', 'bfloat16' or 'float16'"
+        )
     return resolved
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can put a model on: ``cpu``, then each accelerator."""
+    import torch
+
+    found = ["cpu"]
+    found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    for kind in ("xpu", "npu"):
+        module = getattr(torch, kind, None)
+        if module is not None and module.is_available():
+            found += [f"{kind}:{i}" for i in range(module.device_count())]
+    return found
+
+
+def _check_device(device: str | torch.device | None) -> str | None:
+    """The device as a string that TransformerLens keeps in ``cfg.device``, or a clear error.
+
+    torch accepts ``"cuda"`` or ``"cuda:7"`` as names and only fails at the first tensor
+    moved there; the HF loaders then fall back to the CPU while ``cfg`` keeps the name.
+    Checking here makes a missing device an error at load time.
+    """
+    import torch
+
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ModelLoadError(
+            f"unknown device {device!r}: {error}. This machine has "
+            f"{', '.join(available_devices())}."
+        ) from error
+    if parsed.type == "cpu":
+        return str(device)
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        present = torch.cuda.is_available() and (parsed.index is None or parsed.index < count)
+    elif parsed.type == "mps":
+        present = torch.backends.mps.is_available()
+    else:
+        module: Any = getattr(torch, parsed.type, None)
+        try:  # torch.xpu, torch.npu, ...: the same interface as torch.cuda
+            present = bool(module.is_available())
+            if present and parsed.index is not None:
+                present = parsed.index < int(module.device_count())
+        except AttributeError:
+            present = False
+    if not present:
+        raise ModelLoadError(
+            f"device {str(device)!r} is not available: this machine has "
+            f"{', '.join(available_devices())}. Pass one of them as device=, or "
+            "device=None for the default."
+        )
+    return str(device)
+
+
+def _place(model: TransformerBridge, device: str | None, dtype: torch.dtype | None) -> None:
+    """Put every parameter on ``device`` in ``dtype``, and make ``model.cfg`` say so.
+
+    TransformerBridge leaves a pre-loaded HF model where it is and records the device and
+    dtype it was asked for in ``cfg`` all the same; the patching engines build their
+    inputs from ``cfg.device`` and ``cfg.dtype``, so the two must agree. When ``device``
+    or ``dtype`` is None, the parameters decide.
+    """
+    import torch
+
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if not params:
+        return
+    split = int(getattr(model.cfg, "n_devices", 1) or 1) > 1
+
+    def all_on(name: str) -> bool:
+        target = torch.device(name)
+        return all(
+            p.device.type == target.type and target.index in (None, p.device.index) for p in params
+        )
+
+    if device is None:
+        named = getattr(model.cfg, "device", None)
+        device = str(named) if named is not None and all_on(str(named)) else str(params[0].device)
+    if dtype is None:
+        dtype = params[0].dtype
+    if not split and not all_on(device):
+        model.to(device, print_details=False)
+    if any(p.dtype != dtype for p in params):
+        model.to(dtype, print_details=False)
+    if not split:
+        model.cfg.device = device
+    model.cfg.dtype = dtype
 
 
 def _load_native(
@@ -156,7 +262,7 @@ def load_local_tokenizer(folder: Path) -> Any:
 
 
 def _load_folder(
-    folder: Path, *, device: str | torch.device | None, dtype: torch.dtype | None
+    folder: Path, *, device: str | None, dtype: torch.dtype | None
 ) -> TransformerBridge:
     if not (folder / "config.json").is_file():
         raise ModelLoadError(
@@ -173,16 +279,17 @@ def _load_folder(
             f"cannot load the tokenizer of model folder {str(folder)!r}: {error}. Save one "
             "there with tokenizer.save_pretrained(folder)."
         ) from error
+    dtype = dtype if dtype is not None else _default_dtype()
+    device = device if device is not None else _default_device()
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            str(folder), local_files_only=True, attn_implementation="eager"
+        # Loaded in the asked dtype and moved here: the bridge takes a pre-loaded model as
+        # it is, whatever device and dtype it is told.
+        hf_model: Any = AutoModelForCausalLM.from_pretrained(
+            str(folder), local_files_only=True, attn_implementation="eager", dtype=dtype
         )
+        hf_model = hf_model.to(device)
         return TransformerBridge.boot_transformers(
-            str(folder),
-            hf_model=hf_model,
-            tokenizer=tokenizer,
-            device=device,
-            dtype=dtype if dtype is not None else _default_dtype(),
+            str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
         )
     except Exception as error:
         raise ModelLoadError(f"cannot load model from folder {str(folder)!r}: {error}") from error
@@ -192,6 +299,12 @@ def _default_dtype() -> torch.dtype:
     import torch
 
     return torch.float32
+
+
+def _default_device() -> str:
+    from transformer_lens.utilities import get_device
+
+    return str(get_device())
 
 
 def _hub_is_cached(name: str) -> bool:
@@ -216,9 +329,7 @@ def _hub_is_reachable() -> bool:
         return False
 
 
-def _load_hub(
-    name: str, *, device: str | torch.device | None, dtype: torch.dtype | None
-) -> TransformerBridge:
+def _load_hub(name: str, *, device: str | None, dtype: torch.dtype | None) -> TransformerBridge:
     from transformer_lens.model_bridge import TransformerBridge
 
     cached = _hub_is_cached(name)

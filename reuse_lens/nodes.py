@@ -33,6 +33,7 @@ __all__ = [
     "Node",
     "NodeNameError",
     "Sender",
+    "UnsupportedArchitectureError",
     "edges_of",
     "format_node",
     "nodes_of",
@@ -56,6 +57,10 @@ HeadInput = Literal["q", "k", "v"]
 
 class NodeNameError(ValueError):
     """A node or edge name that does not parse, or names a node the model lacks."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """A model whose architecture has no nodes that reuse_lens can analyse (no attention)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -308,9 +313,32 @@ class ModelShape:
         return edges
 
 
+_ATTENTION_HOOK = "blocks.0.attn.hook_z"
+"""A hook point every bridge with attention heads has, and an attention-free one lacks."""
+
+
 def shape_of(model: _HasConfig) -> ModelShape:
-    """Read the node-deciding shape of a TransformerLens model (or anything with ``cfg``)."""
+    """Read the node-deciding shape of a TransformerLens model (or anything with ``cfg``).
+
+    Every node and edge method starts here, so a model without attention heads is refused
+    here, once for all of them.
+
+    Raises:
+        UnsupportedArchitectureError: for a model without attention (Mamba and other
+            state-space models), whose cfg still says "1 head" per layer.
+    """
     cfg = model.cfg
+    hook_dict = getattr(model, "hook_dict", None)
+    stateful = bool(getattr(cfg, "is_stateful", False))
+    if stateful or (hook_dict is not None and _ATTENTION_HOOK not in hook_dict):
+        architecture = getattr(cfg, "architecture", None) or type(model).__name__
+        raise UnsupportedArchitectureError(
+            f"model architecture {architecture} has no attention heads (its blocks are "
+            "state-space or other mixers, not attention), and reuse_lens's methods analyse "
+            "attention heads and MLPs: patching, attribution, circuits and interventions "
+            "cannot run on it. rl.evaluate(model, task) still scores it; use a transformer "
+            "for circuit discovery."
+        )
     return ModelShape(
         n_layers=int(cfg.n_layers),  # type: ignore[attr-defined]
         n_heads=int(cfg.n_heads),  # type: ignore[attr-defined]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -81,3 +82,78 @@ def test_bad_spec_type_and_dtype() -> None:
 def test_bad_native_config_names_it() -> None:
     with pytest.raises(ModelLoadError, match="cannot build a native model"):
         rl.load_model({"d_model": 32})
+
+
+# ---- device and dtype, for every kind of spec ------------------------------------------------
+
+_SPEC_KINDS = ("folder", "dict", "config", "bridge", "zoo")
+
+
+def _spec(kind: str, gpt2_folder: Path) -> object:
+    """A fresh spec of each kind (a fresh bridge, since load_model moves a bridge in place)."""
+    if kind == "folder":
+        return gpt2_folder
+    if kind == "dict":
+        return native_config()
+    if kind == "config":
+        return TransformerBridgeConfig(**native_config())
+    if kind == "bridge":
+        return rl.load_model(native_config())
+    return "zoo:attn-only"
+
+
+def _placement(model: Any) -> set[tuple[torch.dtype, str]]:
+    return {(p.dtype, p.device.type) for p in model.parameters() if p.is_floating_point()}
+
+
+@pytest.mark.parametrize("kind", _SPEC_KINDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "float16"])
+def test_dtype_is_honoured_by_parameters_and_cfg(
+    kind: str, dtype: torch.dtype | str, gpt2_folder: Path
+) -> None:
+    model = rl.load_model(_spec(kind, gpt2_folder), dtype=dtype, device="cpu")  # type: ignore[arg-type]
+    expected = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    assert _placement(model) == {(expected, "cpu")}
+    assert model.cfg.dtype == expected
+    assert model.cfg.device == "cpu"
+    assert not model.training
+
+
+def test_default_dtype_is_float32_for_a_folder(gpt2_folder: Path) -> None:
+    model = rl.load_model(gpt2_folder)
+    assert {dtype for dtype, _ in _placement(model)} == {torch.float32}
+    assert model.cfg.dtype == torch.float32
+
+
+def test_a_bridge_without_dtype_keeps_its_own_and_cfg_follows() -> None:
+    model = rl.load_model(native_config(), dtype="bfloat16")
+    model.cfg.dtype = torch.float32  # a cfg that disagrees with the parameters
+    assert rl.load_model(model).cfg.dtype == torch.bfloat16
+
+
+def _missing_devices() -> list[str]:
+    missing = ["cuda:99"]
+    if not torch.cuda.is_available():
+        missing.append("cuda")
+    if not torch.backends.mps.is_available():
+        missing.append("mps")
+    return missing
+
+
+@pytest.mark.parametrize("kind", _SPEC_KINDS)
+@pytest.mark.parametrize("device", _missing_devices())
+def test_a_missing_device_is_refused_at_load_naming_what_there_is(
+    kind: str, device: str, gpt2_folder: Path
+) -> None:
+    with pytest.raises(ModelLoadError, match=rf"device '{device}' is not available.*has cpu"):
+        rl.load_model(_spec(kind, gpt2_folder), device=device)  # type: ignore[arg-type]
+
+
+def test_a_nonsense_device_is_refused() -> None:
+    with pytest.raises(ModelLoadError, match="unknown device 'banana'.*has cpu"):
+        rl.load_model(native_config(), device="banana")
+
+
+def test_an_integer_dtype_is_refused() -> None:
+    with pytest.raises(ModelLoadError, match="not a floating-point dtype"):
+        rl.load_model(native_config(), dtype="int8")

@@ -8,6 +8,8 @@ architecture whose hook points have the classic shapes; a hook point with anothe
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,10 +17,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from reuse_lens.patching._common import masked_mean
+
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["HookSources", "hook_logits", "hook_name"]
+__all__ = ["HookSources", "PatternEditsDropped", "check_pattern_edits", "hook_logits", "hook_name"]
 
 _HEAD_HOOKS = {
     "out": "hook_z",
@@ -34,6 +38,70 @@ def hook_name(layer: int, component: str) -> str:
     if component == "mlp":
         return f"blocks.{layer}.hook_mlp_out"
     return f"blocks.{layer}.attn.{_HEAD_HOOKS[component]}"
+
+
+class PatternEditsDropped(NotImplementedError):
+    """TransformerLens ignores edits of ``hook_pattern`` on this model's architecture."""
+
+
+_PATTERN_EDITS_REACH: weakref.WeakKeyDictionary[TransformerBridge, bool] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per model: whether an edit of ``blocks.0.attn.hook_pattern`` changes its logits."""
+
+
+@torch.no_grad()
+def pattern_edits_reach_logits(model: TransformerBridge) -> bool:
+    """Whether editing ``hook_pattern`` changes the model's output (tested once per model).
+
+    TransformerLens 4.3 computes attention inside some HF modules (OPT, GPT-J, GPT-Neo)
+    and only *reports* the pattern at ``hook_pattern``: a hook there runs, but what it
+    returns is thrown away. The test makes every head of layer 0 attend to the first
+    token only, on a few tokens, and compares the logits with the unedited run's.
+    """
+    known = _PATTERN_EDITS_REACH.get(model)
+    if known is not None:
+        return known
+    device = torch.device(model.cfg.device or "cpu")
+    width = 4
+    tokens = (torch.arange(1, width + 1, device=device) % int(model.cfg.d_vocab)).unsqueeze(0)
+
+    def first_token_only(pattern: Tensor, hook: object) -> Tensor:
+        del hook
+        edited = torch.zeros_like(pattern)
+        edited[..., 0] = 1.0
+        return edited
+
+    plain = model(tokens, return_type="logits")
+    with warnings.catch_warnings():
+        # TransformerLens warns that the edit is discarded; the refusal below says so.
+        warnings.simplefilter("ignore", UserWarning)
+        edited = model.run_with_hooks(
+            tokens,
+            fwd_hooks=[("blocks.0.attn.hook_pattern", first_token_only)],
+            return_type="logits",
+        )
+    reaches = not torch.equal(plain, edited)
+    _PATTERN_EDITS_REACH[model] = reaches
+    return reaches
+
+
+def check_pattern_edits(model: TransformerBridge, what: str) -> None:
+    """Refuse ``what`` (an edit of attention patterns) where the edit would be dropped.
+
+    Raises:
+        PatternEditsDropped: naming the architecture and what to patch instead.
+    """
+    if pattern_edits_reach_logits(model):
+        return
+    architecture = getattr(model.cfg, "architecture", None) or model.cfg.model_name
+    raise PatternEditsDropped(
+        f"{what} edits attention patterns, but on architecture {architecture} "
+        "TransformerLens drops edits of hook_pattern (it reads the pattern out of the HF "
+        "attention module and never feeds it back), so every result would be zero or "
+        "unchanged. Patch the heads' output instead (component='out', i.e. hook_z), or "
+        "their q, k or v."
+    )
 
 
 @dataclass
@@ -71,17 +139,11 @@ class HookSources:
             return cls(values, shared=False)
         if ablation == "zero":
             return cls({k: torch.zeros_like(v[:1]) for k, v in values.items()}, shared=True)
-        width = int(tokens.shape[1])
-        valid = (torch.arange(width, device=lengths.device) < lengths.unsqueeze(1)).float()
-        count = valid.sum(0).clamp(min=1)
-        means = {}
-        for name, value in values.items():
-            pos_axis = 2 if name.endswith("hook_pattern") else 1
-            shape = [1] * value.dim()
-            shape[0], shape[pos_axis] = value.shape[0], width
-            count_shape = [1] * value.dim()
-            count_shape[pos_axis] = width
-            means[name] = (value * valid.view(shape)).sum(0, keepdim=True) / count.view(count_shape)
+        # Summed in float32, kept in the model's dtype (masked_mean).
+        means = {
+            name: masked_mean(value, lengths, 2 if name.endswith("hook_pattern") else 1)
+            for name, value in values.items()
+        }
         return cls(means, shared=True)
 
 

@@ -105,8 +105,8 @@ class AblationRunner:
         if len(task) == 0:
             raise ValueError(f"task {task.name!r} has no prompts: load it with n >= 1")
         self.ablation = ablation
+        self.shape = shape_of(model)  # first: it refuses models without attention heads
         self.prep: Prepared = prepare(model, task, metric, functional=functional)
-        self.shape = shape_of(model)
         self.batch_size = batch_size
         self._width = int(self.prep.clean.shape[1])
         self.full = float(self.prep.clean_metric.mean())

@@ -34,7 +34,7 @@ from reuse_lens.patching._common import (
     zero_cache,
 )
 from reuse_lens.patching._forward import RunCache, Weights
-from reuse_lens.patching._hooks import HookSources, hook_logits
+from reuse_lens.patching._hooks import HookSources, check_pattern_edits, hook_logits
 from reuse_lens.patching.scores import NodeScores
 
 if TYPE_CHECKING:
@@ -135,6 +135,9 @@ def activation_patching(
             with an ablation other than resample.
         MetricError: if the metric returns NaN or infinity.
         TaskError: if the task was built for another vocabulary.
+        PatternEditsDropped: for ``component="pattern"`` on architectures where
+            TransformerLens drops edits of ``hook_pattern`` (OPT, GPT-J, GPT-Neo).
+        UnsupportedArchitectureError: for a model without attention heads (Mamba).
     """
     if component not in _COMPONENTS:
         raise ValueError(f"unknown component {component!r}: choose one of {_COMPONENTS}")
@@ -506,6 +509,8 @@ class _HookEngine(_Engine):
         self, prep: Prepared, base_tokens: Tensor, ablation: str, direction: str, component: str
     ) -> None:
         self.prep, self.base_tokens, self.component = prep, base_tokens, component
+        if component == "pattern":
+            check_pattern_edits(prep.model, "activation_patching(component='pattern')")
         other = prep.corrupted if direction == "noising" else prep.clean
         clean_run = base_tokens if direction == "noising" else prep.clean
         self.sources = HookSources.build(

@@ -61,3 +61,35 @@ def random_task(
         answers.append(a)
         wrong.append(b)
     return rl.Task.from_pairs(model, clean, corrupted, answers, wrong, name="random")
+
+
+def separable_task(model: Any, *, n: int = 6, width: int = 6, seed: int = 0) -> rl.Task:
+    """Random prompt pairs that ``model`` tells apart: answers its own clean top token.
+
+    The answer is the clean run's top token and the wrong answer the corrupted run's (its
+    second when they agree), so logit_diff is >= 0 on clean and <= 0 on corrupted; of
+    ``3 n`` random pairs the ``n`` with the largest clean − corrupted margin are kept, so
+    that ``discover_circuit``'s separation check passes on a random model.
+    """
+    from reuse_lens.evaluation import answer_logits
+
+    task = random_task(model, n=3 * n, width=width, seed=seed)
+    clean = answer_logits(model, task.clean, task.answer_pos)
+    corrupted = answer_logits(model, task.corrupted, task.answer_pos)
+    right = clean.argmax(-1)
+    wrong = corrupted.argmax(-1)
+    wrong = torch.where(wrong == right, corrupted.topk(2).indices[:, 1], wrong)
+    rows = torch.arange(len(right))
+    margin = (clean[rows, right] - clean[rows, wrong]) - (
+        corrupted[rows, right] - corrupted[rows, wrong]
+    )
+    keep = margin.topk(n).indices.sort().values.tolist()
+    chosen = task.select(keep)
+    return rl.Task.from_pairs(
+        model,
+        chosen.clean.tolist(),
+        chosen.corrupted.tolist(),
+        right[keep].tolist(),
+        wrong[keep].tolist(),
+        name="separable",
+    )

@@ -1,0 +1,138 @@
+"""Architectures that reuse_lens cannot analyse, or only in part, are refused clearly.
+
+Mamba has no attention heads: every node and edge method refuses it in ``shape_of``,
+while ``rl.evaluate`` still scores it. On OPT, GPT-J and GPT-Neo, TransformerLens 4.3
+drops edits of ``hook_pattern``: pattern patching and ``uniform_attention`` refuse there
+instead of returning zeros, and work on GPT-2 and Llama.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import reuse_lens as rl
+from reuse_lens.interventions import ablate_heads, uniform_attention
+from reuse_lens.nodes import ModelShape, UnsupportedArchitectureError, nodes_of
+from reuse_lens.patching._hooks import PatternEditsDropped, pattern_edits_reach_logits
+from reuse_lens.patching.activation import _activation_patching
+from tests.archs import save_arch
+from tests.patching.helpers import random_task
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory, word_tokenizer: Any) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("archs")
+    names = ("mamba", "opt", "gptj", "gpt_neo", "gpt2", "llama")
+    return {name: save_arch(name, root / name, word_tokenizer) for name in names}
+
+
+# ---- no attention ---------------------------------------------------------------------------
+
+_NODE_METHODS: dict[str, Callable[[Any, rl.Task], object]] = {
+    "nodes_of": lambda m, t: nodes_of(m),
+    "activation_patching": lambda m, t: rl.activation_patching(m, t),
+    "path_patching": lambda m, t: rl.path_patching(m, t),
+    "eap nodes": lambda m, t: rl.attribution_patching(m, t),
+    "eap edges": lambda m, t: rl.attribution_patching(m, t, level="edge"),
+    "faithfulness": lambda m, t: rl.faithfulness(
+        m, t, rl.Circuit.from_nodes(["m0"], ModelShape(2, 1, True))
+    ),
+    "discover_circuit": lambda m, t: rl.discover_circuit(m, t, top_k=1),
+    "uniform_attention": lambda m, t: uniform_attention(m, t, ["a0.h0"], [0]),
+    "ablate_heads": lambda m, t: ablate_heads(m, t, ["a0.h0"], n_random=1),
+    "circuit": lambda m, t: rl.Circuit.from_nodes(["a0.h0"], m),
+}
+
+
+@pytest.fixture(scope="module")
+def mamba(folders: dict[str, Path]) -> Any:
+    return rl.load_model(folders["mamba"])
+
+
+@pytest.mark.parametrize("method", list(_NODE_METHODS))
+def test_a_model_without_attention_is_refused_by_every_method(mamba: Any, method: str) -> None:
+    task = random_task(mamba, n=2, width=5)
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match=r"MambaForCausalLM has no attention heads.*analyse attention heads and MLPs",
+    ):
+        _NODE_METHODS[method](mamba, task)
+
+
+def test_a_model_without_attention_can_still_be_evaluated(mamba: Any) -> None:
+    result = rl.evaluate(mamba, random_task(mamba, n=2, width=5))
+    assert result["n"] == 2
+
+
+# ---- dropped pattern edits ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["opt", "gptj", "gpt_neo"])
+def test_pattern_edits_that_transformer_lens_drops_are_refused(
+    name: str, folders: dict[str, Path]
+) -> None:
+    model = rl.load_model(folders[name])
+    task = random_task(model, n=2, width=5)
+    assert not pattern_edits_reach_logits(model)
+    expected = r"TransformerLens drops edits of hook_pattern.*component='out'"
+    with pytest.raises(PatternEditsDropped, match=rf"architecture \w+For\w+.*{expected}"):
+        _activation_patching(
+            model,
+            task,
+            "heads",
+            "resample",
+            "noising",
+            False,
+            "pattern",
+            None,
+            None,
+            functional=False,
+        )
+    with pytest.raises(PatternEditsDropped, match=rf"uniform_attention.*{expected}"):
+        uniform_attention(model, task, ["a0.h0"], [0])
+    # The public call refuses too, unless the fast forward (which computes the pattern
+    # itself, verified against the bridge's logits) runs the model: OPT's does.
+    try:
+        scores = rl.activation_patching(model, task, component="pattern")
+    except PatternEditsDropped:
+        assert name != "opt"
+    else:
+        assert scores.settings["engine"] == "functional"
+        assert scores.heads.abs().sum() > 0
+    # The other components still work there.
+    scores = rl.activation_patching(model, task, component="out", nodes="heads")
+    assert not torch.isnan(scores.heads).any()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_pattern_edits_work_where_they_reach_the_logits(
+    name: str, folders: dict[str, Path]
+) -> None:
+    model = rl.load_model(folders[name])
+    task = random_task(model, n=2, width=5)
+    assert pattern_edits_reach_logits(model)
+    scores = rl.activation_patching(model, task, component="pattern")
+    assert scores.heads.abs().sum() > 0
+    result = uniform_attention(model, task, ["a1.h0", "a1.h1"], [0])
+    assert result.metric_after != result.metric_before
+
+
+def test_the_pattern_check_runs_once_per_model(folders: dict[str, Path]) -> None:
+    model = rl.load_model(folders["opt"])
+    calls = 0
+    forward = model.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return forward(*args, **kwargs)
+
+    model.forward = counting  # type: ignore[method-assign]
+    assert not pattern_edits_reach_logits(model)
+    assert not pattern_edits_reach_logits(model)
+    assert calls == 2  # one plain and one edited run, then the cached answer
