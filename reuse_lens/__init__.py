@@ -38,8 +38,16 @@ if TYPE_CHECKING:
     )
     from reuse_lens.evaluation import evaluate, normalized_metric
     from reuse_lens.models import ModelLoadError, load_model
-    from reuse_lens.nodes import MLP, AttentionHead, Edge, nodes_of, parse_node
+    from reuse_lens.nodes import (
+        MLP,
+        AttentionHead,
+        Edge,
+        UnsupportedArchitectureError,
+        nodes_of,
+        parse_node,
+    )
     from reuse_lens.overlap import OverlapReport, compare
+    from reuse_lens.patching._hooks import PatternEditsDropped
     from reuse_lens.patching.activation import activation_patching
     from reuse_lens.patching.attribution import attribution_patching
     from reuse_lens.patching.edges import EdgeScores
@@ -64,7 +72,9 @@ __all__ = [
     "ModelLoadError",
     "NodeScores",
     "OverlapReport",
+    "PatternEditsDropped",
     "Task",
+    "UnsupportedArchitectureError",
     "__version__",
     "activation_patching",
     "attribution_patching",
@@ -105,6 +115,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "Edge": ("reuse_lens.nodes", "Edge"),
     "nodes_of": ("reuse_lens.nodes", "nodes_of"),
     "parse_node": ("reuse_lens.nodes", "parse_node"),
+    "UnsupportedArchitectureError": ("reuse_lens.nodes", "UnsupportedArchitectureError"),
+    "PatternEditsDropped": ("reuse_lens.patching._hooks", "PatternEditsDropped"),
     "activation_patching": ("reuse_lens.patching.activation", "activation_patching"),
     "path_patching": ("reuse_lens.patching.path", "path_patching"),
     "attribution_patching": ("reuse_lens.patching.attribution", "attribution_patching"),

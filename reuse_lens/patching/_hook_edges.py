@@ -29,23 +29,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from reuse_lens.nodes import LOGITS, MLP, shape_of
-from reuse_lens.patching._hooks import HookSources, hook_name
+from reuse_lens.patching._hooks import HookSources, architecture, hook_name
 from reuse_lens.patching.graph import GraphIndex
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["EDGE_INPUT_HOOK", "HookEdges", "architecture", "edge_refusal", "mlp_norm"]
+__all__ = ["EDGE_INPUT_HOOK", "HookEdges", "edge_refusal", "mlp_norm"]
 
 EDGE_INPUT_HOOK = "blocks.0.hook_resid_pre"
 """Token plus position embedding: the output of the ``input`` sender."""
-
-
-def architecture(model: TransformerBridge) -> str:
-    """The model's HF architecture name (``LlamaForCausalLM``), for messages."""
-    config = getattr(getattr(model, "original_model", None), "config", None)
-    names = getattr(config, "architectures", None) or [getattr(model.cfg, "model_name", "")]
-    return str(names[0] or "this")
 
 
 def mlp_norm(model: TransformerBridge) -> str:

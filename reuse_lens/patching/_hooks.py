@@ -22,7 +22,14 @@ from reuse_lens.patching._common import masked_mean
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["HookSources", "PatternEditsDropped", "check_pattern_edits", "hook_logits", "hook_name"]
+__all__ = [
+    "HookSources",
+    "PatternEditsDropped",
+    "architecture",
+    "check_pattern_edits",
+    "hook_logits",
+    "hook_name",
+]
 
 _HEAD_HOOKS = {
     "out": "hook_z",
@@ -38,6 +45,11 @@ def hook_name(layer: int, component: str) -> str:
     if component == "mlp":
         return f"blocks.{layer}.hook_mlp_out"
     return f"blocks.{layer}.attn.{_HEAD_HOOKS[component]}"
+
+
+def architecture(model: TransformerBridge) -> str:
+    """The model's architecture as TransformerLens names it (``LlamaForCausalLM``)."""
+    return str(getattr(model.cfg, "architecture", None) or model.cfg.model_name)
 
 
 class PatternEditsDropped(NotImplementedError):
@@ -94,9 +106,8 @@ def check_pattern_edits(model: TransformerBridge, what: str) -> None:
     """
     if pattern_edits_reach_logits(model):
         return
-    architecture = getattr(model.cfg, "architecture", None) or model.cfg.model_name
     raise PatternEditsDropped(
-        f"{what} edits attention patterns, but on architecture {architecture} "
+        f"{what} edits attention patterns, but on architecture {architecture(model)} "
         "TransformerLens drops edits of hook_pattern (it reads the pattern out of the HF "
         "attention module and never feeds it back), so every result would be zero or "
         "unchanged. Patch the heads' output instead (component='out', i.e. hook_z), or "
