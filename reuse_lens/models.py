@@ -77,8 +77,10 @@ def load_model(
         if text.startswith("zoo:"):
             from reuse_lens import zoo
 
-            return zoo.load(text.removeprefix("zoo:"), device=device, dtype=torch_dtype)
-        if Path(text).expanduser().is_dir():
+            with zoo.model_folder(text.removeprefix("zoo:")) as folder:
+                model = _load_folder(folder, device=device, dtype=torch_dtype)
+            label = text
+        elif Path(text).expanduser().is_dir():
             model = _load_folder(Path(text).expanduser(), device=device, dtype=torch_dtype)
             label = str(text)
         else:

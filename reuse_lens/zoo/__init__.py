@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
-    from transformer_lens.model_bridge import TransformerBridge
-
-__all__ = ["ZooError", "available", "load", "manifest", "shipped_folder", "status"]
+__all__ = [
+    "ZooError",
+    "available",
+    "manifest",
+    "model_folder",
+    "shipped_folder",
+    "status",
+    "verify",
+]
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -116,33 +122,21 @@ def _verify(folder: Path, entry: dict[str, Any], *, label: str) -> None:
         )
 
 
-def load_from(
-    folder: Path,
-    entry: dict[str, Any],
-    *,
-    name: str,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> TransformerBridge:
-    """Load the zoo model saved in ``folder`` after checking it against manifest ``entry``."""
-    from reuse_lens.models import _SPEC_ATTR, load_model
-
-    _verify(folder, entry, label=f"zoo:{name}")
-    model = load_model(folder, device=device, dtype=dtype)
-    setattr(model, _SPEC_ATTR, f"zoo:{name}")
-    return model
-
-
-def load(
-    name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> TransformerBridge:
-    """Load zoo model ``name`` (without the ``zoo:`` prefix), checksum verified.
+@contextmanager
+def model_folder(name: str) -> Iterator[Path]:
+    """The folder of zoo model ``name`` (no ``zoo:`` prefix), checksum verified, while the
+    ``with`` block runs; ``rl.load_model("zoo:<name>")`` loads it from there.
 
     Raises:
         ZooError: for a name that is not shipped (the message lists those that are), or
             weights whose sha256 differs from the manifest's.
     """
     entry = _entry(name)
-    folder = _weights().joinpath(name)
-    with resources.as_file(folder) as path:
-        return load_from(Path(path), entry, name=name, device=device, dtype=dtype)
+    with resources.as_file(_weights().joinpath(name)) as path:
+        verify(Path(path), entry, name=name)
+        yield Path(path)
+
+
+def verify(folder: Path, entry: dict[str, Any], *, name: str) -> None:
+    """Check the weights in ``folder`` against manifest ``entry`` of zoo model ``name``."""
+    _verify(folder, entry, label=f"zoo:{name}")

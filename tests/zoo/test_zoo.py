@@ -55,7 +55,7 @@ def test_checksum_mismatch_fails_clearly(tmp_path: Path) -> None:
     weights.write_bytes(bytes(data))
     entry = zoo.manifest()["models"]["attn-only"]
     with pytest.raises(zoo.ZooError, match="fails its checksum"):
-        zoo.load_from(folder, entry, name="attn-only")
+        zoo.verify(folder, entry, name="attn-only")
 
 
 def test_base_loads_fast_and_records_its_spec() -> None:
