@@ -507,6 +507,37 @@ class Circuit:
 
         return cls(**mib.mib_fields(doc, shape, source=source, sign=sign))
 
+    def to_mib_pt(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        d_model: int | None = None,
+        sign: mib.ScoreSign = mib.MIB_SIGN,
+    ) -> Path:
+        """Write the circuit as a MIB ``.pt`` file (EAP-IG's ``Graph.to_pt``); needs torch.
+
+        See ``reuse_lens.circuits.mib_pt``; the content is that of ``to_mib_json``.
+        """
+        from reuse_lens.circuits import mib_pt  # imports torch, which circuit.py does not
+
+        return mib_pt.to_mib_pt(self, path, d_model=d_model, sign=sign)
+
+    @classmethod
+    def from_mib_pt(
+        cls,
+        path: str | os.PathLike[str],
+        shape: ModelShape | Any | None = None,
+        *,
+        sign: mib.ScoreSign | None = None,
+    ) -> Circuit:
+        """Read a MIB ``.pt`` circuit file (EAP-IG's ``Graph.from_pt`` form); needs torch.
+
+        Read as ``from_mib_json`` reads the JSON form, with the same checks.
+        """
+        from reuse_lens.circuits import mib_pt
+
+        return cls(**mib_pt.mib_pt_fields(path, shape, sign=sign))
+
 
 # --- file helpers ------------------------------------------------------------------------
 
