@@ -88,7 +88,9 @@ def to_mib_dict(
     kept = circuit.nodes | {"input", "logits"}
     all_edges = edges_of(circuit.shape)
     keys = [edge_key(e) for e in all_edges]
-    if circuit.edges:
+    # An edge circuit marks its edges; so does an empty one recorded as edge-level (the
+    # smallest circuit of a MIB submission), which must not become the node rule's graph.
+    if circuit.edges or circuit.metadata.get("level") == "edge":
         in_graph = [key in circuit.edges for key in keys]
     else:
         in_graph = [e.sender.name in kept and e.receiver.name in kept for e in all_edges]
