@@ -61,9 +61,10 @@ InputKind = Literal["embeddings", "tokens"]
 everything in the residual stream that no head or MLP wrote, so that ablating every edge
 leaves no clean signal behind (with ``resample`` ablation it is exactly the corrupted run).
 ``"tokens"``: the token embedding alone (``hook_embed``), EAP-IG's ``input`` node and so
-MIB's; the position embedding stays clean. Choose it to reproduce MIB's numbers: the two
-differ under ``zero`` and ``mean`` ablation, and agree under ``resample`` when clean and
-corrupted prompts share their positions."""
+MIB's; the position embedding stays clean. Choose it to reproduce MIB's numbers. Only
+``zero`` ablation tells the two apart: a position's embedding is the same in a clean
+prompt, its corrupted partner and the mean over real tokens, so under ``resample`` and
+``mean`` ablating it changes nothing."""
 
 INPUT_NODES: tuple[str, ...] = ("embeddings", "tokens")
 
