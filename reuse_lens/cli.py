@@ -4,6 +4,7 @@ reuse-lens demo --out DIR                     the main job on the zoo: circuits 
 reuse-lens discover --model M --task T --method activation --out C.json
 reuse-lens compare A.json B.json ... --out DIR
 reuse-lens evaluate --model M --task T [--circuit C.json]
+reuse-lens export-mib --model M1 M2 --tasks T1 T2 --out DIR   a MIB leaderboard submission
 reuse-lens zoo list | status | train
 """
 
@@ -148,6 +149,53 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_mib(args: argparse.Namespace) -> int:
+    import reuse_lens as rl
+    from reuse_lens.circuits.mib_submission import write_submission
+    from reuse_lens.patching.attribution import attribution_patching
+
+    names = args.model_names or [_model_folder_name(spec) for spec in args.model]
+    if len(names) != len(args.model):
+        raise ValueError(
+            f"--model-names gives {len(names)} names for {len(args.model)} models: give one each"
+        )
+    if len(set(names)) < len(names) or len(set(args.tasks)) < len(args.tasks):
+        raise ValueError(
+            f"models {names} or tasks {args.tasks} repeat a name: each (task, model) folder "
+            "must be unique; give distinct names with --model-names"
+        )
+    if len(set(args.model)) < 2 or len(set(args.tasks)) < 2:
+        print("note: MIB's leaderboard takes submissions of at least 2 models and 2 tasks")
+    scores, widths = {}, {}
+    for spec, name in zip(args.model, names, strict=True):
+        model = rl.load_model(spec)
+        widths[name] = int(model.cfg.d_model)
+        for task_name in args.tasks:
+            task = rl.tasks.load(task_name, model, n=args.n, seed=args.seed)
+            scores[(task_name, name)] = attribution_patching(
+                model, task, method=args.method, level="edge", steps=args.steps
+            )
+    files = write_submission(
+        args.out,
+        scores,
+        kind=args.kind,
+        file_format=args.format,
+        d_model=widths,
+        metadata={"n_prompts": args.n, "task_seed": args.seed, "library_version": rl.__version__},
+    )
+    folders = sorted({f.parent.name for f in files})
+    print(
+        f"wrote {len(files)} files in {len(folders)} folders under {args.out}: {' '.join(folders)}"
+    )
+    print("scores are in MIB's sign (positive = important); see docs/circuit_format.md")
+    return 0
+
+
+def _model_folder_name(spec: str) -> str:
+    """A model's name in MIB's folder names: the spec's last part (zoo:base -> base)."""
+    return spec.rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
+
+
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from reuse_lens import zoo
 
@@ -228,6 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--circuit", help="a circuit JSON file to measure the faithfulness of")
     evaluate.add_argument("--ablation", choices=_ABLATIONS, default="mean")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    export = sub.add_parser(
+        "export-mib",
+        help="write a MIB circuit-track submission: edge scores or circuits per model and task",
+    )
+    export.add_argument("--model", nargs="+", required=True, metavar="SPEC",
+                        help="models: zoo:<name>, local folders or hub ids")  # fmt: skip
+    export.add_argument("--model-names", nargs="+", metavar="NAME",
+                        help="the models' names in the folder names (default: the spec's last part)")  # fmt: skip
+    export.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
+                        help="built-in task names (see rl.tasks.names())")  # fmt: skip
+    export.add_argument("--out", required=True, help="the submission folder to write")
+    export.add_argument("--method", choices=("eap-ig", "eap"), default="eap-ig")
+    export.add_argument("--kind", choices=("scores", "circuits"), default="scores",
+                        help="scores: one importances file per folder; circuits: nine at MIB's sizes")  # fmt: skip
+    export.add_argument("--format", choices=("json", "pt"), default="json", help="file format")
+    export.add_argument("--steps", type=_positive, default=5, help="EAP-IG steps (default 5)")
+    export.add_argument("--n", type=_positive, default=64, help="prompt pairs (default 64)")
+    export.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    export.set_defaults(func=_cmd_export_mib)
 
     zoo = sub.add_parser("zoo", help="the embedded models: list, status, or retrain them")
     zoo.add_argument("zoo_command", choices=["list", "status", "train"], help="what to do")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from reuse_lens import study
 from reuse_lens.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["demo", "discover", "compare", "evaluate", "zoo"])
+@pytest.mark.parametrize(
+    "command", ["demo", "discover", "compare", "evaluate", "export-mib", "zoo"]
+)
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
@@ -105,3 +108,94 @@ def test_demo_writes_a_report_and_reuses_finished_circuits(
     (tmp_path / "circuits" / "base__ioi__eap-ig.json").unlink()  # as if stopped before it
     assert main(argv) == 0
     assert calls == ["eap-ig"]  # only the missing circuit is found again
+
+
+# --- export-mib: a MIB leaderboard submission ------------------------------------------------
+
+MIB_PERCENTS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50)  # MIB's README: nine circuits, at most these
+
+
+def check_mib_submission(root: Path) -> dict[str, str]:
+    """MIB's documented submission layout, checked without reuse_lens: one folder per
+    task/model named ``{task}_{model}``; each holds one scores file (.json or .pt) or nine
+    circuits of at most 0.1 ... 50 % of the edges; at least 2 models and 2 tasks. Returns
+    each folder's kind."""
+    import torch
+
+    from tests.circuits.test_mib_interop import mib_edge_names
+
+    kinds: dict[str, str] = {}
+    models, tasks = set(), set()
+    for folder in sorted(root.iterdir()):
+        assert folder.is_dir(), f"{folder.name}: only task_model folders belong in a submission"
+        task, sep, model = folder.name.partition("_")
+        assert sep and task and model and "_" not in model, folder.name
+        tasks.add(task)
+        models.add(model)
+        files = sorted(folder.iterdir())
+        assert all(f.suffix in (".json", ".pt") for f in files), files
+        fractions, scored = [], []
+        for file in files:
+            if file.suffix == ".json":
+                doc = json.loads(file.read_text())
+                cfg, edges = doc["cfg"], doc["edges"]
+                flags = [bool(e["in_graph"]) for e in edges.values()]
+                scores = [e["score"] for e in edges.values()]
+            else:
+                doc = torch.load(file, weights_only=True)
+                cfg = doc["cfg"]
+                flags = doc["edges_in_graph"].flatten().tolist()
+                scores = doc["edges_scores"].flatten().tolist()
+            assert {"n_layers", "n_heads", "parallel_attn_mlp", "d_model"} <= set(cfg)
+            assert cfg["d_model"] > 0
+            n_edges = len(mib_edge_names(cfg["n_layers"], cfg["n_heads"], cfg["parallel_attn_mlp"]))
+            if file.suffix == ".json":
+                assert len(edges) == n_edges
+            fractions.append(sum(flags) / n_edges)
+            scored.append(any(s != 0.0 for s in scores))
+        if len(files) == 1:
+            assert scored[0], f"{folder.name}: an importances file needs real scores"
+            kinds[folder.name] = "scores"
+        else:
+            assert len(files) == 9, f"{folder.name}: {len(files)} circuit files, MIB asks for 9"
+            for fraction, percent in zip(sorted(fractions), MIB_PERCENTS, strict=True):
+                assert fraction <= percent / 100 + 1e-12, (folder.name, fraction, percent)
+            kinds[folder.name] = "circuits"
+    assert len(models) >= 2 and len(tasks) >= 2, (models, tasks)
+    return kinds
+
+
+@pytest.mark.parametrize(("kind", "file_format"), [("scores", "json"), ("circuits", "pt")])
+def test_export_mib_writes_a_submission_in_mibs_layout(
+    tmp_path: Path, kind: str, file_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eap-ig_patching_edge"
+    argv = ["export-mib", "--model", "zoo:base", "zoo:ft-ioi", "--tasks", "ioi", "induction",
+            "--n", "8", "--kind", kind, "--format", file_format, "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "4 folders" in capsys.readouterr().out
+    kinds = check_mib_submission(out)
+    assert sorted(kinds) == ["induction_base", "induction_ft-ioi", "ioi_base", "ioi_ft-ioi"]
+    assert set(kinds.values()) == {kind}
+    # what MIB reads is what we scored: MIB's sign, and the circuits nest by size
+    if kind == "scores":
+        back = rl.Circuit.from_mib_json(out / "ioi_base" / "importances.json")
+        doc = json.loads((out / "ioi_base" / "importances.json").read_text())
+        name, info = next((n, i) for n, i in doc["edges"].items() if i["score"] != 0.0)
+        sender, receiver = name.split("->")
+        assert back.edge_scores[(sender, receiver)] == pytest.approx(-info["score"])
+        assert doc["reuse_lens"]["score_sign"] == "mib"
+    else:
+        circuits = [rl.Circuit.from_mib_pt(f) for f in sorted((out / "ioi_base").iterdir())]
+        sizes = sorted(len(c.edges) for c in circuits)
+        assert sizes[0] == 0 and sizes[-1] == int(0.5 * len(circuits[0].edge_scores))
+        by_size = sorted(circuits, key=lambda c: len(c.edges))
+        assert all(a.edges <= b.edges for a, b in itertools.pairwise(by_size))
+
+
+def test_export_mib_refuses_names_that_collide(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["export-mib", "--model", "zoo:base", "zoo:base", "--tasks", "ioi", "induction",
+              "--n", "4", "--out", str(tmp_path)])  # fmt: skip
+    assert info.value.code == 2
+    assert not list(tmp_path.iterdir())  # refused before any model is run

@@ -452,33 +452,47 @@ class Circuit:
 
     # --- MIB's format (reuse_lens.circuits.mib) ---
 
-    def to_mib_dict(self, *, d_model: int | None = None) -> dict[str, Any]:
+    def to_mib_dict(
+        self, *, d_model: int | None = None, sign: mib.ScoreSign = mib.MIB_SIGN
+    ) -> dict[str, Any]:
         """The circuit as a MIB circuit-track graph: every node and edge, with ``in_graph``.
 
-        See ``reuse_lens.circuits.mib.to_mib_dict`` for the scores and ``d_model`` it writes.
+        Scores are written with MIB's sign (positive = important) unless
+        ``sign="reuse_lens"``. See ``reuse_lens.circuits.mib.to_mib_dict`` for the scores
+        and ``d_model`` it writes.
         """
 
-        return mib.to_mib_dict(self, d_model=d_model)
+        return mib.to_mib_dict(self, d_model=d_model, sign=sign)
 
     def to_mib_json(
-        self, path: str | os.PathLike[str] | None = None, *, d_model: int | None = None
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        d_model: int | None = None,
+        sign: mib.ScoreSign = mib.MIB_SIGN,
     ) -> str:
         """The circuit as MIB circuit-track JSON (see ``to_mib_dict``); written atomically."""
 
-        return mib.to_mib_json(self, path, d_model=d_model)
+        return mib.to_mib_json(self, path, d_model=d_model, sign=sign)
 
     @classmethod
     def from_mib_json(
-        cls, path_or_text: str | os.PathLike[str], shape: ModelShape | Any | None = None
+        cls,
+        path_or_text: str | os.PathLike[str],
+        shape: ModelShape | Any | None = None,
+        *,
+        sign: mib.ScoreSign | None = None,
     ) -> Circuit:
         """Read a MIB circuit-track graph (a file path or the JSON text).
 
         The circuit is what the file marks ``in_graph``: the edges, and the heads and MLPs
         marked or at an in-graph edge's end. A file that marks only nodes gives a node-level
-        circuit. ``shape``, when given, must agree with the file's cfg.
+        circuit. ``shape``, when given, must agree with the file's cfg. Scores come back in
+        reuse_lens's sign; ``sign`` says which sign the file is in when our block does not
+        (a file from MIB's own tools is ``"mib"``, the default for such files).
         """
         doc, source = _load(path_or_text)
-        return cls.from_mib_dict(doc, shape, source=source)
+        return cls.from_mib_dict(doc, shape, source=source, sign=sign)
 
     @classmethod
     def from_mib_dict(
@@ -487,10 +501,42 @@ class Circuit:
         shape: ModelShape | Any | None = None,
         *,
         source: str = "the MIB document",
+        sign: mib.ScoreSign | None = None,
     ) -> Circuit:
         """Read a parsed MIB circuit-track document; see ``from_mib_json``."""
 
-        return cls(**mib.mib_fields(doc, shape, source=source))
+        return cls(**mib.mib_fields(doc, shape, source=source, sign=sign))
+
+    def to_mib_pt(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        d_model: int | None = None,
+        sign: mib.ScoreSign = mib.MIB_SIGN,
+    ) -> Path:
+        """Write the circuit as a MIB ``.pt`` file (EAP-IG's ``Graph.to_pt``); needs torch.
+
+        See ``reuse_lens.circuits.mib_pt``; the content is that of ``to_mib_json``.
+        """
+        from reuse_lens.circuits import mib_pt  # imports torch, which circuit.py does not
+
+        return mib_pt.to_mib_pt(self, path, d_model=d_model, sign=sign)
+
+    @classmethod
+    def from_mib_pt(
+        cls,
+        path: str | os.PathLike[str],
+        shape: ModelShape | Any | None = None,
+        *,
+        sign: mib.ScoreSign | None = None,
+    ) -> Circuit:
+        """Read a MIB ``.pt`` circuit file (EAP-IG's ``Graph.from_pt`` form); needs torch.
+
+        Read as ``from_mib_json`` reads the JSON form, with the same checks.
+        """
+        from reuse_lens.circuits import mib_pt
+
+        return cls(**mib_pt.mib_pt_fields(path, shape, sign=sign))
 
 
 # --- file helpers ------------------------------------------------------------------------

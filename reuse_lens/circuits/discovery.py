@@ -157,6 +157,8 @@ def discover_circuit(
     faith = evaluator(circuit)
     return circuit.with_metadata(
         model=_spec(model),
+        # MIB's cfg needs d_model (for neuron-level circuits); a circuit has no model.
+        d_model=int(model.cfg.d_model),
         task=task.name,
         n_prompts=len(task),
         task_seed=task.seed,

@@ -29,7 +29,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from reuse_lens.nodes import MLP, AttentionHead, ModelShape, edges_of, parse_node
-from reuse_lens.patching.ablation import AblationRunner, NodeMask
+from reuse_lens.patching.ablation import AblationRunner, InputKind, NodeMask
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.patching.scores import NodeScores
@@ -81,9 +81,15 @@ class CircuitEvaluator:
         ablation: Ablation = "mean",
         metric: str | Metric | None = None,
         batch_size: int | None = None,
+        input_node: InputKind = "embeddings",
     ) -> None:
         self.runner = AblationRunner(
-            model, task, ablation=ablation, metric=metric, batch_size=batch_size
+            model,
+            task,
+            ablation=ablation,
+            metric=metric,
+            batch_size=batch_size,
+            input_node=input_node,
         )
         self.model = model
         self.task = task
@@ -194,6 +200,7 @@ def faithfulness(
     metric: str | Metric | None = None,
     batch_size: int | None = None,
     level: Level | None = None,
+    input_node: InputKind = "embeddings",
 ) -> float:
     """The circuit's share of the task's behaviour: 1.0 = the full model, 0.0 = all ablated.
 
@@ -208,6 +215,10 @@ def faithfulness(
         batch_size: rows per forward pass; by default under a 1 GiB activation budget.
         level: ``node`` or ``edge`` to override how the circuit is ablated (see
             ``ablation_level``); an edge circuit evaluated at ``node`` level keeps its nodes.
+        input_node: what the ``input`` sender is when its edges are ablated:
+            ``embeddings`` (token plus position embedding, the default) or ``tokens`` (the
+            token embedding alone, as EAP-IG and MIB's evaluation). Only edge circuits
+            ablate ``input``; see ``reuse_lens.patching.ablation.InputKind``.
 
     Raises:
         CircuitError / NodeNameError: when the circuit's nodes are not in this model.
@@ -215,7 +226,7 @@ def faithfulness(
         ValueError: for an empty task or an unknown ablation.
     """
     evaluator = CircuitEvaluator(
-        model, task, ablation=ablation, metric=metric, batch_size=batch_size
+        model, task, ablation=ablation, metric=metric, batch_size=batch_size, input_node=input_node
     )
     return evaluator(circuit, level)
 
@@ -273,16 +284,20 @@ def faithfulness_curve(
     fractions: Sequence[float] = MIB_FRACTIONS,
     metric: str | Metric | None = None,
     evaluator: CircuitEvaluator | None = None,
+    input_node: InputKind = "embeddings",
 ) -> FaithfulnessCurve:
     """Faithfulness of the top-|score| circuit at each size in ``fractions`` (MIB's by default).
 
     A fraction ``p`` keeps ``max(1, round(p · N))`` of the ``N`` scored nodes (NodeScores)
-    or edges (EdgeScores).
+    or edges (EdgeScores). ``input_node`` is as in ``faithfulness``; an ``evaluator``
+    given brings its own.
     """
     if not fractions or any(not 0 < p <= 1 for p in fractions):
         raise ValueError(f"fractions must be non-empty and in (0, 1], got {list(fractions)}")
     fractions = sorted(fractions)
-    evaluator = evaluator or CircuitEvaluator(model, task, ablation=ablation, metric=metric)
+    evaluator = evaluator or CircuitEvaluator(
+        model, task, ablation=ablation, metric=metric, input_node=input_node
+    )
     order = ranked(scores)
     if not order:
         raise ValueError("the scores hold no scored node or edge")

@@ -17,7 +17,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from reuse_lens.circuits._checks import (
     CIRCUIT_FORMAT,
@@ -37,25 +37,60 @@ from reuse_lens.nodes import Edge, ModelShape, edges_of
 if TYPE_CHECKING:
     from reuse_lens.circuits.circuit import Circuit
 
-__all__ = ["mib_fields", "to_mib_dict", "to_mib_json"]
+__all__ = ["MIB_SIGN", "ScoreSign", "mib_fields", "to_mib_dict", "to_mib_json"]
 
 _MIB_EXTRA = "reuse_lens"  # our block inside a MIB file; MIB's loaders read only cfg/nodes/edges
 
+ScoreSign = Literal["mib", "reuse_lens"]
+"""Which way a file's scores point. ``"reuse_lens"``: the metric change when the node or
+edge is noised, so an important component of a higher-is-better metric scores negative.
+``"mib"``: the opposite sign, EAP-IG's (it differentiates a loss, the negated metric), so
+important components score positive, as MIB's evaluation expects when it ranks by signed
+score (without ``--absolute``)."""
 
-def to_mib_dict(circuit: Circuit, *, d_model: int | None = None) -> dict[str, Any]:
+MIB_SIGN: ScoreSign = "mib"
+"""The sign MIB files are written in by default: MIB's own."""
+
+_SIGNS = ("mib", "reuse_lens")
+
+
+def _check_sign(sign: object) -> ScoreSign:
+    if sign not in _SIGNS:
+        raise CircuitError(
+            f"unknown score sign {sign!r}: choose 'mib' (positive = important, MIB's and "
+            "EAP-IG's convention) or 'reuse_lens' (the metric change when noised)"
+        )
+    return sign  # type: ignore[return-value]
+
+
+def _signed(value: float, flip: bool) -> float:
+    """``value`` with its sign flipped when ``flip``; 0.0 stays 0.0 (never ``-0.0``)."""
+    return -value if flip and value else value
+
+
+def to_mib_dict(
+    circuit: Circuit, *, d_model: int | None = None, sign: ScoreSign = MIB_SIGN
+) -> dict[str, Any]:
     """``circuit`` as a MIB circuit-track graph: every node and edge, with ``in_graph``.
 
     Edge scores come from ``edge_scores``; edges without one get 0.0, as EAP-IG's graphs
-    start from zeros and MIB's loaders expect a number. A node-level circuit marks its
-    nodes and every edge among them and ``input``/``logits`` (all three q/k/v inputs).
-    ``d_model`` (which MIB reads only for neuron-level circuits) comes from the argument,
-    else ``metadata["d_model"]``, else the cfg of a MIB file the circuit was read from,
-    else 0.
+    start from zeros and MIB's loaders expect a number (``scored_edges`` in our block says
+    which are real). A node-level circuit marks its nodes and every edge among them and
+    ``input``/``logits`` (all three q/k/v inputs). ``d_model`` (which MIB reads only for
+    neuron-level circuits) comes from the argument, else ``metadata["d_model"]``, else the
+    cfg of a MIB file the circuit was read from, else 0.
+
+    ``sign="mib"`` (the default) writes node and edge scores with MIB's sign, positive =
+    important, so that MIB's evaluation ranks them right with or without ``--absolute``;
+    ``sign="reuse_lens"`` writes them as the circuit holds them. Our block records which.
     """
+    flip = _check_sign(sign) == "mib"
     kept = circuit.nodes | {"input", "logits"}
     all_edges = edges_of(circuit.shape)
     keys = [edge_key(e) for e in all_edges]
-    if circuit.edges:
+    # An edge circuit marks its edges; so does an empty one recorded as edge-level (the
+    # smallest circuit of a MIB submission), which must not become the node rule's graph.
+    if circuit.edges or circuit.metadata.get("level") == "edge":
         in_graph = [key in circuit.edges for key in keys]
     else:
         in_graph = [e.sender.name in kept and e.receiver.name in kept for e in all_edges]
@@ -64,10 +99,10 @@ def to_mib_dict(circuit: Circuit, *, d_model: int | None = None) -> dict[str, An
     for node in circuit.shape.nodes():
         nodes[node.name] = {"in_graph": node.name in circuit.nodes}
         if node.name in circuit.node_scores:
-            nodes[node.name]["score"] = circuit.node_scores[node.name]
+            nodes[node.name]["score"] = _signed(circuit.node_scores[node.name], flip)
     nodes["logits"] = {"in_graph": True}  # MIB's logits node is always in the graph
     edges = {
-        f"{s}->{r}": {"score": circuit.edge_scores.get((s, r), 0.0), "in_graph": g}
+        f"{s}->{r}": {"score": _signed(circuit.edge_scores.get((s, r), 0.0), flip), "in_graph": g}
         for (s, r), g in zip(keys, in_graph, strict=True)
     }
     scored: str | list[str] = (
@@ -79,6 +114,7 @@ def to_mib_dict(circuit: Circuit, *, d_model: int | None = None) -> dict[str, An
         "format_version": CIRCUIT_FORMAT_VERSION,
         "level": circuit.level,
         "scored_edges": scored,
+        "score_sign": sign,
         "stages": dict(circuit.stages),
         "metadata": dict(circuit.metadata),
     }
@@ -106,17 +142,25 @@ def _d_model(circuit: Circuit, d_model: int | None) -> int:
 
 
 def to_mib_json(
-    circuit: Circuit, path: str | os.PathLike[str] | None = None, *, d_model: int | None = None
+    circuit: Circuit,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    d_model: int | None = None,
+    sign: ScoreSign = MIB_SIGN,
 ) -> str:
     """``circuit`` as MIB circuit-track JSON (see ``to_mib_dict``); written atomically."""
-    text = json.dumps(to_mib_dict(circuit, d_model=d_model), allow_nan=False)
+    text = json.dumps(to_mib_dict(circuit, d_model=d_model, sign=sign), allow_nan=False)
     if path is not None:
         write_atomic(Path(path), text)
     return text
 
 
 def mib_fields(
-    doc: object, shape: ModelShape | Any | None = None, *, source: str = "the MIB document"
+    doc: object,
+    shape: ModelShape | Any | None = None,
+    *,
+    source: str = "the MIB document",
+    sign: ScoreSign | None = None,
 ) -> dict[str, Any]:
     """The Circuit fields (constructor keywords) of a parsed MIB circuit-track document.
 
@@ -124,6 +168,10 @@ def mib_fields(
     marked or at an in-graph edge's end. A document that marks only nodes gives a node-level
     circuit. ``shape``, when given, must agree with the document's cfg. The caller builds
     the Circuit, so that ``Circuit.from_mib_dict`` keeps building its own class.
+
+    Scores come back in reuse_lens's sign. ``sign`` is the sign the document's scores are
+    in; by default the one our block records, else ``"reuse_lens"`` for a file of ours
+    that predates the record, else ``"mib"`` (a file MIB's or EAP-IG's tools wrote).
     """
     data: dict[str, Any] = require(doc, dict, "the document", source)
     if data.get("format") == CIRCUIT_FORMAT:
@@ -134,6 +182,10 @@ def mib_fields(
     extra = data.get(_MIB_EXTRA)
     extra = extra if isinstance(extra, dict) else None
     shape = _mib_shape(cfg, node_infos, shape, source)
+    if sign is None:
+        recorded = extra.get("score_sign", "reuse_lens") if extra else "mib"
+        sign = _check_sign(recorded)
+    flip = _check_sign(sign) == "mib"
 
     nodes: set[str] = set()
     node_scores: dict[str, float] = {}
@@ -145,7 +197,7 @@ def mib_fields(
         if _flag(info, f"'nodes'[{name!r}]", source):
             nodes.add(node)
         if _is_number(info.get("score")):  # NaN marks an unscored node in EAP-IG
-            node_scores[node] = float(info["score"])
+            node_scores[node] = _signed(float(info["score"]), flip)
         if isinstance(info.get("neurons"), list) and not all(info["neurons"]):
             warnings.warn(
                 f"{source}: node {name} keeps only some neurons; reuse_lens circuits are "
@@ -162,7 +214,7 @@ def mib_fields(
         if _flag(info, f"'edges'[{name!r}]", source):
             edges.add(edge)
         if _is_number(info.get("score")):
-            edge_scores[edge] = float(info["score"])
+            edge_scores[edge] = _signed(float(info["score"]), flip)
     edge_scores = _known_edge_scores(edge_scores, extra, shape, source)
 
     if extra and extra.get("level") == "node":  # from a node circuit: its edges were implied

@@ -9,9 +9,11 @@ MIB). Ablating every edge out of a node is the same as ablating the node, and
 ``tests/circuits`` checks that the two engines agree on this.
 
 The attention output bias ``b_O`` of a layer belongs to no head, so it is never ablated;
-an ablated head's output is ``z @ W_O`` of its source value. The ``input`` sender (token
-plus position embedding) can only be ablated edge by edge, so a node circuit always keeps
-it.
+an ablated head's output is ``z @ W_O`` of its source value. The ``input`` sender can only
+be ablated edge by edge, so a node circuit always keeps it. What ``input`` is depends on
+``input_node`` (see ``InputKind``): by default the token plus position embedding, the whole
+residual stream before the first block; with ``"tokens"`` the token embedding alone, as
+EAP-IG and MIB's evaluation define it, and the position embedding is never ablated.
 
 Both engines run on the functional forward of ``_forward`` (many circuits and prompts
 stacked along the batch). A model that the functional forward cannot reproduce runs them
@@ -22,7 +24,7 @@ a model whose hooks cannot give each head its own inputs).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -32,6 +34,7 @@ from reuse_lens.nodes import LOGITS, MLP, ModelShape, shape_of
 from reuse_lens.patching._common import (
     Prepared,
     mean_cache,
+    position_mask,
     prepare,
     rows_per_chunk,
     zero_cache,
@@ -48,9 +51,23 @@ if TYPE_CHECKING:
     from reuse_lens.tasks.metrics import Metric
     from reuse_lens.tasks.task import Task
 
-__all__ = ["AblationRunner", "NodeMask"]
+__all__ = ["INPUT_NODES", "AblationRunner", "InputKind", "NodeMask"]
 
 _ABLATIONS = ("resample", "mean", "zero")
+
+InputKind = Literal["embeddings", "tokens"]
+"""What the ``input`` sender's output is when its edges are ablated.
+
+``"embeddings"`` (the default): the token plus position embedding, ``blocks.0.hook_resid_pre``:
+everything in the residual stream that no head or MLP wrote, so that ablating every edge
+leaves no clean signal behind (with ``resample`` ablation it is exactly the corrupted run).
+``"tokens"``: the token embedding alone (``hook_embed``), EAP-IG's ``input`` node and so
+MIB's; the position embedding stays clean. Choose it to reproduce MIB's numbers. Only
+``zero`` ablation tells the two apart: a position's embedding is the same in a clean
+prompt, its corrupted partner and the mean over real tokens, so under ``resample`` and
+``mean`` ablating it changes nothing."""
+
+INPUT_NODES: tuple[str, ...] = ("embeddings", "tokens")
 
 
 @dataclass(frozen=True)
@@ -99,9 +116,16 @@ class AblationRunner:
         metric: str | Metric | None = None,
         batch_size: int | None = None,
         functional: bool = True,
+        input_node: InputKind = "embeddings",
     ) -> None:
         if ablation not in _ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}: choose 'mean', 'resample' or 'zero'")
+        if input_node not in INPUT_NODES:
+            raise ValueError(
+                f"unknown input_node {input_node!r}: choose 'embeddings' (token plus position "
+                "embedding, the default) or 'tokens' (the token embedding alone, as MIB/EAP-IG)"
+            )
+        self.input_node: InputKind = input_node
         if len(task) == 0:
             raise ValueError(f"task {task.name!r} has no prompts: load it with n >= 1")
         self.ablation = ablation
@@ -297,7 +321,9 @@ class AblationRunner:
         positions = torch.arange(width, device=tokens.device)
         resid = w.embed(tokens)
         deltas = resid.new_zeros(rows, width, index.n_senders, resid.shape[-1])
-        deltas[:, :, 0] = src.input[src_rows] - resid
+        # The input sender's current output: the whole embedding, or the token part alone.
+        current = resid if self.input_node == "embeddings" else w.w_e[tokens]
+        deltas[:, :, 0] = src.input[src_rows] - current
         n_done = 1
         for layer in range(w.n_layers):
             weights = w.layers[layer]
@@ -349,4 +375,20 @@ class AblationRunner:
                 else zero_cache(clean)
             )
         # resid_pre[0] is the embedding, the output of the ``input`` sender.
-        return _Sources(input=cache.resid_pre[0], z=cache.z, mlp_out=cache.mlp_out)
+        source_input = cache.resid_pre[0]
+        if self.input_node == "tokens":
+            source_input = self._token_embedding_source(w)
+        return _Sources(input=source_input, z=cache.z, mlp_out=cache.mlp_out)
+
+    def _token_embedding_source(self, w: Weights) -> Float[Tensor, "src pos d_model"]:
+        """The ablated token embedding, for ``input_node="tokens"`` (MIB's ``input``)."""
+        prep = self.prep
+        if self.ablation == "resample":
+            return w.w_e[prep.corrupted]
+        embedded = w.w_e[prep.clean]
+        if self.ablation == "zero":
+            return torch.zeros_like(embedded[:1])
+        # As every other mean: position by position, over the prompts with a real token there.
+        valid = position_mask(prep.answer_pos + 1, embedded.shape[1]).to(embedded.dtype)
+        total = (embedded * valid.unsqueeze(-1)).sum(0, keepdim=True)
+        return total / valid.sum(0).clamp(min=1).view(1, -1, 1)

@@ -430,8 +430,9 @@ def test_mib_export_of_a_node_circuit_by_hand() -> None:
         "attn_only": False,
     }
     assert list(doc["nodes"]) == ["input", "a0.h0", "m0", "a1.h0", "m1", "logits"]
-    assert doc["nodes"]["a0.h0"] == {"in_graph": True, "score": 1.5}
-    assert doc["nodes"]["m1"] == {"in_graph": False, "score": -2.0}
+    # MIB's sign by default: positive = important, the opposite of ours
+    assert doc["nodes"]["a0.h0"] == {"in_graph": True, "score": -1.5}
+    assert doc["nodes"]["m1"] == {"in_graph": False, "score": 2.0}
     assert doc["nodes"]["m0"] == {"in_graph": False}
     assert doc["nodes"]["input"] == {"in_graph": True}
     assert doc["nodes"]["logits"] == {"in_graph": True}
@@ -447,13 +448,14 @@ def test_mib_export_of_a_node_circuit_by_hand() -> None:
     }
     assert all(info["score"] == 0.0 for info in doc["edges"].values())
     assert doc["reuse_lens"]["level"] == "node"
+    assert doc["reuse_lens"]["score_sign"] == "mib"
 
 
 def test_mib_export_of_an_edge_circuit_by_hand() -> None:
     circuit = Circuit.from_edges(
         ["a0.h0->m0", "m0->logits"], SMALL, edge_scores={"m0->logits": 0.75, "input->m1": 0.5}
     )
-    doc = json.loads(circuit.to_mib_json())
+    doc = json.loads(circuit.to_mib_json(sign="reuse_lens"))
     assert {n for n, i in doc["edges"].items() if i["in_graph"]} == {"a0.h0->m0", "m0->logits"}
     assert doc["edges"]["m0->logits"] == {"score": 0.75, "in_graph": True}
     assert doc["edges"]["input->m1"] == {"score": 0.5, "in_graph": False}
@@ -526,7 +528,7 @@ def test_mib_file_marking_only_nodes_is_a_node_circuit() -> None:
     doc = mib_document({"a1.h0", "m0"}, set(), m0={"score": 0.25})
     back = Circuit.from_mib_json(json.dumps(doc))  # json writes NaN, as EAP-IG's files have
     assert back.level == "node" and back.nodes == frozenset({"a1.h0", "m0"})
-    assert dict(back.node_scores) == {"m0": 0.25}
+    assert dict(back.node_scores) == {"m0": -0.25}  # MIB's sign, read back into ours
     assert back.shape == SMALL
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -43,6 +44,9 @@ def test_every_method_finds_exactly_the_planted_nodes(
     assert circuit.metadata["method"] == method
     assert circuit.metadata["task"] == "handbuilt"
     assert circuit.metadata["library_version"] == rl.__version__
+    # MIB's cfg gets the model's width, not a placeholder
+    assert circuit.metadata["d_model"] == model.cfg.d_model
+    assert json.loads(circuit.to_mib_json())["cfg"]["d_model"] == model.cfg.d_model
 
 
 @pytest.mark.parametrize("ablation", ["mean", "resample", "zero"])

@@ -256,3 +256,70 @@ def test_edge_circuits_on_an_unsupported_model_are_refused_clearly(rotary: Any) 
     with pytest.raises(NotImplementedError, match="node circuit"):
         faithfulness(rotary, task, circuit, ablation="resample")
     assert -10 < faithfulness(rotary, task, circuit, ablation="resample", level="node") < 10
+
+
+# --- what the input sender is: MIB's (token embedding) or ours (token + position) ----------
+
+
+@torch.no_grad()
+def _bridge_metric_with_input_replaced(
+    model: Any, runner: AblationRunner, hook: str, ablation: str
+) -> float:
+    """The metric with ``hook`` (the input sender's output) replaced by its ablated value,
+    computed by the bridge's own hooks: the reference for ablating every input edge."""
+    prep = runner.prep
+    _, clean_cache = model.run_with_cache(prep.clean, names_filter=lambda n: n == hook)
+    _, corrupted_cache = model.run_with_cache(prep.corrupted, names_filter=lambda n: n == hook)
+    clean = clean_cache[hook]
+    if ablation == "resample":
+        source = corrupted_cache[hook]
+    elif ablation == "zero":
+        source = torch.zeros_like(clean)
+    else:  # the mean over the prompts with a real token at each position
+        width = clean.shape[1]
+        valid = (torch.arange(width) < (prep.answer_pos + 1).unsqueeze(1)).float()
+        mean = (clean * valid.unsqueeze(-1)).sum(0) / valid.sum(0).clamp(min=1).unsqueeze(-1)
+        source = mean.expand_as(clean)
+    logits = model.run_with_hooks(
+        prep.clean, fwd_hooks=[(hook, lambda act, hook: source)], return_type="logits"
+    )
+    rows = torch.arange(prep.n)
+    return float(prep.score(logits[rows, prep.answer_pos], rows).mean())
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+@pytest.mark.parametrize(
+    ("input_node", "hook"), [("embeddings", "blocks.0.hook_resid_pre"), ("tokens", "hook_embed")]
+)
+def test_input_node_ablates_the_embedding_it_names(
+    model: Any, task: rl.Task, ablation: str, input_node: str, hook: str
+) -> None:
+    """Dropping every edge out of ``input`` equals replacing that hook's output: the token
+    plus position embedding by default, the token embedding alone (EAP-IG's and MIB's
+    ``input``, the position embedding kept clean) with input_node="tokens"."""
+    runner = AblationRunner(model, task, ablation=ablation, input_node=input_node)  # type: ignore[arg-type]
+    index = GraphIndex(shape_of(model))
+    keep = torch.ones(index.n_senders, index.n_receivers, dtype=torch.bool)
+    keep[index.sender["input"]] = False
+    expected = _bridge_metric_with_input_replaced(model, runner, hook, ablation)
+    assert runner.edges(keep) == pytest.approx(expected, abs=ATOL)
+
+
+def test_input_node_changes_only_what_the_input_sender_is(model: Any, task: rl.Task) -> None:
+    """The default is byte-identical to not passing the option; node circuits never ablate
+    the input, so they do not depend on it; zero ablation of the input edges does."""
+    shape = shape_of(model)
+    dropped = {
+        e for e in edges_of(shape) if e.sender.name == "input" and e.receiver.name.startswith("a2")
+    }
+    circuit = Circuit.from_edges([e for e in edges_of(shape) if e not in dropped], shape)
+    default = faithfulness(model, task, circuit, ablation="zero")
+    assert faithfulness(model, task, circuit, ablation="zero", input_node="embeddings") == default
+    tokens = faithfulness(model, task, circuit, ablation="zero", input_node="tokens")
+    assert tokens != pytest.approx(default, abs=1e-6)
+    nodes = Circuit.from_nodes(["a0.h1", "m1", "a2.h0"], shape)
+    assert faithfulness(model, task, nodes, ablation="zero", input_node="tokens") == (
+        faithfulness(model, task, nodes, ablation="zero")
+    )
+    with pytest.raises(ValueError, match="unknown input_node"):
+        AblationRunner(model, task, input_node="token")  # type: ignore[arg-type]

@@ -73,3 +73,37 @@ def test_parallel_models_round_trip_with_their_own_graph() -> None:
     seq_circuit = Circuit.from_edges([("a1.h0", "m1")], sequential)
     with pytest.raises(CircuitError, match="in parallel"):
         seq_circuit.check(shape)
+
+
+# --- the sign of the scores -------------------------------------------------------------
+
+
+def test_mib_files_carry_mibs_sign_and_read_back_in_ours() -> None:
+    """Ours is the metric change when noised (important = negative); MIB ranks by signed
+    score unless --absolute, with important = positive, so MIB files flip the sign."""
+    circuit = Circuit.from_edges(
+        ["a0.h0->m0"],
+        SMALL,
+        edge_scores={"a0.h0->m0": -0.5, "input->m1": 0.25},
+        node_scores={"a0.h0": -2.0},
+    )
+    doc = circuit.to_mib_dict()
+    assert doc["edges"]["a0.h0->m0"]["score"] == 0.5
+    assert doc["edges"]["input->m1"]["score"] == -0.25
+    assert doc["nodes"]["a0.h0"]["score"] == 2.0
+    assert doc["edges"]["input->logits"]["score"] == 0.0  # no -0.0 placeholders
+    assert "-0.0" not in circuit.to_mib_json()
+    assert doc["reuse_lens"]["score_sign"] == "mib"
+    assert Circuit.from_mib_dict(doc) == circuit
+    ours = circuit.to_mib_dict(sign="reuse_lens")
+    assert ours["edges"]["a0.h0->m0"]["score"] == -0.5
+    assert Circuit.from_mib_dict(ours) == circuit
+    # a file of MIB's own (no block) is in MIB's sign; a file of ours from before the
+    # record is in ours; an explicit sign overrides both
+    del doc["reuse_lens"]
+    assert Circuit.from_mib_dict(doc).edge_scores[("a0.h0", "m0")] == -0.5
+    assert Circuit.from_mib_dict(doc, sign="reuse_lens").edge_scores[("a0.h0", "m0")] == 0.5
+    del ours["reuse_lens"]["score_sign"]
+    assert Circuit.from_mib_dict(ours).edge_scores[("a0.h0", "m0")] == -0.5
+    with pytest.raises(CircuitError, match="unknown score sign"):
+        circuit.to_mib_dict(sign="positive")  # type: ignore[arg-type]
