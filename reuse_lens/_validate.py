@@ -14,7 +14,7 @@ import functools
 import operator
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "check_circuit",
     "check_count",
     "check_fits",
+    "check_mapping",
     "check_model",
     "check_model_spec",
     "check_out_file",
@@ -117,6 +118,16 @@ def check_circuit(circuit: object, arg: str = "circuit") -> Circuit:
         )
         raise TypeError(f"{arg} must be a reuse_lens Circuit, got {_kind(circuit)}{hint}")
     return circuit
+
+
+def check_mapping(value: object, arg: str, of: str) -> Mapping[str, Any]:
+    """``value`` if it is a mapping of names to ``of``, else TypeError saying how to make one."""
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"{arg} must map names to {of}, e.g. {{'ioi': ...}}, got {_kind(value)}; give each "
+            "its name, as in dict(zip(names, items))"
+        )
+    return value
 
 
 def check_fits(circuit: Circuit, shape: ModelShape, arg: str = "circuit") -> None:
