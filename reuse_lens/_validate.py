@@ -14,6 +14,7 @@ import functools
 import operator
 import os
 import re
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -269,11 +270,23 @@ def _check_parents(path: Path, arg: str) -> None:
             f"{arg} {str(path)!r} lies under {str(existing)!r}, which is a file, not a "
             "folder: choose a path under a folder"
         )
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not _writable(existing):
         raise OutputPathError(
             f"{arg} {str(path)!r} cannot be written: {str(existing)!r} is not writable by "
             "you; choose a folder you can write to"
         )
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``, by trying: permission bits alone do
+    not tell (root, read-only mounts, /proc)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".reuse-lens-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def check_out_file(path: str | os.PathLike[str], arg: str = "--out") -> Path:
@@ -299,7 +312,7 @@ def check_out_folder(path: str | os.PathLike[str], arg: str = "--out") -> Path:
             "or remove the file"
         )
     if target.is_dir():
-        if not os.access(target, os.W_OK | os.X_OK):
+        if not _writable(target):
             raise OutputPathError(
                 f"{arg} {str(path)!r} is not writable by you; choose a folder you can write to"
             )
@@ -309,6 +322,7 @@ def check_out_folder(path: str | os.PathLike[str], arg: str = "--out") -> Path:
 
 
 _LOCK_NAME = ".reuse-lens.lock"
+_HELD: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -325,6 +339,10 @@ def folder_lock(folder: Path, arg: str = "out") -> Iterator[None]:
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(folder)
+    if key in _HELD:  # this process holds it already (the demo around its study)
+        yield
+        return
     fd = os.open(folder / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -337,6 +355,10 @@ def folder_lock(folder: Path, arg: str = "out") -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
     finally:
         os.close(fd)  # closing releases the flock
