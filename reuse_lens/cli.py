@@ -21,22 +21,32 @@ _METHODS = ("activation", "path", "eap", "eap-ig")
 _ABLATIONS = ("mean", "resample", "zero")
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
     return value
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
@@ -199,7 +209,7 @@ def _task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="zoo:<name>, a local folder or a hub id")
     parser.add_argument("--task", required=True, help="a built-in task name (see rl.tasks.names())")
     parser.add_argument("--n", type=_positive, default=64, help="prompt pairs (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    parser.add_argument("--seed", type=_whole, default=0, help="prompt seed (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks (default: all built-in)")
     demo.add_argument("--n", type=_positive, default=64, help="prompt pairs per task (default 64)")
-    demo.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    demo.add_argument("--seed", type=_whole, default=0, help="prompt seed (default 0)")
     demo.add_argument("--n-boot", type=_non_negative, default=5,
                       help="bootstrap resamples for stability (0 skips it, else at least 2)")  # fmt: skip
     demo.add_argument("--n-random", type=_positive, default=20, help="random circuits per baseline")
@@ -272,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from reuse_lens.circuits.circuit import CircuitError
     from reuse_lens.models import ModelLoadError
     from reuse_lens.nodes import NodeNameError
+    from reuse_lens.tasks.errors import TaskWarning
     from reuse_lens.tasks.metrics import MetricError
     from reuse_lens.tasks.task import TaskError
     from reuse_lens.zoo import ZooError
@@ -281,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            warnings.filterwarnings("default", category=TaskWarning)  # shown, never fatal
             return int(args.func(args))
     except known as error:
         parser.exit(2, f"reuse-lens {args.command}: error: {error}\n")

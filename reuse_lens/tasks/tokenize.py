@@ -94,7 +94,7 @@ class TaskTokenizer:
 
     def prompt(self, prompt: str | Sequence[int], what: str) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.encode(prompt, what)
+            ids = self.encode(prompt, what) if prompt.strip() else []
             if not ids:
                 raise TaskError(
                     f"{what} is empty ({prompt!r}): a prompt needs at least one token of text "
