@@ -27,7 +27,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
         tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as error:
-        raise OSError(f"cannot write {str(target)!r}: {error.strerror}") from None
+        raise OSError(f"cannot write {str(target)!r}: {error.strerror or error}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -37,7 +37,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     except BaseException as error:
         tmp.unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise OSError(f"cannot write {str(target)!r}: {error.strerror}") from None
+            raise OSError(f"cannot write {str(target)!r}: {error.strerror or error}") from None
         raise
     return target
 
