@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,15 +22,32 @@ _METHODS = ("activation", "path", "eap", "eap-ig")
 _ABLATIONS = ("mean", "resample", "zero")
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = _whole(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
@@ -40,6 +58,7 @@ def _fraction(text: str) -> float:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from reuse_lens import report, zoo
+    from reuse_lens._validate import check_out_folder, folder_lock
     from reuse_lens.study import StudyConfig, run_study, save_summary
     from reuse_lens.summary import write_markdown
 
@@ -47,7 +66,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(zoo.status())
         print("reuse-lens demo needs the zoo's trained models: run `reuse-lens zoo train`.")
         return 1
-    out = Path(args.out)
+    out = check_out_folder(args.out)
     defaults = StudyConfig()
     tasks = tuple(args.tasks) if args.tasks else defaults.tasks
     config = StudyConfig(
@@ -61,12 +80,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     print(f"reuse-lens demo: {len(config.tasks)} tasks in zoo:base, "
           f"{len(config.fine_tuned)} fine-tuned models; writing to {out}/")  # fmt: skip
-    result = run_study(config, out=out)
-    save_summary(result, out / "summary.json")
-    write_markdown(result, out / "results.md")
-    path = report.write(
-        out / "report.html", result, title="reuse_lens demo: circuit reuse in the zoo"
-    )
+    with folder_lock(out):  # the study and the files written after it, as one run
+        result = run_study(config, out=out)
+        save_summary(result, out / "summary.json")
+        write_markdown(result, out / "results.md")
+        path = report.write(
+            out / "report.html", result, title="reuse_lens demo: circuit reuse in the zoo"
+        )
     print(f"circuits: {out / 'circuits'}/ ({len(result.circuits)} files)")
     print(f"report:   {path}")
     print(f"tables:   {out / 'results.md'} and {out / 'summary.json'}")
@@ -79,17 +99,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_discover(args: argparse.Namespace) -> int:
     import reuse_lens as rl
     from reuse_lens._io import write_text_atomic
+    from reuse_lens._validate import check_out_file
     from reuse_lens.study import scores_of
 
+    # Both files are checked before the discovery, which may take minutes.
+    out = check_out_file(args.out)
+    figure = check_out_file(out.with_suffix(".html"), "--out's figure")
     model = rl.load_model(args.model)
     task = rl.tasks.load(args.task, model, n=args.n, seed=args.seed)
     circuit = rl.discover_circuit(
         model, task, method=args.method, level=args.level, threshold=args.threshold,
         top_k=args.top_k, target_faithfulness=args.target, ablation=args.ablation,
     )  # fmt: skip
-    out = Path(args.out)
     circuit.to_json(out)
-    figure = out.with_suffix(".html")
     diagram = rl.plot.circuit_diagram(circuit)
     parts = [diagram.to_html(full_html=False, include_plotlyjs=True)]
     if circuit.node_scores:
@@ -110,7 +132,9 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import reuse_lens as rl
     from reuse_lens._io import write_text_atomic
+    from reuse_lens._validate import check_out_folder
 
+    out = check_out_folder(args.out)
     circuits = {}
     for file in args.circuits:
         path = Path(file)
@@ -123,7 +147,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if len(circuits) < 2:
         raise ValueError("compare needs at least two circuit files")
     report = rl.compare(circuits)
-    out = Path(args.out)
     write_text_atomic(out / "overlap.json", report.to_json())
     path = rl.report.write_comparison(out / "report.html", report)
     table = report.table()
@@ -136,12 +159,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import reuse_lens as rl
 
+    # The circuit file is read first, so a bad one is refused before any model work.
+    circuit = rl.Circuit.from_json(args.circuit) if args.circuit else None
     model = rl.load_model(args.model)
     task = rl.tasks.load(args.task, model, n=args.n, seed=args.seed)
     for key, value in rl.evaluate(model, task).items():
         print(f"{key:>24s}  {value:.4f}")
-    if args.circuit:
-        circuit = rl.Circuit.from_json(args.circuit)
+    if circuit is not None:
         value = rl.faithfulness(model, task, circuit, ablation=args.ablation)
         print(
             f"{'faithfulness':>24s}  {value:.4f}  ({len(circuit)} nodes, {args.ablation} ablation)"
@@ -233,7 +257,7 @@ def _task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="zoo:<name>, a local folder or a hub id")
     parser.add_argument("--task", required=True, help="a built-in task name (see rl.tasks.names())")
     parser.add_argument("--n", type=_positive, default=64, help="prompt pairs (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    parser.add_argument("--seed", type=_whole, default=0, help="prompt seed (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks (default: all built-in)")
     demo.add_argument("--n", type=_positive, default=64, help="prompt pairs per task (default 64)")
-    demo.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
-    demo.add_argument("--n-boot", type=int, default=5, help="bootstrap resamples for stability")
+    demo.add_argument("--seed", type=_whole, default=0, help="prompt seed (default 0)")
+    demo.add_argument("--n-boot", type=_non_negative, default=5,
+                      help="bootstrap resamples for stability (0 skips it, else at least 2)")  # fmt: skip
     demo.add_argument("--n-random", type=_positive, default=20, help="random circuits per baseline")
     demo.set_defaults(func=_cmd_demo)
 
@@ -307,20 +332,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as one line on stderr, without the library's file and line."""
+    print(f"reuse-lens: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from reuse_lens.circuits.circuit import CircuitError
     from reuse_lens.models import ModelLoadError
     from reuse_lens.nodes import NodeNameError
+    from reuse_lens.tasks.errors import TaskWarning
     from reuse_lens.tasks.metrics import MetricError
     from reuse_lens.tasks.task import TaskError
     from reuse_lens.zoo import ZooError
 
     known = (ModelLoadError, TaskError, ZooError, CircuitError, MetricError, NodeNameError,
-             FileNotFoundError, ValueError)  # fmt: skip
+             ValueError, OSError)  # fmt: skip
     try:
-        return int(args.func(args))
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            warnings.filterwarnings("default", category=TaskWarning)  # shown, never fatal
+            return int(args.func(args))
     except known as error:
         parser.exit(2, f"reuse-lens {args.command}: error: {error}\n")
     except KeyboardInterrupt:

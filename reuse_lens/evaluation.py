@@ -8,6 +8,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from reuse_lens._validate import check_pair
 from reuse_lens.tasks.metrics import (
     Accuracy,
     LogitDiff,
@@ -52,7 +53,7 @@ def evaluate(model: TransformerBridge, task: Task) -> dict[str, float]:
         corrupted prompts with a ``corrupted_`` prefix; the task's own metric as
         ``clean_metric`` and ``corrupted_metric``; and ``n``, the number of prompts.
     """
-    task.check_model(model)
+    model, task = check_pair(model, task)
     clean = answer_logits(model, task.clean, task.answer_pos)
     corrupted = answer_logits(model, task.corrupted, task.answer_pos)
     inputs = task.metric_inputs()

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import numpy as np
 
 from reuse_lens import _overlap_stats as stats
+from reuse_lens._io import write_text_atomic
 from reuse_lens.nodes import MLP, AttentionHead, ModelShape, parse_node
 
 if TYPE_CHECKING:
@@ -452,8 +453,7 @@ class OverlapReport:
         }
         text = json.dumps(stats.plain(document), indent=2, allow_nan=False)
         if path is not None:
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(text)
+            write_text_atomic(path, text)
         return text
 
     # --------------------------------------------------------------- helpers

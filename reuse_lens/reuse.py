@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from reuse_lens._validate import check_count, check_mapping, check_pair, check_seed
 from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.circuits.discovery import discover_circuit
 from reuse_lens.circuits.measure import CircuitEvaluator
@@ -92,8 +93,9 @@ def circuit_stability(
     ``discover_options`` go to ``discover_circuit`` (e.g. ``ablation``, ``top_k``). Two
     empty circuits count as identical (Jaccard 1).
     """
-    if n_boot < 2:
-        raise ValueError(f"n_boot must be at least 2 to compare resamples, got {n_boot}")
+    model, task = check_pair(model, task)
+    n_boot = check_count(n_boot, "n_boot", minimum=2)
+    seed = check_seed(seed)
     rng = np.random.default_rng(seed)
     circuits = []
     for _ in range(n_boot):
@@ -117,6 +119,11 @@ def _frame(rows: dict[str, dict[str, float]]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def _check_maps(circuits: object, tasks: object) -> None:
+    check_mapping(circuits, "circuits", "Circuits")
+    check_mapping(tasks, "tasks", "Tasks")
+
+
 def cross_task_faithfulness(
     model: TransformerBridge,
     circuits: Mapping[str, Circuit],
@@ -125,6 +132,7 @@ def cross_task_faithfulness(
     ablation: Ablation = "mean",
 ) -> pd.DataFrame:
     """Faithfulness of every circuit (rows) on every task (columns), in one model."""
+    _check_maps(circuits, tasks)
     evaluators = {
         name: CircuitEvaluator(model, task, ablation=ablation) for name, task in tasks.items()
     }
@@ -147,6 +155,8 @@ def cross_model_faithfulness(
     ``tasks`` maps each circuit's name to the task it is evaluated on; the models must
     share the circuits' shape (a base model and its fine-tunes).
     """
+    _check_maps(circuits, tasks)
+    check_mapping(models, "models", "loaded models")
     if missing := sorted(set(circuits) - set(tasks)):
         raise ValueError(f"no task given for circuits {missing}: map every circuit to a task")
     rows: dict[str, dict[str, float]] = {}
@@ -175,6 +185,7 @@ def cross_task_ablation(
     part of the embedding and sits in nearly every circuit, so ablating it would mark
     every task as damaged by every circuit and hide which *heads* are reused.
     """
+    _check_maps(circuits, tasks)
     if kind not in ("heads", "all"):
         raise ValueError(f"kind must be 'heads' or 'all', got {kind!r}")
     evaluators = {
@@ -182,6 +193,8 @@ def cross_task_ablation(
     }
     rows: dict[str, dict[str, float]] = {}
     for c_name, circuit in circuits.items():
+        for evaluator in evaluators.values():
+            evaluator.check(circuit, f"circuit {c_name!r}")
         everything = {n.name for n in circuit.shape.nodes()}
         removed = circuit.heads if kind == "heads" else circuit.nodes
         rest = sorted(everything - removed)

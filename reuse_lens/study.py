@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from reuse_lens._io import remove_stale_temporaries
+from reuse_lens._validate import check_count, check_out_folder, check_seed, folder_lock
 from reuse_lens.circuits.circuit import Circuit, CircuitError
 from reuse_lens.circuits.discovery import Method, discover_circuit
 from reuse_lens.circuits.measure import (
@@ -107,6 +109,14 @@ class StudyConfig:
             )
         if not self.methods:
             raise ValueError("a study needs at least one method")
+        check_count(self.n_prompts, "n_prompts")
+        check_seed(self.seed)
+        check_count(self.n_random, "n_random")
+        if check_count(self.n_boot, "n_boot", minimum=0) == 1:
+            raise ValueError(
+                "n_boot must be 0 (no stability section) or at least 2: stability compares "
+                "the circuits of two or more resamples, got 1"
+            )
 
 
 @dataclass
@@ -184,13 +194,29 @@ def run_study(
     out: str | Path | None = None,
     progress: bool = True,
 ) -> StudyResult:
-    """Run the whole study; circuits go to ``out/circuits`` as they are found (if given)."""
+    """Run the whole study; circuits go to ``out/circuits`` as they are found (if given).
+
+    Raises:
+        OutputPathError: at once, when ``out`` cannot be written or another run is
+            writing to it (the folder is locked for the run).
+    """
+    config = config or StudyConfig()
+    if out is None:
+        return _run_study(config, None, progress)
+    folder = check_out_folder(out, "out")
+    with folder_lock(folder, "out"):
+        # Temporaries of writers killed in an earlier run (SIGKILL leaves them behind).
+        for place in (folder, folder / "circuits"):
+            remove_stale_temporaries(place)
+        return _run_study(config, folder, progress)
+
+
+def _run_study(config: StudyConfig, out: Path | None, progress: bool) -> StudyResult:
     from reuse_lens import tasks as task_lib
     from reuse_lens.models import load_model, weights_digest
 
-    config = config or StudyConfig()
     start = time.perf_counter()
-    store = _Store(Path(out) if out is not None else None)
+    store = _Store(out)
     models: dict[str, TransformerBridge] = {"base": load_model(config.base)}
     specs = {"base": config.base}
     for task_name, spec in config.fine_tuned.items():

@@ -33,6 +33,7 @@ import numpy as np
 from jaxtyping import Float
 from torch import Tensor
 
+from reuse_lens._validate import check_pair
 from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.circuits.measure import CircuitEvaluator, ranked
 from reuse_lens.nodes import AttentionHead, parse_node, shape_of
@@ -116,8 +117,11 @@ def discover_circuit(
     Raises:
         ValueError: for an unknown method, level or ablation, conflicting rules, an
             out-of-range threshold/top_k/target, or an empty task.
-        MetricError: when the metric cannot separate clean from corrupted.
+        TypeError: when model or task is not one (a spec string, a list).
+        MetricError: when the metric cannot separate clean from corrupted, or when the
+            automatic rule cannot reach its target (the message says why).
     """
+    model, task = check_pair(model, task)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     level = level or "node"
@@ -155,6 +159,14 @@ def discover_circuit(
         settings.update(rule)
     circuit = circuit.with_metadata(level="node" if method == "path" else level)
     faith = evaluator(circuit)
+    goal = settings.get("target_faithfulness")
+    if settings.get("rule") == "auto" and goal is not None and not faith >= goal - 1e-6:
+        raise MetricError(
+            f"no circuit of task {task.name!r} reaches the faithfulness target {goal}: even "
+            f"all {len(circuit)} scored {level}s give {faith:.3f} under {ablation!r} ablation, "
+            "so the metric does not measure what the circuit does. Check that the model does "
+            "the task (rl.evaluate(model, task)), use more prompts, or another ablation."
+        )
     return circuit.with_metadata(
         model=_spec(model),
         # MIB's cfg needs d_model (for neuron-level circuits); a circuit has no model.

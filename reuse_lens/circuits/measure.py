@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from reuse_lens._validate import check_circuit, check_count, check_fits, check_seed
 from reuse_lens.nodes import MLP, AttentionHead, ModelShape, edges_of, parse_node
 from reuse_lens.patching.ablation import AblationRunner, InputKind, NodeMask
 from reuse_lens.patching.edges import EdgeScores
@@ -61,6 +62,14 @@ MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 
 """The circuit sizes of MIB's faithfulness curve, as fractions of all nodes or edges."""
 
 _MIN_GAP = 1e-6
+"""The smallest full − empty gap in absolute terms, for metrics near zero."""
+
+_MIN_RELATIVE_GAP = 1e-3
+"""The smallest full − empty gap relative to the metric's scale (max |full|, |empty|).
+
+Below it the gap is float noise (float32 forward passes agree to about 1e-6 of the
+logits' scale), and dividing by it would turn noise into any faithfulness at all.
+"""
 
 Level = Literal["node", "edge"]
 
@@ -108,12 +117,21 @@ class CircuitEvaluator:
                 keep = torch.zeros(self._index.n_senders, self._index.n_receivers, dtype=torch.bool)
                 value = self.runner.edges(keep)
             gap = self.full - value
-            if abs(gap) < _MIN_GAP:
+            scale = max(abs(self.full), abs(value))
+            if abs(gap) < max(_MIN_GAP, _MIN_RELATIVE_GAP * scale):
+                hint = (
+                    f" With mean ablation over {len(self.task)} prompt(s), the mean activation "
+                    "is (nearly) each prompt's own, so ablating changes nothing: use more "
+                    "prompts, or resample ablation."
+                    if self.ablation == "mean" and len(self.task) < 4
+                    else ""
+                )
                 raise MetricError(
-                    f"the metric cannot separate the full model ({self.full:.4g}) from the "
-                    f"model with every {level} ablated ({value:.4g}) on task "
-                    f"{self.task.name!r} with {self.ablation!r} ablation, so faithfulness is "
-                    "undefined. Use a task the model solves, or another ablation/metric."
+                    f"the metric cannot separate the full model ({self.full:.6g}) from the "
+                    f"model with every {level} ablated ({value:.6g}) on task "
+                    f"{self.task.name!r} with {self.ablation!r} ablation: their gap is below "
+                    f"{_MIN_RELATIVE_GAP:g} of the metric's scale, so faithfulness is "
+                    f"undefined.{hint} Use a task the model solves, or another ablation/metric."
                 )
             self._empty[level] = value
         return self._empty[level]
@@ -121,6 +139,13 @@ class CircuitEvaluator:
     def normalize(self, value: float | Tensor, level: Level) -> float | Tensor:
         empty = self.empty(level)
         return (value - empty) / (self.full - empty)
+
+    def check(self, circuit: object, arg: str = "circuit") -> Circuit:
+        """The circuit, if it is one and was made for a model of this model's shape."""
+        checked = check_circuit(circuit, arg)
+        checked.check(self.shape)  # names the nodes a smaller model lacks
+        check_fits(checked, self.shape, arg)
+        return checked
 
     # ---- node circuits --------------------------------------------------------------
 
@@ -155,7 +180,7 @@ class CircuitEvaluator:
     # ---- circuits -------------------------------------------------------------------
 
     def __call__(self, circuit: Circuit, level: Level | None = None) -> float:
-        circuit.check(self.shape)
+        self.check(circuit)
         if ablation_level(circuit, level) == "edge":
             return self.edges(circuit.edges)
         return self.nodes([circuit.nodes])[0]
@@ -221,10 +246,13 @@ def faithfulness(
             ablate ``input``; see ``reuse_lens.patching.ablation.InputKind``.
 
     Raises:
-        CircuitError / NodeNameError: when the circuit's nodes are not in this model.
+        TypeError: when model, task or circuit is not one (a spec string, a list).
+        CircuitError: when the circuit was made for a model of another shape, or its
+            nodes are not in this model.
         MetricError: when the metric cannot separate the full model from the ablated one.
         ValueError: for an empty task or an unknown ablation.
     """
+    check_circuit(circuit)  # before the set-up's forward passes
     evaluator = CircuitEvaluator(
         model, task, ablation=ablation, metric=metric, batch_size=batch_size, input_node=input_node
     )
@@ -352,10 +380,11 @@ def random_baseline(
     evaluator: CircuitEvaluator | None = None,
 ) -> RandomBaseline:
     """Faithfulness of ``n`` random circuits as large as ``circuit`` (seeded)."""
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+    n = check_count(n, "n")
+    seed = check_seed(seed)
+    check_circuit(circuit)
     evaluator = evaluator or CircuitEvaluator(model, task, ablation=ablation, metric=metric)
-    circuit.check(evaluator.shape)
+    evaluator.check(circuit)
     rng = np.random.default_rng(seed)
     if ablation_level(circuit) == "edge":
         every = [(e.sender.name, e.receiver_name) for e in edges_of(evaluator.shape)]

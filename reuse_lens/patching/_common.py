@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from reuse_lens._validate import check_pair
 from reuse_lens.evaluation import answer_logits
 from reuse_lens.patching._forward import RunCache, Unsupported, Weights, extract_weights
 from reuse_lens.tasks.metrics import Metric, MetricInputs, check_finite, get_metric
@@ -75,7 +76,7 @@ def prepare(
     The functional forward is verified against the bridge's own logits on the clean
     prompts; on any mismatch the model is patched through hooks instead.
     """
-    task.check_model(model)
+    model, task = check_pair(model, task)
     device = torch.device(model.cfg.device or "cpu")
     chosen = get_metric(task.metric if metric is None else metric)
     clean, corrupted = task.clean.to(device), task.corrupted.to(device)

@@ -25,6 +25,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm import tqdm
 
+from reuse_lens._validate import check_pair
 from reuse_lens.nodes import MLP, AttentionHead, Node, NodeNameError, parse_nodes, shape_of
 from reuse_lens.patching._common import (
     Prepared,
@@ -139,6 +140,7 @@ def activation_patching(
             TransformerLens drops edits of ``hook_pattern`` (OPT, GPT-J, GPT-Neo).
         UnsupportedArchitectureError: for a model without attention heads (Mamba).
     """
+    check_pair(model, task)  # a spec string or a list is named here, not deep inside
     if component not in _COMPONENTS:
         raise ValueError(f"unknown component {component!r}: choose one of {_COMPONENTS}")
     if ablation not in _ABLATIONS:

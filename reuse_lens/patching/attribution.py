@@ -33,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
+from reuse_lens._validate import check_pair
 from reuse_lens.nodes import (
     LOGITS,
     MLP,
@@ -101,6 +102,7 @@ def attribution_patching(
         TaskError: if the task was built for another vocabulary.
         MetricError: if the metric is NaN or infinite on some prompt.
     """
+    check_pair(model, task)  # a spec string or a list is named here, not deep inside
     if method not in ("eap", "eap-ig"):
         raise ValueError(f"unknown attribution method {method!r}: choose 'eap' or 'eap-ig'")
     if level not in ("node", "edge"):

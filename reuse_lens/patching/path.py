@@ -38,6 +38,7 @@ from jaxtyping import Bool
 from torch import Tensor
 from tqdm import tqdm
 
+from reuse_lens._validate import check_pair
 from reuse_lens.nodes import MLP, AttentionHead, Node, NodeNameError, parse_nodes, shape_of
 from reuse_lens.patching._common import Prepared, prepare, rows_per_chunk
 from reuse_lens.patching._forward import RunCache, Weights
@@ -95,6 +96,7 @@ def path_patching(
         NodeNameError: for unknown sender or receiver names.
         ValueError: for a bad ``receiver_input`` or ``positions``, or an MLP receiver.
     """
+    check_pair(model, task)  # a spec string or a list is named here, not deep inside
     shape = shape_of(model)
     recv = _receivers(receivers, shape)
     inputs = _receiver_inputs(receiver_input) if recv else ()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from reuse_lens._validate import check_model
 from reuse_lens.tasks import (
     colored_objects,
     entity_tracking,
@@ -18,6 +19,7 @@ from reuse_lens.tasks import (
     sva,
 )
 from reuse_lens.tasks.base import PromptPair, Split, TaskSpec, build, generate, split_of
+from reuse_lens.tasks.errors import TaskWarning
 from reuse_lens.tasks.metrics import (
     Accuracy,
     KLFromClean,
@@ -48,6 +50,7 @@ __all__ = [
     "Task",
     "TaskError",
     "TaskSpec",
+    "TaskWarning",
     "VocabSignature",
     "generate",
     "get_metric",
@@ -102,5 +105,15 @@ def load(
         split: ``"test"`` (default) draws only combinations held out of zoo training,
             ``"train"`` only the others, ``"all"`` either.
         options: task options, e.g. ``corruption="s2_io"`` for ``ioi``.
+
+    Raises:
+        TaskError: for an unknown name or option, or ``n`` outside 1..``MAX_PROMPTS``.
+        TypeError: for a model that is not loaded (a spec string), or an ``n`` or
+            ``seed`` that is not a whole number.
+
+    Warns:
+        TaskWarning: when more than a tenth of the pairs repeat, because ``n`` is past
+            the task's distinct combinations (docs/tasks.md lists each task's limit).
     """
-    return build(spec(name), model, n=n, seed=seed, split=split, **options)
+    chosen = spec(name)
+    return build(chosen, check_model(model), n=n, seed=seed, split=split, **options)

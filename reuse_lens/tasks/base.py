@@ -10,20 +10,34 @@ combinations it never saw. ``load`` draws from the ``test`` split by default.
 from __future__ import annotations
 
 import random
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from tqdm import tqdm
+
+from reuse_lens._validate import check_count, check_seed
+from reuse_lens.tasks.errors import TaskWarning
 from reuse_lens.tasks.task import Task, TaskError
 from reuse_lens.tasks.words import WordPool
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["PromptPair", "Split", "TaskSpec", "generate", "split_of"]
+__all__ = ["MAX_PROMPTS", "PromptPair", "Split", "TaskSpec", "generate", "split_of"]
 
 Split = Literal["train", "test", "all"]
+
+MAX_PROMPTS = 100_000
+"""The most prompt pairs ``load`` draws; the largest built-in task has fewer distinct ones."""
+
+PROGRESS_FROM = 10_000
+"""From this many prompt pairs on, drawing them shows a progress bar."""
+
+REPEAT_WARN_SHARE = 0.1
+"""``load`` warns when more than this share of the drawn pairs repeat earlier ones."""
 
 TEST_FRACTION_PERCENT = 20
 """The share of combination keys held out of zoo training, in percent."""
@@ -90,21 +104,36 @@ def generate(
     d_vocab: int | None = None,
     **options: Any,
 ) -> list[PromptPair]:
-    """Draw ``n`` prompt pairs of ``split`` from ``spec``'s sampler, deterministically."""
-    if n < 1:
-        raise TaskError(f"a task needs at least one prompt; n={n}")
+    """Draw ``n`` prompt pairs of ``split`` from ``spec``'s sampler, deterministically.
+
+    A progress bar shows on stderr from ``PROGRESS_FROM`` pairs on; ``n`` above
+    ``MAX_PROMPTS`` is refused, since no task has that many distinct pairs.
+    """
+    try:
+        n = check_count(n, "n", maximum=MAX_PROMPTS)
+    except ValueError as error:
+        why = (
+            "a task needs at least one prompt"
+            if n < 1
+            else "no built-in task has more than a few thousand distinct pairs (docs/tasks.md)"
+        )
+        raise TaskError(f"{error}: n is the number of prompt pairs; {why}") from None
+    seed = check_seed(seed)
     if split not in ("train", "test", "all"):
         raise TaskError(f"split must be 'train', 'test' or 'all', got {split!r}")
     resolved = spec.check_options(options)
     rng = random.Random(f"{spec.name}:{seed}")
     pairs: list[PromptPair] = []
     max_draws = 200 * n + 1000
-    for _ in range(max_draws):
-        pair = spec.sampler(pool, rng, d_vocab=d_vocab, **resolved)
-        if split == "all" or split_of(pair.key) == split:
-            pairs.append(pair)
-            if len(pairs) == n:
-                return pairs
+    bar = tqdm(total=n, desc=f"{spec.name} prompts", disable=n < PROGRESS_FROM, leave=False)
+    with bar:
+        for _ in range(max_draws):
+            pair = spec.sampler(pool, rng, d_vocab=d_vocab, **resolved)
+            if split == "all" or split_of(pair.key) == split:
+                pairs.append(pair)
+                bar.update(1)
+                if len(pairs) == n:
+                    return pairs
     raise TaskError(
         f"could draw only {len(pairs)} of {n} {split!r} prompts for task {spec.name!r} in "
         f"{max_draws} tries; the tokenizer may keep too few of its words as single tokens"
@@ -125,6 +154,7 @@ def build(
     pairs = generate(
         spec, pool, n, seed=seed, split=split, d_vocab=int(model.cfg.d_vocab), **options
     )
+    _warn_repeats(pairs, spec.name, split)
     field_names = sorted({k for p in pairs for k in p.fields})
     extra = {k: [p.fields.get(k) for p in pairs] for k in field_names}
     extra["key"] = [p.key for p in pairs]
@@ -141,6 +171,34 @@ def build(
     )
     task.options.update(spec.check_options(options), split=split)
     return task
+
+
+def _warn_repeats(pairs: Sequence[PromptPair], task: str, split: str) -> None:
+    """TaskWarning when ``n`` is past what the task has: many pairs are drawn twice.
+
+    A few repeats are the birthday effect of drawing at random (63 distinct among sva's
+    default 64); past ``REPEAT_WARN_SHARE`` the prompts stop being independent samples
+    and statistics over them overstate their precision.
+    """
+    distinct = len({_identity(p) for p in pairs})
+    if len(pairs) - distinct > REPEAT_WARN_SHARE * len(pairs):
+        warnings.warn(
+            f"task {task!r} has only {distinct} distinct prompt pairs among the n={len(pairs)} "
+            f"drawn from its {split!r} split; the rest repeat them. Use n of at most about "
+            f"{distinct} (docs/tasks.md lists each task's limit)",
+            TaskWarning,
+            stacklevel=4,
+        )
+
+
+def _identity(pair: PromptPair) -> tuple[Any, ...]:
+    # The order of several right answers is not part of a pair: the metric averages them.
+    return (
+        str(pair.clean),
+        str(pair.corrupted),
+        frozenset(pair.answers),
+        frozenset(pair.wrong),
+    )
 
 
 def need(words: Sequence[Any], count: int, what: str, task: str) -> None:

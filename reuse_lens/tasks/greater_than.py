@@ -37,7 +37,10 @@ def _years(pool: WordPool, century: str) -> tuple[str, ...]:
         whole = tok(f" {century}{yy}", add_special_tokens=False)["input_ids"]
         head = tok(f" {century}", add_special_tokens=False)["input_ids"]
         tail = tok(yy, add_special_tokens=False)["input_ids"]
-        if len(head) == 1 and len(tail) == 1 and whole == head + tail:
+        # A word-level vocabulary splits an unknown year into " 17" and <unk>: that year
+        # would be an answer no model can name, so it is left out like any other.
+        known = tok.unk_token_id is None or tok.unk_token_id not in tail
+        if len(head) == 1 and len(tail) == 1 and whole == head + tail and known:
             out.append(yy)
     return tuple(out)
 

@@ -219,7 +219,24 @@ def get_metric(metric: str | Metric) -> Metric:
 
 
 def check_finite(values: Tensor, metric: Metric) -> Tensor:
-    """Raise MetricError if ``metric`` produced NaN or infinity."""
+    """``values`` as a tensor, or MetricError unless it is one finite number per prompt.
+
+    A metric that returns a scalar (a mean over prompts) would be broadcast over the
+    prompts by every engine and give each prompt the batch's score, so it is refused.
+    """
+    name = getattr(metric, "name", getattr(metric, "__name__", metric))
+    try:
+        values = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise MetricError(
+            f"metric {name!r} returned {type(values).__name__}; a metric returns a tensor of "
+            "one value per prompt, shape (batch,)"
+        ) from error
+    if values.ndim != 1:
+        raise MetricError(
+            f"metric {name!r} returned a tensor of shape {tuple(values.shape)}; a metric returns "
+            "one value per prompt, shape (batch,): return the per-prompt values, not their mean"
+        )
     if not torch.isfinite(values).all():
         bad = int((~torch.isfinite(values)).sum())
         raise MetricError(

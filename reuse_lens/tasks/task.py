@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from reuse_lens._validate import check_model
 from reuse_lens.tasks.errors import TaskError
 from reuse_lens.tasks.metrics import PAD_ANSWER, Metric, MetricInputs, get_metric
 from reuse_lens.tasks.tokenize import TaskTokenizer
@@ -103,9 +104,22 @@ class Task:
 
     def select(self, index: Sequence[int] | Tensor) -> Task:
         """The sub-task of the prompts at ``index`` (e.g. a bootstrap resample or a chunk)."""
-        idx = torch.as_tensor(index, dtype=torch.long)
+        try:
+            idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TaskError(
+                f"index must be a list of prompt positions (whole numbers), got {index!r:.80}"
+            ) from error
         if idx.numel() == 0:
             raise TaskError(f"cannot select an empty subset of task {self.name!r}")
+        n = len(self)
+        if bool(((idx < -n) | (idx >= n)).any()):
+            bad = sorted({int(i) for i in idx if not -n <= int(i) < n})
+            raise TaskError(
+                f"index {bad[:5]} out of range for task {self.name!r} of {n} prompts: "
+                f"positions go from 0 to {n - 1}"
+            )
+        idx = idx % n  # negative positions count from the end, as in a list
         width = int(self.answer_pos[idx].max()) + 1
         return replace(
             self,
@@ -185,6 +199,14 @@ class Task:
                 a clean/corrupted pair of different token lengths, or an answer that is not
                 a single token.
         """
+        check_model(model)
+        for label, column in (
+            ("clean", clean),
+            ("corrupted", corrupted),
+            ("answers", answers),
+            ("wrong", wrong),
+        ):
+            _check_column(column, label, name)
         n = len(clean)
         if n == 0:
             raise TaskError(f"task {name!r} has no prompts: give at least one clean prompt")
@@ -266,6 +288,24 @@ class Task:
             metric=metric,
             seed=seed,
             extra=extra,
+        )
+
+
+def _check_column(column: object, label: str, name: str) -> None:
+    """TaskError unless ``column`` is a list with one item per prompt.
+
+    A bare string is a sequence too, of characters; taken as a column it would make one
+    prompt per character, so it is refused by name.
+    """
+    if isinstance(column, str):
+        raise TaskError(
+            f"{label} of task {name!r} is one string ({column!r:.60}), but it takes one item "
+            f"per prompt: wrap it in a list, {label}=[{column!r:.40}]"
+        )
+    if not isinstance(column, Sequence):
+        raise TaskError(
+            f"{label} of task {name!r} must be a list with one item per prompt, got "
+            f"{type(column).__name__}"
         )
 
 

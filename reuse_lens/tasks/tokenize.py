@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import operator
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from reuse_lens.tasks.errors import TaskError
+from reuse_lens.tasks.errors import TaskError, TaskWarning
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -48,19 +50,61 @@ class TaskTokenizer:
             )
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without special tokens."""
-        tokenizer = self._need_tokenizer("a prompt", text)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    def encode(self, text: str, what: str = "a prompt") -> list[int]:
+        """Token ids of ``text`` without special tokens; TaskError where a word is unknown."""
+        ids = self._raw(text, what)
+        self._check_known(text, ids, what)
+        return ids
+
+    def _raw(self, text: str, what: str) -> list[int]:
+        tokenizer = self._need_tokenizer(what, text)
+        return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def _check_known(self, text: str, ids: list[int], what: str) -> None:
+        """Refuse text the tokenizer cannot represent, or warn where it cannot tell.
+
+        A word-level tokenizer maps a word outside its vocabulary to its unknown token, so
+        the model would read another text than the user wrote: that is refused, naming the
+        words. A tokenizer without an unknown token cannot say so; where its ids do not
+        decode back to the text, a TaskWarning shows what the model will read.
+        """
+        tokenizer = self.tokenizer
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is not None and unk in ids and str(tokenizer.unk_token) not in text:
+            # A word-level vocabulary may hold a word only with its leading space.
+            unknown = [w for w in text.split() if unk in self._ids(w) and unk in self._ids(f" {w}")]
+            raise TaskError(
+                f"{what} {text!r} has words the tokenizer does not know: {unknown or [text]} "
+                f"would be read as {tokenizer.unk_token!r}. Use words of the model's "
+                "vocabulary (rl.tasks.words lists the ones the built-in tasks use)"
+            )
+        if unk is None and ids:
+            decoded = tokenizer.decode(ids)
+            if "".join(decoded.split()) != "".join(text.split()):
+                warnings.warn(
+                    f"{what} {text!r} is read by the model as {decoded!r}: the tokenizer "
+                    "does not reproduce it; check the spelling and characters",
+                    TaskWarning,
+                    stacklevel=5,
+                )
+
+    def _ids(self, word: str) -> list[int]:
+        tokenizer = self.tokenizer
+        return [int(t) for t in tokenizer(word, add_special_tokens=False)["input_ids"]]
 
     def prompt(self, prompt: str | Sequence[int], what: str) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.encode(prompt)
+            ids = self.encode(prompt, what) if prompt.strip() else []
+            if not ids:
+                raise TaskError(
+                    f"{what} is empty ({prompt!r}): a prompt needs at least one token of text "
+                    "before the answer"
+                )
             bos = getattr(self._need_tokenizer(what, prompt), "bos_token_id", None)
             if self.prepend_bos and bos is not None:
                 ids = [int(bos), *ids]
         else:
-            ids = self._check_ids([int(t) for t in prompt], what)
+            ids = self._check_ids(_token_ids(prompt, what), what)
         if not ids:
             raise TaskError(f"{what} is empty")
         return ids
@@ -70,7 +114,7 @@ class TaskTokenizer:
             return self._check_ids([answer], what)[0]
         if not isinstance(answer, str):
             raise TaskError(f"{what} must be a string or a token id, got {answer!r}")
-        ids = self.encode(answer)
+        ids = self._raw(answer, what)
         if len(ids) != 1:
             pieces = [self.tokenizer.decode([t]) for t in ids]
             hint = "" if answer.startswith(" ") else "; answers usually need a leading space"
@@ -78,6 +122,7 @@ class TaskTokenizer:
                 f"{what} {answer!r} is {len(ids)} tokens {pieces}, but answers must be single "
                 f"tokens{hint}"
             )
+        self._check_known(answer, ids, what)
         return ids[0]
 
     def answers(
@@ -87,6 +132,24 @@ class TaskTokenizer:
         if not items:
             raise TaskError(f"{what} is empty: give at least one answer")
         return [self.answer(a, what) for a in items]
+
+
+def _token_ids(prompt: object, what: str) -> list[int]:
+    """A prompt given as token ids, or TaskError for anything that is neither text nor ids."""
+    problem = TaskError(
+        f"{what} must be text or a list of token ids, got {type(prompt).__name__} {prompt!r:.80}"
+    )
+    if isinstance(prompt, bytes) or not isinstance(prompt, Sequence):
+        raise problem
+    ids = []
+    for token in prompt:
+        if isinstance(token, bool):
+            raise problem
+        try:
+            ids.append(operator.index(token))
+        except TypeError:
+            raise problem from None
+    return ids
 
 
 def single_token_words(tokenizer: Any, words: Sequence[str], *, prefix: str = " ") -> list[str]:

@@ -17,7 +17,7 @@ from tests.conftest import native_config
 
 CLEAN = [
     "When Mary and John went to the store, John gave a bag to",
-    "When Alice and Bob went home, Bob gave it to",
+    "When Alice and Tom went home, Tom gave it to",
 ]
 CORRUPTED = [
     "When Emma and Paul went to the store, Carl gave a bag to",
@@ -26,7 +26,7 @@ CORRUPTED = [
 
 
 def test_from_pairs_tensors(hf_model) -> None:
-    task = rl.Task.from_pairs(hf_model, CLEAN, CORRUPTED, [" Mary", " Alice"], [" John", " Bob"])
+    task = rl.Task.from_pairs(hf_model, CLEAN, CORRUPTED, [" Mary", " Alice"], [" John", " Tom"])
     bos = hf_model.tokenizer.bos_token_id
     assert task.clean.shape == task.corrupted.shape
     assert (task.clean[:, 0] == bos).all()
@@ -41,7 +41,7 @@ def test_from_pairs_tensors(hf_model) -> None:
 
 def test_padding_does_not_change_answer_logits(hf_model) -> None:
     """A right-padded prompt gives the same answer-position logits as the prompt alone."""
-    task = rl.Task.from_pairs(hf_model, CLEAN, CORRUPTED, [" Mary", " Alice"], [" John", " Bob"])
+    task = rl.Task.from_pairs(hf_model, CLEAN, CORRUPTED, [" Mary", " Alice"], [" John", " Tom"])
     assert task.lengths[0] != task.lengths[1]
     batched = answer_logits(hf_model, task.clean, task.answer_pos)
     for i, prompt in enumerate(CLEAN):
@@ -63,15 +63,15 @@ def test_length_mismatch_names_the_pair(hf_model) -> None:
         rl.Task.from_pairs(
             hf_model,
             CLEAN,
-            [CORRUPTED[0], CORRUPTED[1] + " them"],
+            [CORRUPTED[0], CORRUPTED[1] + " it"],
             [" Mary", " Alice"],
-            [" John", " Bob"],
+            [" John", " Tom"],
         )
 
 
 def test_multi_token_answer_is_named(hf_model) -> None:
-    with pytest.raises(TaskError, match=r"answer of prompt 1 ' Alice Bob' is 2 tokens"):
-        rl.Task.from_pairs(hf_model, CLEAN, CORRUPTED, [" Mary", " Alice Bob"], [" John", " Bob"])
+    with pytest.raises(TaskError, match=r"answer of prompt 1 ' Alice Tom' is 2 tokens"):
+        rl.Task.from_pairs(hf_model, CLEAN, CORRUPTED, [" Mary", " Alice Tom"], [" John", " Tom"])
 
 
 def test_answer_without_space_gets_a_hint(hf_model) -> None:
@@ -109,7 +109,7 @@ def test_out_of_vocabulary_ids(native_model) -> None:
 
 
 def test_task_for_another_vocabulary_is_refused(hf_model) -> None:
-    task = rl.Task.from_pairs(hf_model, CLEAN, CORRUPTED, [" Mary", " Alice"], [" John", " Bob"])
+    task = rl.Task.from_pairs(hf_model, CLEAN, CORRUPTED, [" Mary", " Alice"], [" John", " Tom"])
     other = rl.load_model(native_config(d_vocab=37))
     with pytest.raises(TaskError, match="vocabulary of"):
         rl.evaluate(other, task)
@@ -184,7 +184,7 @@ def test_normalized_logit_diff() -> None:
 
 
 def test_normalized_metric_refuses_identical_prompts(hf_model) -> None:
-    task = rl.Task.from_pairs(hf_model, CLEAN, CLEAN, [" Mary", " Alice"], [" John", " Bob"])
+    task = rl.Task.from_pairs(hf_model, CLEAN, CLEAN, [" Mary", " Alice"], [" John", " Tom"])
     with pytest.raises(MetricError, match="cannot tell clean"):
         normalized_metric(hf_model, task)
 
@@ -202,7 +202,7 @@ def test_nan_metric_is_caught(hf_model) -> None:
         def __call__(self, logits, inputs):
             return torch.full((logits.shape[0],), float("nan"))
 
-    task = rl.Task.from_pairs(hf_model, CLEAN, CORRUPTED, [" Mary", " Alice"], [" John", " Bob"])
+    task = rl.Task.from_pairs(hf_model, CLEAN, CORRUPTED, [" Mary", " Alice"], [" John", " Tom"])
     with pytest.raises(MetricError, match="non-finite"):
         rl.evaluate(hf_model, task.with_metric(Broken()))
 

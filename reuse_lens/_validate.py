@@ -1,0 +1,364 @@
+"""The checks every public entry point runs on what a user hands it, in one place.
+
+The library's functions and the ``reuse-lens`` command call these before any work, so a
+wrong type, a circuit of another model, a bad count or an unusable output path is refused
+at the boundary with a message that names the argument and what to pass, instead of
+surfacing later as an AttributeError from deep inside or as a silently wrong number.
+docs/errors.md lists what each check raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from reuse_lens import models as _models
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from reuse_lens.circuits.circuit import Circuit
+    from reuse_lens.nodes import ModelShape
+    from reuse_lens.tasks.task import Task
+
+__all__ = [
+    "OutputPathError",
+    "check_circuit",
+    "check_count",
+    "check_fits",
+    "check_mapping",
+    "check_model",
+    "check_model_spec",
+    "check_out_file",
+    "check_out_folder",
+    "check_seed",
+    "check_task",
+    "folder_lock",
+    "load_model",
+]
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written: the message names the path and the fix."""
+
+
+# ---- types ----------------------------------------------------------------------------------
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, str):
+        return f"the string {value!r:.60}"
+    return f"a {type(value).__name__}"
+
+
+def check_model(model: object, arg: str = "model") -> TransformerBridge:
+    """The model itself, or TypeError when ``model`` is not a loaded model.
+
+    A model is anything with a TransformerLens ``cfg`` that can be called; a spec string
+    is the most common mistake, so the message says how to load it.
+    """
+    if isinstance(model, str | os.PathLike):
+        raise TypeError(
+            f"{arg} must be a loaded model, got {_kind(model)}: load it first with "
+            f"model = rl.load_model({os.fspath(model)!r})"
+        )
+    if model is None or not hasattr(model, "cfg") or not callable(model):
+        raise TypeError(
+            f"{arg} must be a loaded model (a TransformerBridge from rl.load_model), got "
+            f"{_kind(model)}"
+        )
+    return model  # type: ignore[return-value]
+
+
+def check_task(task: object, arg: str = "task") -> Task:
+    """The task itself, or TypeError when ``task`` is not a Task."""
+    from reuse_lens.tasks.task import Task
+
+    if not isinstance(task, Task):
+        hint = (
+            ": build one from lists of prompts with rl.Task.from_pairs(model, clean, "
+            "corrupted, answers, wrong)"
+            if isinstance(task, list | tuple | dict)
+            else ""
+        )
+        raise TypeError(
+            f"{arg} must be a reuse_lens Task (from rl.tasks.load(name, model) or "
+            f"rl.Task.from_pairs), got {_kind(task)}{hint}"
+        )
+    return task
+
+
+def check_pair(model: object, task: object) -> tuple[TransformerBridge, Task]:
+    """Both types, then that the task's token ids mean the same words in this model."""
+    checked_model = check_model(model)
+    checked_task = check_task(task)
+    checked_task.check_model(checked_model)
+    return checked_model, checked_task
+
+
+def check_circuit(circuit: object, arg: str = "circuit") -> Circuit:
+    """The circuit itself, or TypeError when ``circuit`` is not a Circuit."""
+    from reuse_lens.circuits.circuit import Circuit
+
+    if not isinstance(circuit, Circuit):
+        hint = (
+            ": build one from node names with rl.Circuit.from_nodes(names, model)"
+            if isinstance(circuit, list | tuple | set | frozenset)
+            else ": read a circuit file with rl.Circuit.from_json(path)"
+            if isinstance(circuit, str | os.PathLike)
+            else ""
+        )
+        raise TypeError(f"{arg} must be a reuse_lens Circuit, got {_kind(circuit)}{hint}")
+    return circuit
+
+
+def check_mapping(value: object, arg: str, of: str) -> Mapping[str, Any]:
+    """``value`` if it is a mapping of names to ``of``, else TypeError saying how to make one."""
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"{arg} must map names to {of}, e.g. {{'ioi': ...}}, got {_kind(value)}; give each "
+            "its name, as in dict(zip(names, items))"
+        )
+    return value
+
+
+def check_fits(circuit: Circuit, shape: ModelShape, arg: str = "circuit") -> None:
+    """CircuitError unless ``circuit`` was made for a model of exactly ``shape``.
+
+    A circuit of a smaller model names only nodes a larger one has too, so a node-by-node
+    check passes, yet "everything else" ablated in the larger model is not what the
+    circuit was measured against: the number would mean nothing.
+    """
+    from reuse_lens.circuits.circuit import CircuitError
+
+    ours = circuit.shape
+    if ours != shape:
+        raise CircuitError(
+            f"{arg} was made for a model of {_shape_text(ours)}, but this model has "
+            f"{_shape_text(shape)}. A circuit only measures the model it was found in (or a "
+            "fine-tune of the same shape): discover it again in this model with "
+            "rl.discover_circuit(model, task)"
+        )
+
+
+def _shape_text(shape: ModelShape) -> str:
+    mlps = "with MLPs" if shape.has_mlps else "attention-only"
+    block = ", attention and MLP in parallel" if shape.parallel else ""
+    return f"{shape.n_layers} layers of {shape.n_heads} heads ({mlps}{block})"
+
+
+# ---- numbers --------------------------------------------------------------------------------
+
+
+def _whole(value: object, arg: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{arg} must be a whole number, got {value!r}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    if isinstance(value, float) and value.is_integer():
+        raise TypeError(f"{arg} must be a whole number, got the float {value!r}: pass {int(value)}")
+    raise TypeError(f"{arg} must be a whole number, got {_kind(value)}")
+
+
+def check_count(value: object, arg: str, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` as an int, or TypeError (not a whole number) / ValueError (out of range)."""
+    number = _whole(value, arg)
+    if number < minimum:
+        need = "a positive whole number" if minimum == 1 else f"at least {minimum}"
+        raise ValueError(f"{arg} must be {need}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{arg} must be at most {maximum}, got {number}")
+    return number
+
+
+def check_seed(seed: object, arg: str = "seed") -> int:
+    """``seed`` as an int, or TypeError: None or a string would not say which prompts."""
+    if seed is None:
+        raise TypeError(
+            f"{arg} must be a whole number such as 0, got None: the seed decides which "
+            "prompts (or samples) are drawn, so it is always explicit"
+        )
+    return _whole(seed, arg)
+
+
+# ---- model specs ----------------------------------------------------------------------------
+
+# A hub id is "name" or "owner/name" of letters, digits, '-', '_' and '.', as the hub
+# itself requires; anything else can only be meant as a local folder.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
+def check_model_spec(spec: object) -> None:
+    """ModelLoadError for a spec that names a folder that is missing or lacks a tokenizer.
+
+    Without this, a missing folder reaches the hub loader and comes back as an invalid hub
+    id, and a folder without a tokenizer loads an empty one that fails much later.
+    """
+    from reuse_lens.models import ModelLoadError
+
+    if not isinstance(spec, str | os.PathLike):
+        return  # configs and loaded models are checked by the loader
+    text = os.fspath(spec)
+    if text.startswith("zoo:"):
+        return
+    path = Path(text).expanduser()
+    if path.is_file():
+        raise ModelLoadError(
+            f"model {text!r} is a file, not a model folder: give the folder that holds "
+            "config.json, the weights and the tokenizer, a zoo:<name> spec or a hub id"
+        )
+    if not path.is_dir():
+        if isinstance(spec, os.PathLike) or not _HUB_ID.match(text) or ".." in text:
+            raise ModelLoadError(
+                f"there is no model folder {text!r}: give an existing folder (made with "
+                "save_pretrained), a zoo:<name> spec (see `reuse-lens zoo list`) or a hub id "
+                "such as 'gpt2'"
+            )
+        return
+    if (path / "config.json").is_file() and not any(
+        (path / name).is_file() for name in _TOKENIZER_FILES
+    ):
+        raise ModelLoadError(
+            f"model folder {text!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): "
+            "save one there with tokenizer.save_pretrained(folder)"
+        )
+
+
+def load_model(spec: Any, **options: Any) -> TransformerBridge:
+    check_model_spec(spec)
+    return _models.load_model(spec, **options)
+
+
+# ``rl.load_model`` is this checked entry point; it shows the loader's signature and docs.
+# (reuse_lens.models imports nothing heavy, so this keeps ``import reuse_lens`` cheap.)
+load_model = functools.wraps(_models.load_model)(load_model)  # type: ignore[assignment]
+
+
+# ---- output paths ---------------------------------------------------------------------------
+
+
+def _first_existing(path: Path) -> Path:
+    for parent in (path, *path.parents):
+        if parent.exists():
+            return parent
+    return Path.cwd()
+
+
+def _check_parents(path: Path, arg: str) -> None:
+    existing = _first_existing(path.parent)
+    if not existing.is_dir():
+        raise OutputPathError(
+            f"{arg} {str(path)!r} lies under {str(existing)!r}, which is a file, not a "
+            "folder: choose a path under a folder"
+        )
+    if not _writable(existing):
+        raise OutputPathError(
+            f"{arg} {str(path)!r} cannot be written: {str(existing)!r} is not writable by "
+            "you; choose a folder you can write to"
+        )
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``, by trying: permission bits alone do
+    not tell (root, read-only mounts, /proc)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".reuse-lens-probe-"):
+            return True
+    except OSError:
+        return False
+
+
+def check_out_file(path: str | os.PathLike[str], arg: str = "--out") -> Path:
+    """The path of a file to write, or OutputPathError before any work is done."""
+    target = Path(path).expanduser()
+    if str(path) == "" or target.is_dir():
+        raise OutputPathError(
+            f"{arg} {str(path)!r} is a folder, but a file goes there: give a file name such "
+            f"as {str(target / 'circuit.json')!r}"
+        )
+    _check_parents(target, arg)
+    if target.exists() and not os.access(target, os.W_OK):
+        raise OutputPathError(f"{arg} {str(path)!r} exists and is not writable by you")
+    return target
+
+
+def check_out_folder(path: str | os.PathLike[str], arg: str = "--out") -> Path:
+    """The path of a folder to write into, or OutputPathError before any work is done."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise OutputPathError(
+            f"{arg} {str(path)!r} is a file, but a folder goes there: give a folder name, "
+            "or remove the file"
+        )
+    if target.is_dir():
+        if not _writable(target):
+            raise OutputPathError(
+                f"{arg} {str(path)!r} is not writable by you; choose a folder you can write to"
+            )
+        return target
+    _check_parents(target, arg)
+    return target
+
+
+_LOCK_NAME = ".reuse-lens.lock"
+_HELD: set[str] = set()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, arg: str = "out") -> Iterator[None]:
+    """Hold ``folder``'s lock for one run, or OutputPathError when another run holds it.
+
+    Two runs into one folder would each redo all the work and overwrite the other's
+    files; the second is refused at once instead. The lock is an advisory ``flock``, so
+    the kernel frees it when its holder dies, even by SIGKILL: no stale lock is left.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on Windows: run unlocked
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(folder)
+    if key in _HELD:  # this process holds it already (the demo around its study)
+        yield
+        return
+    fd = os.open(folder / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise OutputPathError(
+                f"another reuse-lens run (process {holder}) is writing to {arg} "
+                f"{str(folder)!r}: wait for it to finish, or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+    finally:
+        os.close(fd)  # closing releases the flock
