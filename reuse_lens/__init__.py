@@ -106,7 +106,7 @@ __all__ = [
 
 _LAZY: dict[str, tuple[str, str | None]] = {
     # The loader behind the boundary checks (a missing folder, a folder without a tokenizer).
-    "load_model": ("reuse_lens._validate", "load_model"),
+    "load_model": ("reuse_lens.models", "load_model"),
     "ModelLoadError": ("reuse_lens.models", "ModelLoadError"),
     "Task": ("reuse_lens.tasks.task", "Task"),
     "evaluate": ("reuse_lens.evaluation", "evaluate"),

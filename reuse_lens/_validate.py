@@ -10,16 +10,14 @@ docs/errors.md lists what each check raises.
 from __future__ import annotations
 
 import contextlib
-import functools
 import operator
 import os
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reuse_lens import models as _models
+from reuse_lens.models import check_model, describe
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -35,13 +33,11 @@ __all__ = [
     "check_fits",
     "check_mapping",
     "check_model",
-    "check_model_spec",
     "check_out_file",
     "check_out_folder",
     "check_seed",
     "check_task",
     "folder_lock",
-    "load_model",
 ]
 
 
@@ -50,33 +46,6 @@ class OutputPathError(ValueError):
 
 
 # ---- types ----------------------------------------------------------------------------------
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "None"
-    if isinstance(value, str):
-        return f"the string {value!r:.60}"
-    return f"a {type(value).__name__}"
-
-
-def check_model(model: object, arg: str = "model") -> TransformerBridge:
-    """The model itself, or TypeError when ``model`` is not a loaded model.
-
-    A model is anything with a TransformerLens ``cfg`` that can be called; a spec string
-    is the most common mistake, so the message says how to load it.
-    """
-    if isinstance(model, str | os.PathLike):
-        raise TypeError(
-            f"{arg} must be a loaded model, got {_kind(model)}: load it first with "
-            f"model = rl.load_model({os.fspath(model)!r})"
-        )
-    if model is None or not hasattr(model, "cfg") or not callable(model):
-        raise TypeError(
-            f"{arg} must be a loaded model (a TransformerBridge from rl.load_model), got "
-            f"{_kind(model)}"
-        )
-    return model  # type: ignore[return-value]
 
 
 def check_task(task: object, arg: str = "task") -> Task:
@@ -92,7 +61,7 @@ def check_task(task: object, arg: str = "task") -> Task:
         )
         raise TypeError(
             f"{arg} must be a reuse_lens Task (from rl.tasks.load(name, model) or "
-            f"rl.Task.from_pairs), got {_kind(task)}{hint}"
+            f"rl.Task.from_pairs), got {describe(task)}{hint}"
         )
     return task
 
@@ -117,7 +86,7 @@ def check_circuit(circuit: object, arg: str = "circuit") -> Circuit:
             if isinstance(circuit, str | os.PathLike)
             else ""
         )
-        raise TypeError(f"{arg} must be a reuse_lens Circuit, got {_kind(circuit)}{hint}")
+        raise TypeError(f"{arg} must be a reuse_lens Circuit, got {describe(circuit)}{hint}")
     return circuit
 
 
@@ -125,7 +94,7 @@ def check_mapping(value: object, arg: str, of: str) -> Mapping[str, Any]:
     """``value`` if it is a mapping of names to ``of``, else TypeError saying how to make one."""
     if not isinstance(value, Mapping):
         raise TypeError(
-            f"{arg} must map names to {of}, e.g. {{'ioi': ...}}, got {_kind(value)}; give each "
+            f"{arg} must map names to {of}, e.g. {{'ioi': ...}}, got {describe(value)}; give each "
             "its name, as in dict(zip(names, items))"
         )
     return value
@@ -168,7 +137,7 @@ def _whole(value: object, arg: str) -> int:
         pass
     if isinstance(value, float) and value.is_integer():
         raise TypeError(f"{arg} must be a whole number, got the float {value!r}: pass {int(value)}")
-    raise TypeError(f"{arg} must be a whole number, got {_kind(value)}")
+    raise TypeError(f"{arg} must be a whole number, got {describe(value)}")
 
 
 def check_count(value: object, arg: str, *, minimum: int = 1, maximum: int | None = None) -> int:
@@ -193,65 +162,6 @@ def check_seed(seed: object, arg: str = "seed") -> int:
 
 
 # ---- model specs ----------------------------------------------------------------------------
-
-# A hub id is "name" or "owner/name" of letters, digits, '-', '_' and '.', as the hub
-# itself requires; anything else can only be meant as a local folder.
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "vocab.txt",
-    "tokenizer.model",
-    "spiece.model",
-)
-
-
-def check_model_spec(spec: object) -> None:
-    """ModelLoadError for a spec that names a folder that is missing or lacks a tokenizer.
-
-    Without this, a missing folder reaches the hub loader and comes back as an invalid hub
-    id, and a folder without a tokenizer loads an empty one that fails much later.
-    """
-    from reuse_lens.models import ModelLoadError
-
-    if not isinstance(spec, str | os.PathLike):
-        return  # configs and loaded models are checked by the loader
-    text = os.fspath(spec)
-    if text.startswith("zoo:"):
-        return
-    path = Path(text).expanduser()
-    if path.is_file():
-        raise ModelLoadError(
-            f"model {text!r} is a file, not a model folder: give the folder that holds "
-            "config.json, the weights and the tokenizer, a zoo:<name> spec or a hub id"
-        )
-    if not path.is_dir():
-        if isinstance(spec, os.PathLike) or not _HUB_ID.match(text) or ".." in text:
-            raise ModelLoadError(
-                f"there is no model folder {text!r}: give an existing folder (made with "
-                "save_pretrained), a zoo:<name> spec (see `reuse-lens zoo list`) or a hub id "
-                "such as 'gpt2'"
-            )
-        return
-    if (path / "config.json").is_file() and not any(
-        (path / name).is_file() for name in _TOKENIZER_FILES
-    ):
-        raise ModelLoadError(
-            f"model folder {text!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): "
-            "save one there with tokenizer.save_pretrained(folder)"
-        )
-
-
-def load_model(spec: Any, **options: Any) -> TransformerBridge:
-    check_model_spec(spec)
-    return _models.load_model(spec, **options)
-
-
-# ``rl.load_model`` is this checked entry point; it shows the loader's signature and docs.
-# (reuse_lens.models imports nothing heavy, so this keeps ``import reuse_lens`` cheap.)
-load_model = functools.wraps(_models.load_model)(load_model)  # type: ignore[assignment]
-
 
 # ---- output paths ---------------------------------------------------------------------------
 

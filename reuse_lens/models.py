@@ -15,6 +15,7 @@ in the dtype asked for; a device this machine lacks is refused before anything i
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,15 @@ if TYPE_CHECKING:
     from transformer_lens import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["ModelLoadError", "available_devices", "load_model", "model_spec", "weights_digest"]
+__all__ = [
+    "ModelLoadError",
+    "available_devices",
+    "check_model",
+    "describe",
+    "load_model",
+    "model_spec",
+    "weights_digest",
+]
 
 _SPEC_ATTR = "_reuse_lens_spec"
 _HUB_PROBE_SECONDS = 3.0
@@ -61,6 +70,7 @@ def load_model(
             anything is loaded for a device this machine does not have (the message lists
             those it has) or a dtype that is not a floating-point torch dtype.
     """
+    _check_spec(spec)
     torch_dtype = _as_dtype(dtype)
     device = _check_device(device)
     from transformer_lens import TransformerBridgeConfig
@@ -95,6 +105,81 @@ def load_model(
     model.eval()
     setattr(model, _SPEC_ATTR, label)
     return model
+
+
+# A hub id is "name" or "owner/name" of letters, digits, '-', '_' and '.', as the hub
+# itself requires; anything else can only be meant as a local folder.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
+def _check_spec(spec: object) -> None:
+    """ModelLoadError for a spec that names a folder that is missing or lacks a tokenizer.
+
+    Without this, a missing folder reaches the hub loader and comes back as an invalid hub
+    id, and a folder without a tokenizer loads an empty one that fails much later.
+    """
+    if not isinstance(spec, str | os.PathLike):
+        return  # configs and loaded models are checked by the loader
+    text = os.fspath(spec)
+    if text.startswith("zoo:"):
+        return
+    path = Path(text).expanduser()
+    if path.is_file():
+        raise ModelLoadError(
+            f"model {text!r} is a file, not a model folder: give the folder that holds "
+            "config.json, the weights and the tokenizer, a zoo:<name> spec or a hub id"
+        )
+    if not path.is_dir():
+        if isinstance(spec, os.PathLike) or not _HUB_ID.match(text) or ".." in text:
+            raise ModelLoadError(
+                f"there is no model folder {text!r}: give an existing folder (made with "
+                "save_pretrained), a zoo:<name> spec (see `reuse-lens zoo list`) or a hub id "
+                "such as 'gpt2'"
+            )
+        return
+    if (path / "config.json").is_file() and not any(
+        (path / name).is_file() for name in _TOKENIZER_FILES
+    ):
+        raise ModelLoadError(
+            f"model folder {text!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): "
+            "save one there with tokenizer.save_pretrained(folder)"
+        )
+
+
+def describe(value: object) -> str:
+    """A value as an error message names it: ``None``, ``the string 'gpt2'``, ``a list``."""
+    if value is None:
+        return "None"
+    if isinstance(value, str):
+        return f"the string {value!r:.60}"
+    return f"a {type(value).__name__}"
+
+
+def check_model(model: object, arg: str = "model") -> TransformerBridge:
+    """The model itself, or TypeError when ``model`` is not a loaded model.
+
+    A model is anything with a TransformerLens ``cfg`` that can be called; a spec string
+    is the most common mistake, so the message says how to load it.
+    """
+    if isinstance(model, str | os.PathLike):
+        raise TypeError(
+            f"{arg} must be a loaded model, got {describe(model)}: load it first with "
+            f"model = rl.load_model({os.fspath(model)!r})"
+        )
+    if model is None or not hasattr(model, "cfg") or not callable(model):
+        raise TypeError(
+            f"{arg} must be a loaded model (a TransformerBridge from rl.load_model), got "
+            f"{describe(model)}"
+        )
+    return model  # type: ignore[return-value]
 
 
 def model_spec(model: TransformerBridge) -> str:

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from reuse_lens._validate import check_pair
 from reuse_lens.nodes import LOGITS, MLP, ModelShape, shape_of
 from reuse_lens.patching._common import (
     Prepared,
@@ -126,6 +127,7 @@ class AblationRunner:
                 "embedding, the default) or 'tokens' (the token embedding alone, as MIB/EAP-IG)"
             )
         self.input_node: InputKind = input_node
+        model, task = check_pair(model, task)
         if len(task) == 0:
             raise ValueError(f"task {task.name!r} has no prompts: load it with n >= 1")
         self.ablation = ablation

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from reuse_lens._validate import check_model
+from reuse_lens.models import check_model
 from reuse_lens.tasks import (
     colored_objects,
     entity_tracking,

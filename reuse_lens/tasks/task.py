@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from reuse_lens._validate import check_model
+from reuse_lens.models import check_model
 from reuse_lens.tasks.errors import TaskError
 from reuse_lens.tasks.metrics import PAD_ANSWER, Metric, MetricInputs, get_metric
 from reuse_lens.tasks.tokenize import TaskTokenizer
