@@ -484,9 +484,11 @@ def patched_block(
             else:
                 v = torch.where(mask, source.v[layer][src], v)
         q_pos = torch.arange(p0, p0 + q.shape[1], device=q.device)
-        z = w.mix(w.pattern(q, k, q_pos), v)
+        z = w.mix(w.pattern(q, k, q_pos, layer), v)
     resid_mid = resid_pre + w.attn_out(layer, z)
-    return _rejoin(w, base, layer, prompt, resid_mid + w.mlp_out(layer, resid_mid), stop)
+    # A parallel block's MLP reads resid_pre, which no head patch changes.
+    mlp = base.mlp_out[layer][prompt, p0:stop] if w.parallel else w.mlp_out(layer, resid_mid)
+    return _rejoin(w, base, layer, prompt, resid_mid + mlp, stop)
 
 
 def _rejoin(

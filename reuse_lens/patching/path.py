@@ -267,9 +267,13 @@ def _rows(
         heads = torch.tensor([n.head for n in nodes if isinstance(n, AttentionHead)])
         one_hot = torch.nn.functional.one_hot(heads, w.n_heads).bool().to(prompt.device)
         one_hot = one_hot.repeat_interleave(prep.n, 0).view(n_rows, 1, -1, 1)
-        dz = (g(corrupted.z[layer]) - g(clean.z[layer])) * one_hot * patched.unsqueeze(-1)
-        resid = g(clean.resid_mid[layer]) + dz.flatten(-2) @ w.layers[layer].w_o
-        resid = resid + (g(clean.mlp_out[layer]) if freeze else w.mlp_out(layer, resid))
+        z = torch.where(one_hot & patched.unsqueeze(-1), g(corrupted.z[layer]), g(clean.z[layer]))
+        # The whole attention output is recomputed (not a per-head delta): a post-norm
+        # (Gemma-2, OLMo-2) makes it non-linear in the heads.
+        resid_pre = g(clean.resid_pre[layer])
+        resid = resid_pre + w.attn_out(layer, z)
+        mlp = g(clean.mlp_out[layer]) if freeze else w.mlp_out(layer, w.mlp_input(resid_pre, resid))
+        resid = resid + mlp
     else:
         mlp = torch.where(patched, g(corrupted.mlp_out[layer]), g(clean.mlp_out[layer]))
         resid = g(clean.resid_mid[layer]) + mlp
@@ -286,24 +290,29 @@ def _rows(
                 for c in inputs:
                     recorded[(later, h.head, c)] = found[c][:, :, h.head]
         attn = g(clean.resid_mid[later]) - g(clean.resid_pre[later])  # heads frozen: clean
-        resid = resid + attn
-        resid = resid + (g(clean.mlp_out[later]) if freeze else w.mlp_out(later, resid))
+        mid = resid + attn
+        # A parallel block's MLP reads resid_pre, not the (frozen) heads' output.
+        mlp = g(clean.mlp_out[later]) if freeze else w.mlp_out(later, w.mlp_input(resid, mid))
+        resid = mid + mlp
     if not recv:
         return prep.score(w.logits(resid[:, 0]), prompt)
     if not recorded:  # no receiver after the sender: nothing changes
         return prep.score(w.logits(clean.final[prompt, prep.answer_pos[prompt]]), prompt)
     first = min(key[0] for key in recorded)
     resid = clean.resid_pre[first][prompt]
-    positions = torch.arange(width, device=prompt.device)
+
+    def receive(later: int):
+        def edit(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            found = {"q": q, "k": k, "v": v}
+            for (lay, head, c), value in recorded.items():
+                if lay == later:
+                    found[c][:, :, head] = value
+            return found["q"], found["k"], found["v"]
+
+        return edit
+
     for later in range(first, w.n_layers):
-        q, k, v = w.qkv(later, resid)
-        found = {"q": q, "k": k, "v": v}
-        for (lay, head, c), value in recorded.items():
-            if lay == later:
-                found[c][:, :, head] = value
-        z = w.mix(w.pattern(found["q"], found["k"], positions), found["v"])
-        resid = resid + w.attn_out(later, z)
-        resid = resid + w.mlp_out(later, resid)
+        resid = w.block(later, resid, edit_qkv=receive(later))
     return prep.score(w.logits(resid[rows, answer]), prompt)
 
 
