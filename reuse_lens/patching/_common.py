@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +47,14 @@ class Prepared:
     corrupted_logits: Float[Tensor, "batch d_vocab"]
     weights: Weights | None
     fallback_reason: str | None
+    runs: dict[str, RunCache] = field(default_factory=dict)
+
+    def run(self, which: str) -> RunCache:
+        """The functional run of the ``clean`` or ``corrupted`` prompts, computed once."""
+        assert self.weights is not None
+        if which not in self.runs:
+            self.runs[which] = self.weights.run(self.clean if which == "clean" else self.corrupted)
+        return self.runs[which]
 
     @property
     def n(self) -> int:
@@ -81,7 +89,8 @@ def prepare(
     clean, corrupted = task.clean.to(device), task.corrupted.to(device)
     answer_pos = task.answer_pos.to(device)
     clean_logits = answer_logits(model, clean, answer_pos)
-    corrupted_logits = answer_logits(model, corrupted, answer_pos)
+    corrupted_logits: Tensor | None = None
+    runs: dict[str, RunCache] = {}
     base_inputs = task.metric_inputs()
     inputs = MetricInputs(
         base_inputs.answers.to(device), base_inputs.wrong.to(device), clean_logits
@@ -92,15 +101,22 @@ def prepare(
         try:
             weights = extract_weights(model)
             rows = torch.arange(clean.shape[0], device=device)
-            ours = weights.logits(weights.run(clean).final[rows, answer_pos])
+            runs["clean"] = weights.run(clean)
+            ours = weights.logits(runs["clean"].final[rows, answer_pos])
             gap = float((ours - clean_logits).abs().max())
             tolerance = _VERIFY_ATOL * max(1.0, float(clean_logits.abs().max()))
             if gap > tolerance:
                 raise Unsupported(f"its logits differ from the bridge's by {gap:.2g}")
             reason = None
+            # Verified: the corrupted run is the functional one, kept for the engines.
+            runs["corrupted"] = weights.run(corrupted)
+            corrupted_logits = weights.logits(runs["corrupted"].final[rows, answer_pos])
         except Unsupported as why:
             weights, reason = None, f"the fast forward cannot reproduce this model: {why}"
+            runs = {}
             logger.info("patching through hooks: %s", reason)
+    if corrupted_logits is None:
+        corrupted_logits = answer_logits(model, corrupted, answer_pos)
     prepared = Prepared(
         model=model,
         clean=clean,
@@ -112,6 +128,7 @@ def prepare(
         corrupted_logits=corrupted_logits,
         weights=weights,
         fallback_reason=reason,
+        runs=runs,
     )
     prepared.clean_metric  # noqa: B018  (raises MetricError on NaN before any sweep)
     prepared.corrupted_metric  # noqa: B018

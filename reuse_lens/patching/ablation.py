@@ -335,9 +335,9 @@ class AblationRunner:
     def _functional_sources(self, w: Weights) -> _Sources:
         prep = self.prep
         if self.ablation == "resample":
-            cache: RunCache = w.run(prep.corrupted)
+            cache: RunCache = prep.run("corrupted")
         else:
-            clean = w.run(prep.clean)
+            clean = prep.run("clean")
             cache = (
                 mean_cache(clean, prep.answer_pos + 1)
                 if self.ablation == "mean"

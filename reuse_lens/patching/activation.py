@@ -386,12 +386,12 @@ class _FunctionalEngine(_Engine):
     ) -> None:
         self.prep, self.w, self.component = prep, weights, component
         with torch.no_grad():
-            self.base = weights.run(base_tokens)
+            base_name, other_name = ("clean", "corrupted")[:: 1 if direction == "noising" else -1]
+            self.base = prep.run(base_name)
             if ablation == "resample":
-                other = prep.corrupted if direction == "noising" else prep.clean
-                self.source = weights.run(other)
+                self.source = prep.run(other_name)
             elif ablation == "mean":
-                clean = self.base if direction == "noising" else weights.run(prep.clean)
+                clean = prep.run("clean")
                 self.source = mean_cache(clean, prep.answer_pos + 1)
             else:
                 self.source = zero_cache(self.base)

@@ -207,7 +207,7 @@ def _path_functional(
     batch_size: int | None,
 ) -> dict[Node, float]:
     with torch.no_grad():
-        clean, corrupted = w.run(prep.clean), w.run(prep.corrupted)
+        clean, corrupted = prep.run("clean"), prep.run("corrupted")
         every = torch.arange(prep.n, device=prep.clean.device)
         base = prep.score(w.logits(clean.final[every, prep.answer_pos]), every)
     groups: list[tuple[int, list[Node]]] = []
