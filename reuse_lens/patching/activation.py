@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
@@ -406,13 +406,31 @@ class _FunctionalEngine(_Engine):
         group, w = rows.group, self.w
         prompt = rows.prompt
         source = torch.zeros_like(prompt) if self.shared_source else prompt
-        resid = patched_block(
-            w, self.base, self.source, group, prompt, source, rows, self.component
-        )
-        final = w.tail(
-            resid, group.layer + 1, group.pos0, self.base, prompt, self.prep.answer_pos[prompt]
-        )
+        answer = self.prep.answer_pos[prompt]
+        if group.layer == w.n_layers - 1 and group.heads is not None and self.component == "out":
+            final = self._last_layer_out(rows, source, answer)
+        else:
+            resid = patched_block(
+                w, self.base, self.source, group, prompt, source, rows, self.component
+            )
+            final = w.tail(resid, group.layer + 1, group.pos0, self.base, prompt, answer)
         return self.prep.score(w.logits(final), prompt)
+
+    def _last_layer_out(
+        self, rows: Rows, source: Tensor, answer: Int[Tensor, " rows"]
+    ) -> Float[Tensor, "rows d_model"]:
+        """A last-layer head's output patch: only the answer position reaches the logits."""
+        w, layer, prompt = self.w, rows.group.layer, rows.prompt
+        patched = torch.nn.functional.one_hot(rows.head, w.n_heads).bool()
+        if not rows.group.all_pos:
+            patched = patched & (answer == rows.group.pos0).unsqueeze(1)
+        z_base = self.base.z[layer][prompt, answer]
+        z = torch.where(patched.unsqueeze(-1), self.source.z[layer][source, answer], z_base)
+        resid_pre = self.base.resid_pre[layer][prompt, answer]
+        resid_mid = resid_pre + w.attn_out(layer, z)
+        if w.parallel:
+            return resid_mid + self.base.mlp_out[layer][prompt, answer]
+        return resid_mid + w.mlp_out(layer, resid_mid)
 
 
 def _mask(rows: Rows, n_heads: int, n_pos: int, first_only: bool) -> Tensor:
