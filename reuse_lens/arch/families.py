@@ -213,7 +213,22 @@ class GPTBigCode(HFAdapter):
     base = ArchSpec(family="gpt_bigcode", norm="ln", positions="learned")
 
 
+class Bloom(HFAdapter):
+    """BLOOM (BigScience 2022): ALiBi position biases (Press et al. 2022) instead of
+    position embeddings, and a LayerNorm right after the embedding."""
+
+    family = "bloom"
+    base = ArchSpec(family="bloom", norm="ln", positions="alibi")
+
+    def alibi_slopes(self, hf: Any, n_heads: int) -> Tensor:
+        from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+        device = next(hf.parameters()).device
+        return _get_alibi_slopes(n_heads, device).to(next(hf.parameters()).dtype)
+
+
 ADAPTERS: dict[str, HFAdapter] = {
+    "bloom": Bloom(),
     "llama": Llama(),
     "mistral": Llama(),
     "qwen2": Llama(),

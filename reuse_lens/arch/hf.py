@@ -91,6 +91,10 @@ class HFAdapter:
 
         return table
 
+    def alibi_slopes(self, hf: Any, n_heads: int) -> Tensor:
+        """ALiBi's per-head slopes (families with ``positions="alibi"`` override this)."""
+        raise Unsupported(f"{self.family}: no ALiBi slopes")
+
     def window(self, layer: int, attn: Any, config: Any) -> int | None:
         """The sliding-window width of ``layer`` (None: global attention)."""
         window = getattr(attn, "sliding_window", None)
@@ -175,6 +179,7 @@ class HFAdapter:
                 scale=float(spec.attn_scale or math.sqrt(d_head)),
                 spec=spec,
                 rope=rope,
+                alibi=self.alibi_slopes(hf, n_heads) if spec.positions == "alibi" else None,
                 embed_norm=self.norm(getattr(bridge, "embed_ln", None), spec, "embed_ln"),
             )
 

@@ -25,10 +25,7 @@ from tests.patching.helpers import random_task
 
 ATOL = 1e-4
 
-UNCOVERED = {"bloom": "no adapter reads the 'bloom' architecture"}
-"""Families patched through hooks, with the reason they record."""
-
-COVERED = [name for name in ARCHS if name not in UNCOVERED and name != "mamba"]
+COVERED = [name for name in ARCHS if name != "mamba"]
 
 
 @pytest.fixture(scope="session")
@@ -82,12 +79,16 @@ def test_functional_logits_equal_the_bridge(load: Any, name: str) -> None:
     assert float((got - expected).abs().max()) <= 1e-4 * scale
 
 
-@pytest.mark.parametrize("name", sorted(UNCOVERED))
-def test_uncovered_families_fall_back_to_hooks_with_a_reason(load: Any, name: str) -> None:
-    model = load(name)
+def test_a_family_without_adapter_falls_back_to_hooks_with_a_reason(
+    load: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reuse_lens.arch import families
+
+    monkeypatch.delitem(families.ADAPTERS, "gptj")
+    model = load("gptj")
     scores = rl.activation_patching(model, random_task(model, n=2, width=4), nodes=["a1.h0"])
     assert scores.settings["engine"] == "hooks"
-    assert UNCOVERED[name] in scores.settings["fallback_reason"]
+    assert "no adapter reads the 'gptj' architecture" in scores.settings["fallback_reason"]
 
 
 # ---- (b) activation patching against TransformerLens -----------------------------------
