@@ -1,9 +1,9 @@
 """All-position head activation patching per architecture family, against TransformerLens.
 
     .venv/bin/python benchmarks/bench_archs.py                 # gpt2, llama_gqa, gpt_neox, gemma2
-    .venv/bin/python benchmarks/bench_archs.py --archs qwen3   # any family of tests/archs.py
+    .venv/bin/python benchmarks/bench_archs.py --archs qwen3   # also qwen3, gptj
 
-Each family is a random ``transformers`` model from ``tests/archs.py``'s config, resized
+Each family is a random ``transformers`` model (``tests/archs.py``'s configs) resized
 to 4 layers, d_model 256, 8 query heads of 32 (2 key/value heads where the family has
 grouped-query attention) and an MLP of 1024, with a 1000-word vocabulary. The task is 32
 prompts of 24 random tokens, each corrupted at two positions. reuse_lens runs
@@ -37,6 +37,38 @@ SIZE = dict(d_model=256, n_layers=4, n_heads=8, n_kv=2, d_mlp=1024)
 N_PROMPTS, WIDTH = 32, 24
 
 
+_D, _L, _H, _KV, _MLP = (
+    SIZE["d_model"],
+    SIZE["n_layers"],
+    SIZE["n_heads"],
+    SIZE["n_kv"],
+    SIZE["d_mlp"],
+)
+_ROTARY = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_MLP)
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2": ("GPT2Config", dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_MLP, n_positions=128)),
+    "llama_gqa": ("LlamaConfig", dict(**_ROTARY, num_key_value_heads=_KV)),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(**_ROTARY, rotary_pct=0.5, max_position_embeddings=128),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            **_ROTARY,
+            num_key_value_heads=_KV,
+            head_dim=_D // _H,
+            sliding_window=4,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "qwen3": ("Qwen3Config", dict(**_ROTARY, num_key_value_heads=_KV, head_dim=_D // _H)),
+    "gptj": ("GPTJConfig", dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_MLP, rotary_dim=16)),
+}
+"""Family -> (``transformers`` config class, fields), as in ``tests/archs.py`` at this size."""
+
+
 def build(name: str, folder: Path) -> None:
     """Save family ``name`` at the benchmark size, with a 1000-word tokenizer."""
     import torch
@@ -44,33 +76,8 @@ def build(name: str, folder: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from reuse_lens.zoo.tokenizer import tokenizer_from_texts
-    from tests.archs import ARCHS, _scale_up
 
-    class_name, fields = ARCHS[name]
-    fields = dict(fields)
-    d, layers, heads = SIZE["d_model"], SIZE["n_layers"], SIZE["n_heads"]
-    renames = {
-        "n_embd": d,
-        "hidden_size": d,
-        "n_layer": layers,
-        "num_hidden_layers": layers,
-        "num_layers": layers,
-        "n_head": heads,
-        "num_attention_heads": heads,
-        "num_heads": heads,
-        "intermediate_size": SIZE["d_mlp"],
-        "ffn_dim": SIZE["d_mlp"],
-        "head_dim": d // heads,
-    }
-    for key, value in renames.items():
-        if key in fields:
-            fields[key] = value
-    if fields.get("num_key_value_heads", heads) != heads:
-        fields["num_key_value_heads"] = SIZE["n_kv"]
-    if name == "gpt2":
-        fields["n_inner"] = SIZE["d_mlp"]
-    if name == "gpt_neox":
-        fields["intermediate_size"] = SIZE["d_mlp"]
+    class_name, fields = CONFIGS[name]
     tokenizer = tokenizer_from_texts([f" w{i}" for i in range(1000)])
     config = getattr(transformers, class_name)(
         vocab_size=len(tokenizer.get_vocab()),
@@ -81,7 +88,10 @@ def build(name: str, folder: Path) -> None:
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    _scale_up(model)
+    with torch.no_grad():  # larger weights, so that heads differ (transformers' std is 0.02)
+        for param_name, p in model.named_parameters():
+            if p.dim() == 2 and "norm" not in param_name and "ln" not in param_name:
+                p.mul_(8.0)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -146,8 +156,8 @@ def run_child(folder: Path, engine: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS))
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS), choices=list(CONFIGS))
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -155,7 +165,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     import torch
 
-    sys.path.insert(0, str(ROOT))
     print(
         f"all-position head activation patching, {SIZE['n_layers']} layers, d_model "
         f"{SIZE['d_model']}, {N_PROMPTS} prompts x {WIDTH} tokens, 1 CPU thread, "
@@ -168,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
             folder = Path(tmp) / name
             build(name, folder)
             ours, theirs = run_child(folder, "ours"), run_child(folder, "tl")
-            diff = float((torch.tensor(ours["values"]) - torch.tensor(theirs["values"])).abs().max())
+            diff = float(
+                (torch.tensor(ours["values"]) - torch.tensor(theirs["values"])).abs().max()
+            )
             print(
                 f"{name:12s} {ours['engine']:10s} {ours['seconds']:7.2f} {theirs['seconds']:7.2f} "
                 f"{theirs['seconds'] / ours['seconds']:7.1f}x {diff:9.1e} "
