@@ -91,7 +91,7 @@ def test_pattern_edits_that_transformer_lens_drops_are_refused(
             "pattern",
             None,
             None,
-            functional=False,
+            engine="hooks",
         )
     with pytest.raises(PatternEditsDropped, match=rf"uniform_attention.*{expected}"):
         uniform_attention(model, task, ["a0.h0"], [0])

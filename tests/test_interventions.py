@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import reuse_lens as rl
+from reuse_lens.arch.registry import extract as extract_weights
 from reuse_lens.interventions import ablate_heads, token_positions, uniform_attention
-from reuse_lens.patching._forward import extract_weights
 from tests.conftest import native_config
 from tests.patching.handbuilt import build_model, build_task
 from tests.patching.helpers import random_task

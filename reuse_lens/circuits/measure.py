@@ -30,6 +30,7 @@ from torch import Tensor
 
 from reuse_lens._validate import check_circuit, check_count, check_fits, check_seed
 from reuse_lens.nodes import MLP, AttentionHead, ModelShape, edges_of, parse_node
+from reuse_lens.patching._common import Engine
 from reuse_lens.patching.ablation import AblationRunner, InputKind, NodeMask
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
@@ -91,6 +92,7 @@ class CircuitEvaluator:
         metric: str | Metric | None = None,
         batch_size: int | None = None,
         input_node: InputKind = "embeddings",
+        engine: Engine = "auto",
     ) -> None:
         self.runner = AblationRunner(
             model,
@@ -99,6 +101,7 @@ class CircuitEvaluator:
             metric=metric,
             batch_size=batch_size,
             input_node=input_node,
+            engine=engine,
         )
         self.model = model
         self.task = task
@@ -226,6 +229,7 @@ def faithfulness(
     batch_size: int | None = None,
     level: Level | None = None,
     input_node: InputKind = "embeddings",
+    engine: Engine = "auto",
 ) -> float:
     """The circuit's share of the task's behaviour: 1.0 = the full model, 0.0 = all ablated.
 
@@ -244,6 +248,7 @@ def faithfulness(
             ``embeddings`` (token plus position embedding, the default) or ``tokens`` (the
             token embedding alone, as EAP-IG and MIB's evaluation). Only edge circuits
             ablate ``input``; see ``reuse_lens.patching.ablation.InputKind``.
+        engine: ``auto``, ``functional`` or ``hooks``, as in ``activation_patching``.
 
     Raises:
         TypeError: when model, task or circuit is not one (a spec string, a list).
@@ -254,7 +259,13 @@ def faithfulness(
     """
     check_circuit(circuit)  # before the set-up's forward passes
     evaluator = CircuitEvaluator(
-        model, task, ablation=ablation, metric=metric, batch_size=batch_size, input_node=input_node
+        model,
+        task,
+        ablation=ablation,
+        metric=metric,
+        batch_size=batch_size,
+        input_node=input_node,
+        engine=engine,
     )
     return evaluator(circuit, level)
 

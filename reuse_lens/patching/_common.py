@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from reuse_lens._validate import check_pair
+from reuse_lens.arch.registry import extract as extract_weights
 from reuse_lens.evaluation import answer_logits
-from reuse_lens.patching._forward import RunCache, Unsupported, Weights, extract_weights
+from reuse_lens.patching._forward import RunCache, Unsupported, Weights
 from reuse_lens.tasks.metrics import Metric, MetricInputs, check_finite, get_metric
 
 if TYPE_CHECKING:
@@ -20,7 +21,17 @@ if TYPE_CHECKING:
 
     from reuse_lens.tasks.task import Task
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "Prepared", "prepare", "rows_per_chunk"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "ENGINES", "Engine", "Prepared", "prepare", "rows_per_chunk"]
+
+Engine = Literal["auto", "functional", "hooks"]
+"""Which engine patches the model.
+
+- ``auto``: the functional forward where it reproduces the model's logits, else hooks.
+- ``functional``: the functional forward, or a ValueError saying why it cannot run.
+- ``hooks``: ``run_with_hooks`` on the bridge, whatever the model (TransformerLens's speed).
+"""
+
+ENGINES: tuple[str, ...] = ("auto", "functional", "hooks")
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +59,14 @@ class Prepared:
     corrupted_logits: Float[Tensor, "batch d_vocab"]
     weights: Weights | None
     fallback_reason: str | None
+    runs: dict[str, RunCache] = field(default_factory=dict)
+
+    def run(self, which: str) -> RunCache:
+        """The functional run of the ``clean`` or ``corrupted`` prompts, computed once."""
+        assert self.weights is not None
+        if which not in self.runs:
+            self.runs[which] = self.weights.run(self.clean if which == "clean" else self.corrupted)
+        return self.runs[which]
 
     @property
     def n(self) -> int:
@@ -69,39 +88,55 @@ class Prepared:
 
 @torch.no_grad()
 def prepare(
-    model: TransformerBridge, task: Task, metric: str | Metric | None, *, functional: bool = True
+    model: TransformerBridge, task: Task, metric: str | Metric | None, *, engine: Engine = "auto"
 ) -> Prepared:
     """Check the task against the model and compute what every patching method needs.
 
     The functional forward is verified against the bridge's own logits on the clean
-    prompts; on any mismatch the model is patched through hooks instead.
+    prompts; on any mismatch the model is patched through hooks instead (``engine="auto"``),
+    or the call is refused (``engine="functional"``).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     model, task = check_pair(model, task)
     device = torch.device(model.cfg.device or "cpu")
     chosen = get_metric(task.metric if metric is None else metric)
     clean, corrupted = task.clean.to(device), task.corrupted.to(device)
     answer_pos = task.answer_pos.to(device)
     clean_logits = answer_logits(model, clean, answer_pos)
-    corrupted_logits = answer_logits(model, corrupted, answer_pos)
+    corrupted_logits: Tensor | None = None
+    runs: dict[str, RunCache] = {}
     base_inputs = task.metric_inputs()
     inputs = MetricInputs(
         base_inputs.answers.to(device), base_inputs.wrong.to(device), clean_logits
     )
     weights: Weights | None = None
-    reason: str | None = "functional forward disabled"
-    if functional:
+    reason: str | None = "engine='hooks' was asked for"
+    if engine != "hooks":
         try:
             weights = extract_weights(model)
             rows = torch.arange(clean.shape[0], device=device)
-            ours = weights.logits(weights.run(clean).final[rows, answer_pos])
+            runs["clean"] = weights.run(clean)
+            ours = weights.logits(runs["clean"].final[rows, answer_pos])
             gap = float((ours.float() - clean_logits).abs().max())
             tolerance = verify_tolerance(ours.dtype) * max(1.0, float(clean_logits.abs().max()))
             if gap > tolerance:
                 raise Unsupported(f"its logits differ from the bridge's by {gap:.2g}")
             reason = None
+            # Verified: the corrupted run is the functional one, kept for the engines.
+            runs["corrupted"] = weights.run(corrupted)
+            corrupted_logits = weights.logits(runs["corrupted"].final[rows, answer_pos])
         except Unsupported as why:
             weights, reason = None, f"the fast forward cannot reproduce this model: {why}"
+            runs = {}
             logger.info("patching through hooks: %s", reason)
+    if weights is None and engine == "functional":
+        raise ValueError(
+            f"engine='functional' cannot run this model: {reason}. Use engine='auto', which "
+            "patches it through hooks."
+        )
+    if corrupted_logits is None:
+        corrupted_logits = answer_logits(model, corrupted, answer_pos)
     prepared = Prepared(
         model=model,
         clean=clean,
@@ -113,6 +148,7 @@ def prepare(
         corrupted_logits=corrupted_logits,
         weights=weights,
         fallback_reason=reason,
+        runs=runs,
     )
     prepared.clean_metric  # noqa: B018  (raises MetricError on NaN before any sweep)
     prepared.corrupted_metric  # noqa: B018

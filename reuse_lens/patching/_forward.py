@@ -1,45 +1,43 @@
-"""A small functional forward pass over a TransformerBridge's weights, for fast patching.
+"""A small functional forward pass over a model's weights, for fast patching.
 
 The bridge's ``start_at_layer`` still runs the blocks before it, and every forward pass
 unembeds every position. Patching needs neither: a patch at layer ``l`` leaves the
 residual stream before ``l`` as in the unpatched run, a patch at position ``p`` leaves
 positions before ``p`` unchanged at every layer (causal attention), and a metric reads
-only the answer position. This module re-implements the forward pass of the plain
-GPT-2-style architecture (learned positions, LayerNorm or none, multi-head attention,
-an MLP) from the bridge's weights so that the patching engines can exploit all three.
+only the answer position. This module re-implements the decoder forward pass from
+weights read once per call, so that the patching engines can exploit all three.
 
-Architectures it does not cover (rotary, GQA, parallel attention, gated MLPs, RMSNorm,
-soft caps, ...) are refused by ``extract_weights``, and the callers fall back to
-hook-based patching; ``verify`` additionally compares the logits with the bridge's own,
-so an architecture that only looks supported is never patched silently wrong.
+What varies between architecture families (pre-, post- or no norms, LayerNorm or
+RMSNorm, learned or rotary positions, parallel attention and MLP, gated MLPs, q/k norms,
+soft caps, sliding windows) is described by an ``ArchSpec`` and read by one ``block``
+function; ``reuse_lens.arch`` holds one adapter per family that reads a bridge's
+weights into ``Weights``. Grouped-query models are stored with their key/value heads
+repeated per query head (TransformerLens's ``ungroup_grouped_query_attention``), so each
+query head has its own k and v input: the semantics that per-head path patching and edge
+ablation need. A model no adapter covers raises ``Unsupported`` and the callers fall back
+to hooks; ``_common.prepare`` also compares the logits with the bridge's own, so an
+architecture that only looks supported is never patched silently wrong.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from torch import Tensor, nn
+from torch import Tensor
+
+from reuse_lens.arch.spec import ArchSpec
 
 if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
+    pass
 
-__all__ = ["Layer", "Norm", "RunCache", "Unsupported", "Weights", "extract_weights"]
+__all__ = ["Layer", "Norm", "Rope", "RunCache", "Unsupported", "Weights"]
 
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
+QKVEdit = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
 class Unsupported(Exception):
@@ -48,14 +46,27 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class Norm:
-    """A LayerNorm (``weight``/``bias`` may be None for the parameter-free variant)."""
+    """A LayerNorm or an RMSNorm over the last axis (``weight``/``bias`` may be None).
+
+    RMSNorm (Zhang & Sennrich 2019; Llama, Gemma, Qwen, OLMo-2) is computed in float32 as
+    ``transformers`` does; Gemma's ``(1 + w)`` scale is folded into ``weight`` on reading.
+    """
 
     weight: Tensor | None
     bias: Tensor | None
     eps: float
+    rms: bool = False
 
     def __call__(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        if not self.rms:
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            h = h * self.weight
+        if self.bias is not None:
+            h = h + self.bias
+        return h.to(x.dtype)
 
 
 def _norm(x: Tensor, norm: Norm | None) -> Tensor:
@@ -70,8 +81,52 @@ def _affine(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 @dataclass(frozen=True)
+class Rope:
+    """Rotary position embeddings (Su et al. 2021) on the first ``dim`` channels of a head.
+
+    ``table(n)`` returns cos and sin, each ``(n, dim)``, for positions ``0..n-1``: the
+    adapters get them from the model's own rotary module, so every scaling variant
+    (linear, Llama-3, YaRN, ...) is whatever ``transformers`` computes. ``interleaved``:
+    GPT-J and Cohere rotate channel pairs ``(2i, 2i+1)``; GPT-NeoX, Llama and most others
+    rotate the halves ``(i, i + dim/2)``.
+    """
+
+    dim: int
+    interleaved: bool
+    table: Callable[[int], tuple[Tensor, Tensor]]
+    _cache: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def cos_sin(self, n: int) -> tuple[Tensor, Tensor]:
+        if "cos" not in self._cache or self._cache["cos"].shape[0] < n:
+            size = max(n, 2 * self._cache["cos"].shape[0] if "cos" in self._cache else 128)
+            self._cache["cos"], self._cache["sin"] = self.table(size)
+        return self._cache["cos"], self._cache["sin"]
+
+    def __call__(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``x`` ``(..., pos, head, d_head)`` at absolute ``positions`` ``(pos,)`` or ``(b, pos)``."""
+        cos, sin = self.cos_sin(int(positions.max()) + 1)
+        cos, sin = cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2)
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        if self.interleaved:
+            turned = torch.stack((-rot[..., 1::2], rot[..., ::2]), dim=-1).flatten(-2)
+        else:
+            half = self.dim // 2
+            turned = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos + turned * sin
+        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+@dataclass(frozen=True)
 class Layer:
-    """One block's weights, with the heads' matrices flattened to ``(d_model, head*d_head)``."""
+    """One block's weights, with the heads' matrices flattened to ``(d_model, head*d_head)``.
+
+    k/v weights hold one column block per *query* head (grouped-query models repeated).
+    ``ln2`` is the MLP's input norm (the same object as ``ln1`` where a parallel block
+    shares it); ``w_gate`` is set for gated MLPs (Shazeer 2020: ``act(x W_gate) * x W_in``);
+    ``attn_post``/``mlp_post`` are Gemma-2's and OLMo-2's norms on each sublayer's output;
+    ``q_norm``/``k_norm`` act per head (Qwen3) or on the whole projection (OLMo-2);
+    ``window`` is the sliding-window width of a local-attention layer.
+    """
 
     ln1: Norm | None
     w_q: Tensor
@@ -89,14 +144,24 @@ class Layer:
     b_out: Tensor | None
     w_qkv: Tensor
     b_qkv: Tensor
+    w_gate: Tensor | None = None
+    b_gate: Tensor | None = None
+    q_norm: Norm | None = None
+    k_norm: Norm | None = None
+    attn_post: Norm | None = None
+    mlp_post: Norm | None = None
+    window: int | None = None
 
 
 @dataclass(frozen=True)
 class Weights:
-    """Everything the functional forward reads, taken from the bridge once per call."""
+    """Everything the functional forward reads, taken from the model once per call.
+
+    ``scale`` divides the attention scores (``sqrt(d_head)`` by default).
+    """
 
     w_e: Tensor
-    w_pos: Tensor
+    w_pos: Tensor | None
     layers: list[Layer]
     ln_final: Norm | None
     w_u: Tensor
@@ -105,44 +170,96 @@ class Weights:
     n_heads: int
     d_head: int
     scale: float
+    spec: ArchSpec = field(default_factory=ArchSpec)
+    rope: Rope | None = None
+    alibi: Tensor | None = None
+    embed_norm: Norm | None = None
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def parallel(self) -> bool:
+        return self.spec.parallel
+
     # ---- pieces of the forward pass ------------------------------------------------------
 
-    def qkv(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v of every head, each ``(..., pos, head, d_head)``, from ``resid_pre``."""
+    def _positions(self, x: Tensor, positions: Tensor | None) -> Tensor:
+        return torch.arange(x.shape[-2], device=x.device) if positions is None else positions
+
+    def _qk_post(self, layer: int, x: Tensor, norm: Norm | None, positions: Tensor) -> Tensor:
+        """q/k norm, then rotary: (..., pos, head, d_head) -> the same shape."""
+        if norm is not None:
+            if self.spec.qk_norm == "proj":  # OLMo-2: one norm over every head's channels
+                x = norm(x.flatten(-2)).unflatten(-1, (self.n_heads, self.d_head))
+            else:
+                x = norm(x)
+        return x if self.rope is None else self.rope(x, positions)
+
+    def qkv(
+        self, layer: int, resid: Tensor, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of every head, each ``(..., pos, head, d_head)``, from ``resid_pre``.
+
+        ``positions``: absolute positions of ``resid``'s rows, ``(pos,)`` or ``(b, pos)``
+        (by default ``0..pos-1``); rotary models need them.
+        """
         w = self.layers[layer]
         fused = _affine(_norm(resid, w.ln1), w.w_qkv, w.b_qkv)
         q, k, v = fused.unflatten(-1, (3, self.n_heads, self.d_head)).unbind(-3)
-        return q, k, v
+        pos = self._positions(resid, positions)
+        return self._qk_post(layer, q, w.q_norm, pos), self._qk_post(layer, k, w.k_norm, pos), v
 
-    def q_only(self, layer: int, resid: Tensor) -> Tensor:
+    def q_only(self, layer: int, resid: Tensor, positions: Tensor | None = None) -> Tensor:
         w = self.layers[layer]
-        q = _affine(_norm(resid, w.ln1), w.w_q, w.b_q)
-        return q.unflatten(-1, (self.n_heads, self.d_head))
+        q = _affine(_norm(resid, w.ln1), w.w_q, w.b_q).unflatten(-1, (self.n_heads, self.d_head))
+        return self._qk_post(layer, q, w.q_norm, self._positions(resid, positions))
 
-    def kv_only(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor]:
+    def kv_only(
+        self, layer: int, resid: Tensor, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         w = self.layers[layer]
-        x = _norm(resid, w.ln1)
         width = self.n_heads * self.d_head
-        kv = _affine(x, w.w_qkv[:, width:], w.b_qkv[width:])
+        kv = _affine(_norm(resid, w.ln1), w.w_qkv[:, width:], w.b_qkv[width:])
         k, v = kv.unflatten(-1, (2, self.n_heads, self.d_head)).unbind(-3)
-        return k, v
+        return self._qk_post(layer, k, w.k_norm, self._positions(resid, positions)), v
 
-    def pattern(self, q: Tensor, k: Tensor, q_pos: Tensor) -> Tensor:
+    def qkv_per_head(
+        self, layer: int, x_q: Tensor, x_k: Tensor, x_v: Tensor, positions: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v when every head reads its own residual stream ``(b, pos, head, d_model)``."""
+        w, h, d = self.layers[layer], self.n_heads, self.d_head
+
+        def project(x: Tensor, w_flat: Tensor, b_flat: Tensor) -> Tensor:
+            per_head = w_flat.view(-1, h, d).permute(1, 0, 2)
+            return torch.einsum("bphd,hde->bphe", _norm(x, w.ln1), per_head) + b_flat.view(h, d)
+
+        q = self._qk_post(layer, project(x_q, w.w_q, w.b_q), w.q_norm, positions)
+        k = self._qk_post(layer, project(x_k, w.w_k, w.b_k), w.k_norm, positions)
+        return q, k, project(x_v, w.w_v, w.b_v)
+
+    def pattern(self, q: Tensor, k: Tensor, q_pos: Tensor, layer: int | None = None) -> Tensor:
         """Attention pattern ``(batch, head, q_pos, k_pos)`` for queries at absolute ``q_pos``.
 
         ``q_pos`` is ``(batch, n_queries)`` or ``(n_queries,)``; key ``j`` is visible to a
-        query at position ``i`` when ``j <= i`` (causal).
+        query at position ``i`` when ``j <= i`` (causal) and, in a sliding-window layer
+        of width ``W`` (Mistral, Gemma-2, GPT-Neo local layers), ``i - j < W``.
         """
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / self.scale
+        cap = self.spec.attn_softcap
+        if cap is not None:  # Gemma-2: scores squashed into (-cap, cap) before the mask
+            scores = torch.tanh(scores / cap) * cap
         k_idx = torch.arange(k.shape[1], device=k.device)
+        if self.alibi is not None:  # Press et al. 2022 (BLOOM): a linear bias per head
+            scores = scores + self.alibi.view(1, -1, 1, 1) * k_idx.to(scores.dtype)
         if q_pos.dim() == 1:
             q_pos = q_pos.unsqueeze(0)
-        masked = k_idx.view(1, 1, -1) > q_pos.unsqueeze(-1)  # (b or 1, q, k)
+        gap = q_pos.unsqueeze(-1) - k_idx.view(1, 1, -1)  # (b or 1, q, k)
+        masked = gap < 0
+        window = None if layer is None else self.layers[layer].window
+        if window is not None:
+            masked = masked | (gap >= window)
         scores = scores.masked_fill(masked.unsqueeze(1), float("-inf"))
         return scores.softmax(-1)
 
@@ -152,49 +269,107 @@ class Weights:
         return torch.einsum("bhqk,bkhd->bqhd", pattern, v)
 
     def attn_out(self, layer: int, z: Tensor) -> Tensor:
+        """What the attention sublayer adds to the residual stream (after any post-norm)."""
         w = self.layers[layer]
-        return _affine(z.flatten(-2), w.w_o, w.b_o)
+        return _norm(_affine(z.flatten(-2), w.w_o, w.b_o), w.attn_post)
 
-    def mlp_out(self, layer: int, resid_mid: Tensor) -> Tensor:
+    def mlp_out(self, layer: int, resid: Tensor) -> Tensor:
+        """What the MLP adds to the residual stream, from the residual stream it reads.
+
+        That is ``resid_mid`` in a sequential block and ``resid_pre`` in a parallel one
+        (GPT-J, GPT-NeoX, Phi, Falcon, Cohere): see ``mlp_input``.
+        """
         w = self.layers[layer]
         if w.w_in is None:
-            return torch.zeros_like(resid_mid)
-        assert w.b_in is not None and w.w_out is not None and w.b_out is not None
-        hidden = self.act(_affine(_norm(resid_mid, w.ln2), w.w_in, w.b_in))
-        return _affine(hidden, w.w_out, w.b_out)
+            return torch.zeros_like(resid)
+        assert w.w_out is not None
+        x = _norm(resid, w.ln2)
+        hidden = _affine(x, w.w_in, w.b_in)
+        if w.w_gate is not None:
+            hidden = self.act(_affine(x, w.w_gate, w.b_gate)) * hidden
+        else:
+            hidden = self.act(hidden)
+        return _norm(_affine(hidden, w.w_out, w.b_out), w.mlp_post)
+
+    def mlp_input(self, resid_pre: Tensor, resid_mid: Tensor) -> Tensor:
+        """The residual stream the MLP reads: ``resid_pre`` in a parallel block."""
+        return resid_pre if self.spec.parallel else resid_mid
 
     @property
     def has_mlps(self) -> bool:
         return self.layers[0].w_in is not None
 
     def logits(self, final: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_vocab"]:
-        return _affine(_norm(final, self.ln_final), self.w_u, self.b_u)
+        out = _affine(_norm(final, self.ln_final), self.w_u, self.b_u)
+        cap = self.spec.final_softcap
+        return out if cap is None else torch.tanh(out / cap) * cap
 
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.w_e[tokens] + self.w_pos[: tokens.shape[1]].unsqueeze(0)
+        x = self.w_e[tokens]
+        if self.w_pos is not None:
+            x = x + self.w_pos[: tokens.shape[1]].unsqueeze(0)
+        return _norm(x, self.embed_norm)
 
-    # ---- whole runs ----------------------------------------------------------------------
+    # ---- one block, and the whole runs built from it -------------------------------------
+
+    def block(
+        self,
+        layer: int,
+        resid: Float[Tensor, "batch pos d_model"],
+        positions: Tensor | None = None,
+        *,
+        kv_prefix: tuple[Tensor, Tensor] | None = None,
+        answer: Int[Tensor, " batch"] | None = None,
+        edit_qkv: QKVEdit | None = None,
+        edit_z: Callable[[Tensor], Tensor] | None = None,
+        edit_mlp: Callable[[Tensor], Tensor] | None = None,
+        record: dict[str, Tensor] | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Block ``layer`` on ``resid`` (pre-norm, parallel and post-norm alike).
+
+        ``positions``: the absolute positions of ``resid``'s rows (``0..`` by default).
+        ``kv_prefix``: keys and values of the positions before them (from a cache).
+        ``answer``: compute only the query at row ``answer[b]`` of each batch entry and
+        return ``(batch, 1, d_model)`` (nothing else reaches the logits in a last block).
+        ``edit_qkv``/``edit_z``/``edit_mlp`` replace activations on the way; ``record``
+        receives q, k, v, pattern, z, resid_mid and mlp_out.
+        """
+        pos = self._positions(resid, positions)
+        if answer is None:
+            q, k, v = self.qkv(layer, resid, pos)
+            q_pos, resid_pre = pos, resid
+        else:
+            k, v = self.kv_only(layer, resid, pos)
+            rows = torch.arange(resid.shape[0], device=resid.device)
+            resid_pre = resid[rows, answer].unsqueeze(1)
+            q_pos = (pos[answer] if pos.dim() == 1 else pos[rows, answer]).unsqueeze(-1)
+            q = self.q_only(layer, resid_pre, q_pos)
+        if edit_qkv is not None:
+            q, k, v = edit_qkv(q, k, v)
+        if kv_prefix is not None:
+            k, v = torch.cat([kv_prefix[0], k], dim=1), torch.cat([kv_prefix[1], v], dim=1)
+        pattern = self.pattern(q, k, q_pos, layer)
+        z = self.mix(pattern, v)
+        if edit_z is not None:
+            z = edit_z(z)
+        resid_mid = resid_pre + self.attn_out(layer, z)
+        mlp = self.mlp_out(layer, self.mlp_input(resid_pre, resid_mid))
+        if edit_mlp is not None:
+            mlp = edit_mlp(mlp)
+        if record is not None:
+            record.update(q=q, k=k, v=v, pattern=pattern, z=z, resid_mid=resid_mid, mlp_out=mlp)
+        return resid_mid + mlp
 
     def run(self, tokens: Int[Tensor, "batch pos"]) -> RunCache:
         """The unpatched forward pass, keeping every activation that patching reads."""
         cache = RunCache([], [], [], [], [], [], [], [], torch.empty(0))
         resid = self.embed(tokens)
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
         for layer in range(self.n_layers):
             cache.resid_pre.append(resid)
-            q, k, v = self.qkv(layer, resid)
-            pattern = self.pattern(q, k, positions)
-            z = self.mix(pattern, v)
-            resid = resid + self.attn_out(layer, z)
-            cache.resid_mid.append(resid)
-            mlp = self.mlp_out(layer, resid)
-            resid = resid + mlp
-            for store, value in zip(
-                (cache.q, cache.k, cache.v, cache.pattern, cache.z, cache.mlp_out),
-                (q, k, v, pattern, z, mlp),
-                strict=True,
-            ):
-                store.append(value)
+            store: dict[str, Tensor] = {}
+            resid = self.block(layer, resid, record=store)
+            for name in ("resid_mid", "q", "k", "v", "pattern", "z", "mlp_out"):
+                getattr(cache, name).append(store[name])
         cache.final = resid
         return cache
 
@@ -212,17 +387,15 @@ class Weights:
         (batch-first, or a batch of one shared by every prompt).
         """
         resid = self.embed(tokens)
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
         for layer in range(self.n_layers):
-            q, k, v = self.qkv(layer, resid)
-            z = self.mix(self.pattern(q, k, positions), v)
-            mask = heads[layer].view(1, 1, -1, 1).to(z.device)
-            z = torch.where(mask, source.z[layer].expand_as(z), z)
-            resid = resid + self.attn_out(layer, z)
-            mlp = self.mlp_out(layer, resid)
-            if mlps is not None and bool(mlps[layer]):
-                mlp = source.mlp_out[layer].expand_as(mlp)
-            resid = resid + mlp
+            mask = heads[layer].view(1, 1, -1, 1).to(resid.device)
+            patch_mlp = mlps is not None and bool(mlps[layer])
+            resid = self.block(
+                layer,
+                resid,
+                edit_z=lambda z, m=mask, s=source.z[layer]: torch.where(m, s.expand_as(z), z),
+                edit_mlp=(lambda x, s=source.mlp_out[layer]: s.expand_as(x)) if patch_mlp else None,
+            )
         return resid
 
     def tail(
@@ -233,8 +406,6 @@ class Weights:
         base: RunCache,
         prompt: Int[Tensor, " rows"],
         answer_pos: Int[Tensor, " rows"],
-        *,
-        attn_override: Callable[[int, Tensor], Tensor | None] | None = None,
     ) -> Float[Tensor, "rows d_model"]:
         """Run blocks ``first_layer..`` on positions ``pos0..`` and return the answer residual.
 
@@ -242,35 +413,19 @@ class Weights:
         their keys and values come from ``base`` (the unpatched run of prompt
         ``prompt[row]``) instead of being recomputed. In the last block only the answer
         position's query, attention output and MLP are computed: nothing else reaches the
-        logits. ``attn_override(layer, rows)`` may return a replacement attention output
-        ``(rows, sub_pos, d_model)`` for a layer (path patching freezes heads this way).
+        logits.
         """
         rows = torch.arange(resid.shape[0], device=resid.device)
         rel = answer_pos - pos0
+        positions = torch.arange(pos0, pos0 + resid.shape[1], device=resid.device)
         for layer in range(first_layer, self.n_layers):
-            override = None if attn_override is None else attn_override(layer, resid)
+            prefix = None
+            if pos0 > 0:
+                prefix = (base.k[layer][prompt, :pos0], base.v[layer][prompt, :pos0])
             last = layer == self.n_layers - 1
-            if override is not None:
-                resid = resid + override
-                if last:
-                    resid = resid[rows, rel].unsqueeze(1)
-            else:
-                if last:
-                    k, v = self.kv_only(layer, resid)
-                else:
-                    q, k, v = self.qkv(layer, resid)
-                if pos0 > 0:
-                    k = torch.cat([base.k[layer][prompt, :pos0], k], dim=1)
-                    v = torch.cat([base.v[layer][prompt, :pos0], v], dim=1)
-                if last:
-                    resid = resid[rows, rel].unsqueeze(1)
-                    q_pos = answer_pos.unsqueeze(1)
-                    q = self.q_only(layer, resid)
-                else:
-                    q_pos = torch.arange(pos0, pos0 + resid.shape[1], device=resid.device)
-                z = self.mix(self.pattern(q, k, q_pos), v)
-                resid = resid + self.attn_out(layer, z)
-            resid = resid + self.mlp_out(layer, resid)
+            resid = self.block(
+                layer, resid, positions, kv_prefix=prefix, answer=rel if last else None
+            )
         if first_layer >= self.n_layers:
             return resid[rows, rel]
         return resid[:, 0]
@@ -281,8 +436,10 @@ class RunCache:
     """Per-layer activations of one unpatched run, each with a leading batch axis.
 
     ``resid_pre``/``resid_mid``/``mlp_out``: (batch, pos, d_model); ``q``/``k``/``v``/``z``:
-    (batch, pos, head, d_head); ``pattern``: (batch, head, q_pos, k_pos); ``final``: the
-    residual stream after the last block, (batch, pos, d_model).
+    (batch, pos, head, d_head), q and k after any q/k norm and rotary embedding;
+    ``pattern``: (batch, head, q_pos, k_pos); ``final``: the residual stream after the last
+    block, (batch, pos, d_model). ``resid_mid`` is ``resid_pre`` plus the attention output
+    also in a parallel block, whose MLP reads ``resid_pre``.
     """
 
     resid_pre: list[Tensor]
@@ -294,118 +451,3 @@ class RunCache:
     z: list[Tensor]
     mlp_out: list[Tensor]
     final: Tensor
-
-
-def _original(component: Any) -> Any:
-    return getattr(component, "original_component", component)
-
-
-def _get_norm(component: Any, label: str) -> Norm | None:
-    module = _original(component)
-    if module is None or isinstance(module, nn.Identity):
-        return None
-    if isinstance(module, nn.LayerNorm):
-        return Norm(module.weight, module.bias, float(module.eps))
-    raise Unsupported(f"{label} is a {type(module).__name__}, not a LayerNorm")
-
-
-_UNSUPPORTED_FLAGS = (
-    ("parallel_attn_mlp", "parallel attention and MLP"),
-    ("gated_mlp", "a gated MLP"),
-    ("use_local_attn", "local attention"),
-    ("scale_attn_by_inverse_layer_idx", "attention scaled by the inverse layer index"),
-    ("final_rms", "a final RMSNorm"),
-    ("post_embedding_ln", "a LayerNorm after the embedding"),
-    ("use_normalization_before_and_after", "normalisation before and after blocks"),
-    ("use_qk_norm", "q/k normalisation"),
-    ("is_multimodal", "multimodal inputs"),
-)
-
-
-def extract_weights(model: TransformerBridge) -> Weights:
-    """Read a bridge's weights into a ``Weights``, or raise ``Unsupported`` saying why."""
-    cfg = model.cfg
-    for flag, what in _UNSUPPORTED_FLAGS:
-        if getattr(cfg, flag, False):
-            raise Unsupported(f"the model uses {what}")
-    if (getattr(cfg, "positional_embedding_type", "standard") or "standard") != "standard":
-        raise Unsupported(f"positional embeddings are {cfg.positional_embedding_type!r}")
-    if cfg.n_key_value_heads not in (None, cfg.n_heads):
-        raise Unsupported("the model uses grouped-query attention")
-    if getattr(cfg, "attention_dir", "causal") != "causal":
-        raise Unsupported("attention is not causal")
-    for cap in ("attn_scores_soft_cap", "output_logits_soft_cap"):
-        if float(getattr(cfg, cap, -1.0) or -1.0) > 0:
-            raise Unsupported(f"the model uses {cap}")
-    norm_type = cfg.normalization_type
-    if norm_type is not None and norm_type.upper() not in ("LN", "LNPRE"):
-        raise Unsupported(f"normalization_type is {norm_type!r}")
-    attn_only = bool(getattr(cfg, "attn_only", False))
-    act = None
-    if not attn_only:
-        act = _ACTIVATIONS.get(str(cfg.act_fn).lower())
-        if act is None:
-            raise Unsupported(f"activation function {cfg.act_fn!r}")
-    try:
-        with torch.no_grad():
-            n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
-            W_Q, W_K, W_V, W_O = model.W_Q, model.W_K, model.W_V, model.W_O
-            b_Q, b_K, b_V, b_O = model.b_Q, model.b_K, model.b_V, model.b_O
-            d_head = int(W_Q.shape[-1])
-            if tuple(W_Q.shape[:2]) != (n_layers, n_heads) or W_K.shape != W_Q.shape:
-                raise Unsupported(f"unexpected W_Q/W_K shapes {tuple(W_Q.shape)}")
-            mlp = None if attn_only else (model.W_in, model.b_in, model.W_out, model.b_out)
-            layers = []
-            for i in range(n_layers):
-                block = model.blocks[i]
-
-                def flat(w: Tensor) -> Tensor:  # (head, d_model, d_head) -> (d_model, head*d_head)
-                    return w.permute(1, 0, 2).reshape(w.shape[1], -1).contiguous()
-
-                layers.append(
-                    Layer(
-                        ln1=_get_norm(getattr(block, "ln1", None), f"blocks.{i}.ln1"),
-                        w_q=flat(W_Q[i]),
-                        b_q=b_Q[i].reshape(-1),
-                        w_k=flat(W_K[i]),
-                        b_k=b_K[i].reshape(-1),
-                        w_v=flat(W_V[i]),
-                        b_v=b_V[i].reshape(-1),
-                        w_o=W_O[i].reshape(-1, W_O.shape[-1]).contiguous(),
-                        b_o=b_O[i],
-                        ln2=None
-                        if attn_only
-                        else _get_norm(getattr(block, "ln2", None), f"blocks.{i}.ln2"),
-                        w_in=None if mlp is None else mlp[0][i],
-                        b_in=None if mlp is None else mlp[1][i],
-                        w_out=None if mlp is None else mlp[2][i],
-                        b_out=None if mlp is None else mlp[3][i],
-                        w_qkv=torch.cat([flat(W_Q[i]), flat(W_K[i]), flat(W_V[i])], 1),
-                        b_qkv=torch.cat(
-                            [b_Q[i].reshape(-1), b_K[i].reshape(-1), b_V[i].reshape(-1)]
-                        ),
-                    )
-                )
-            b_u = getattr(model, "b_U", None)
-            if cfg.use_attn_scale and float(cfg.attn_scale) > 0:
-                scale = float(cfg.attn_scale)
-            elif cfg.use_attn_scale:
-                scale = math.sqrt(d_head)
-            else:
-                scale = 1.0
-            return Weights(
-                w_e=model.W_E.detach(),
-                w_pos=model.W_pos.detach(),
-                layers=layers,
-                ln_final=_get_norm(getattr(model, "ln_final", None), "ln_final"),
-                w_u=model.W_U.detach(),
-                b_u=None if b_u is None else b_u.detach(),
-                act=act or F.relu,
-                n_heads=n_heads,
-                d_head=d_head,
-                scale=scale,
-            )
-    except Unsupported:
-        raise
-    except (AttributeError, RuntimeError, NotImplementedError, TypeError) as error:
-        raise Unsupported(f"its weights cannot be read ({error})") from error

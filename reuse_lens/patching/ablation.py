@@ -33,6 +33,7 @@ from torch import Tensor
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import LOGITS, MLP, ModelShape, shape_of
 from reuse_lens.patching._common import (
+    Engine,
     Prepared,
     mean_cache,
     position_mask,
@@ -40,7 +41,7 @@ from reuse_lens.patching._common import (
     rows_per_chunk,
     zero_cache,
 )
-from reuse_lens.patching._forward import RunCache, Weights, _norm
+from reuse_lens.patching._forward import RunCache, Weights
 from reuse_lens.patching._hook_edges import HookEdges
 from reuse_lens.patching._hooks import HookSources, hook_name
 from reuse_lens.patching.graph import GraphIndex
@@ -116,7 +117,7 @@ class AblationRunner:
         ablation: Ablation = "mean",
         metric: str | Metric | None = None,
         batch_size: int | None = None,
-        functional: bool = True,
+        engine: Engine = "auto",
         input_node: InputKind = "embeddings",
     ) -> None:
         if ablation not in _ABLATIONS:
@@ -132,7 +133,7 @@ class AblationRunner:
             raise ValueError(f"task {task.name!r} has no prompts: load it with n >= 1")
         self.ablation = ablation
         self.shape = shape_of(model)  # first: it refuses models without attention heads
-        self.prep: Prepared = prepare(model, task, metric, functional=functional)
+        self.prep: Prepared = prepare(model, task, metric, engine=engine)
         self.batch_size = batch_size
         self._width = int(self.prep.clean.shape[1])
         self.full = float(self.prep.clean_metric.mean())
@@ -209,18 +210,21 @@ class AblationRunner:
         src = self._sources
         src_rows = torch.zeros_like(prompt) if src.shared else prompt
         tokens = self.prep.clean[prompt]
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
         resid = w.embed(tokens)
         for layer in range(w.n_layers):
-            q, k, v = w.qkv(layer, resid)
-            z = w.mix(w.pattern(q, k, positions), v)
             keep = keep_h[:, layer].view(-1, 1, w.n_heads, 1)
-            z = torch.where(keep, z, src.z[layer][src_rows])
-            resid = resid + w.attn_out(layer, z)
+            z_src = src.z[layer][src_rows]
+            edit_mlp = None
             if keep_m is not None:
-                out = w.mlp_out(layer, resid)
                 kept = keep_m[:, layer].view(-1, 1, 1)
-                resid = resid + torch.where(kept, out, src.mlp_out[layer][src_rows])
+                mlp_src = src.mlp_out[layer][src_rows]
+                edit_mlp = lambda out, k=kept, s=mlp_src: torch.where(k, out, s)  # noqa: E731
+            resid = w.block(
+                layer,
+                resid,
+                edit_z=lambda z, k=keep, s=z_src: torch.where(k, z, s),
+                edit_mlp=edit_mlp,
+            )
         rows = torch.arange(len(prompt), device=prompt.device)
         return w.logits(resid[rows, self.prep.answer_pos[prompt]])
 
@@ -269,6 +273,11 @@ class AblationRunner:
     def edges(self, keep: Bool[Tensor, "sender receiver"]) -> float:
         """The mean metric of one edge circuit, given as a keep-mask in ``GraphIndex`` order."""
         w = self.prep.weights
+        if w is not None and (why := w.spec.edge_unsupported()) is not None:
+            raise NotImplementedError(
+                f"edge circuits need each head's output on its own, but {why}. Evaluate a node "
+                "circuit instead (Circuit.from_nodes(circuit.nodes, ...))."
+            )
         index = GraphIndex(self.shape)
         if tuple(keep.shape) != (index.n_senders, index.n_receivers):
             raise ValueError(
@@ -333,26 +342,23 @@ class AblationRunner:
             inputs = resid.unsqueeze(2) + torch.einsum(
                 "bpsd,sr->bprd", deltas[:, :, :n_done], drop[:n_done, cols]
             )
-            x_q, x_k, x_v = _norm(inputs, weights.ln1).unflatten(2, (3, n_heads)).unbind(2)
-
-            def project(x: Tensor, w_flat: Tensor, b_flat: Tensor) -> Tensor:
-                per_head = w_flat.view(-1, n_heads, d_head).permute(1, 0, 2)
-                return torch.einsum("bphd,hde->bphe", x, per_head) + b_flat.view(n_heads, d_head)
-
-            q = project(x_q, weights.w_q, weights.b_q)
-            k = project(x_k, weights.w_k, weights.b_k)
-            v = project(x_v, weights.w_v, weights.b_v)
-            z = w.mix(w.pattern(q, k, positions), v)
+            x_q, x_k, x_v = inputs.unflatten(2, (3, n_heads)).unbind(2)
+            q, k, v = w.qkv_per_head(layer, x_q, x_k, x_v, positions)
+            z = w.mix(w.pattern(q, k, positions, layer), v)
             w_o = weights.w_o.view(n_heads, d_head, -1)
             head_out = torch.einsum("bphe,hed->bphd", z, w_o)
+            resid_pre, n_before = resid, n_done
             resid = resid + head_out.sum(2) + weights.b_o
             ablated = torch.einsum("bphe,hed->bphd", src.z[layer][src_rows], w_o)
             deltas[:, :, n_done : n_done + n_heads] = ablated.expand_as(head_out) - head_out
             n_done += n_heads
             if self.shape.has_mlps:
                 col = index.receiver[MLP(layer).name]
-                mlp_in = resid + torch.einsum(
-                    "bpsd,s->bpd", deltas[:, :, :n_done], drop[:n_done, col]
+                # A parallel block's MLP reads resid_pre: its senders end before this
+                # layer's heads, whose edges into it do not exist.
+                n_read = n_before if w.parallel else n_done
+                mlp_in = w.mlp_input(resid_pre, resid) + torch.einsum(
+                    "bpsd,s->bpd", deltas[:, :, :n_read], drop[:n_read, col]
                 )
                 out = w.mlp_out(layer, mlp_in)
                 resid = resid + out
@@ -368,9 +374,9 @@ class AblationRunner:
     def _functional_sources(self, w: Weights) -> _Sources:
         prep = self.prep
         if self.ablation == "resample":
-            cache: RunCache = w.run(prep.corrupted)
+            cache: RunCache = prep.run("corrupted")
         else:
-            clean = w.run(prep.clean)
+            clean = prep.run("clean")
             cache = (
                 mean_cache(clean, prep.answer_pos + 1)
                 if self.ablation == "mean"

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import MLP, AttentionHead, Node, NodeNameError, parse_nodes, shape_of
 from reuse_lens.patching._common import (
+    Engine,
     Prepared,
     mean_cache,
     prepare,
@@ -99,6 +100,7 @@ def activation_patching(
     component: Component = "out",
     metric: str | Metric | None = None,
     batch_size: int | None = None,
+    engine: Engine = "auto",
 ) -> NodeScores:
     """Patch each node's activation and measure how the task metric moves.
 
@@ -124,6 +126,9 @@ def activation_patching(
         metric: a metric name or ``Metric``; the task's own metric when None.
         batch_size: (patch, prompt) rows per forward pass; by default as many as fit in
             ``_common.DEFAULT_MEMORY_BUDGET`` (1 GiB) of activations.
+        engine: ``auto`` (the fast functional forward where it reproduces the model's
+            logits, else hooks), ``functional`` (refused, with the reason, where it does
+            not) or ``hooks`` (TransformerLens's ``run_with_hooks``); the results agree.
 
     Returns:
         ``NodeScores`` with ``method="activation"``. ``heads``/``mlps`` hold
@@ -153,7 +158,16 @@ def activation_patching(
             f"takes no ablation; got ablation={ablation!r}. Use ablation='resample'."
         )
     return _activation_patching(
-        model, task, nodes, ablation, direction, per_position, component, metric, batch_size
+        model,
+        task,
+        nodes,
+        ablation,
+        direction,
+        per_position,
+        component,
+        metric,
+        batch_size,
+        engine=engine,
     )
 
 
@@ -168,12 +182,12 @@ def _activation_patching(
     metric: str | Metric | None,
     batch_size: int | None,
     *,
-    functional: bool = True,
+    engine: Engine = "auto",
 ) -> NodeScores:
-    """``activation_patching`` after its options are checked; ``functional=False`` forces hooks."""
+    """``activation_patching`` after its options are checked."""
     heads, mlps = select_nodes(model, nodes, component)
-    prep = prepare(model, task, metric, functional=functional)
-    engine = _engine(prep, ablation, direction, component)
+    prep = prepare(model, task, metric, engine=engine)
+    patcher = _engine(prep, ablation, direction, component)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     shape = shape_of(model)
     width = int(prep.clean.shape[1])
@@ -206,7 +220,7 @@ def _activation_patching(
     limit = rows_per_chunk(model, width, batch_size)
     chunks = list(_chunks(groups, limit))
     for rows in tqdm(chunks, desc="activation patching", disable=len(chunks) < 20, leave=False):
-        effect = (engine.metric(rows) - engine.base_metric[rows.prompt]).cpu()
+        effect = (patcher.metric(rows) - patcher.base_metric[rows.prompt]).cpu()
         group = rows.group
         n_variants = 1 if group.heads is None else len(group.heads)
         totals = torch.zeros(n_variants).index_add_(0, rows.variant.cpu(), effect)
@@ -391,12 +405,12 @@ class _FunctionalEngine(_Engine):
     ) -> None:
         self.prep, self.w, self.component = prep, weights, component
         with torch.no_grad():
-            self.base = weights.run(base_tokens)
+            base_name, other_name = ("clean", "corrupted")[:: 1 if direction == "noising" else -1]
+            self.base = prep.run(base_name)
             if ablation == "resample":
-                other = prep.corrupted if direction == "noising" else prep.clean
-                self.source = weights.run(other)
+                self.source = prep.run(other_name)
             elif ablation == "mean":
-                clean = self.base if direction == "noising" else weights.run(prep.clean)
+                clean = prep.run("clean")
                 self.source = mean_cache(clean, prep.answer_pos + 1)
             else:
                 self.source = zero_cache(self.base)
@@ -411,13 +425,31 @@ class _FunctionalEngine(_Engine):
         group, w = rows.group, self.w
         prompt = rows.prompt
         source = torch.zeros_like(prompt) if self.shared_source else prompt
-        resid = patched_block(
-            w, self.base, self.source, group, prompt, source, rows, self.component
-        )
-        final = w.tail(
-            resid, group.layer + 1, group.pos0, self.base, prompt, self.prep.answer_pos[prompt]
-        )
+        answer = self.prep.answer_pos[prompt]
+        if group.layer == w.n_layers - 1 and group.heads is not None and self.component == "out":
+            final = self._last_layer_out(rows, source, answer)
+        else:
+            resid = patched_block(
+                w, self.base, self.source, group, prompt, source, rows, self.component
+            )
+            final = w.tail(resid, group.layer + 1, group.pos0, self.base, prompt, answer)
         return self.prep.score(w.logits(final), prompt)
+
+    def _last_layer_out(
+        self, rows: Rows, source: Tensor, answer: Int[Tensor, " rows"]
+    ) -> Float[Tensor, "rows d_model"]:
+        """A last-layer head's output patch: only the answer position reaches the logits."""
+        w, layer, prompt = self.w, rows.group.layer, rows.prompt
+        patched = torch.nn.functional.one_hot(rows.head, w.n_heads).bool()
+        if not rows.group.all_pos:
+            patched = patched & (answer == rows.group.pos0).unsqueeze(1)
+        z_base = self.base.z[layer][prompt, answer]
+        z = torch.where(patched.unsqueeze(-1), self.source.z[layer][source, answer], z_base)
+        resid_pre = self.base.resid_pre[layer][prompt, answer]
+        resid_mid = resid_pre + w.attn_out(layer, z)
+        if w.parallel:
+            return resid_mid + self.base.mlp_out[layer][prompt, answer]
+        return resid_mid + w.mlp_out(layer, resid_mid)
 
 
 def _mask(rows: Rows, n_heads: int, n_pos: int, first_only: bool) -> Tensor:
@@ -489,9 +521,11 @@ def patched_block(
             else:
                 v = torch.where(mask, source.v[layer][src], v)
         q_pos = torch.arange(p0, p0 + q.shape[1], device=q.device)
-        z = w.mix(w.pattern(q, k, q_pos), v)
+        z = w.mix(w.pattern(q, k, q_pos, layer), v)
     resid_mid = resid_pre + w.attn_out(layer, z)
-    return _rejoin(w, base, layer, prompt, resid_mid + w.mlp_out(layer, resid_mid), stop)
+    # A parallel block's MLP reads resid_pre, which no head patch changes.
+    mlp = base.mlp_out[layer][prompt, p0:stop] if w.parallel else w.mlp_out(layer, resid_mid)
+    return _rejoin(w, base, layer, prompt, resid_mid + mlp, stop)
 
 
 def _rejoin(

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import MLP, AttentionHead, Node, NodeNameError, parse_nodes, shape_of
-from reuse_lens.patching._common import Prepared, prepare, rows_per_chunk
+from reuse_lens.patching._common import Engine, Prepared, prepare, rows_per_chunk
 from reuse_lens.patching._forward import RunCache, Weights
 from reuse_lens.patching._hooks import hook_name
 from reuse_lens.patching.scores import NodeScores
@@ -67,6 +67,7 @@ def path_patching(
     positions: Literal["answer"] | Sequence[int] | None = None,
     metric: str | Metric | None = None,
     batch_size: int | None = None,
+    engine: Engine = "auto",
 ) -> NodeScores:
     """The effect of each sender that flows only through the receivers.
 
@@ -87,6 +88,7 @@ def path_patching(
         metric: a metric name or ``Metric``; the task's own when None.
         batch_size: (sender, prompt) rows per forward pass; by default under a 1 GiB
             activation budget.
+        engine: ``auto``, ``functional`` or ``hooks``, as in ``activation_patching``.
 
     Returns:
         ``NodeScores`` with ``method="path"``: metric(patched) − metric(clean) per sender,
@@ -105,7 +107,7 @@ def path_patching(
         chosen = [n for n in shape.nodes() if n.layer < last]
     else:
         chosen = parse_nodes(list(senders), shape)
-    prep = prepare(model, task, metric)
+    prep = prepare(model, task, metric, engine=engine)
     mask = _position_mask(positions, prep)
     if prep.weights is None:
         effects = _path_hooks(prep, chosen, recv, inputs, freeze_mlps, mask)
@@ -212,7 +214,7 @@ def _path_functional(
     batch_size: int | None,
 ) -> dict[Node, float]:
     with torch.no_grad():
-        clean, corrupted = w.run(prep.clean), w.run(prep.corrupted)
+        clean, corrupted = prep.run("clean"), prep.run("corrupted")
         every = torch.arange(prep.n, device=prep.clean.device)
         base = prep.score(w.logits(clean.final[every, prep.answer_pos]), every)
     groups: list[tuple[int, list[Node]]] = []
@@ -272,9 +274,13 @@ def _rows(
         heads = torch.tensor([n.head for n in nodes if isinstance(n, AttentionHead)])
         one_hot = torch.nn.functional.one_hot(heads, w.n_heads).bool().to(prompt.device)
         one_hot = one_hot.repeat_interleave(prep.n, 0).view(n_rows, 1, -1, 1)
-        dz = (g(corrupted.z[layer]) - g(clean.z[layer])) * one_hot * patched.unsqueeze(-1)
-        resid = g(clean.resid_mid[layer]) + dz.flatten(-2) @ w.layers[layer].w_o
-        resid = resid + (g(clean.mlp_out[layer]) if freeze else w.mlp_out(layer, resid))
+        z = torch.where(one_hot & patched.unsqueeze(-1), g(corrupted.z[layer]), g(clean.z[layer]))
+        # The whole attention output is recomputed (not a per-head delta): a post-norm
+        # (Gemma-2, OLMo-2) makes it non-linear in the heads.
+        resid_pre = g(clean.resid_pre[layer])
+        resid = resid_pre + w.attn_out(layer, z)
+        mlp = g(clean.mlp_out[layer]) if freeze else w.mlp_out(layer, w.mlp_input(resid_pre, resid))
+        resid = resid + mlp
     else:
         mlp = torch.where(patched, g(corrupted.mlp_out[layer]), g(clean.mlp_out[layer]))
         resid = g(clean.resid_mid[layer]) + mlp
@@ -291,24 +297,29 @@ def _rows(
                 for c in inputs:
                     recorded[(later, h.head, c)] = found[c][:, :, h.head]
         attn = g(clean.resid_mid[later]) - g(clean.resid_pre[later])  # heads frozen: clean
-        resid = resid + attn
-        resid = resid + (g(clean.mlp_out[later]) if freeze else w.mlp_out(later, resid))
+        mid = resid + attn
+        # A parallel block's MLP reads resid_pre, not the (frozen) heads' output.
+        mlp = g(clean.mlp_out[later]) if freeze else w.mlp_out(later, w.mlp_input(resid, mid))
+        resid = mid + mlp
     if not recv:
         return prep.score(w.logits(resid[:, 0]), prompt)
     if not recorded:  # no receiver after the sender: nothing changes
         return prep.score(w.logits(clean.final[prompt, prep.answer_pos[prompt]]), prompt)
     first = min(key[0] for key in recorded)
     resid = clean.resid_pre[first][prompt]
-    positions = torch.arange(width, device=prompt.device)
+
+    def receive(later: int):
+        def edit(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            found = {"q": q, "k": k, "v": v}
+            for (lay, head, c), value in recorded.items():
+                if lay == later:
+                    found[c][:, :, head] = value
+            return found["q"], found["k"], found["v"]
+
+        return edit
+
     for later in range(first, w.n_layers):
-        q, k, v = w.qkv(later, resid)
-        found = {"q": q, "k": k, "v": v}
-        for (lay, head, c), value in recorded.items():
-            if lay == later:
-                found[c][:, :, head] = value
-        z = w.mix(w.pattern(found["q"], found["k"], positions), found["v"])
-        resid = resid + w.attn_out(later, z)
-        resid = resid + w.mlp_out(later, resid)
+        resid = w.block(later, resid, edit_qkv=receive(later))
     return prep.score(w.logits(resid[rows, answer]), prompt)
 
 

@@ -51,7 +51,7 @@ def _random_masks(shape: ModelShape, count: int, seed: int) -> list[NodeMask]:
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_node_engine_equals_the_hook_engine(model: Any, task: rl.Task, ablation: str) -> None:
     fast = AblationRunner(model, task, ablation=ablation)  # type: ignore[arg-type]
-    slow = AblationRunner(model, task, ablation=ablation, functional=False)  # type: ignore[arg-type]
+    slow = AblationRunner(model, task, ablation=ablation, engine="hooks")  # type: ignore[arg-type]
     assert fast.engine == "functional" and slow.engine == "hooks"
     masks = _random_masks(shape_of(model), 5, seed=0)
     torch.testing.assert_close(fast.nodes(masks), slow.nodes(masks), atol=ATOL, rtol=0)

@@ -51,7 +51,7 @@ def _random_edge_masks(shape: Any, count: int, seed: int) -> list[torch.Tensor]:
 def test_hook_edges_equal_the_functional_engine(hf_model: Any, ablation: str) -> None:
     task = random_task(hf_model, n=3, lengths=[7, 6, 7], seed=5)
     fast = AblationRunner(hf_model, task, ablation=ablation)  # type: ignore[arg-type]
-    slow = AblationRunner(hf_model, task, ablation=ablation, functional=False)  # type: ignore[arg-type]
+    slow = AblationRunner(hf_model, task, ablation=ablation, engine="hooks")  # type: ignore[arg-type]
     assert fast.engine == "functional" and slow.engine == "hooks"
     for keep in _random_edge_masks(shape_of(hf_model), 3, seed=6):
         assert slow.edges(keep) == pytest.approx(fast.edges(keep), abs=ATOL)
@@ -65,21 +65,28 @@ def test_hook_edges_on_every_architecture(name: str, root: Any, word_tokenizer: 
     shape = shape_of(model)
     index = GraphIndex(shape)
     everything = torch.ones(index.n_senders, index.n_receivers, dtype=torch.bool)
-    runner = AblationRunner(model, task, ablation="resample")
+    runner = AblationRunner(model, task, ablation="resample", engine="hooks")
     assert runner.edges(everything) == pytest.approx(runner.full, abs=ATOL)
     corrupted = float(runner.prep.corrupted_metric.mean())
     assert runner.edges(~everything) == pytest.approx(corrupted, abs=ATOL)
     assert abs(runner.full - corrupted) > 1e-3  # the extremes differ: the test can fail
-    mean = AblationRunner(model, task, ablation="mean")
+    mean = AblationRunner(model, task, ablation="mean", engine="hooks")
     for mask in _random_masks(shape, 2, seed=8):
         by_nodes = float(mean.nodes(mask)[0])
         assert mean.edges(_edge_mask_keeping_nodes(shape, mask)) == pytest.approx(
             by_nodes, abs=ATOL
         )
+    # Two independent implementations of edge ablation agree on random edge circuits.
+    fast = AblationRunner(model, task, ablation="mean", engine="functional")
+    for keep in _random_edge_masks(shape, 2, seed=9):
+        assert mean.edges(keep) == pytest.approx(fast.edges(keep), abs=ATOL)
     edges = rl.Circuit.from_edges([e.name for e in rl.nodes.edges_of(shape)], shape)
-    assert rl.faithfulness(model, task, edges, ablation="resample") == pytest.approx(1.0, abs=1e-3)
-    empty = rl.Circuit.from_edges([], shape)
-    assert rl.faithfulness(model, task, empty, ablation="resample") == pytest.approx(0.0, abs=1e-3)
+    for engine in ("hooks", "functional"):
+        kept = rl.faithfulness(model, task, edges, ablation="resample", engine=engine)  # type: ignore[arg-type]
+        assert kept == pytest.approx(1.0, abs=1e-3)
+        empty = rl.Circuit.from_edges([], shape)
+        none = rl.faithfulness(model, task, empty, ablation="resample", engine=engine)  # type: ignore[arg-type]
+        assert none == pytest.approx(0.0, abs=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -98,8 +105,5 @@ def test_hook_edges_are_refused_with_the_reason(
     model = load_arch(name, root, word_tokenizer, **overrides)
     task = random_task(model, n=2, width=5)
     circuit = rl.Circuit.from_edges(["a0.h1->logits"], shape_of(model))
-    runner = AblationRunner(model, task, ablation="resample")
-    if runner.engine == "functional":
-        pytest.skip("the functional forward runs this model's edges")
     with pytest.raises(NotImplementedError, match=f"{message}.*node circuit"):
-        rl.faithfulness(model, task, circuit, ablation="resample")
+        rl.faithfulness(model, task, circuit, ablation="resample", engine="hooks")

@@ -9,8 +9,8 @@ import torch
 from transformer_lens import patching as tl_patching
 
 import reuse_lens as rl
+from reuse_lens.arch.registry import extract as extract_weights
 from reuse_lens.nodes import NodeNameError
-from reuse_lens.patching._forward import extract_weights
 from reuse_lens.patching.activation import _activation_patching
 from reuse_lens.tasks.metrics import LogitDiff, MetricError, MetricInputs
 from reuse_lens.tasks.task import TaskError
@@ -95,7 +95,7 @@ def test_fast_equals_hook_engine_with_ragged_prompts(models: dict[str, Any], abl
         component="out", metric=None, batch_size=None,
     )  # fmt: skip
     fast = _activation_patching(model, task, **args)  # type: ignore[arg-type]
-    slow = _activation_patching(model, task, **args, functional=False)  # type: ignore[arg-type]
+    slow = _activation_patching(model, task, **args, engine="hooks")  # type: ignore[arg-type]
     assert (fast.settings["engine"], slow.settings["engine"]) == ("functional", "hooks")
     for a, b in [
         (fast.heads, slow.heads),

@@ -45,27 +45,32 @@ def test_the_twins_compute_the_same_function(twins: tuple[Any, Any], task: rl.Ta
     torch.testing.assert_close(gqa(task.clean), mha(task.clean), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("engine", ["functional", "hooks"])
 @pytest.mark.parametrize("receiver_input", ["q", "k", "v", "kv", "qkv"])
 def test_path_patching_into_heads_matches_the_multi_head_twin(
-    twins: tuple[Any, Any], task: rl.Task, receiver_input: str
+    twins: tuple[Any, Any], task: rl.Task, receiver_input: str, engine: str
 ) -> None:
     gqa, mha = twins
     # Receivers in two layers, with h >= n_kv (an IndexError before) and two heads that
     # share one key/value head (a1.h2 and a1.h3), one of them not a receiver's sibling.
     receivers = ["a1.h1", "a1.h3", "a2.h0", "a2.h2"]
     kwargs: dict[str, Any] = dict(receivers=receivers, receiver_input=receiver_input)
-    a = rl.path_patching(gqa, task, **kwargs)
-    b = rl.path_patching(mha, task, **kwargs)
+    a = rl.path_patching(gqa, task, engine=engine, **kwargs)  # type: ignore[arg-type]
+    b = rl.path_patching(mha, task, engine="hooks", **kwargs)  # the classic layout
+    assert a.settings["engine"] == engine
     _close(a, b)
     assert torch.isfinite(a.heads[:2]).all()  # senders before the last receiver layer
     assert float(a.heads[0].abs().max()) > 1e-3  # the test measures something
 
 
-def test_node_methods_match_the_multi_head_twin(twins: tuple[Any, Any], task: rl.Task) -> None:
+@pytest.mark.parametrize("engine", ["functional", "hooks"])
+def test_node_methods_match_the_multi_head_twin(
+    twins: tuple[Any, Any], task: rl.Task, engine: str
+) -> None:
     gqa, mha = twins
     for ablation in ("resample", "mean"):
         _close(
-            rl.activation_patching(gqa, task, ablation=ablation),
+            rl.activation_patching(gqa, task, ablation=ablation, engine=engine),  # type: ignore[arg-type]
             rl.activation_patching(mha, task, ablation=ablation),
         )
     _close(rl.path_patching(gqa, task), rl.path_patching(mha, task))
@@ -76,9 +81,13 @@ def test_node_methods_match_the_multi_head_twin(twins: tuple[Any, Any], task: rl
         _close(a, b)
     circuit = rl.Circuit.from_nodes(["a0.h1", "a1.h3", "a2.h2", "m1"], gqa)
     for ablation in ("resample", "mean", "zero"):
-        assert rl.faithfulness(gqa, task, circuit, ablation=ablation) == pytest.approx(
-            rl.faithfulness(mha, task, circuit, ablation=ablation), abs=1e-4
-        )
+        assert rl.faithfulness(
+            gqa,
+            task,
+            circuit,
+            ablation=ablation,
+            engine=engine,  # type: ignore[arg-type]
+        ) == pytest.approx(rl.faithfulness(mha, task, circuit, ablation=ablation), abs=1e-4)
 
 
 def test_the_twin_is_built_from_separate_projections(tmp_path: Path, word_tokenizer: Any) -> None:
@@ -87,8 +96,16 @@ def test_the_twin_is_built_from_separate_projections(tmp_path: Path, word_tokeni
         expand_kv(folder, tmp_path / "out")
 
 
-def test_patching_one_heads_key_is_refused_with_the_way_out(
-    twins: tuple[Any, Any], task: rl.Task
+@pytest.mark.parametrize("component", ["k", "v"])
+def test_patching_one_query_heads_key_or_value(
+    twins: tuple[Any, Any], task: rl.Task, component: str
 ) -> None:
+    """The functional engine gives each query head its own k and v, as the twin has; the
+    hook engine, whose hook_k holds the shared kv heads, refuses with the way out."""
+    gqa, mha = twins
+    kwargs: dict[str, Any] = dict(nodes="heads", component=component)
+    a = rl.activation_patching(gqa, task, **kwargs)
+    assert a.settings["engine"] == "functional"
+    _close(a, rl.activation_patching(mha, task, **kwargs))
     with pytest.raises(ValueError, match="grouped-query attention.*receiver_input"):
-        rl.activation_patching(twins[0], task, nodes="heads", component="k")
+        rl.activation_patching(gqa, task, nodes="heads", component=component, engine="hooks")  # type: ignore[arg-type]

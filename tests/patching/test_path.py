@@ -9,7 +9,6 @@ import torch
 
 import reuse_lens as rl
 from reuse_lens.nodes import MLP, AttentionHead, NodeNameError, nodes_of, parse_node
-from reuse_lens.patching import path as path_module
 from tests.conftest import native_config
 from tests.patching.handbuilt import DECOYS, build_model, build_task
 from tests.patching.helpers import random_task
@@ -163,15 +162,11 @@ def test_fast_equals_reference_other_models(hf_model: Any, kind: str) -> None:
             assert value == pytest.approx(expected[name], abs=ATOL), name
 
 
-def test_hook_fallback_equals_fast(three_layer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hook_fallback_equals_fast(three_layer: Any) -> None:
     task = random_task(three_layer, lengths=[5, 4, 6], seed=13)
     case = {"receivers": ["a2.h0", "a1.h1"], "receiver_input": "qk"}
-    fast = rl.path_patching(three_layer, task, **case)  # type: ignore[arg-type]
-    original = path_module.prepare
-    monkeypatch.setattr(
-        path_module, "prepare", lambda *a, **k: original(*a, **{**k, "functional": False})
-    )
-    slow = rl.path_patching(three_layer, task, **case)  # type: ignore[arg-type]
+    fast = rl.path_patching(three_layer, task, engine="functional", **case)  # type: ignore[arg-type]
+    slow = rl.path_patching(three_layer, task, engine="hooks", **case)  # type: ignore[arg-type]
     assert slow.settings["engine"] == "hooks"
     torch.testing.assert_close(fast.heads, slow.heads, atol=ATOL, rtol=0, equal_nan=True)
 

@@ -1,0 +1,250 @@
+"""One small adapter per architecture family: its ``ArchSpec`` and any odd piece.
+
+Each family cites the model that introduced its convention. Everything else (reading
+the weights, calling the model's own rotary module) is ``HFAdapter``'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from reuse_lens.arch.hf import HFAdapter, original
+from reuse_lens.arch.spec import ArchSpec
+from reuse_lens.patching._forward import Unsupported
+
+__all__ = ["ADAPTERS"]
+
+_ROTARY_RMS_GATED = ArchSpec(family="llama", norm="rms", positions="rotary", gated_mlp=True)
+
+
+class Llama(HFAdapter):
+    """Llama (Touvron et al. 2023), and Mistral, Qwen2, Phi-3 which share its block:
+    pre-RMSNorm, rotary (halves), grouped-query attention, SwiGLU MLP."""
+
+    family = "llama"
+    base = _ROTARY_RMS_GATED
+
+
+class Granite(Llama):
+    """IBM Granite 3: Llama with scalar multipliers on the embeddings, every sublayer's
+    output and the logits (which it divides by ``logits_scaling``)."""
+
+    family = "granite"
+
+    def spec(self, config: Any) -> ArchSpec:
+        return dataclasses.replace(
+            self.base,
+            family=self.family,
+            embed_scale=float(config.embedding_multiplier),
+            residual_scale=float(config.residual_multiplier),
+            logit_scale=1.0 / float(config.logits_scaling),
+        )
+
+
+class Qwen3(Llama):
+    """Qwen3: Llama with an RMSNorm on each head's q and k before rotary."""
+
+    family = "qwen3"
+    base = dataclasses.replace(_ROTARY_RMS_GATED, family="qwen3", qk_norm="head")
+
+
+class Gemma(Llama):
+    """Gemma (Gemma Team 2024): RMSNorm scaling by ``1 + w``, GeGLU, embeddings times
+    ``sqrt(d_model)`` (read from the embedding module's ``embed_scale``)."""
+
+    family = "gemma"
+    base = dataclasses.replace(_ROTARY_RMS_GATED, family="gemma", norm_offset=1.0)
+
+
+class Gemma2(Gemma):
+    """Gemma 2: Gemma plus norms on each sublayer's output, attention and final-logit
+    soft-capping, and sliding-window attention on alternate layers."""
+
+    family = "gemma2"
+
+    def spec(self, config: Any) -> ArchSpec:
+        cap = getattr(config, "final_logit_softcapping", None)
+        return dataclasses.replace(
+            self.base,
+            family=self.family,
+            post_norms=True,
+            final_softcap=float(cap) if cap else None,
+        )
+
+
+class Olmo2(Llama):
+    """OLMo 2 (OLMo Team 2024): norms only on each sublayer's output, and an RMSNorm over
+    the whole q and k projections."""
+
+    family = "olmo2"
+    base = dataclasses.replace(
+        _ROTARY_RMS_GATED, family="olmo2", pre_norms=False, post_norms=True, qk_norm="proj"
+    )
+
+
+class StableLM(HFAdapter):
+    """StableLM 2: LayerNorm, partial rotary, SwiGLU; parallel blocks share ``ln1``."""
+
+    family = "stablelm"
+    base = ArchSpec(family="stablelm", norm="ln", positions="rotary", gated_mlp=True)
+
+    def spec(self, config: Any) -> ArchSpec:
+        if getattr(config, "qk_layernorm", False):
+            raise Unsupported("stablelm with per-head q/k LayerNorms")
+        parallel = bool(getattr(config, "use_parallel_residual", False))
+        return dataclasses.replace(self.base, parallel=parallel, shared_mlp_norm=parallel)
+
+
+class Cohere(HFAdapter):
+    """Cohere Command-R: a parallel block sharing one bias-free LayerNorm, interleaved
+    rotary, SwiGLU, logits multiplied by ``logit_scale``."""
+
+    family = "cohere"
+    base = ArchSpec(
+        family="cohere",
+        norm="ln",
+        positions="rotary",
+        rotary_interleaved=True,
+        gated_mlp=True,
+        parallel=True,
+        shared_mlp_norm=True,
+    )
+
+    def spec(self, config: Any) -> ArchSpec:
+        if getattr(config, "use_qk_norm", False):
+            raise Unsupported("cohere with q/k norms")
+        return dataclasses.replace(self.base, logit_scale=float(config.logit_scale))
+
+
+class GPTNeoX(HFAdapter):
+    """GPT-NeoX / Pythia (Black et al. 2022): parallel attention and MLP, each with its
+    own LayerNorm; rotary on a fraction of each head (``rotary_pct``)."""
+
+    family = "gpt_neox"
+    base = ArchSpec(family="gpt_neox", norm="ln", positions="rotary", parallel=True)
+
+    def spec(self, config: Any) -> ArchSpec:
+        return dataclasses.replace(self.base, parallel=bool(config.use_parallel_residual))
+
+
+class GPTJ(HFAdapter):
+    """GPT-J (Wang & Komatsuzaki 2021): a parallel block sharing ``ln1``; rotary on the
+    first ``rotary_dim`` channels, rotating interleaved pairs."""
+
+    family = "gptj"
+    base = ArchSpec(
+        family="gptj",
+        norm="ln",
+        positions="rotary",
+        rotary_interleaved=True,
+        parallel=True,
+        shared_mlp_norm=True,
+    )
+
+    def rope_table(self, hf: Any) -> Callable[[int], tuple[Tensor, Tensor]]:
+        # GPT-J's module returns (sin, cos) of half width; each frequency serves a pair.
+        rotary = original(hf.base_model.rotary_emb)
+        dtype = next(hf.parameters()).dtype
+
+        def table(n: int) -> tuple[Tensor, Tensor]:
+            device = next(hf.parameters()).device
+            ids = torch.arange(n, device=device).unsqueeze(0)
+            with torch.no_grad():
+                sin, cos = rotary(torch.zeros(1, device=device, dtype=dtype), ids)
+            return cos[0].repeat_interleave(2, -1), sin[0].repeat_interleave(2, -1)
+
+        return table
+
+
+class Phi(HFAdapter):
+    """Phi-1/2 (Microsoft): a parallel block sharing ``ln1``, partial rotary, GELU MLP."""
+
+    family = "phi"
+    base = ArchSpec(
+        family="phi", norm="ln", positions="rotary", parallel=True, shared_mlp_norm=True
+    )
+
+    def spec(self, config: Any) -> ArchSpec:
+        if getattr(config, "qk_layernorm", False):
+            raise Unsupported("phi with q/k LayerNorms")
+        return self.base
+
+
+class Falcon(HFAdapter):
+    """Falcon-7B (Almazrouei et al. 2023): multi-query attention, rotary, a parallel
+    block sharing ``ln1``."""
+
+    family = "falcon"
+    base = ArchSpec(family="falcon", norm="ln", positions="rotary")
+
+    def spec(self, config: Any) -> ArchSpec:
+        if getattr(config, "new_decoder_architecture", False):
+            raise Unsupported("falcon's new decoder architecture (separate ln_attn/ln_mlp)")
+        if getattr(config, "alibi", False):
+            raise Unsupported("falcon with ALiBi")
+        parallel = bool(getattr(config, "parallel_attn", True))
+        return dataclasses.replace(self.base, parallel=parallel, shared_mlp_norm=parallel)
+
+
+class GPTNeo(HFAdapter):
+    """GPT-Neo (Black et al. 2021): GPT-2 with unscaled attention scores and local
+    (sliding-window) attention on the layers ``attention_layers`` marks ``local``."""
+
+    family = "gpt_neo"
+    base = ArchSpec(family="gpt_neo", norm="ln", positions="learned")
+
+    def attn_scale(self, attn: Any, d_head: int) -> float:
+        return 1.0
+
+    def window(self, layer: int, attn: Any, config: Any) -> int | None:
+        local = config.attention_layers[layer] == "local"
+        return int(config.window_size) if local else None
+
+
+class GPTBigCode(HFAdapter):
+    """GPT-BigCode / SantaCoder: GPT-2 with multi-query attention."""
+
+    family = "gpt_bigcode"
+    base = ArchSpec(family="gpt_bigcode", norm="ln", positions="learned")
+
+
+class Bloom(HFAdapter):
+    """BLOOM (BigScience 2022): ALiBi position biases (Press et al. 2022) instead of
+    position embeddings, and a LayerNorm right after the embedding."""
+
+    family = "bloom"
+    base = ArchSpec(family="bloom", norm="ln", positions="alibi")
+
+    def alibi_slopes(self, hf: Any, n_heads: int) -> Tensor:
+        from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+        device = next(hf.parameters()).device
+        return _get_alibi_slopes(n_heads, device).to(next(hf.parameters()).dtype)
+
+
+ADAPTERS: dict[str, HFAdapter] = {
+    "bloom": Bloom(),
+    "llama": Llama(),
+    "mistral": Llama(),
+    "qwen2": Llama(),
+    "phi3": Llama(),
+    "granite": Granite(),
+    "qwen3": Qwen3(),
+    "gemma": Gemma(),
+    "gemma2": Gemma2(),
+    "olmo2": Olmo2(),
+    "stablelm": StableLM(),
+    "cohere": Cohere(),
+    "gpt_neox": GPTNeoX(),
+    "gptj": GPTJ(),
+    "phi": Phi(),
+    "falcon": Falcon(),
+    "gpt_neo": GPTNeo(),
+    "gpt_bigcode": GPTBigCode(),
+}
+"""``transformers`` ``model_type`` -> its family's adapter."""
