@@ -34,6 +34,7 @@ __all__ = [
     "NodeNameError",
     "Sender",
     "UnsupportedArchitectureError",
+    "architecture",
     "edges_of",
     "format_node",
     "nodes_of",
@@ -317,6 +318,13 @@ _ATTENTION_HOOK = "blocks.0.attn.hook_z"
 """A hook point every bridge with attention heads has, and an attention-free one lacks."""
 
 
+def architecture(model: _HasConfig) -> str:
+    """The model's architecture as TransformerLens names it (``LlamaForCausalLM``), for
+    messages."""
+    cfg = model.cfg
+    return str(getattr(cfg, "architecture", None) or getattr(cfg, "model_name", "this"))
+
+
 def shape_of(model: _HasConfig) -> ModelShape:
     """Read the node-deciding shape of a TransformerLens model (or anything with ``cfg``).
 
@@ -331,9 +339,8 @@ def shape_of(model: _HasConfig) -> ModelShape:
     hook_dict = getattr(model, "hook_dict", None)
     stateful = bool(getattr(cfg, "is_stateful", False))
     if stateful or (hook_dict is not None and _ATTENTION_HOOK not in hook_dict):
-        architecture = getattr(cfg, "architecture", None) or type(model).__name__
         raise UnsupportedArchitectureError(
-            f"model architecture {architecture} has no attention heads (its blocks are "
+            f"model architecture {architecture(model)} has no attention heads (its blocks are "
             "state-space or other mixers, not attention), and reuse_lens's methods analyse "
             "attention heads and MLPs: patching, attribution, circuits and interventions "
             "cannot run on it. rl.evaluate(model, task) still scores it; use a transformer "

@@ -13,6 +13,7 @@ from torch import Tensor
 from reuse_lens._validate import check_pair
 from reuse_lens.arch.registry import extract as extract_weights
 from reuse_lens.evaluation import answer_logits
+from reuse_lens.nodes import architecture
 from reuse_lens.patching._forward import RunCache, Unsupported, Weights
 from reuse_lens.tasks.metrics import Metric, MetricInputs, check_finite, get_metric
 
@@ -103,7 +104,16 @@ def prepare(
     chosen = get_metric(task.metric if metric is None else metric)
     clean, corrupted = task.clean.to(device), task.corrupted.to(device)
     answer_pos = task.answer_pos.to(device)
-    clean_logits = answer_logits(model, clean, answer_pos)
+    try:
+        clean_logits = answer_logits(model, clean, answer_pos)
+    except RuntimeError as error:
+        # TransformerLens's own forward pass failing (e.g. OLMo-2 in bfloat16 in 4.3, whose
+        # attention mixes float32 and bfloat16) would otherwise surface deep in its code.
+        raise RuntimeError(
+            f"TransformerLens's forward pass of this {architecture(model)} model fails in "
+            f"{model.cfg.dtype} ({error}); nothing reuse_lens computes can run on it. Load "
+            "the model in another dtype (load_model(..., dtype='float32'))."
+        ) from error
     corrupted_logits: Tensor | None = None
     runs: dict[str, RunCache] = {}
     base_inputs = task.metric_inputs()

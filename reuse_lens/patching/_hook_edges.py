@@ -28,8 +28,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from reuse_lens.nodes import LOGITS, MLP, shape_of
-from reuse_lens.patching._hooks import HookSources, architecture, hook_name
+from reuse_lens.nodes import LOGITS, MLP, architecture, shape_of
+from reuse_lens.patching._hooks import HookSources, hook_name
 from reuse_lens.patching.graph import GraphIndex
 
 if TYPE_CHECKING:

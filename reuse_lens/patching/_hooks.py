@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from reuse_lens.nodes import architecture
 from reuse_lens.patching._common import masked_mean
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 __all__ = [
     "HookSources",
     "PatternEditsDropped",
-    "architecture",
     "check_pattern_edits",
     "hook_logits",
     "hook_name",
@@ -45,11 +45,6 @@ def hook_name(layer: int, component: str) -> str:
     if component == "mlp":
         return f"blocks.{layer}.hook_mlp_out"
     return f"blocks.{layer}.attn.{_HEAD_HOOKS[component]}"
-
-
-def architecture(model: TransformerBridge) -> str:
-    """The model's architecture as TransformerLens names it (``LlamaForCausalLM``)."""
-    return str(getattr(model.cfg, "architecture", None) or model.cfg.model_name)
 
 
 class PatternEditsDropped(NotImplementedError):

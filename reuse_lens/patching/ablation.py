@@ -41,6 +41,7 @@ from reuse_lens.patching._common import (
     rows_per_chunk,
     zero_cache,
 )
+from reuse_lens.patching._edge_forward import Receivers, run_edges
 from reuse_lens.patching._forward import RunCache, Weights
 from reuse_lens.patching._hook_edges import HookEdges
 from reuse_lens.patching._hooks import HookSources, hook_name
@@ -83,6 +84,49 @@ class NodeMask:
     def full(cls, shape: ModelShape, keep: bool = True) -> NodeMask:
         heads = torch.full((shape.n_layers, shape.n_heads), keep)
         return cls(heads, torch.full((shape.n_layers,), keep) if shape.has_mlps else None)
+
+
+class _DroppedEdges(Receivers):
+    """Receivers that read the current residual stream plus, for every sender whose edge
+    they drop, that sender's (ablated − current) output (``deltas[:, :, s]``)."""
+
+    def __init__(
+        self,
+        w: Weights,
+        index: GraphIndex,
+        drop: Float[Tensor, "sender receiver"],
+        resid: Tensor,
+        input_delta: Tensor,
+    ) -> None:
+        self.w, self.index, self.drop = w, index, drop
+        self.deltas = resid.new_zeros(*resid.shape[:2], index.n_senders, resid.shape[-1])
+        self.deltas[:, :, 0] = input_delta
+        self.ablated_z: list[Tensor] = []
+        self.ablated_mlp: list[Tensor] = []
+
+    def _added(self, n: int, columns: slice | int) -> Tensor:
+        return torch.einsum("bpsd,s...->bp...d", self.deltas[:, :, :n], self.drop[:n, columns])
+
+    def heads(self, layer: int, resid: Tensor, n_heads: int) -> Tensor:
+        n = self.index.senders_before_heads(layer)
+        return resid.unsqueeze(2) + self._added(n, self.index.heads_columns(layer))
+
+    def mlp(self, layer: int, resid: Tensor) -> Tensor:
+        n = self.index.senders_before_mlp(layer)
+        return resid + self._added(n, self.index.receiver[MLP(layer).name])
+
+    def final(self, resid: Tensor) -> Tensor:
+        return resid + self._added(self.index.n_senders, self.index.receiver[LOGITS.name])
+
+    def head_outputs(self, layer: int, out: Tensor) -> None:
+        w_o = self.w.layers[layer].w_o.view(self.w.n_heads, self.w.d_head, -1)
+        ablated = torch.einsum("bphe,hed->bphd", self.ablated_z[layer], w_o)
+        first = self.index.sender[f"a{layer}.h0"]
+        self.deltas[:, :, first : first + out.shape[2]] = ablated.expand_as(out) - out
+
+    def mlp_output(self, layer: int, out: Tensor) -> None:
+        slot = self.index.sender[MLP(layer).name]
+        self.deltas[:, :, slot] = self.ablated_mlp[layer] - out
 
 
 @dataclass
@@ -318,56 +362,18 @@ class AblationRunner:
         prompt: Int[Tensor, " rows"],
         drop: Float[Tensor, "sender receiver"],
     ) -> Float[Tensor, "rows d_vocab"]:
-        """Answer logits with every receiver input = kept senders' outputs + dropped ones' ablations.
-
-        ``deltas[:, :, s]`` holds (ablated − current) output of sender ``s``; a receiver's
-        input is the current residual stream plus the deltas of the senders it drops.
-        """
+        """Answer logits with every receiver input = kept senders' outputs + dropped ones' ablations."""
         assert self._sources is not None
         src = self._sources
         src_rows = torch.zeros_like(prompt) if src.shared else prompt
         tokens = self.prep.clean[prompt]
-        rows, width = tokens.shape
-        n_heads, d_head = w.n_heads, w.d_head
-        positions = torch.arange(width, device=tokens.device)
         resid = w.embed(tokens)
-        deltas = resid.new_zeros(rows, width, index.n_senders, resid.shape[-1])
         # The input sender's current output: the whole embedding, or the token part alone.
         current = resid if self.input_node == "embeddings" else w.w_e[tokens]
-        deltas[:, :, 0] = src.input[src_rows] - current
-        n_done = 1
-        for layer in range(w.n_layers):
-            weights = w.layers[layer]
-            cols = index.heads_columns(layer)
-            inputs = resid.unsqueeze(2) + torch.einsum(
-                "bpsd,sr->bprd", deltas[:, :, :n_done], drop[:n_done, cols]
-            )
-            x_q, x_k, x_v = inputs.unflatten(2, (3, n_heads)).unbind(2)
-            q, k, v = w.qkv_per_head(layer, x_q, x_k, x_v, positions)
-            z = w.mix(w.pattern(q, k, positions, layer), v)
-            w_o = weights.w_o.view(n_heads, d_head, -1)
-            head_out = torch.einsum("bphe,hed->bphd", z, w_o)
-            resid_pre, n_before = resid, n_done
-            resid = resid + head_out.sum(2) + weights.b_o
-            ablated = torch.einsum("bphe,hed->bphd", src.z[layer][src_rows], w_o)
-            deltas[:, :, n_done : n_done + n_heads] = ablated.expand_as(head_out) - head_out
-            n_done += n_heads
-            if self.shape.has_mlps:
-                col = index.receiver[MLP(layer).name]
-                # A parallel block's MLP reads resid_pre: its senders end before this
-                # layer's heads, whose edges into it do not exist.
-                n_read = n_before if w.parallel else n_done
-                mlp_in = w.mlp_input(resid_pre, resid) + torch.einsum(
-                    "bpsd,s->bpd", deltas[:, :, :n_read], drop[:n_read, col]
-                )
-                out = w.mlp_out(layer, mlp_in)
-                resid = resid + out
-                deltas[:, :, n_done] = src.mlp_out[layer][src_rows] - out
-                n_done += 1
-        final = resid + torch.einsum("bpsd,s->bpd", deltas, drop[:, index.receiver[LOGITS.name]])
-        return w.logits(
-            final[torch.arange(rows, device=tokens.device), self.prep.answer_pos[prompt]]
-        )
+        dropped = _DroppedEdges(w, index, drop, resid, src.input[src_rows] - current)
+        dropped.ablated_z = [z[src_rows] for z in src.z]
+        dropped.ablated_mlp = [m[src_rows] for m in src.mlp_out]
+        return run_edges(w, resid, self.prep.answer_pos[prompt], dropped)
 
     # ---- sources --------------------------------------------------------------------
 

@@ -41,6 +41,9 @@ from reuse_lens.nodes import (
     edges_of,
     shape_of,
 )
+from reuse_lens.patching._attribution_functional import edge_chunk
+from reuse_lens.patching._common import ENGINES, Engine, prepare
+from reuse_lens.patching._forward import Weights
 from reuse_lens.patching._hook_edges import EDGE_INPUT_HOOK, edge_refusal, mlp_norm
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
@@ -74,6 +77,7 @@ def attribution_patching(
     per_position: bool = False,
     metric: str | Metric | None = None,
     batch_size: int | None = None,
+    engine: Engine = "auto",
 ) -> NodeScores | EdgeScores:
     """Estimate the effect of every head and MLP (or every edge) by attribution patching.
 
@@ -88,6 +92,11 @@ def attribution_patching(
         metric: a metric name or Metric; the task's own metric when None. The score is
             the metric's mean over prompts.
         batch_size: prompts per forward/backward pass; 32 when None.
+        engine: at edge level, ``functional`` differentiates the functional forward with
+            one input per receiver (every architecture it reproduces, grouped-query
+            attention included), ``hooks`` reads gradients at the bridge's hooks (one k
+            and v per query head needed), ``auto`` the first that runs. Node scores are
+            always read through hooks.
 
     Returns:
         NodeScores (heads (layer, head_index), MLPs (layer,)) at node level, EdgeScores at
@@ -111,6 +120,11 @@ def attribution_patching(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if engine not in ENGINES or (engine == "functional" and level == "node"):
+        raise ValueError(
+            f"engine must be one of {', '.join(ENGINES)} (and 'functional' only at level "
+            f"'edge'; node scores are read through hooks), got {engine!r}"
+        )
     if per_position and level == "edge":
         raise ValueError("per_position=True is only available at level='node'")
     if model.training:
@@ -134,6 +148,7 @@ def attribution_patching(
         n_steps=n_steps,
         edges=level == "edge",
         batch_size=batch_size or _DEFAULT_BATCH,
+        engine=engine,
     )
     settings: dict[str, Any] = {
         "method": method,
@@ -142,6 +157,7 @@ def attribution_patching(
         "metric": getattr(metric_fn, "name", repr(metric_fn)),
         "direction": "noising",
         "n_prompts": len(task),
+        "engine": result.engine,
     }
     if level == "edge":
         assert result.edge_matrix is not None  # _attribute filled it when asked
@@ -181,6 +197,7 @@ class _Result:
     clean: float
     corrupted: float
     edge_matrix: Float[Tensor, "sender receiver"] | None = None
+    engine: str = "hooks"
 
 
 @dataclass
@@ -235,8 +252,15 @@ def _attribute(
     n_steps: int,
     edges: bool,
     batch_size: int,
+    engine: Engine = "auto",
 ) -> _Result:
     shape = shape_of(model)
+    if edges and engine != "hooks":
+        functional = _functional_weights(model, task, metric_fn, engine)
+        if functional is not None:
+            return _attribute_edges_functional(
+                functional, task, metric_fn, shape, n_steps=n_steps, batch_size=batch_size
+            )
     if edges:
         _check_edge_support(model)
     device = torch.device(model.cfg.device or "cpu")
@@ -276,6 +300,63 @@ def _attribute(
         clean=clean_total / n,
         corrupted=corrupted_total / n,
         edge_matrix=None if matrix is None else matrix / n,
+    )
+
+
+def _functional_weights(
+    model: TransformerBridge, task: Task, metric_fn: Metric, engine: Engine
+) -> Weights | None:
+    """The verified functional forward of ``model`` when it can score edges, else None
+    (or, for ``engine="functional"``, the reason as an error)."""
+    w = prepare(model, task.select([0]), metric_fn, engine=engine).weights
+    why = None if w is None else w.spec.edge_unsupported()
+    if why is not None and engine == "functional":
+        raise NotImplementedError(
+            f"edge-level attribution: edges need each head's output on its own, but {why}. Use level='node'."
+        )
+    return None if why is not None else w
+
+
+def _attribute_edges_functional(
+    w: Weights,
+    task: Task,
+    metric_fn: Metric,
+    shape: ModelShape,
+    *,
+    n_steps: int,
+    batch_size: int,
+) -> _Result:
+    """Edge scores from the functional forward (``_attribution_functional``)."""
+    index = GraphIndex(shape)
+    device = w.w_u.device
+    n, width = len(task), int(task.clean.shape[1])
+    matrix = torch.zeros(index.n_senders, index.n_receivers)
+    clean_total = corrupted_total = 0.0
+    starts = list(range(0, n, batch_size))
+    for start in tqdm(starts, desc="attribution (edges)", disable=len(starts) < 8, leave=False):
+        chunk = task.select(list(range(start, min(start + batch_size, n)))).to(device)
+        base = chunk.metric_inputs()
+        out = edge_chunk(
+            w,
+            index,
+            chunk.clean,
+            chunk.corrupted,
+            chunk.answer_pos,
+            metric_fn,
+            MetricInputs(base.answers.to(device), base.wrong.to(device), base.clean_logits),
+            n_steps=n_steps,
+        )
+        matrix += out.matrix.cpu()
+        clean_total += out.clean
+        corrupted_total += out.corrupted
+    return _Result(
+        shape=shape,
+        heads_by_pos=torch.zeros(width, shape.n_layers, shape.n_heads),
+        mlps_by_pos=torch.zeros(width, shape.n_layers) if shape.has_mlps else None,
+        clean=clean_total / n,
+        corrupted=corrupted_total / n,
+        edge_matrix=matrix / n,
+        engine="functional",
     )
 
 

@@ -102,6 +102,22 @@ def test_mlp_receiver_scores_are_directional_derivatives(
         assert abs(derivative) > 1e-5
 
 
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_functional_edges_equal_the_hook_edges(name: str, root: Any, word_tokenizer: Any) -> None:
+    """Two derivations of each receiver's input gradient: autograd through one probe per
+    receiver in the functional forward, and W_Q plus the norm's Jacobian at the hooks."""
+    model = load_arch(name, root, word_tokenizer, **ARCHS[name])
+    task = random_task(model, n=3, width=6, seed=4)
+    kwargs: dict[str, Any] = dict(method="eap-ig", steps=2, level="edge")
+    fast = attribution_patching(model, task, engine="functional", **kwargs)
+    slow = attribution_patching(model, task, engine="hooks", **kwargs)
+    assert isinstance(fast, EdgeScores) and isinstance(slow, EdgeScores)
+    assert fast.settings["engine"] == "functional" and slow.settings["engine"] == "hooks"
+    scale = float(slow.scores.abs().max())
+    torch.testing.assert_close(fast.scores, slow.scores, atol=1e-5 * max(1, scale), rtol=1e-4)
+    assert fast.clean == pytest.approx(slow.clean, abs=1e-4)
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [("llama_gqa", "grouped-query attention"), ("gemma2", "post-norms"), ("olmo2", "post-norms")],
@@ -113,5 +129,5 @@ def test_edges_are_refused_where_they_are_not_defined_yet(
     model = load_arch(name, root, word_tokenizer, **overrides)
     task = random_task(model, n=2, width=5)
     with pytest.raises(NotImplementedError, match=message):
-        attribution_patching(model, task, level="edge")
+        attribution_patching(model, task, level="edge", engine="hooks")
     assert isinstance(attribution_patching(model, task), NodeScores)  # nodes still work

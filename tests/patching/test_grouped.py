@@ -80,6 +80,17 @@ def test_node_methods_match_the_multi_head_twin(
         assert isinstance(a, rl.NodeScores) and isinstance(b, rl.NodeScores)
         _close(a, b)
     circuit = rl.Circuit.from_nodes(["a0.h1", "a1.h3", "a2.h2", "m1"], gqa)
+    if engine == "functional":  # edges of a GQA model: the functional forward's alone
+        a = rl.attribution_patching(gqa, task, method="eap-ig", steps=2, level="edge")
+        b = rl.attribution_patching(mha, task, method="eap-ig", steps=2, level="edge")
+        assert isinstance(a, rl.EdgeScores) and isinstance(b, rl.EdgeScores)
+        assert a.settings["engine"] == "functional"
+        torch.testing.assert_close(a.scores, b.scores, atol=2e-5, rtol=1e-4)
+        edges = rl.Circuit.from_edges([e.name for e in a.edges if abs(a[e]) > 1e-3], gqa)
+        assert 0 < len(edges.edges) < len(a.edges)
+        assert rl.faithfulness(gqa, task, edges) == pytest.approx(
+            rl.faithfulness(mha, task, edges), abs=1e-4
+        )
     for ablation in ("resample", "mean", "zero"):
         assert rl.faithfulness(
             gqa,

@@ -1,0 +1,150 @@
+"""Edge attribution on the functional forward: each receiver's input gradient, exactly.
+
+Through hooks, a receiver's gradient is read at a shared hook point and mapped back by
+hand (``W_Q`` and the norm's Jacobian), which needs one k and v per query head. Here
+every receiver reads its own input, the residual stream plus a zero *probe*
+(``_edge_forward.run_edges``), so ``∂m/∂probe_r`` is the partial derivative through
+receiver ``r`` alone, whatever sits between the residual stream and the head: any norm,
+q/k norms per head, rotary, or grouped key/value heads (stored per query head, so each
+query head's k and v input is its own, as TransformerLens's
+``ungroup_grouped_query_attention``). The edge score is then, as in ``attribution.py``,
+
+    score(s → r) = Σ over prompts and positions of Δout_s · mean over steps of ∂m/∂in_r,
+
+with Δout_s the corrupted − clean output of sender ``s`` and the steps EAP-IG's points
+between the clean (α = 0) and corrupted embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from reuse_lens.nodes import LOGITS, MLP
+from reuse_lens.patching._edge_forward import Receivers, run_edges
+from reuse_lens.patching._forward import RunCache, Weights
+from reuse_lens.patching.graph import GraphIndex
+from reuse_lens.tasks.metrics import Metric, MetricError, MetricInputs, check_finite
+
+__all__ = ["FunctionalEdges", "edge_chunk"]
+
+
+@dataclass
+class FunctionalEdges:
+    """One chunk's edge matrix (summed over its prompts) and its metric sums."""
+
+    matrix: Float[Tensor, "sender receiver"]
+    clean: float
+    corrupted: float
+
+
+class _Probes(Receivers):
+    """Receivers that read the residual stream plus a zero probe that gradients flow into."""
+
+    def __init__(self, w: Weights, like: Tensor) -> None:
+        b, p, d = like.shape
+        zeros = {"device": like.device, "dtype": like.dtype, "requires_grad": True}
+        self.heads_in = [torch.zeros(b, p, 3 * w.n_heads, d, **zeros) for _ in w.layers]
+        self.mlp_in = [torch.zeros(b, p, d, **zeros) for _ in w.layers] if w.has_mlps else []
+        self.final_in = torch.zeros(b, p, d, **zeros)
+
+    def leaves(self) -> list[Tensor]:
+        return [*self.heads_in, *self.mlp_in, self.final_in]
+
+    def heads(self, layer: int, resid: Tensor, n_heads: int) -> Tensor:
+        return resid.unsqueeze(2) + self.heads_in[layer]
+
+    def mlp(self, layer: int, resid: Tensor) -> Tensor:
+        return resid + self.mlp_in[layer]
+
+    def final(self, resid: Tensor) -> Tensor:
+        return resid + self.final_in
+
+
+def _sender_deltas(
+    w: Weights, clean: RunCache, corrupted: RunCache
+) -> Float[Tensor, "batch pos sender d_model"]:
+    """Corrupted − clean output of every sender, in ``GraphIndex`` order, in float32."""
+    parts = [(corrupted.resid_pre[0] - clean.resid_pre[0]).float().unsqueeze(2)]
+    for layer in range(w.n_layers):
+        w_o = w.layers[layer].w_o.view(w.n_heads, w.d_head, -1).float()
+        dz = corrupted.z[layer].float() - clean.z[layer].float()
+        parts.append(torch.einsum("bphe,hed->bphd", dz, w_o))
+        if w.has_mlps:
+            delta = corrupted.mlp_out[layer].float() - clean.mlp_out[layer].float()
+            parts.append(delta.unsqueeze(2))
+    return torch.cat(parts, dim=2)
+
+
+def edge_chunk(
+    w: Weights,
+    index: GraphIndex,
+    clean: Int[Tensor, "batch pos"],
+    corrupted: Int[Tensor, "batch pos"],
+    answer_pos: Int[Tensor, " batch"],
+    metric: Metric,
+    inputs: MetricInputs,
+    *,
+    n_steps: int,
+) -> FunctionalEdges:
+    """Edge scores of one chunk of prompts, summed over them (``attribution.py`` divides).
+
+    ``inputs`` carry the answers; their ``clean_logits`` are filled in here from the
+    functional clean run.
+    """
+    rows = torch.arange(clean.shape[0], device=clean.device)
+    with torch.no_grad():
+        clean_run, corrupted_run = w.run(clean), w.run(corrupted)
+        clean_logits = w.logits(clean_run.final[rows, answer_pos]).float()
+        corrupted_logits = w.logits(corrupted_run.final[rows, answer_pos]).float()
+        deltas = _sender_deltas(w, clean_run, corrupted_run)
+    inputs = MetricInputs(inputs.answers, inputs.wrong, clean_logits)
+    start, end = clean_run.resid_pre[0], corrupted_run.resid_pre[0]
+    matrix = torch.zeros(index.n_senders, index.n_receivers, device=clean.device)
+    for step in range(n_steps):
+        alpha = step / n_steps
+        probes = _Probes(w, start)
+        with torch.enable_grad():
+            embedded = start + alpha * (end - start)
+            logits = run_edges(w, embedded, answer_pos, probes).float()
+            values = check_finite(metric(logits, inputs), metric)
+            if not values.requires_grad:
+                raise MetricError(
+                    f"metric {getattr(metric, 'name', metric)!r} has no gradient: attribution "
+                    "patching needs a differentiable metric such as logit_diff"
+                )
+            grads = torch.autograd.grad(values.sum(), probes.leaves())
+        _accumulate(w, index, deltas, grads, matrix)
+    clean_values = check_finite(metric(clean_logits, inputs), metric)
+    corrupted_values = check_finite(metric(corrupted_logits, inputs), metric)
+    return FunctionalEdges(
+        matrix=matrix / n_steps,
+        clean=float(clean_values.sum()),
+        corrupted=float(corrupted_values.sum()),
+    )
+
+
+def _accumulate(
+    w: Weights,
+    index: GraphIndex,
+    deltas: Float[Tensor, "batch pos sender d_model"],
+    grads: tuple[Tensor, ...],
+    matrix: Float[Tensor, "sender receiver"],
+) -> None:
+    """Add Δsender · ∂m/∂(receiver input) for every edge of one gradient pass."""
+    n_layers = w.n_layers
+    heads, mlps = grads[:n_layers], grads[n_layers : n_layers + (n_layers if w.has_mlps else 0)]
+    for layer in range(n_layers):
+        n = index.senders_before_heads(layer)
+        cols = index.heads_columns(layer)
+        matrix[:n, cols] += torch.einsum("bpsd,bprd->sr", deltas[:, :, :n], heads[layer].float())
+        if w.has_mlps:
+            n_mlp = index.senders_before_mlp(layer)
+            col = index.receiver[MLP(layer).name]
+            matrix[:n_mlp, col] += torch.einsum(
+                "bpsd,bpd->s", deltas[:, :, :n_mlp], mlps[layer].float()
+            )
+    matrix[:, index.receiver[LOGITS.name]] += torch.einsum("bpsd,bpd->s", deltas, grads[-1].float())
