@@ -52,19 +52,20 @@ def edge_refusal(model: TransformerBridge) -> str | None:
     """Why edges cannot be read or patched through this model's hooks; None when they can."""
     cfg = model.cfg
     arch = architecture(model)
-    n_kv = getattr(cfg, "n_key_value_heads", None)
-    if n_kv is not None and n_kv != cfg.n_heads:
-        return (
-            f"edges need each query head's own k and v input; this {arch} model shares "
-            f"{n_kv} key/value heads among {cfg.n_heads} query heads (grouped-query "
-            "attention), and its hooks hold only the shared ones"
-        )
     hooks = model.hook_dict
     if any(f"blocks.0.{norm}.hook_in" in hooks for norm in ("ln1_post", "ln2_post")):
         return (
             f"edges need each sender's output to reach the residual stream as a sum; this "
             f"{arch} model normalises the attention and MLP outputs after the block "
             "(post-norms, as Gemma-2 and OLMo-2), which mixes the senders"
+        )
+    n_kv = getattr(cfg, "n_key_value_heads", None)
+    if n_kv is not None and n_kv != cfg.n_heads:
+        return (
+            f"edges need each query head's own k and v input; this {arch} model shares "
+            f"{n_kv} key/value heads among {cfg.n_heads} query heads (grouped-query "
+            "attention), and its hooks hold only the shared ones (the functional engine, "
+            "engine='auto', gives each query head its own)"
         )
     has_mlps = not getattr(cfg, "attn_only", False)
     if "blocks.0.ln1.hook_in" not in hooks or (has_mlps and "blocks.0.mlp.hook_in" not in hooks):

@@ -18,6 +18,7 @@ from transformer_lens import patching as tl_patching
 
 import reuse_lens as rl
 from reuse_lens.arch.registry import extract as extract_weights
+from reuse_lens.nodes import edges_of, shape_of
 from reuse_lens.patching._forward import RunCache, Weights
 from reuse_lens.patching.ablation import AblationRunner, NodeMask
 from reuse_lens.patching.graph import GraphIndex
@@ -306,3 +307,57 @@ def test_grouped_query_model_scores_equal_its_multi_head_twin(load: Any) -> None
     edge = _edge_mask_keeping_nodes(runners[0], masks[0])
     edge[torch.rand(edge.shape, generator=torch.Generator().manual_seed(5)) < 0.3] = False
     assert runners[0].edges(edge) == pytest.approx(runners[1].edges(edge), abs=ATOL)
+
+
+# ---- (e) edges and half precision on every architecture ---------------------------------
+
+
+@pytest.mark.parametrize("name", COVERED)
+def test_edges_on_every_architecture(load: Any, name: str) -> None:
+    """Keeping every edge is the full model (faithfulness 1), keeping none is everything
+    ablated (0); a node's outgoing EAP edge scores add up to its node score. Models whose
+    heads do not add up in the residual stream refuse, naming why."""
+    model = load(name)
+    task = random_task(model, lengths=[5, 4, 6], seed=5)
+    shape = shape_of(model)
+    everything = rl.Circuit.from_edges([e.name for e in edges_of(shape)], shape)
+    nothing = rl.Circuit.from_edges([], shape)
+    w = AblationRunner(model, task, ablation="resample").prep.weights
+    assert w is not None
+    if w.spec.edge_unsupported() is not None:
+        with pytest.raises(NotImplementedError, match="normalis"):
+            rl.faithfulness(model, task, everything, ablation="resample")
+        with pytest.raises(NotImplementedError, match="normalis"):
+            rl.attribution_patching(model, task, level="edge")
+        return
+    assert rl.faithfulness(model, task, everything, ablation="resample") == pytest.approx(
+        1.0, abs=1e-3
+    )
+    assert rl.faithfulness(model, task, nothing, ablation="resample") == pytest.approx(
+        0.0, abs=1e-3
+    )
+    nodes = rl.attribution_patching(model, task, method="eap-ig", steps=2)
+    edges = rl.attribution_patching(model, task, method="eap-ig", steps=2, level="edge")
+    assert isinstance(nodes, rl.NodeScores) and isinstance(edges, rl.EdgeScores)
+    summed = edges.to_node_scores()
+    scale = max(1.0, float(nodes.heads.abs().max()))
+    torch.testing.assert_close(summed.heads, nodes.heads, atol=1e-5 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", COVERED)
+def test_bfloat16_agrees_with_float32(load: Any, arch_folders: dict[str, Path], name: str) -> None:
+    """Head patching in bfloat16 agrees with float32 within 6% of the scores' scale (the
+    gap or the largest effect; docs/models.md), on the functional engine."""
+    model = load(name)
+    task = random_task(model, lengths=[5, 4, 6], seed=6)
+    full = rl.activation_patching(model, task, nodes="heads")
+    try:
+        half_model = rl.load_model(arch_folders[name], dtype="bfloat16")
+        half = rl.activation_patching(half_model, task, nodes="heads")
+    except RuntimeError as error:  # TransformerLens 4.3's own OLMo-2 forward, in bf16
+        assert "Load the model in another dtype" in str(error)
+        return
+    assert half.settings["engine"] == "functional"
+    scale = max(abs(full.clean - full.corrupted), float(full.heads.abs().max()))
+    error = float((half.heads - full.heads).abs().max()) / scale
+    assert error <= 0.06
