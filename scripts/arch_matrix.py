@@ -60,12 +60,11 @@ def _row(model: Any, task: rl.Task) -> list[str]:
         return str(scores.settings["engine"])
 
     def eap_nodes() -> str:
-        rl.attribution_patching(model, task, method="eap")
-        return "hooks"
+        return str(rl.attribution_patching(model, task, method="eap").settings["engine"])
 
     def eap_edges() -> str:
-        rl.attribution_patching(model, task, method="eap-ig", level="edge", steps=2)
-        return "hooks"
+        scores = rl.attribution_patching(model, task, method="eap-ig", level="edge", steps=2)
+        return str(scores.settings["engine"])
 
     def edge_faithfulness() -> str:
         value = rl.faithfulness(model, task, everything, ablation="mean")
