@@ -18,18 +18,26 @@ between the clean (α = 0) and corrupted embeddings.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm import tqdm
 
-from reuse_lens.nodes import LOGITS, MLP
+from reuse_lens.nodes import LOGITS, MLP, ModelShape
+from reuse_lens.patching._common import Engine, prepare
 from reuse_lens.patching._edge_forward import Receivers, run_edges
 from reuse_lens.patching._forward import RunCache, Weights
 from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.tasks.metrics import Metric, MetricError, MetricInputs, check_finite
 
-__all__ = ["FunctionalEdges", "edge_chunk"]
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from reuse_lens.tasks.task import Task
+
+__all__ = ["FunctionalEdges", "attribute_edges", "edge_chunk", "functional_weights"]
 
 
 @dataclass
@@ -148,3 +156,52 @@ def _accumulate(
                 "bpsd,bpd->s", deltas[:, :, :n_mlp], mlps[layer].float()
             )
     matrix[:, index.receiver[LOGITS.name]] += torch.einsum("bpsd,bpd->s", deltas, grads[-1].float())
+
+
+def functional_weights(
+    model: TransformerBridge, task: Task, metric_fn: Metric, engine: Engine
+) -> Weights | None:
+    """The verified functional forward of ``model`` when it can score edges, else None
+    (or, for ``engine="functional"``, the reason as an error)."""
+    w = prepare(model, task.select([0]), metric_fn, engine=engine).weights
+    why = None if w is None else w.spec.edge_unsupported()
+    if why is not None and engine == "functional":
+        raise NotImplementedError(
+            f"edge-level attribution: edges need each head's output on its own, but {why}. Use level='node'."
+        )
+    return None if why is not None else w
+
+
+def attribute_edges(
+    w: Weights,
+    task: Task,
+    metric_fn: Metric,
+    shape: ModelShape,
+    *,
+    n_steps: int,
+    batch_size: int,
+) -> FunctionalEdges:
+    """Every edge's score on ``task``, the mean over its prompts, chunk by chunk."""
+    index = GraphIndex(shape)
+    device = w.w_u.device
+    n = len(task)
+    matrix = torch.zeros(index.n_senders, index.n_receivers)
+    clean_total = corrupted_total = 0.0
+    starts = list(range(0, n, batch_size))
+    for start in tqdm(starts, desc="attribution (edges)", disable=len(starts) < 8, leave=False):
+        chunk = task.select(list(range(start, min(start + batch_size, n)))).to(device)
+        base = chunk.metric_inputs()
+        out = edge_chunk(
+            w,
+            index,
+            chunk.clean,
+            chunk.corrupted,
+            chunk.answer_pos,
+            metric_fn,
+            MetricInputs(base.answers.to(device), base.wrong.to(device), base.clean_logits),
+            n_steps=n_steps,
+        )
+        matrix += out.matrix.cpu()
+        clean_total += out.clean
+        corrupted_total += out.corrupted
+    return FunctionalEdges(matrix / n, clean_total / n, corrupted_total / n)

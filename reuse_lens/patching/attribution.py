@@ -41,9 +41,8 @@ from reuse_lens.nodes import (
     edges_of,
     shape_of,
 )
-from reuse_lens.patching._attribution_functional import edge_chunk
-from reuse_lens.patching._common import ENGINES, Engine, prepare
-from reuse_lens.patching._forward import Weights
+from reuse_lens.patching._attribution_functional import attribute_edges, functional_weights
+from reuse_lens.patching._common import ENGINES, Engine
 from reuse_lens.patching._hook_edges import EDGE_INPUT_HOOK, edge_refusal, mlp_norm
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
@@ -256,10 +255,20 @@ def _attribute(
 ) -> _Result:
     shape = shape_of(model)
     if edges and engine != "hooks":
-        functional = _functional_weights(model, task, metric_fn, engine)
+        functional = functional_weights(model, task, metric_fn, engine)
         if functional is not None:
-            return _attribute_edges_functional(
+            out = attribute_edges(
                 functional, task, metric_fn, shape, n_steps=n_steps, batch_size=batch_size
+            )
+            width = int(task.clean.shape[1])
+            return _Result(
+                shape=shape,
+                heads_by_pos=torch.zeros(width, shape.n_layers, shape.n_heads),
+                mlps_by_pos=torch.zeros(width, shape.n_layers) if shape.has_mlps else None,
+                clean=out.clean,
+                corrupted=out.corrupted,
+                edge_matrix=out.matrix,
+                engine="functional",
             )
     if edges:
         _check_edge_support(model)
@@ -300,63 +309,6 @@ def _attribute(
         clean=clean_total / n,
         corrupted=corrupted_total / n,
         edge_matrix=None if matrix is None else matrix / n,
-    )
-
-
-def _functional_weights(
-    model: TransformerBridge, task: Task, metric_fn: Metric, engine: Engine
-) -> Weights | None:
-    """The verified functional forward of ``model`` when it can score edges, else None
-    (or, for ``engine="functional"``, the reason as an error)."""
-    w = prepare(model, task.select([0]), metric_fn, engine=engine).weights
-    why = None if w is None else w.spec.edge_unsupported()
-    if why is not None and engine == "functional":
-        raise NotImplementedError(
-            f"edge-level attribution: edges need each head's output on its own, but {why}. Use level='node'."
-        )
-    return None if why is not None else w
-
-
-def _attribute_edges_functional(
-    w: Weights,
-    task: Task,
-    metric_fn: Metric,
-    shape: ModelShape,
-    *,
-    n_steps: int,
-    batch_size: int,
-) -> _Result:
-    """Edge scores from the functional forward (``_attribution_functional``)."""
-    index = GraphIndex(shape)
-    device = w.w_u.device
-    n, width = len(task), int(task.clean.shape[1])
-    matrix = torch.zeros(index.n_senders, index.n_receivers)
-    clean_total = corrupted_total = 0.0
-    starts = list(range(0, n, batch_size))
-    for start in tqdm(starts, desc="attribution (edges)", disable=len(starts) < 8, leave=False):
-        chunk = task.select(list(range(start, min(start + batch_size, n)))).to(device)
-        base = chunk.metric_inputs()
-        out = edge_chunk(
-            w,
-            index,
-            chunk.clean,
-            chunk.corrupted,
-            chunk.answer_pos,
-            metric_fn,
-            MetricInputs(base.answers.to(device), base.wrong.to(device), base.clean_logits),
-            n_steps=n_steps,
-        )
-        matrix += out.matrix.cpu()
-        clean_total += out.clean
-        corrupted_total += out.corrupted
-    return _Result(
-        shape=shape,
-        heads_by_pos=torch.zeros(width, shape.n_layers, shape.n_heads),
-        mlps_by_pos=torch.zeros(width, shape.n_layers) if shape.has_mlps else None,
-        clean=clean_total / n,
-        corrupted=corrupted_total / n,
-        edge_matrix=matrix / n,
-        engine="functional",
     )
 
 

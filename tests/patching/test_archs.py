@@ -21,8 +21,8 @@ from reuse_lens.arch.registry import extract as extract_weights
 from reuse_lens.nodes import edges_of, shape_of
 from reuse_lens.patching._forward import RunCache, Weights
 from reuse_lens.patching.ablation import AblationRunner, NodeMask
-from reuse_lens.patching.graph import GraphIndex
 from tests.archs import ARCHS, expand_kv, save_arch
+from tests.circuits.test_faithfulness import _edge_mask_keeping_nodes
 from tests.patching.helpers import random_task
 
 ATOL = 1e-4
@@ -239,18 +239,6 @@ def _masks(model: Any, count: int, seed: int) -> list[NodeMask]:
     ]
 
 
-def _edge_mask_keeping_nodes(runner: AblationRunner, keep: NodeMask) -> torch.Tensor:
-    index = GraphIndex(runner.shape)
-    mask = torch.ones(index.n_senders, index.n_receivers, dtype=torch.bool)
-    for layer in range(runner.shape.n_layers):
-        for head in range(runner.shape.n_heads):
-            if not keep.heads[layer, head]:
-                mask[index.sender[f"a{layer}.h{head}"]] = False
-        if keep.mlps is not None and not keep.mlps[layer]:
-            mask[index.sender[f"m{layer}"]] = False
-    return mask
-
-
 @pytest.mark.parametrize("name", COVERED)
 def test_node_ablation_equals_hooks_and_edges(load: Any, name: str) -> None:
     model = load(name)
@@ -265,10 +253,10 @@ def test_node_ablation_equals_hooks_and_edges(load: Any, name: str) -> None:
     assert w is not None
     if w.spec.edge_unsupported() is not None:
         with pytest.raises(NotImplementedError, match="node circuit"):
-            fast.edges(_edge_mask_keeping_nodes(fast, masks[0]))
+            fast.edges(_edge_mask_keeping_nodes(fast.shape, masks[0]))
         return
     for mask, value in zip(masks, by_nodes, strict=True):
-        assert fast.edges(_edge_mask_keeping_nodes(fast, mask)) == pytest.approx(
+        assert fast.edges(_edge_mask_keeping_nodes(fast.shape, mask)) == pytest.approx(
             float(value), abs=ATOL
         )
 
@@ -304,7 +292,7 @@ def test_grouped_query_model_scores_equal_its_multi_head_twin(load: Any) -> None
     masks = _masks(gqa, 4, seed=1)
     runners = [AblationRunner(m, t, ablation="mean") for m, t in ((gqa, task), (mha, twin))]
     torch.testing.assert_close(runners[0].nodes(masks), runners[1].nodes(masks), atol=ATOL, rtol=0)
-    edge = _edge_mask_keeping_nodes(runners[0], masks[0])
+    edge = _edge_mask_keeping_nodes(runners[0].shape, masks[0])
     edge[torch.rand(edge.shape, generator=torch.Generator().manual_seed(5)) < 0.3] = False
     assert runners[0].edges(edge) == pytest.approx(runners[1].edges(edge), abs=ATOL)
 
