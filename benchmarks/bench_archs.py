@@ -1,7 +1,7 @@
 """All-position head activation patching per architecture family, against TransformerLens.
 
     .venv/bin/python benchmarks/bench_archs.py                 # gpt2, llama_gqa, gpt_neox, gemma2
-    .venv/bin/python benchmarks/bench_archs.py --archs qwen3   # also qwen3, gptj
+    .venv/bin/python benchmarks/bench_archs.py --archs qwen3 gptj   # other families instead
 
 Each family is a random ``transformers`` model (``tests/archs.py``'s configs) resized
 to 4 layers, d_model 256, 8 query heads of 32 (2 key/value heads where the family has
