@@ -76,14 +76,13 @@ class ArchSpec:
     residual_scale: float = 1.0
 
     def edge_unsupported(self) -> str | None:
-        """Why edge ablation (each head's own q/k/v input) cannot run, or None.
+        """Why edge methods (each head's own q/k/v input) cannot run, or None.
 
-        Edge ablation adds up each sender's output separately, so a head's output must be
-        linear in its z; a norm after the attention sublayer couples the heads. A q/k norm
-        over the whole projection couples them on the input side.
+        A q/k norm over the whole projection (OLMo-2) computes one statistic over every
+        head's query, so one head's input cannot be moved apart from the others'. Norms
+        after a sublayer (Gemma-2) are handled: each receiver recomputes the norm of its
+        own mix of the heads' outputs (``patching/_edge_forward.py``).
         """
-        if self.post_norms:
-            return f"{self.family} normalises each sublayer's output, so heads do not add up"
         if self.qk_norm == "proj":
             return f"{self.family} normalises q and k over all heads at once"
         return None

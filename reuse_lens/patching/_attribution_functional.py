@@ -17,6 +17,7 @@ between the clean (α = 0) and corrupted embeddings.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,10 @@ class _Probes(Receivers):
         self.heads_in = [torch.zeros(b, p, 3 * w.n_heads, d, **zeros) for _ in w.layers]
         self.mlp_in = [torch.zeros(b, p, d, **zeros) for _ in w.layers] if w.has_mlps else []
         self.final_in = torch.zeros(b, p, d, **zeros)
+        self.raw: dict[int, Tensor] = {}
+
+    def head_outputs(self, layer: int, out: Tensor, raw: Tensor) -> None:
+        self.raw[layer] = raw.detach()
 
     def leaves(self) -> list[Tensor]:
         return [*self.heads_in, *self.mlp_in, self.final_in]
@@ -72,13 +77,47 @@ class _Probes(Receivers):
         return resid + self.final_in
 
 
+def _jvp(f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) -> Tensor:
+    """``J_f(x) v`` by two reverse passes: ``J^T u`` is linear in ``u``, and its gradient
+    against ``u`` along ``v`` is ``J v``. (torch's forward mode would do it in one, but
+    loads TorchScript decompositions, which warn as deprecated.)"""
+    with torch.enable_grad():
+        point = x.detach().requires_grad_(True)
+        out = f(point)
+        u = torch.zeros_like(out, requires_grad=True)
+        (vjp,) = torch.autograd.grad(out, point, u, create_graph=True)
+        (jv,) = torch.autograd.grad(vjp, u, v)
+    return jv.detach()
+
+
+def _through_post_norms(
+    w: Weights, index: GraphIndex, deltas: Tensor, raw: dict[int, Tensor]
+) -> Tensor:
+    """Deltas with each post-normed head's change passed through the norm's Jacobian at
+    this step's sum of the heads (Gemma-2): the first-order change of what the residual
+    stream receives, so a node's edges add up to its node score at every step."""
+    posts = [layer for layer in range(w.n_layers) if w.layers[layer].attn_post is not None]
+    if not posts:
+        return deltas
+    deltas = deltas.clone()
+    for layer in posts:
+        post = w.layers[layer].attn_post
+        assert post is not None
+        heads = slice(index.sender[f"a{layer}.h0"], index.sender[f"a{layer}.h0"] + w.n_heads)
+        change = deltas[:, :, heads]
+        point = raw[layer].float().unsqueeze(2).expand_as(change)
+        deltas[:, :, heads] = _jvp(post, point, change)
+    return deltas
+
+
 def _sender_deltas(
     w: Weights, clean: RunCache, corrupted: RunCache
 ) -> Float[Tensor, "batch pos sender d_model"]:
     """Corrupted − clean output of every sender, in ``GraphIndex`` order, in float32."""
     parts = [(corrupted.resid_pre[0] - clean.resid_pre[0]).float().unsqueeze(2)]
     for layer in range(w.n_layers):
-        w_o = w.layers[layer].w_o.view(w.n_heads, w.d_head, -1).float()
+        weights = w.layers[layer]
+        w_o = weights.w_o.view(w.n_heads, w.d_head, -1).float()
         dz = corrupted.z[layer].float() - clean.z[layer].float()
         parts.append(torch.einsum("bphe,hed->bphd", dz, w_o))
         if w.has_mlps:
@@ -125,7 +164,7 @@ def edge_chunk(
                     "patching needs a differentiable metric such as logit_diff"
                 )
             grads = torch.autograd.grad(values.sum(), probes.leaves())
-        _accumulate(w, index, deltas, grads, matrix)
+        _accumulate(w, index, _through_post_norms(w, index, deltas, probes.raw), grads, matrix)
     clean_values = check_finite(metric(clean_logits, inputs), metric)
     corrupted_values = check_finite(metric(corrupted_logits, inputs), metric)
     return FunctionalEdges(

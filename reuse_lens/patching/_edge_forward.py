@@ -11,7 +11,10 @@ Receivers are laid out as in ``GraphIndex``: per layer the q inputs of its heads
 the k inputs, then the v inputs, then its MLP; ``logits`` (the final residual stream)
 last. Senders too: ``input``, then per layer its heads and its MLP; a head's output is
 ``z @ W_O[h]`` (``b_O`` belongs to no head). A parallel block's MLP reads the residual
-stream in front of the block, so not its own layer's heads.
+stream in front of the block, so not its own layer's heads. Where a norm follows the
+attention (Gemma-2), the heads of a layer reach the stream only as ``N(Σ_h out_h + b_O)``:
+a receiver that drops some of them reads ``N`` of the sum with those heads' outputs
+replaced, exactly, and attribution uses ``N``'s Jacobian at the clean sum.
 """
 
 from __future__ import annotations
@@ -50,8 +53,14 @@ class Receivers:
         """What the unembedding reads."""
         return resid
 
-    def head_outputs(self, layer: int, out: Float[Tensor, "batch pos head d_model"]) -> None:
-        """Each head's output ``z @ W_O[h]`` of ``layer``, as it is made."""
+    def head_outputs(
+        self,
+        layer: int,
+        out: Float[Tensor, "batch pos head d_model"],
+        raw: Float[Tensor, "batch pos d_model"],
+    ) -> None:
+        """Each head's output ``z @ W_O[h]`` of ``layer``, as it is made, and their sum with
+        ``b_O`` (what a post-norm normalises)."""
 
     def mlp_output(self, layer: int, out: Float[Tensor, "batch pos d_model"]) -> None:
         """``layer``'s MLP output, as it is made."""
@@ -67,8 +76,8 @@ def run_edges(
     reading what ``receivers`` gives it.
 
     Raises:
-        NotImplementedError: for a model whose heads do not add up in the residual stream
-            (norms after a sublayer; a q/k norm over all heads), where edges are undefined.
+        NotImplementedError: for a model whose heads' inputs are not separable (a q/k norm
+            over all heads at once, OLMo-2), where edges are undefined.
     """
     why = w.spec.edge_unsupported()
     if why is not None:
@@ -84,9 +93,11 @@ def run_edges(
         q, k, v = w.qkv_per_head(layer, x_q, x_k, x_v, positions)
         z = w.mix(w.pattern(q, k, positions, layer), v)
         head_out = torch.einsum("bphe,hed->bphd", z, weights.w_o.view(n_heads, d_head, -1))
-        receivers.head_outputs(layer, head_out)
+        raw = head_out.sum(2) + weights.b_o
+        receivers.head_outputs(layer, head_out, raw)
         resid_pre = resid
-        resid = resid + head_out.sum(2) + weights.b_o
+        # A post-norm (Gemma-2) normalises the heads' sum before it joins the stream.
+        resid = resid + (raw if weights.attn_post is None else weights.attn_post(raw))
         if w.has_mlps:
             out = w.mlp_out(layer, receivers.mlp(layer, w.mlp_input(resid_pre, resid)))
             receivers.mlp_output(layer, out)

@@ -42,7 +42,7 @@ from reuse_lens.patching._common import (
     zero_cache,
 )
 from reuse_lens.patching._edge_forward import Receivers, run_edges
-from reuse_lens.patching._forward import RunCache, Weights
+from reuse_lens.patching._forward import Norm, RunCache, Weights
 from reuse_lens.patching._hook_edges import HookEdges
 from reuse_lens.patching._hooks import HookSources, hook_name
 from reuse_lens.patching.graph import GraphIndex
@@ -88,7 +88,12 @@ class NodeMask:
 
 class _DroppedEdges(Receivers):
     """Receivers that read the current residual stream plus, for every sender whose edge
-    they drop, that sender's (ablated − current) output (``deltas[:, :, s]``)."""
+    they drop, that sender's (ablated − current) output (``deltas[:, :, s]``).
+
+    The heads of a layer with a post-norm (Gemma-2) reach the stream only through
+    ``N(Σ_h out_h + b_O)``: their slots in ``deltas`` stay zero, and a receiver gets
+    ``N(sum with its dropped heads' outputs ablated) − N(sum)`` for that layer instead.
+    """
 
     def __init__(
         self,
@@ -103,9 +108,19 @@ class _DroppedEdges(Receivers):
         self.deltas[:, :, 0] = input_delta
         self.ablated_z: list[Tensor] = []
         self.ablated_mlp: list[Tensor] = []
+        # Per post-normed layer: its first head's sender slot, the heads' sum, their deltas.
+        self.normed: list[tuple[int, Tensor, Tensor, Norm]] = []
 
     def _added(self, n: int, columns: slice | int) -> Tensor:
-        return torch.einsum("bpsd,s...->bp...d", self.deltas[:, :, :n], self.drop[:n, columns])
+        added = torch.einsum("bpsd,s...->bp...d", self.deltas[:, :, :n], self.drop[:n, columns])
+        for first, raw, delta, norm in self.normed:
+            if first >= n:
+                break
+            heads = slice(first, first + delta.shape[2])
+            moved = torch.einsum("bphd,h...->bp...d", delta, self.drop[heads, columns])
+            base = raw if isinstance(columns, int) else raw.unsqueeze(2)
+            added = added + norm(base + moved) - norm(base)
+        return added
 
     def heads(self, layer: int, resid: Tensor, n_heads: int) -> Tensor:
         n = self.index.senders_before_heads(layer)
@@ -118,10 +133,14 @@ class _DroppedEdges(Receivers):
     def final(self, resid: Tensor) -> Tensor:
         return resid + self._added(self.index.n_senders, self.index.receiver[LOGITS.name])
 
-    def head_outputs(self, layer: int, out: Tensor) -> None:
+    def head_outputs(self, layer: int, out: Tensor, raw: Tensor) -> None:
         w_o = self.w.layers[layer].w_o.view(self.w.n_heads, self.w.d_head, -1)
         ablated = torch.einsum("bphe,hed->bphd", self.ablated_z[layer], w_o)
         first = self.index.sender[f"a{layer}.h0"]
+        post = self.w.layers[layer].attn_post
+        if post is not None:
+            self.normed.append((first, raw, ablated.expand_as(out) - out, post))
+            return
         self.deltas[:, :, first : first + out.shape[2]] = ablated.expand_as(out) - out
 
     def mlp_output(self, layer: int, out: Tensor) -> None:
