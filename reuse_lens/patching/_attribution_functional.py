@@ -200,15 +200,20 @@ def _accumulate(
 def functional_weights(
     model: TransformerBridge, task: Task, metric_fn: Metric, engine: Engine
 ) -> Weights | None:
-    """The verified functional forward of ``model`` when it can score edges, else None
-    (or, for ``engine="functional"``, the reason as an error)."""
+    """The verified functional forward of ``model``, or None where it does not reproduce
+    the model (the hooks are tried then).
+
+    Raises:
+        NotImplementedError: where the model's edges are undefined (its heads' inputs are
+            not separable); hooks cannot do better there.
+    """
     w = prepare(model, task.select([0]), metric_fn, engine=engine).weights
     why = None if w is None else w.spec.edge_unsupported()
-    if why is not None and engine == "functional":
+    if why is not None:
         raise NotImplementedError(
-            f"edge-level attribution: edges need each head's output on its own, but {why}. Use level='node'."
+            f"edge-level attribution needs each head's own inputs, but {why}. Use level='node'."
         )
-    return None if why is not None else w
+    return w
 
 
 def attribute_edges(
