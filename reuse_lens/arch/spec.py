@@ -78,11 +78,10 @@ class ArchSpec:
     def edge_unsupported(self) -> str | None:
         """Why edge methods (each head's own q/k/v input) cannot run, or None.
 
-        A q/k norm over the whole projection (OLMo-2) computes one statistic over every
-        head's query, so one head's input cannot be moved apart from the others'. Norms
-        after a sublayer (Gemma-2) are handled: each receiver recomputes the norm of its
-        own mix of the heads' outputs (``patching/_edge_forward.py``).
+        Every family registered today supports them: norms after a sublayer (Gemma-2) are
+        recomputed per receiver (``patching/_edge_forward.py``), and a q/k norm over the
+        whole projection (OLMo-2) takes head i's statistic from the projection of head i's
+        own input (``Weights.qkv_per_head``). A family whose heads cannot be separated
+        returns its reason here, and the edge engines refuse with it.
         """
-        if self.qk_norm == "proj":
-            return f"{self.family} normalises q and k over all heads at once"
         return None

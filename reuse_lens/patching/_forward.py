@@ -235,6 +235,19 @@ class Weights:
             per_head = w_flat.view(-1, h, d).permute(1, 0, 2)
             return torch.einsum("bphd,hde->bphe", _norm(x, w.ln1), per_head) + b_flat.view(h, d)
 
+        def project_normed(x: Tensor, w_flat: Tensor, b_flat: Tensor, norm: Norm) -> Tensor:
+            # OLMo-2's q/k norm takes one statistic over every head's channels: head i's
+            # q is read from the whole projection of head i's own input, normed, at i.
+            every = _affine(_norm(x, w.ln1), w_flat, b_flat)  # (b, pos, head i, head*d)
+            normed = norm(every).unflatten(-1, (h, d))  # (b, pos, head i, head j, d)
+            return normed.diagonal(dim1=-3, dim2=-2).movedim(-1, -2)  # i == j
+
+        if self.spec.qk_norm == "proj" and w.q_norm is not None and w.k_norm is not None:
+            q = project_normed(x_q, w.w_q, w.b_q, w.q_norm)
+            k = project_normed(x_k, w.w_k, w.b_k, w.k_norm)
+            if self.rope is not None:
+                q, k = self.rope(q, positions), self.rope(k, positions)
+            return q, k, project(x_v, w.w_v, w.b_v)
         q = self._qk_post(layer, project(x_q, w.w_q, w.b_q), w.q_norm, positions)
         k = self._qk_post(layer, project(x_k, w.w_k, w.b_k), w.k_norm, positions)
         return q, k, project(x_v, w.w_v, w.b_v)
