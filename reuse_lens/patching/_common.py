@@ -125,6 +125,13 @@ def prepare(
     if engine != "hooks":
         try:
             weights = extract_weights(model)
+            if weights.spec.parallel != bool(getattr(model.cfg, "parallel_attn_mlp", False)):
+                # The residual graph (nodes.shape_of) reads the bridge's flag; the two must
+                # describe the same block, or edges would be listed for the wrong graph.
+                raise Unsupported(
+                    "its adapter and TransformerLens disagree on whether attention and MLP "
+                    "run in parallel"
+                )
             rows = torch.arange(clean.shape[0], device=device)
             runs["clean"] = weights.run(clean)
             ours = weights.logits(runs["clean"].final[rows, answer_pos])
