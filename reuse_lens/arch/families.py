@@ -7,13 +7,11 @@ the weights, calling the model's own rotary module) is ``HFAdapter``'s.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from reuse_lens.arch.hf import HFAdapter, original
+from reuse_lens.arch.hf import HFAdapter
 from reuse_lens.arch.spec import ArchSpec
 from reuse_lens.patching._forward import Unsupported
 
@@ -146,19 +144,10 @@ class GPTJ(HFAdapter):
         shared_mlp_norm=True,
     )
 
-    def rope_table(self, hf: Any) -> Callable[[int], tuple[Tensor, Tensor]]:
+    def cos_sin(self, out: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         # GPT-J's module returns (sin, cos) of half width; each frequency serves a pair.
-        rotary = original(hf.base_model.rotary_emb)
-        dtype = next(hf.parameters()).dtype
-
-        def table(n: int) -> tuple[Tensor, Tensor]:
-            device = next(hf.parameters()).device
-            ids = torch.arange(n, device=device).unsqueeze(0)
-            with torch.no_grad():
-                sin, cos = rotary(torch.zeros(1, device=device, dtype=dtype), ids)
-            return cos[0].repeat_interleave(2, -1), sin[0].repeat_interleave(2, -1)
-
-        return table
+        sin, cos = out
+        return cos[0].repeat_interleave(2, -1), sin[0].repeat_interleave(2, -1)
 
 
 class Phi(HFAdapter):

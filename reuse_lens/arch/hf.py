@@ -86,10 +86,16 @@ class HFAdapter:
             device = next(hf.parameters()).device
             ids = torch.arange(n, device=device).unsqueeze(0)
             with torch.no_grad():
-                cos, sin = rotary(torch.zeros(1, device=device, dtype=dtype), ids)
-            return cos[0], sin[0]
+                out = rotary(torch.zeros(1, device=device, dtype=dtype), ids)
+            return self.cos_sin(out)
 
         return table
+
+    def cos_sin(self, out: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """cos and sin ``(n, rotary_dim)`` from what the rotary module returned for one
+        row of positions (``(cos, sin)``, each ``(1, n, rotary_dim)``, in most families)."""
+        cos, sin = out
+        return cos[0], sin[0]
 
     def alibi_slopes(self, hf: Any, n_heads: int) -> Tensor:
         """ALiBi's per-head slopes (families with ``positions="alibi"`` override this)."""
