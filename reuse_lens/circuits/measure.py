@@ -31,7 +31,7 @@ from torch import Tensor
 from reuse_lens._validate import check_circuit, check_count, check_fits, check_seed
 from reuse_lens.nodes import MLP, AttentionHead, ModelShape, edges_of, parse_node
 from reuse_lens.patching._common import Engine
-from reuse_lens.patching.ablation import AblationRunner, InputKind, NodeMask
+from reuse_lens.patching.ablation import AblationRunner, InputKind, MeanPositions, NodeMask
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.patching.scores import NodeScores
@@ -74,6 +74,17 @@ logits' scale), and dividing by it would turn noise into any faithfulness at all
 
 Level = Literal["node", "edge"]
 
+NodeEmpty = Literal["nodes", "edges"]
+"""What "everything ablated" is when a node circuit's faithfulness is normalized:
+``nodes`` (the default), every head and MLP output with the embedding kept, the empty
+node circuit; ``edges``, every edge, ``input`` included, as MIB's evaluation normalizes
+node circuits too (so there the empty node circuit scores the input-to-logits edge's
+share, not 0)."""
+
+CurveSizes = Literal["round", "mib"]
+"""How ``faithfulness_curve`` turns a fraction ``p`` of ``N`` into a count: ``round``,
+``max(1, round(p · N))``; ``mib``, ``int(p · N)`` as MIB's evaluation (0 is allowed)."""
+
 
 class CircuitEvaluator:
     """Faithfulness of many circuits on one (model, task, ablation), sharing the set-up.
@@ -93,7 +104,14 @@ class CircuitEvaluator:
         batch_size: int | None = None,
         input_node: InputKind = "embeddings",
         engine: Engine = "auto",
+        mean_positions: MeanPositions = "real",
+        prune: bool = False,
+        node_empty: NodeEmpty = "nodes",
     ) -> None:
+        if node_empty not in ("nodes", "edges"):
+            raise ValueError(
+                f"unknown node_empty {node_empty!r}: choose 'nodes' (the default) or 'edges'"
+            )
         self.runner = AblationRunner(
             model,
             task,
@@ -102,7 +120,10 @@ class CircuitEvaluator:
             batch_size=batch_size,
             input_node=input_node,
             engine=engine,
+            mean_positions=mean_positions,
         )
+        self.prune = bool(prune)
+        self.node_empty: NodeEmpty = node_empty
         self.model = model
         self.task = task
         self.ablation = ablation
@@ -140,7 +161,7 @@ class CircuitEvaluator:
         return self._empty[level]
 
     def normalize(self, value: float | Tensor, level: Level) -> float | Tensor:
-        empty = self.empty(level)
+        empty = self.empty("edge" if self.node_empty == "edges" else level)
         return (value - empty) / (self.full - empty)
 
     def check(self, circuit: object, arg: str = "circuit") -> Circuit:
@@ -177,6 +198,10 @@ class CircuitEvaluator:
         return keep
 
     def edges(self, edges: Iterable[tuple[str, str]]) -> float:
+        if self.prune:
+            from reuse_lens.circuits.mib import prune_edges
+
+            edges = prune_edges(edges)
         value = self.runner.edges(self.edge_mask(edges))
         return float(self.normalize(value, "edge"))
 
@@ -230,6 +255,9 @@ def faithfulness(
     level: Level | None = None,
     input_node: InputKind = "embeddings",
     engine: Engine = "auto",
+    mean_positions: MeanPositions = "real",
+    prune: bool = False,
+    node_empty: NodeEmpty = "nodes",
 ) -> float:
     """The circuit's share of the task's behaviour: 1.0 = the full model, 0.0 = all ablated.
 
@@ -249,6 +277,15 @@ def faithfulness(
             token embedding alone, as EAP-IG and MIB's evaluation). Only edge circuits
             ablate ``input``; see ``reuse_lens.patching.ablation.InputKind``.
         engine: ``auto``, ``functional`` or ``hooks``, as in ``activation_patching``.
+        mean_positions: ``real`` (the default: a position's mean is over the prompts with
+            a real token there) or ``padded`` (over every prompt of the padded batch, as
+            EAP-IG's ``mean-positional``); see ``reuse_lens.patching.ablation.MeanPositions``.
+        prune: drop, before ablating, the edges of an edge circuit that lie on no path
+            from ``input`` to ``logits``, as EAP-IG's ``Graph.prune`` (and so MIB's
+            evaluation) does; see ``reuse_lens.circuits.mib.prune_edges``. It changes
+            nothing under ``resample`` ablation.
+        node_empty: ``nodes`` (the default) or ``edges``: what a node circuit's
+            faithfulness is normalized against (see ``NodeEmpty``; MIB's is ``edges``).
 
     Raises:
         TypeError: when model, task or circuit is not one (a spec string, a list).
@@ -266,6 +303,9 @@ def faithfulness(
         batch_size=batch_size,
         input_node=input_node,
         engine=engine,
+        mean_positions=mean_positions,
+        prune=prune,
+        node_empty=node_empty,
     )
     return evaluator(circuit, level)
 
@@ -276,7 +316,7 @@ class FaithfulnessCurve:
 
     Attributes:
         fractions: each circuit's size as a fraction of all nodes (or edges).
-        sizes: the number of nodes (or edges) kept at each fraction (at least 1).
+        sizes: the number of nodes (or edges) kept at each fraction (see ``CurveSizes``).
         faithfulness: f at each size.
         level: ``node`` or ``edge``.
         cpr: area under f over the fraction axis, divided by its span (higher is better).
@@ -294,6 +334,17 @@ class FaithfulnessCurve:
     method: str
     task: str
 
+    @property
+    def area_under(self) -> float:
+        """MIB's ``area_under`` (its CPR): the trapezoid area under f, not divided by the
+        span of the fraction axis; ``cpr`` times that span (0.999 for MIB's fractions)."""
+        return self.cpr * (self.fractions[-1] - self.fractions[0])
+
+    @property
+    def area_from_1(self) -> float:
+        """MIB's ``area_from_1`` (its CMD): ``cmd`` times the span of the fraction axis."""
+        return self.cmd * (self.fractions[-1] - self.fractions[0])
+
 
 def _area(x: Sequence[float], y: Sequence[float]) -> float:
     """Trapezoid area under y(x), divided by the span of x (a mean value of y)."""
@@ -302,13 +353,22 @@ def _area(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.trapezoid(np.asarray(y), np.asarray(x)) / (x[-1] - x[0]))
 
 
-def ranked(scores: NodeScores | EdgeScores) -> list[str] | list[tuple[str, str]]:
-    """Nodes (or edges as (sender, receiver) pairs) by decreasing |score|, ties in forward order."""
+def ranked(
+    scores: NodeScores | EdgeScores, *, absolute: bool = True
+) -> list[str] | list[tuple[str, str]]:
+    """Nodes (or edges as (sender, receiver) pairs) by decreasing |score|, ties in forward order.
+
+    ``absolute=False`` ranks by decreasing score in MIB's sign (the negated score: ours is
+    the metric change when noised, so the most negative, most important, comes first).
+    """
     if isinstance(scores, EdgeScores):
-        order = torch.argsort(scores.scores.abs(), descending=True, stable=True).tolist()
+        key = scores.scores.abs() if absolute else -scores.scores
+        order = torch.argsort(key, descending=True, stable=True).tolist()
         return [(scores.edges[i].sender.name, scores.edges[i].receiver_name) for i in order]
     items = [
-        (name, abs(value)) for name, value in scores.as_dict().items() if not math.isnan(value)
+        (name, abs(value) if absolute else -value)
+        for name, value in scores.as_dict().items()
+        if not math.isnan(value)
     ]
     items.sort(key=lambda kv: kv[1], reverse=True)  # stable: ties keep forward order
     return [name for name, _ in items]
@@ -324,32 +384,57 @@ def faithfulness_curve(
     metric: str | Metric | None = None,
     evaluator: CircuitEvaluator | None = None,
     input_node: InputKind = "embeddings",
+    sizes: CurveSizes = "round",
+    absolute: bool = True,
+    mean_positions: MeanPositions = "real",
+    prune: bool = False,
+    node_empty: NodeEmpty = "nodes",
 ) -> FaithfulnessCurve:
     """Faithfulness of the top-|score| circuit at each size in ``fractions`` (MIB's by default).
 
-    A fraction ``p`` keeps ``max(1, round(p · N))`` of the ``N`` scored nodes (NodeScores)
-    or edges (EdgeScores). ``input_node`` is as in ``faithfulness``; an ``evaluator``
-    given brings its own.
+    With ``sizes="round"`` (the default) a fraction ``p`` keeps ``max(1, round(p · N))`` of
+    the ``N`` scored nodes (NodeScores) or edges (EdgeScores); with ``sizes="mib"`` it
+    keeps ``int(p · N)``, as MIB's evaluation does, and an empty circuit has faithfulness
+    0. ``absolute=False`` ranks by signed score in MIB's sign (the most negative of ours
+    first: important for the metric), as MIB's evaluation does without ``--absolute``.
+    ``input_node``, ``mean_positions``, ``prune`` and ``node_empty`` are as in
+    ``faithfulness`` (at node level ``prune`` does nothing, at edge level ``node_empty``);
+    an ``evaluator`` given brings its own.
+    ``reuse_lens.circuits.mib.MIB_EVALUATION`` holds the options that reproduce MIB's
+    evaluation.
     """
     if not fractions or any(not 0 < p <= 1 for p in fractions):
         raise ValueError(f"fractions must be non-empty and in (0, 1], got {list(fractions)}")
+    if sizes not in ("round", "mib"):
+        raise ValueError(f"unknown sizes {sizes!r}: choose 'round' (the default) or 'mib'")
     fractions = sorted(fractions)
     evaluator = evaluator or CircuitEvaluator(
-        model, task, ablation=ablation, metric=metric, input_node=input_node
+        model,
+        task,
+        ablation=ablation,
+        metric=metric,
+        input_node=input_node,
+        mean_positions=mean_positions,
+        prune=prune,
+        node_empty=node_empty,
     )
-    order = ranked(scores)
+    order = ranked(scores, absolute=absolute)
     if not order:
         raise ValueError("the scores hold no scored node or edge")
-    sizes = [max(1, round(p * len(order))) for p in fractions]
+    counts = (
+        [max(1, round(p * len(order))) for p in fractions]
+        if sizes == "round"
+        else [int(p * len(order)) for p in fractions]
+    )
     if isinstance(scores, EdgeScores):
         level: Level = "edge"
-        values = [evaluator.edges(order[:k]) for k in sizes]  # type: ignore[arg-type]
+        values = [evaluator.edges(order[:k]) if k else 0.0 for k in counts]  # type: ignore[arg-type]
     else:
         level = "node"
-        values = evaluator.nodes([order[:k] for k in sizes])  # type: ignore[misc]
+        values = evaluator.nodes([order[:k] for k in counts])  # type: ignore[misc]
     return FaithfulnessCurve(
         fractions=tuple(fractions),
-        sizes=tuple(sizes),
+        sizes=tuple(counts),
         faithfulness=tuple(values),
         level=level,
         cpr=_area(fractions, values),

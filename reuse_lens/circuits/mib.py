@@ -35,9 +35,19 @@ from reuse_lens.circuits._checks import (
 from reuse_lens.nodes import Edge, ModelShape, edges_of
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from reuse_lens.circuits.circuit import Circuit
 
-__all__ = ["MIB_SIGN", "ScoreSign", "mib_fields", "to_mib_dict", "to_mib_json"]
+__all__ = [
+    "MIB_EVALUATION",
+    "MIB_SIGN",
+    "ScoreSign",
+    "mib_fields",
+    "prune_edges",
+    "to_mib_dict",
+    "to_mib_json",
+]
 
 _MIB_EXTRA = "reuse_lens"  # our block inside a MIB file; MIB's loaders read only cfg/nodes/edges
 
@@ -153,6 +163,51 @@ def to_mib_json(
     if path is not None:
         write_atomic(Path(path), text)
     return text
+
+
+MIB_EVALUATION: dict[str, Any] = {
+    "input_node": "tokens",
+    "sizes": "mib",
+    "prune": True,
+    "mean_positions": "padded",
+    "node_empty": "edges",
+}
+"""The options under which ``faithfulness_curve`` computes what MIB's evaluation computes
+(EAP-IG's ``evaluate_graph`` inside MIB's ``evaluate_area_under_curve``), for
+``faithfulness_curve(model, task, scores, ablation=..., **MIB_EVALUATION)``:
+``input`` is the token embedding alone, a fraction ``p`` keeps ``int(p · N)`` edges, edges
+off every input-to-logits path are ablated, and ``mean`` ablation averages padded
+positions in. ``faithfulness`` and ``CircuitEvaluator`` take the same options but
+``sizes``. docs/circuit_format.md gives the measured agreement."""
+
+
+def prune_edges(edges: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The edges that EAP-IG's ``Graph.prune`` keeps, which MIB's evaluation runs.
+
+    Repeatedly drops every node without a kept outgoing edge or (but ``input``) without a
+    kept incoming edge, and every edge whose sender or receiving node was dropped
+    (``logits`` always stays), until nothing changes. What is left lies on a path from
+    ``input`` to ``logits``. Edges are (sender, receiver) pairs as in ``Circuit.edges``
+    (receivers of heads as ``a1.h2<q>``); their order is kept.
+
+    Under ``resample`` ablation pruning changes no number: a node whose inputs are all
+    ablated computes its corrupted output, which is its ablated value. Under ``mean`` and
+    ``zero`` ablation it does: such a node computes from ablated inputs, not the mean (or
+    zero) of its output, and MIB ablates its edges.
+    """
+    kept = list(dict.fromkeys((str(s), str(r)) for s, r in edges))
+
+    def node_of(receiver: str) -> str:
+        return receiver.split("<", 1)[0]
+
+    while True:
+        senders = {s for s, _ in kept}
+        fed = {node_of(r) for _, r in kept} | {"input"}
+        alive = senders & fed
+        pruned = [(s, r) for s, r in kept if s in alive and (r == "logits" or node_of(r) in alive)]
+        if len(pruned) == len(kept):
+            return pruned
+        kept = pruned
 
 
 def mib_fields(

@@ -54,7 +54,14 @@ if TYPE_CHECKING:
     from reuse_lens.tasks.metrics import Metric
     from reuse_lens.tasks.task import Task
 
-__all__ = ["INPUT_NODES", "AblationRunner", "InputKind", "NodeMask"]
+__all__ = [
+    "INPUT_NODES",
+    "MEAN_POSITIONS",
+    "AblationRunner",
+    "InputKind",
+    "MeanPositions",
+    "NodeMask",
+]
 
 _ABLATIONS = ("resample", "mean", "zero")
 
@@ -71,6 +78,16 @@ prompt, its corrupted partner and the mean over real tokens, so under ``resample
 ``mean`` ablating it changes nothing."""
 
 INPUT_NODES: tuple[str, ...] = ("embeddings", "tokens")
+
+MeanPositions = Literal["real", "padded"]
+"""Which prompts ``mean`` ablation averages at a position.
+
+``"real"`` (the default): the prompts that have a real token there, so padding never
+enters the mean. ``"padded"``: every prompt of the task's padded batch, whatever the
+model computes at its padding included, as EAP-IG's ``mean-positional`` ablation (and so
+MIB's) averages one padded batch. The two differ only on prompts of mixed lengths."""
+
+MEAN_POSITIONS: tuple[str, ...] = ("real", "padded")
 
 
 @dataclass(frozen=True)
@@ -182,6 +199,7 @@ class AblationRunner:
         batch_size: int | None = None,
         engine: Engine = "auto",
         input_node: InputKind = "embeddings",
+        mean_positions: MeanPositions = "real",
     ) -> None:
         if ablation not in _ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}: choose 'mean', 'resample' or 'zero'")
@@ -190,7 +208,13 @@ class AblationRunner:
                 f"unknown input_node {input_node!r}: choose 'embeddings' (token plus position "
                 "embedding, the default) or 'tokens' (the token embedding alone, as MIB/EAP-IG)"
             )
+        if mean_positions not in MEAN_POSITIONS:
+            raise ValueError(
+                f"unknown mean_positions {mean_positions!r}: choose 'real' (the default) or "
+                "'padded' (padding averaged in, as EAP-IG's mean-positional ablation)"
+            )
         self.input_node: InputKind = input_node
+        self.mean_positions: MeanPositions = mean_positions
         model, task = check_pair(model, task)
         if len(task) == 0:
             raise ValueError(f"task {task.name!r} has no prompts: load it with n >= 1")
@@ -199,6 +223,12 @@ class AblationRunner:
         self.prep: Prepared = prepare(model, task, metric, engine=engine)
         self.batch_size = batch_size
         self._width = int(self.prep.clean.shape[1])
+        # The positions each prompt adds to a mean: its real ones, or the whole padded width.
+        self._mean_lengths = (
+            self.prep.answer_pos + 1
+            if mean_positions == "real"
+            else torch.full_like(self.prep.answer_pos, self._width)
+        )
         self.full = float(self.prep.clean_metric.mean())
         self._sources: _Sources | None = None
         self._hook_sources: HookSources | None = None
@@ -211,7 +241,7 @@ class AblationRunner:
                     model,
                     self.prep.corrupted,
                     self.prep.clean,
-                    self.prep.answer_pos + 1,
+                    self._mean_lengths,
                     ablation,
                     "out",
                 )
@@ -370,7 +400,7 @@ class AblationRunner:
         if self._edges_by_hooks is None:
             prep = self.prep
             self._edges_by_hooks = HookEdges(
-                prep.model, prep.corrupted, prep.clean, prep.answer_pos + 1, self.ablation
+                prep.model, prep.corrupted, prep.clean, self._mean_lengths, self.ablation
             )
         return self._edges_by_hooks
 
@@ -403,7 +433,7 @@ class AblationRunner:
         else:
             clean = prep.run("clean")
             cache = (
-                mean_cache(clean, prep.answer_pos + 1)
+                mean_cache(clean, self._mean_lengths)
                 if self.ablation == "mean"
                 else zero_cache(clean)
             )
@@ -421,7 +451,7 @@ class AblationRunner:
         embedded = w.w_e[prep.clean]
         if self.ablation == "zero":
             return torch.zeros_like(embedded[:1])
-        # As every other mean: position by position, over the prompts with a real token there.
-        valid = position_mask(prep.answer_pos + 1, embedded.shape[1]).to(embedded.dtype)
+        # As every other mean: position by position, over the prompts that count there.
+        valid = position_mask(self._mean_lengths, embedded.shape[1]).to(embedded.dtype)
         total = (embedded * valid.unsqueeze(-1)).sum(0, keepdim=True)
         return total / valid.sum(0).clamp(min=1).view(1, -1, 1)

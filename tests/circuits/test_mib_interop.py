@@ -157,8 +157,8 @@ def test_we_read_their_json_and_pt_alike(
     assert from_json.edges == expected
     # read back into our sign: the metric change when noised
     for name, score in graph.scores.items():
-        key = tuple(name.split("->"))
-        assert from_json.edge_scores[key] == pytest.approx(-score, abs=1e-6)
+        sender, receiver = name.split("->")
+        assert from_json.edge_scores[(sender, receiver)] == pytest.approx(-score, abs=1e-6)
     assert from_json.shape == ModelShape(n_layers, n_heads, True, parallel)
 
 
@@ -248,3 +248,195 @@ def test_unreadable_and_missing_pt_files(tmp_path: Path) -> None:
         Circuit.from_mib_pt(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError, match="no MIB .pt circuit file"):
         Circuit.from_mib_pt(tmp_path / "absent.pt")
+
+
+# --- MIB's evaluation semantics as options (docs/circuit_format.md, "Using reuse_lens with
+# MIB"): pruning, sizes, signed ranking, means over padded positions ----------------------
+
+
+def test_prune_edges_keeps_only_edges_on_an_input_to_logits_path() -> None:
+    """EAP-IG's Graph.prune, as documented: drop nodes without a kept outgoing edge or
+    (but input) without a kept incoming one, then their edges, until nothing changes."""
+    from reuse_lens.circuits.mib import prune_edges
+
+    path = [("input", "a0.h0<v>"), ("a0.h0", "m1"), ("m1", "logits")]
+    assert prune_edges(path) == path
+    # a1.h2 gets nothing in, so its edge out goes, and then m0 (fed only by it) too
+    dangling = [("a1.h2", "m1"), ("input", "a0.h1<k>"), ("a0.h1", "m0")]
+    assert prune_edges(path + dangling) == path
+    # an edge into a node with no way out goes; logits always stays
+    assert prune_edges([("input", "a0.h0<q>"), ("input", "logits")]) == [("input", "logits")]
+    # a head fed through its key alone counts as fed, as EAP-IG counts any input slot
+    assert prune_edges([("input", "a0.h3<k>"), ("a0.h3", "logits")]) == [
+        ("input", "a0.h3<k>"),
+        ("a0.h3", "logits"),
+    ]
+    assert prune_edges([]) == []
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Any:
+    import reuse_lens as rl
+    from tests.conftest import native_config
+
+    return rl.load_model(native_config(n_layers=3))
+
+
+@pytest.fixture(scope="module")
+def ragged(tiny: Any) -> Any:
+    from tests.patching.helpers import random_task
+
+    return random_task(tiny, n=4, lengths=[6, 5, 6, 4], seed=1)
+
+
+def _dangling_circuit(model: Any) -> Circuit:
+    """A path from input to logits plus an edge out of a head that nothing feeds."""
+    from reuse_lens.nodes import shape_of
+
+    edges = [
+        "input->a0.h0<v>",
+        "input->a0.h0<q>",
+        "a0.h0->a2.h1<v>",
+        "a2.h1->logits",
+        "a1.h2->logits",  # a1.h2 has no kept input: MIB's evaluation prunes this edge
+        "a0.h3->m1",  # a0.h3 gets nothing in either
+        "m1->logits",
+    ]
+    return Circuit.from_edges(edges, shape_of(model))
+
+
+@pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
+def test_prune_ablates_edges_off_every_path(tiny: Any, ragged: Any, ablation: str) -> None:
+    """prune=True is the faithfulness of the pruned circuit. Under resample ablation it
+    changes nothing (a node whose inputs are all ablated computes its corrupted output);
+    under mean ablation it does. (Under zero ablation it does only where a node fed zeros
+    outputs something else than zero: not on this bias-free model.)"""
+    from reuse_lens.circuits.measure import faithfulness
+    from reuse_lens.circuits.mib import prune_edges
+    from reuse_lens.nodes import shape_of
+
+    circuit = _dangling_circuit(tiny)
+    pruned = Circuit.from_edges(
+        [f"{s}->{r}" for s, r in prune_edges(circuit.edges)], shape_of(tiny)
+    )
+    assert len(pruned.edges) == 4
+    plain = faithfulness(tiny, ragged, circuit, ablation=ablation)  # type: ignore[arg-type]
+    with_prune = faithfulness(tiny, ragged, circuit, ablation=ablation, prune=True)  # type: ignore[arg-type]
+    assert with_prune == faithfulness(tiny, ragged, pruned, ablation=ablation)  # type: ignore[arg-type]
+    if ablation == "mean":
+        assert with_prune != pytest.approx(plain, abs=1e-4)
+    else:
+        assert with_prune == pytest.approx(plain, abs=1e-4)
+
+
+@torch.no_grad()
+def _metric_with_padded_means(model: Any, runner: Any) -> float:
+    """Every head's and MLP's output replaced by its mean over all prompts of the padded
+    batch, position by position, through the bridge's own hooks: the reference."""
+    prep = runner.prep
+    layers = range(model.cfg.n_layers)
+    names = [f"blocks.{i}.attn.hook_z" for i in layers] + [
+        f"blocks.{i}.hook_mlp_out" for i in layers
+    ]
+    _, cache = model.run_with_cache(prep.clean, names_filter=lambda n: n in names)
+    means = {name: cache[name].mean(0, keepdim=True) for name in names}
+    hooks = [(name, lambda act, hook, m=means[name]: m.expand_as(act)) for name in names]
+    logits = model.run_with_hooks(prep.clean, fwd_hooks=hooks, return_type="logits")
+    rows = torch.arange(prep.n)
+    return float(prep.score(logits[rows, prep.answer_pos], rows).mean())
+
+
+def test_padded_means_average_every_prompt_of_the_padded_batch(tiny: Any, ragged: Any) -> None:
+    """mean_positions='padded' (EAP-IG's mean-positional): a position's mean is over every
+    prompt, padding included; the default averages real tokens only, so they differ on
+    prompts of mixed lengths and agree on prompts of one length."""
+    from reuse_lens.nodes import shape_of
+    from reuse_lens.patching.ablation import AblationRunner, NodeMask
+    from tests.patching.helpers import random_task
+
+    nothing = NodeMask.full(shape_of(tiny), keep=False)
+    padded = AblationRunner(tiny, ragged, ablation="mean", mean_positions="padded")
+    real = AblationRunner(tiny, ragged, ablation="mean")
+    value = float(padded.nodes(nothing)[0])
+    assert value == pytest.approx(_metric_with_padded_means(tiny, padded), abs=1e-4)
+    assert value != pytest.approx(float(real.nodes(nothing)[0]), abs=1e-4)
+    even = random_task(tiny, n=4, lengths=[5, 5, 5, 5], seed=2)
+    assert float(
+        AblationRunner(tiny, even, ablation="mean", mean_positions="padded").nodes(nothing)[0]
+    ) == pytest.approx(
+        float(AblationRunner(tiny, even, ablation="mean").nodes(nothing)[0]), abs=1e-6
+    )
+    with pytest.raises(ValueError, match="unknown mean_positions"):
+        AblationRunner(tiny, ragged, ablation="mean", mean_positions="pad")  # type: ignore[arg-type]
+
+
+def test_curve_with_mib_sizes_and_signed_ranking(tiny: Any, ragged: Any) -> None:
+    """sizes='mib' keeps int(p·N) edges (0 allowed, faithfulness 0); absolute=False ranks
+    by MIB's sign (our most negative score first), as MIB without --absolute."""
+    from reuse_lens.circuits.measure import faithfulness_curve, ranked
+    from reuse_lens.circuits.mib import MIB_EVALUATION
+    from reuse_lens.patching.attribution import attribution_patching
+    from reuse_lens.patching.edges import EdgeScores
+
+    scores = attribution_patching(tiny, ragged, method="eap", level="edge")
+    assert isinstance(scores, EdgeScores)
+    n = len(scores.edges)
+    fractions = (0.001, 0.05, 0.5, 1.0)
+    curve = faithfulness_curve(
+        tiny, ragged, scores, ablation="resample", fractions=fractions, sizes="mib"
+    )
+    assert curve.sizes == tuple(int(p * n) for p in fractions)
+    assert curve.sizes[0] == 0 and curve.faithfulness[0] == 0.0
+    assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-4)
+    default = faithfulness_curve(tiny, ragged, scores, ablation="resample", fractions=fractions)
+    assert default.sizes == tuple(max(1, round(p * n)) for p in fractions)
+    signed = ranked(scores, absolute=False)
+    values = {
+        (e.sender.name, e.receiver_name): float(v)
+        for e, v in zip(scores.edges, scores.scores, strict=True)
+    }
+    assert [values[e] for e in signed] == sorted(values.values())  # type: ignore[index]
+    assert [abs(values[e]) for e in ranked(scores)] == sorted(  # type: ignore[index]
+        (abs(v) for v in values.values()), reverse=True
+    )
+    mib = faithfulness_curve(
+        tiny, ragged, scores, ablation="mean", fractions=fractions, **MIB_EVALUATION
+    )
+    assert mib.sizes == curve.sizes
+    with pytest.raises(ValueError, match="unknown sizes"):
+        faithfulness_curve(tiny, ragged, scores, fractions=fractions, sizes="floor")  # type: ignore[arg-type]
+
+
+def test_node_circuits_normalized_against_every_edge_ablated(tiny: Any, ragged: Any) -> None:
+    """node_empty='edges': a node circuit's f = (m − m(every edge ablated)) / (full − that),
+    as MIB's evaluation normalizes node circuits; the empty node circuit (which keeps the
+    input) then scores the input's own share instead of 0."""
+    from reuse_lens.circuits.measure import CircuitEvaluator, faithfulness
+    from reuse_lens.nodes import shape_of
+
+    nodes = Circuit.from_nodes(["a0.h1", "m1", "a2.h0"], shape_of(tiny))
+    own = CircuitEvaluator(tiny, ragged, ablation="zero")
+    mib = CircuitEvaluator(tiny, ragged, ablation="zero", node_empty="edges")
+    m = float(own.runner.nodes(own.node_mask(nodes.nodes))[0])
+    empty = own.empty("edge")
+    assert mib(nodes) == pytest.approx((m - empty) / (own.full - empty), rel=1e-5)
+    assert own(nodes) == pytest.approx((m - own.empty("node")) / (own.full - own.empty("node")))
+    assert faithfulness(tiny, ragged, nodes, ablation="zero", node_empty="edges") == mib(nodes)
+    keeps_input = mib.nodes([[]])[0]
+    assert own.nodes([[]])[0] == 0.0 and keeps_input != pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="unknown node_empty"):
+        CircuitEvaluator(tiny, ragged, node_empty="node")  # type: ignore[arg-type]
+
+
+def test_curve_reports_mibs_areas_too(tiny: Any, ragged: Any) -> None:
+    """MIB's area_under and area_from_1 are CPR and CMD not divided by the fraction span."""
+    from reuse_lens.circuits.measure import faithfulness_curve
+    from reuse_lens.patching.attribution import attribution_patching
+
+    scores = attribution_patching(tiny, ragged, method="eap", level="node")
+    curve = faithfulness_curve(tiny, ragged, scores, ablation="resample", sizes="mib")
+    f, x = curve.faithfulness, curve.fractions
+    trapezoids = [(x[i + 1] - x[i]) * (f[i] + f[i + 1]) / 2 for i in range(len(x) - 1)]
+    assert curve.area_under == pytest.approx(sum(trapezoids), abs=1e-12)
+    gaps = [(x[i + 1] - x[i]) * (abs(1 - f[i]) + abs(1 - f[i + 1])) / 2 for i in range(len(x) - 1)]
+    assert curve.area_from_1 == pytest.approx(sum(gaps), abs=1e-12)
