@@ -91,7 +91,8 @@ def to_mib_dict(
     cfg of a MIB file the circuit was read from, else 0.
 
     ``sign="mib"`` (the default) writes node and edge scores with MIB's sign, positive =
-    important, so that MIB's evaluation ranks them right with or without ``--absolute``;
+    important for the metric, so that MIB's signed ranking (without ``--absolute``) puts
+    them first; with ``--absolute`` MIB ranks by |score| as ``faithfulness_curve`` does.
     ``sign="reuse_lens"`` writes them as the circuit holds them. Our block records which.
     """
     flip = _check_sign(sign) == "mib"
