@@ -9,18 +9,19 @@ import torch
 
 import reuse_lens as rl
 from reuse_lens import study
+from reuse_lens.study import units
 from reuse_lens.tasks.metrics import MetricError
 
 
 def test_a_task_without_a_circuit_is_reported_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = study.discover_circuit
+    original = units.discover_circuit
 
     def refuse_induction(model: Any, task: rl.Task, **kwargs: Any) -> rl.Circuit:
         if task.name == "induction":
             raise MetricError("the metric cannot separate the clean from the corrupted prompts")
         return original(model, task, **kwargs)
 
-    monkeypatch.setattr(study, "discover_circuit", refuse_induction)
+    monkeypatch.setattr(units, "discover_circuit", refuse_induction)
     config = study.StudyConfig(
         tasks=("ioi", "induction", "sva"), fine_tuned={}, methods=("activation",),
         n_prompts=12, n_boot=0, n_random=2,
@@ -57,13 +58,13 @@ def test_saved_circuits_are_reused_only_for_the_same_weights(
     from reuse_lens import models
 
     calls: list[str] = []
-    original = study.discover_circuit
+    original = units.discover_circuit
 
     def counting(model: Any, task: rl.Task, **kwargs: Any) -> rl.Circuit:
         calls.append(task.name)
         return original(model, task, **kwargs)
 
-    monkeypatch.setattr(study, "discover_circuit", counting)
+    monkeypatch.setattr(units, "discover_circuit", counting)
     config = study.StudyConfig(
         tasks=("sva", "greater_than"), fine_tuned={}, methods=("activation",), n_prompts=12,
         n_boot=0, n_random=2,
