@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import reuse_lens as rl
-from reuse_lens.study import units
 from reuse_lens.cli import build_parser, main
+from reuse_lens.study import units
 
 
 @pytest.mark.parametrize(

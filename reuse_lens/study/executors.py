@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
-from reuse_lens.study.units import Found, Measured, Models, Unit, run_in_worker
+from reuse_lens.study.units import Found, Measured, Models, Unit, run_in_worker, run_unit
 
 __all__ = [
     "Executor",
@@ -50,7 +50,7 @@ class LocalExecutor:
     ) -> Iterator[tuple[Unit, Found | Measured]]:
         for unit in units:
             show(unit.key)
-            yield unit, unit.run(models)
+            yield unit, run_unit(unit, models)
 
     def __repr__(self) -> str:
         return "LocalExecutor()"
@@ -92,15 +92,14 @@ class RayExecutor:
         import ray
 
         started = self._connect(ray)
-        remote = ray.remote(run_in_worker)
+        # A GPU task's worker normally exits after one task (max_calls=1), which would
+        # reload the model for every unit; it is kept (0: no limit) to reuse the model.
+        remote = ray.remote(max_calls=0)(run_in_worker)
         try:
             pending: dict[Any, Unit] = {}
             for unit in units:
                 gpus = self.gpus if self.gpus is not None else float(_uses_gpu(unit))
-                # A GPU task's worker normally exits after one task (max_calls=1), which
-                # would reload the model for every unit; it is kept to reuse the model.
-                options: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus, "max_calls": 0}
-                pending[remote.options(**options).remote(unit)] = unit
+                pending[remote.options(num_cpus=1, num_gpus=gpus).remote(unit)] = unit
             show(f"{len(pending)} units sent to Ray")
             try:
                 while pending:

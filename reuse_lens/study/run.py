@@ -35,6 +35,7 @@ from reuse_lens.study.units import (
     Resample,
     TaskSpec,
     Unit,
+    quiet_bars,
 )
 
 if TYPE_CHECKING:
@@ -133,10 +134,11 @@ def _run_study(
                disable=not progress)  # fmt: skip
     with bar:
         bar.set_postfix_str("loading models")
-        models: dict[str, TransformerBridge] = {
-            label: load_model(load.spec, device=load.device, dtype=load.dtype)
-            for label, load in loads.items()
-        }
+        with quiet_bars():
+            models: dict[str, TransformerBridge] = {
+                label: load_model(load.spec, device=load.device, dtype=load.dtype)
+                for label, load in loads.items()
+            }
         # Cached circuits are reused only for the weights they were found in, not for
         # whatever the same spec loads today (a retrained zoo, an overwritten folder).
         digests = {label: weights_digest(model) for label, model in models.items()}
@@ -148,9 +150,10 @@ def _run_study(
             name: TaskSpec(name, config.n_prompts, config.seed, loads["base"])
             for name in dict.fromkeys([*config.tasks, *config.fine_tuned])
         }
-        tasks = {name: here.task(spec) for name, spec in task_specs.items()}
         bar.set_postfix_str("evaluating models")
-        evaluations = _evaluations(models, tasks)
+        with quiet_bars():
+            tasks = {name: here.task(spec) for name, spec in task_specs.items()}
+            evaluations = _evaluations(models, tasks)
         bar.update()
 
         circuits: dict[str, Circuit] = {}
@@ -223,7 +226,8 @@ def _run_study(
             rows=[_row(key, c, measured[key]) for key, c in circuits.items()],
             stability=_stability(config, boot, found), start=start,
         )  # fmt: skip
-        result = compare_circuits(run)
+        with quiet_bars():
+            result = compare_circuits(run)
         bar.update()
         bar.set_postfix_str("done")
     return result

@@ -35,7 +35,9 @@ __all__ = [
     "Resample",
     "TaskSpec",
     "Unit",
+    "quiet_bars",
     "run_in_worker",
+    "run_unit",
 ]
 
 
@@ -212,12 +214,11 @@ class Measure:
 
         model, task = models.model(self.model), models.task(self.task)
         circuit = Circuit.from_json(self.circuit)
-        with _quiet_inner_bars():
-            evaluator = CircuitEvaluator(model, task, ablation=self.ablation)  # type: ignore[arg-type]
-            curve = faithfulness_curve(model, task, scores_of(circuit), evaluator=evaluator)
-            baseline = random_baseline(
-                model, task, circuit, n=self.n_random, seed=self.seed, evaluator=evaluator
-            )
+        evaluator = CircuitEvaluator(model, task, ablation=self.ablation)  # type: ignore[arg-type]
+        curve = faithfulness_curve(model, task, scores_of(circuit), evaluator=evaluator)
+        baseline = random_baseline(
+            model, task, circuit, n=self.n_random, seed=self.seed, evaluator=evaluator
+        )
         return Measured(self.key, curve, baseline.mean, baseline.std, models.digest(self.model))
 
 
@@ -239,16 +240,21 @@ def _discover(
     if sample is not None:
         task = task.select(sample(len(task)))
     try:
-        with _quiet_inner_bars():
-            circuit = discover_circuit(model, task, method=method, ablation=ablation)  # type: ignore[arg-type]
+        circuit = discover_circuit(model, task, method=method, ablation=ablation)  # type: ignore[arg-type]
     except MetricError as error:  # the model does not do this task: say so, go on
         return Found(key, None, str(error).split(":")[0], models.digest(load))
     return Found(key, circuit.to_json(), None, models.digest(load))
 
 
+def run_unit(unit: Unit, models: Models) -> Found | Measured:
+    """Run ``unit`` on ``models``, its own progress bars hidden (see ``quiet_bars``)."""
+    with quiet_bars():
+        return unit.run(models)
+
+
 @contextlib.contextmanager
-def _quiet_inner_bars() -> Iterator[None]:
-    """Bars that patching draws inside a unit stay hidden while it runs.
+def quiet_bars() -> Iterator[None]:
+    """Progress bars made inside stay hidden: model loading's, patching's.
 
     A study shows one bar for all its work; the transient bars of each patching run
     under it would redraw the terminal dozens of times a second (and, on Ray, flood
@@ -281,4 +287,4 @@ def run_in_worker(unit: Unit) -> Found | Measured:
     global _WORKER_MODELS
     if _WORKER_MODELS is None:
         _WORKER_MODELS = Models(visible_gpu=True)
-    return unit.run(_WORKER_MODELS)
+    return run_unit(unit, _WORKER_MODELS)
