@@ -111,3 +111,39 @@ def test_ioi_is_compared_with_each_fine_tunes_own_task_inside_it(tmp_path: Any) 
     study.save_summary(result, tmp_path / "summary.json")
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["within_model"] == {"ft-colored_objects": json.loads(overlap.to_json())}
+
+
+def test_bootstrap_samples_are_the_draws_of_one_seeded_generator() -> None:
+    import numpy as np
+
+    from reuse_lens.reuse import bootstrap_sample
+
+    rng = np.random.default_rng(3)
+    draws = [rng.integers(0, 10, size=10).tolist() for _ in range(4)]
+    # In any order: resample i does not need resamples 0..i-1 to have run.
+    assert [bootstrap_sample(10, 3, i) for i in (3, 1, 0, 2)] == [draws[i] for i in (3, 1, 0, 2)]
+
+
+class _Backwards:
+    """An executor that runs the units in reverse order: results must not change."""
+
+    def map(self, work: Any, models: Any, show: Any) -> Any:
+        for unit in reversed(work):
+            yield unit, units.run_unit(unit, models)
+
+
+def test_units_give_the_same_circuits_in_any_order(tmp_path: Any) -> None:
+    config = study.StudyConfig(
+        tasks=("sva", "greater_than"), fine_tuned={}, methods=("activation",), n_prompts=12,
+        n_boot=2, n_random=2,
+    )  # fmt: skip
+    forwards = study.run_study(config, out=tmp_path / "a", progress=False)
+    backwards = study.run_study(config, out=tmp_path / "b", progress=False, executor=_Backwards())
+    files = sorted(p.name for p in (tmp_path / "a" / "circuits").iterdir())
+    assert files == ["base__greater_than__activation.json", "base__sva__activation.json"]
+    for name in files:
+        a, b = (tmp_path / side / "circuits" / name for side in ("a", "b"))
+        assert a.read_bytes() == b.read_bytes()
+    assert list(backwards.circuits) == list(forwards.circuits)  # the study's order
+    assert forwards.stability.equals(backwards.stability)
+    assert forwards.circuit_table.equals(backwards.circuit_table)
