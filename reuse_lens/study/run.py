@@ -120,12 +120,7 @@ def run_study(
 def _run_study(
     config: StudyConfig, out: Path | None, progress: bool, executor: Executor
 ) -> StudyResult:
-    from reuse_lens.models import load_model, weights_digest
-
     start = time.perf_counter()
-    store = _Store(out)
-    specs = config.models
-    loads = {label: Load(spec, config.device, config.dtype) for label, spec in specs.items()}
     jobs = _jobs(config)
     boot = config.tasks if config.n_boot >= 2 else ()
     # One bar for the study: loading and evaluating, each discovery, resample and
@@ -133,94 +128,13 @@ def _run_study(
     bar = tqdm(total=2 + 2 * len(jobs) + len(boot) * config.n_boot, desc="study",
                disable=not progress)  # fmt: skip
     with bar:
-        bar.set_postfix_str("loading models")
-        with quiet_bars():
-            models: dict[str, TransformerBridge] = {
-                label: load_model(load.spec, device=load.device, dtype=load.dtype)
-                for label, load in loads.items()
-            }
-        # Cached circuits are reused only for the weights they were found in, not for
-        # whatever the same spec loads today (a retrained zoo, an overwritten folder).
-        digests = {label: weights_digest(model) for label, model in models.items()}
-        by_spec = {specs[label]: digest for label, digest in digests.items()}
-        here = Models()
-        for label, model in models.items():
-            here.add(loads[label], model, digests[label])
-        task_specs = {
-            name: TaskSpec(name, config.n_prompts, config.seed, loads["base"])
-            for name in dict.fromkeys([*config.tasks, *config.fine_tuned])
-        }
-        bar.set_postfix_str("evaluating models")
-        with quiet_bars():
-            tasks = {name: here.task(spec) for name, spec in task_specs.items()}
-            evaluations = _evaluations(models, tasks)
-        bar.update()
-
-        circuits: dict[str, Circuit] = {}
-        units: list[Unit] = []
-        for key in jobs:
-            model_label, task_name, method = key.split("/")
-            expected = {
-                "model": specs[model_label], "weights": digests[model_label],
-                "task": task_name, "method": method, "n_prompts": config.n_prompts,
-                "task_seed": config.seed,
-            }  # fmt: skip
-            circuit = store.load(key, expected)
-            if (
-                circuit is not None
-                and circuit.metadata.get("settings", {}).get("ablation") == config.ablation
-            ):
-                circuits[key] = circuit
-                bar.update()
-                continue
-            units.append(Discover(key, loads[model_label], task_specs[task_name], method,
-                                  config.ablation))  # fmt: skip
-        for task_name, index in itertools.product(boot, range(config.n_boot)):
-            units.append(Resample(f"stability/{task_name}/{index}", loads["base"],
-                                  task_specs[task_name], config.methods[0], config.ablation,
-                                  index))  # fmt: skip
-
-        found: dict[str, Found] = {}
-        for unit, result in _run(executor, units, here, bar):
-            assert isinstance(result, Found)
-            _check_weights(unit, result, by_spec)
-            found[unit.key] = result
-            if isinstance(unit, Discover) and result.circuit is not None:
-                # Saved at once, so a stopped study keeps every circuit it finished.
-                model_label, task_name, _ = unit.key.split("/")
-                circuit = Circuit.from_json(result.circuit).with_metadata(
-                    corrupted_metric=_corrupted(evaluations, model_label, task_name),
-                    weights=digests[model_label],
-                )
-                store.save(unit.key, circuit)
-                circuits[unit.key] = circuit
-            elif isinstance(unit, Discover):
-                bar.total -= 1  # no circuit, nothing to measure
-                bar.refresh()
-
-        skipped: dict[str, str] = {}
-        for key in jobs:  # the study's order, whatever the order units finished in
-            result = found.get(key)
-            if result is not None and result.skipped is not None:
-                model_label, task_name, _ = key.split("/")
-                skipped[key] = f"{result.skipped} ({model_label} on {task_name})"
-        circuits = {key: circuits[key] for key in jobs if key in circuits}
-
-        measures = [
-            Measure(key, loads[key.split("/")[0]], task_specs[key.split("/")[1]],
-                    circuit.to_json(), config.ablation, config.n_random, config.seed)
-            for key, circuit in circuits.items()
-        ]  # fmt: skip
-        measured: dict[str, Measured] = {}
-        for unit, result in _run(executor, measures, here, bar):
-            assert isinstance(result, Measured)
-            _check_weights(unit, result, by_spec)
-            measured[unit.key] = result
-
+        driver = _Driver(config, _Store(out), executor, bar)
+        circuits, skipped, found = driver.find(jobs, boot)
+        measured = driver.measure(circuits)
         bar.set_postfix_str("comparing circuits")
         run = StudyRun(
-            config=config, specs=specs, models=models, tasks=tasks, evaluations=evaluations,
-            circuits=circuits, skipped=skipped,
+            config=config, specs=config.models, models=driver.models, tasks=driver.tasks,
+            evaluations=driver.evaluations, circuits=circuits, skipped=skipped,
             scores={key: scores_of(c) for key, c in circuits.items()},
             curves={key: measured[key].curve for key in circuits},
             rows=[_row(key, c, measured[key]) for key, c in circuits.items()],
@@ -233,6 +147,125 @@ def _run_study(
     return result
 
 
+class _Driver:
+    """The study's own process: its models, its saved circuits, and the units it hands out."""
+
+    def __init__(self, config: StudyConfig, store: _Store, executor: Executor, bar: Any) -> None:
+        from reuse_lens.models import load_model, weights_digest
+
+        self.config, self.store, self.executor, self.bar = config, store, executor, bar
+        self.loads = {label: Load(spec, config.device, config.dtype)
+                      for label, spec in config.models.items()}  # fmt: skip
+        bar.set_postfix_str("loading models")
+        with quiet_bars():
+            self.models: dict[str, TransformerBridge] = {
+                label: load_model(load.spec, device=load.device, dtype=load.dtype)
+                for label, load in self.loads.items()
+            }
+        # Cached circuits are reused only for the weights they were found in, not for
+        # whatever the same spec loads today (a retrained zoo, an overwritten folder).
+        self.digests = {label: weights_digest(model) for label, model in self.models.items()}
+        self.here = Models()
+        for label, model in self.models.items():
+            self.here.add(self.loads[label], model, self.digests[label])
+        self.task_specs = {
+            name: TaskSpec(name, config.n_prompts, config.seed, self.loads["base"])
+            for name in dict.fromkeys([*config.tasks, *config.fine_tuned])
+        }
+        bar.set_postfix_str("evaluating models")
+        with quiet_bars():
+            self.tasks = {name: self.here.task(spec) for name, spec in self.task_specs.items()}
+            self.evaluations = _evaluations(self.models, self.tasks)
+        bar.update()
+
+    def find(
+        self, jobs: Sequence[str], boot: Sequence[str]
+    ) -> tuple[dict[str, Circuit], dict[str, str], dict[str, Found]]:
+        """Every circuit (saved ones read back) and resample; what had none, and why."""
+        config = self.config
+        circuits: dict[str, Circuit] = {}
+        units: list[Unit] = []
+        for key in jobs:
+            model_label, task_name, method = key.split("/")
+            if (circuit := self._saved(key)) is not None:
+                circuits[key] = circuit
+                self.bar.update()
+                continue
+            units.append(Discover(key, self.loads[model_label], self.task_specs[task_name],
+                                  method, config.ablation))  # fmt: skip
+        for task_name, index in itertools.product(boot, range(config.n_boot)):
+            units.append(Resample(f"stability/{task_name}/{index}", self.loads["base"],
+                                  self.task_specs[task_name], config.methods[0],
+                                  config.ablation, index))  # fmt: skip
+        found: dict[str, Found] = {}
+        for unit, result in self._run(units):
+            assert isinstance(result, Found)
+            found[unit.key] = result
+            if isinstance(unit, Discover) and result.circuit is not None:
+                # Saved at once, so a stopped study keeps every circuit it finished.
+                model_label, task_name, _ = unit.key.split("/")
+                circuit = Circuit.from_json(result.circuit).with_metadata(
+                    corrupted_metric=_corrupted(self.evaluations, model_label, task_name),
+                    weights=self.digests[model_label],
+                )
+                self.store.save(unit.key, circuit)
+                circuits[unit.key] = circuit
+            elif isinstance(unit, Discover):
+                self.bar.total -= 1  # no circuit, nothing to measure
+                self.bar.refresh()
+        skipped: dict[str, str] = {}
+        for key in jobs:  # the study's order, whatever the order units finished in
+            result = found.get(key)
+            if result is not None and result.skipped is not None:
+                model_label, task_name, _ = key.split("/")
+                skipped[key] = f"{result.skipped} ({model_label} on {task_name})"
+        return {key: circuits[key] for key in jobs if key in circuits}, skipped, found
+
+    def _saved(self, key: str) -> Circuit | None:
+        model_label, task_name, method = key.split("/")
+        expected = {
+            "model": self.config.models[model_label], "weights": self.digests[model_label],
+            "task": task_name, "method": method, "n_prompts": self.config.n_prompts,
+            "task_seed": self.config.seed,
+        }  # fmt: skip
+        circuit = self.store.load(key, expected)
+        if circuit is None or circuit.metadata.get("settings", {}).get("ablation") != (
+            self.config.ablation
+        ):
+            return None
+        return circuit
+
+    def measure(self, circuits: Mapping[str, Circuit]) -> dict[str, Measured]:
+        """Each circuit's faithfulness curve and random baseline."""
+        config = self.config
+        units = [
+            Measure(key, self.loads[key.split("/")[0]], self.task_specs[key.split("/")[1]],
+                    circuit.to_json(), config.ablation, config.n_random, config.seed)
+            for key, circuit in circuits.items()
+        ]  # fmt: skip
+        measured: dict[str, Measured] = {}
+        for unit, result in self._run(units):
+            assert isinstance(result, Measured)
+            measured[unit.key] = result
+        return measured
+
+    def _run(self, units: Sequence[Unit]) -> Iterator[tuple[Unit, Found | Measured]]:
+        """The executor's results, each checked and ticking the study's bar."""
+        if not units:
+            return
+        by_spec = {self.config.models[label]: d for label, d in self.digests.items()}
+        show: Callable[[str], None] = self.bar.set_postfix_str
+        for unit, result in self.executor.map(units, self.here, show):
+            # A unit must have run on the weights loaded here (a worker reads its own disk).
+            if result.weights != by_spec[unit.model.spec]:
+                raise ValueError(
+                    f"{unit.key} ran on other weights for {unit.model.spec!r} than this "
+                    "machine loaded: every node of the cluster must load the same files for a spec"
+                )
+            self.bar.update()
+            yield unit, result
+
+
 def _jobs(config: StudyConfig) -> list[str]:
     """The key ``model/task/method`` of every circuit the study finds, in its order."""
     labelled = [("base", t) for t in config.tasks] + [(f"ft-{t}", t) for t in config.fine_tuned]
@@ -242,27 +275,6 @@ def _jobs(config: StudyConfig) -> list[str]:
         # (Merullo et al. compare tasks within one model).
         jobs += [f"ft-{t}/ioi/{config.methods[0]}" for t in config.fine_tuned if t != "ioi"]
     return jobs
-
-
-def _run(
-    executor: Executor, units: Sequence[Unit], models: Models, bar: tqdm[Any]
-) -> Iterator[tuple[Unit, Found | Measured]]:
-    """The executor's results, each ticking the study's bar."""
-    show: Callable[[str], None] = bar.set_postfix_str
-    if not units:
-        return
-    for unit, result in executor.map(units, models, show):
-        bar.update()
-        yield unit, result
-
-
-def _check_weights(unit: Unit, result: Found | Measured, digests: Mapping[str, str]) -> None:
-    """A unit must have run on the weights the study loaded (a worker reads its own disk)."""
-    if result.weights != digests[unit.model.spec]:
-        raise ValueError(
-            f"{unit.key} ran on other weights for {unit.model.spec!r} than this machine "
-            "loaded: every node of the cluster must load the same files for a spec"
-        )
 
 
 def _row(key: str, circuit: Circuit, measured: Measured) -> dict[str, Any]:
