@@ -147,3 +147,19 @@ def test_units_give_the_same_circuits_in_any_order(tmp_path: Any) -> None:
     assert list(backwards.circuits) == list(forwards.circuits)  # the study's order
     assert forwards.stability.equals(backwards.stability)
     assert forwards.circuit_table.equals(backwards.circuit_table)
+
+
+def test_the_local_executor_runs_units_in_order_and_names_each() -> None:
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    def unit(key: str) -> Any:
+        # A unit's own progress bars are hidden under the study's one.
+        return SimpleNamespace(key=key, run=lambda models: (key, tqdm(range(3)).disable))
+
+    shown: list[str] = []
+    done = list(study.LocalExecutor().map([unit("a"), unit("b")], None, shown.append))  # type: ignore[arg-type]
+    assert shown == ["a", "b"]
+    assert [result for _, result in done] == [("a", True), ("b", True)]
+    assert tqdm(range(3), disable=False).disable is False  # restored after each unit
