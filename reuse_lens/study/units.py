@@ -122,9 +122,6 @@ class Models:
             self._tasks[spec] = tasks.load(spec.name, model, n=spec.n, seed=spec.seed)
         return self._tasks[spec]
 
-    def pin_task(self, spec: TaskSpec, task: Task) -> None:
-        self._tasks[spec] = task
-
 
 @dataclass(frozen=True)
 class Found:
