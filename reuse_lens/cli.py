@@ -1,6 +1,8 @@
 """The ``reuse-lens`` command. It parses arguments and calls the library; no logic lives here.
 
-reuse-lens demo --out DIR                     the main job on the zoo: circuits + report.html
+reuse-lens study --model M --tasks T1 T2 [--fine-tuned T1=M1] --out DIR [--executor ray]
+                                              the main job on any model: circuits + report.html
+reuse-lens demo --out DIR                     the study on the zoo
 reuse-lens discover --model M --task T --method activation --out C.json
 reuse-lens compare A.json B.json ... --out DIR
 reuse-lens evaluate --model M --task T [--circuit C.json]
@@ -15,10 +17,15 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from reuse_lens.study import StudyConfig
 
 __all__ = ["build_parser", "main"]
 
 _METHODS = ("activation", "path", "eap", "eap-ig")
+_STUDY_METHODS = ("activation", "eap", "eap-ig")  # path circuits are not comparable in a study
 _ABLATIONS = ("mean", "resample", "zero")
 
 
@@ -53,20 +60,27 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _task_and_spec(text: str) -> tuple[str, str]:
+    task, sep, spec = text.partition("=")
+    if not sep or not task or not spec:
+        raise argparse.ArgumentTypeError(
+            f"must be TASK=SPEC, a task and the model fine-tuned on it (e.g. ioi=zoo:ft-ioi), "
+            f"got {text!r}"
+        )
+    return task, spec
+
+
 # ---- commands -------------------------------------------------------------------------------
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from reuse_lens import report, zoo
-    from reuse_lens._validate import check_out_folder, folder_lock
-    from reuse_lens.study import StudyConfig, run_study, save_summary
-    from reuse_lens.summary import write_markdown
+    from reuse_lens import zoo
+    from reuse_lens.study import StudyConfig
 
     if not zoo.available():
         print(zoo.status())
         print("reuse-lens demo needs the zoo's trained models: run `reuse-lens zoo train`.")
         return 1
-    out = check_out_folder(args.out)
     defaults = StudyConfig()
     tasks = tuple(args.tasks) if args.tasks else defaults.tasks
     config = StudyConfig(
@@ -78,15 +92,55 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         n_boot=args.n_boot,
         n_random=args.n_random,
     )
-    print(f"reuse-lens demo: {len(config.tasks)} tasks in zoo:base, "
-          f"{len(config.fine_tuned)} fine-tuned models; writing to {out}/")  # fmt: skip
+    return _study(args, config, "demo", "reuse_lens demo: circuit reuse in the zoo")
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from reuse_lens.study import StudyConfig
+
+    fine_tuned: dict[str, str] = {}
+    for task, spec in args.fine_tuned or []:
+        if task in fine_tuned:
+            raise ValueError(f"--fine-tuned names task {task!r} twice: give one model per task")
+        fine_tuned[task] = spec
+    config = StudyConfig(
+        base=args.model,
+        tasks=tuple(args.tasks),
+        fine_tuned=fine_tuned,
+        methods=tuple(args.methods),
+        n_prompts=args.n,
+        seed=args.seed,
+        n_boot=args.n_boot,
+        n_random=args.n_random,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    return _study(args, config, "study", None)
+
+
+def _study(args: argparse.Namespace, config: StudyConfig, command: str, title: str | None) -> int:
+    """Run ``config`` into ``args.out``: circuits/, report.html, results.md, summary.json."""
+    from reuse_lens import report
+    from reuse_lens._validate import check_out_folder, folder_lock
+    from reuse_lens.study import executor_named, run_study, save_summary
+    from reuse_lens.summary import write_markdown
+
+    # Both are refused before any model is loaded.
+    out = check_out_folder(args.out)
+    executor = executor_named(args.executor, args.address)
+    where = " on Ray" if args.executor == "ray" else ""
+    print(f"reuse-lens {command}: {len(config.tasks)} tasks in {config.base}, "
+          f"{len(config.fine_tuned)} fine-tuned models{where}; writing to {out}/")  # fmt: skip
+    headings = (
+        {}
+        if command == "demo"
+        else {"heading": f"Results of the study of {config.base}", "command": "reuse-lens study"}
+    )
     with folder_lock(out):  # the study and the files written after it, as one run
-        result = run_study(config, out=out)
+        result = run_study(config, out=out, executor=executor)
         save_summary(result, out / "summary.json")
-        write_markdown(result, out / "results.md")
-        path = report.write(
-            out / "report.html", result, title="reuse_lens demo: circuit reuse in the zoo"
-        )
+        write_markdown(result, out / "results.md", **headings)
+        path = report.write(out / "report.html", result, title=title)
     print(f"circuits: {out / 'circuits'}/ ({len(result.circuits)} files)")
     print(f"report:   {path}")
     print(f"tables:   {out / 'results.md'} and {out / 'summary.json'}")
@@ -260,6 +314,15 @@ def _task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_whole, default=0, help="prompt seed (default 0)")
 
 
+def _executor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: this process (default); ray: one Ray task per unit of "
+                        'work (pip install "reuse_lens[ray]")')  # fmt: skip
+    parser.add_argument("--address", metavar="ADDR",
+                        help="the Ray cluster (HEAD:6379); default RAY_ADDRESS, else a "
+                        "cluster started on this machine")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reuse-lens",
@@ -275,7 +338,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-boot", type=_non_negative, default=5,
                       help="bootstrap resamples for stability (0 skips it, else at least 2)")  # fmt: skip
     demo.add_argument("--n-random", type=_positive, default=20, help="random circuits per baseline")
+    _executor_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    study = sub.add_parser(
+        "study", help="the main job on any model: circuits of many tasks, compared; a report"
+    )
+    study.add_argument("--model", required=True, metavar="SPEC",
+                       help="the base model: zoo:<name>, a local folder or a hub id")  # fmt: skip
+    study.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
+                       help="built-in task names (see rl.tasks.names())")  # fmt: skip
+    study.add_argument("--fine-tuned", nargs="+", action="extend", type=_task_and_spec,
+                       metavar="TASK=SPEC",
+                       help="a model fine-tuned on TASK, studied on it (repeatable)")  # fmt: skip
+    study.add_argument("--methods", nargs="+", choices=_STUDY_METHODS,
+                       default=["activation", "eap-ig"], metavar="METHOD",
+                       help="activation, eap, eap-ig; the first is used for overlap "
+                       "(default: activation eap-ig)")  # fmt: skip
+    study.add_argument("--n", type=_positive, default=64, help="prompt pairs per task (default 64)")
+    study.add_argument("--seed", type=_whole, default=0, help="prompt seed (default 0)")
+    study.add_argument("--n-boot", type=_non_negative, default=5,
+                       help="bootstrap resamples for stability (0 skips it, else at least 2)")  # fmt: skip
+    study.add_argument("--n-random", type=_positive, default=20,
+                       help="random circuits per baseline (default 20)")  # fmt: skip
+    study.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    study.add_argument("--dtype", help="float32 (default), bfloat16, float16")
+    _executor_arguments(study)
+    study.add_argument("--out", required=True, help="output folder")
+    study.set_defaults(func=_cmd_study)
 
     discover = sub.add_parser("discover", help="find a task's circuit and save it as JSON")
     _task_arguments(discover)
@@ -350,13 +440,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from reuse_lens.circuits.circuit import CircuitError
     from reuse_lens.models import ModelLoadError
     from reuse_lens.nodes import NodeNameError
+    from reuse_lens.study import MissingExtraError
     from reuse_lens.tasks.errors import TaskWarning
     from reuse_lens.tasks.metrics import MetricError
     from reuse_lens.tasks.task import TaskError
     from reuse_lens.zoo import ZooError
 
     known = (ModelLoadError, TaskError, ZooError, CircuitError, MetricError, NodeNameError,
-             ValueError, OSError)  # fmt: skip
+             MissingExtraError, ValueError, OSError)  # fmt: skip
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

@@ -21,7 +21,7 @@ different methods and tasks are comparable.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,10 +41,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Stability",
+    "bootstrap_sample",
     "circuit_stability",
     "cross_model_faithfulness",
     "cross_task_ablation",
     "cross_task_faithfulness",
+    "stability_of",
 ]
 
 
@@ -96,13 +98,34 @@ def circuit_stability(
     model, task = check_pair(model, task)
     n_boot = check_count(n_boot, "n_boot", minimum=2)
     seed = check_seed(seed)
-    rng = np.random.default_rng(seed)
-    circuits = []
-    for _ in range(n_boot):
-        sample = rng.integers(0, len(task), size=len(task)).tolist()
-        circuits.append(
-            discover_circuit(model, task.select(sample), method=method, **discover_options)  # type: ignore[arg-type]
+    circuits = [
+        discover_circuit(
+            model, task.select(bootstrap_sample(len(task), seed, i)), method=method,  # type: ignore[arg-type]
+            **discover_options,
         )
+        for i in range(n_boot)
+    ]  # fmt: skip
+    return stability_of(circuits, method)
+
+
+def bootstrap_sample(size: int, seed: int, index: int) -> list[int]:
+    """The prompt indices of resample ``index`` of ``circuit_stability(..., seed=seed)``.
+
+    Resample i is the i-th draw of one generator seeded with ``seed``, replayed here, so
+    each resample can be found on its own (a study runs them as separate units of work,
+    in any order) and still be the one ``circuit_stability`` finds.
+    """
+    rng = np.random.default_rng(check_seed(seed))
+    sample: list[int] = []
+    for _ in range(check_count(index, "index", minimum=0) + 1):
+        sample = rng.integers(0, size, size=size).tolist()
+    return sample
+
+
+def stability_of(circuits: Sequence[Circuit], method: str) -> Stability:
+    """The Stability of circuits found on resamples of one task (at least two)."""
+    if len(circuits) < 2:
+        raise ValueError(f"stability compares two or more circuits, got {len(circuits)}")
     values = [_jaccard(a.nodes, b.nodes) for a, b in itertools.combinations(circuits, 2)]
     return Stability(
         mean_jaccard=float(np.mean(values)),

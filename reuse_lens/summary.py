@@ -51,13 +51,15 @@ def _matrix(frame: pd.DataFrame, corner: str) -> str:
     return table(rows, [corner, *map(str, frame.columns)])
 
 
-def markdown(result: StudyResult) -> str:
-    """Every table of a study, with a line on how to read each."""
+def markdown(
+    result: StudyResult, *, heading: str = "Results on the zoo", command: str = "reuse-lens demo"
+) -> str:
+    """Every table of a study, with a line on how to read each, under ``heading``."""
     config = result.config
     overlap = result.task_overlap
     parts = [
-        "# Results on the zoo\n",
-        f"Produced by `reuse-lens demo` in {result.seconds:.0f} s: base model `{config.base}`, "
+        f"# {heading}\n",
+        f"Produced by `{command}` in {result.seconds:.0f} s: base model `{config.base}`, "
         f"{config.n_prompts} held-out prompts per task (seed {config.seed}), methods "
         f"{', '.join(config.methods)} (the first is used for overlap), `{config.ablation}` "
         f"ablation, {config.n_random} random circuits per baseline, {config.n_boot} bootstrap "
@@ -154,8 +156,14 @@ def markdown(result: StudyResult) -> str:
     return "\n".join(parts)
 
 
-def write_markdown(result: StudyResult, path: str | Path) -> Path:
-    """Write ``markdown(result)`` atomically."""
+def write_markdown(
+    result: StudyResult,
+    path: str | Path,
+    *,
+    heading: str = "Results on the zoo",
+    command: str = "reuse-lens demo",
+) -> Path:
+    """Write ``markdown(result, heading=heading, command=command)`` atomically."""
     from reuse_lens._io import write_text_atomic
 
-    return write_text_atomic(path, markdown(result))
+    return write_text_atomic(path, markdown(result, heading=heading, command=command))

@@ -249,11 +249,25 @@ def test_bad_seed_in_circuit_stability(model: Any, task: rl.Task) -> None:
         (dict(n_random=0), ValueError, "n_random must be a positive whole number"),
         (dict(n_prompts=0), ValueError, "n_prompts must be a positive"),
         (dict(seed=None), TypeError, "seed must be a whole number"),
+        (dict(device=0), TypeError, "device must be a string"),
+        (dict(fine_tuned={"nope": "zoo:base"}), ValueError, "unknown tasks"),
     ],
 )
 def test_bad_study_config(kwargs, error, message) -> None:
     with pytest.raises(error, match=message):
         StudyConfig(**kwargs)
+
+
+def test_study_executors_refuse_what_they_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reuse_lens.study import MissingExtraError, executor_named
+
+    with pytest.raises(ValueError, match="--address is for --executor ray"):
+        executor_named("local", "head:6379")
+    with pytest.raises(ValueError, match="unknown executor 'slurm'"):
+        run_study(executor="slurm")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(MissingExtraError, match=r'pip install "reuse_lens\[ray\]"'):
+        run_study(executor="ray")
 
 
 # ---- repeated prompts ---------------------------------------------------------------------

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 import reuse_lens as rl
-from reuse_lens import study
 from reuse_lens.cli import build_parser, main
+from reuse_lens.study import units
 
 
 @pytest.mark.parametrize(
-    "command", ["demo", "discover", "compare", "evaluate", "export-mib", "zoo"]
+    "command", ["demo", "study", "discover", "compare", "evaluate", "export-mib", "zoo"]
 )
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
@@ -25,7 +26,7 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
 
 def test_top_level_help_lists_the_commands() -> None:
     text = build_parser().format_help()
-    for command in ("discover", "compare", "evaluate", "demo", "zoo"):
+    for command in ("discover", "compare", "evaluate", "demo", "study", "zoo"):
         assert command in text
 
 
@@ -61,6 +62,18 @@ def test_discover_compare_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture
          "positive integer"),
         (["discover", "--model", "zoo:base", "--task", "ioi", "--method", "acdc", "--out", "x"],
          "invalid choice"),
+        (["study", "--model", "zoo:base", "--tasks", "ioi", "sva", "--fine-tuned", "ioi",
+          "--out", "o"], "must be TASK=SPEC"),
+        (["study", "--model", "zoo:base", "--tasks", "ioi", "nope", "--out", "o"],
+         "unknown tasks ['nope']"),
+        (["study", "--model", "zoo:base", "--tasks", "ioi", "sva", "--fine-tuned", "ioi=zoo:a",
+          "ioi=zoo:b", "--out", "o"], "names task 'ioi' twice"),
+        (["study", "--model", "zoo:base", "--tasks", "ioi", "sva", "--methods", "path",
+          "--out", "o"], "invalid choice"),
+        (["study", "--model", "zoo:base", "--tasks", "ioi", "sva", "--address", "head:6379",
+          "--out", "o"], "--address is for --executor ray"),
+        (["study", "--model", "zoo:base", "--tasks", "ioi", "sva", "--dtype", "int8",
+          "--out", "o"], "dtype"),
     ],
 )  # fmt: skip
 def test_bad_arguments_give_a_clear_error(
@@ -98,16 +111,54 @@ def test_demo_writes_a_report_and_reuses_finished_circuits(
     }
 
     calls: list[str] = []
-    original = study.discover_circuit
+    original = units.discover_circuit
 
     def counting(*args: object, **kwargs: object) -> rl.Circuit:
         calls.append(str(kwargs.get("method")))
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(study, "discover_circuit", counting)
+    monkeypatch.setattr(units, "discover_circuit", counting)
     (tmp_path / "circuits" / "base__ioi__eap-ig.json").unlink()  # as if stopped before it
     assert main(argv) == 0
-    assert calls == ["eap-ig"]  # only the missing circuit is found again
+    # Only the missing circuit is found again (besides the resamples for stability,
+    # 2 per base task, which are never saved).
+    assert calls.count("eap-ig") == 1 and calls.count("activation") == 4
+
+
+def test_study_without_ray_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    argv = ["study", "--model", "zoo:base", "--tasks", "ioi", "sva", "--executor", "ray",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith('the ray executor needs Ray: pip install "reuse_lens[ray]"')
+    assert "Traceback" not in err
+
+
+def test_study_runs_any_model_without_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # the local executor never imports it
+    argv = ["study", "--model", "zoo:attn-only", "--tasks", "ioi", "induction",
+            "--methods", "activation", "--n", "12", "--n-boot", "0", "--n-random", "2",
+            "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert "zoo:attn-only" in capsys.readouterr().out
+    files = sorted(p.name for p in (tmp_path / "circuits").iterdir())
+    assert files == ["base__induction__activation.json", "base__ioi__activation.json"]
+    assert rl.Circuit.from_json(tmp_path / "circuits" / files[0]).metadata["model"] == (
+        "zoo:attn-only"
+    )
+    results = (tmp_path / "results.md").read_text()
+    assert results.startswith("# Results of the study of zoo:attn-only\n")
+    assert "Produced by `reuse-lens study`" in results
+    assert "reuse_lens study of zoo:attn-only" in (tmp_path / "report.html").read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["device"] == "cpu" and summary["config"]["base"] == "zoo:attn-only"
 
 
 # --- export-mib: a MIB leaderboard submission ------------------------------------------------

@@ -9,18 +9,19 @@ import torch
 
 import reuse_lens as rl
 from reuse_lens import study
+from reuse_lens.study import units
 from reuse_lens.tasks.metrics import MetricError
 
 
 def test_a_task_without_a_circuit_is_reported_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = study.discover_circuit
+    original = units.discover_circuit
 
     def refuse_induction(model: Any, task: rl.Task, **kwargs: Any) -> rl.Circuit:
         if task.name == "induction":
             raise MetricError("the metric cannot separate the clean from the corrupted prompts")
         return original(model, task, **kwargs)
 
-    monkeypatch.setattr(study, "discover_circuit", refuse_induction)
+    monkeypatch.setattr(units, "discover_circuit", refuse_induction)
     config = study.StudyConfig(
         tasks=("ioi", "induction", "sva"), fine_tuned={}, methods=("activation",),
         n_prompts=12, n_boot=0, n_random=2,
@@ -57,13 +58,13 @@ def test_saved_circuits_are_reused_only_for_the_same_weights(
     from reuse_lens import models
 
     calls: list[str] = []
-    original = study.discover_circuit
+    original = units.discover_circuit
 
     def counting(model: Any, task: rl.Task, **kwargs: Any) -> rl.Circuit:
         calls.append(task.name)
         return original(model, task, **kwargs)
 
-    monkeypatch.setattr(study, "discover_circuit", counting)
+    monkeypatch.setattr(units, "discover_circuit", counting)
     config = study.StudyConfig(
         tasks=("sva", "greater_than"), fine_tuned={}, methods=("activation",), n_prompts=12,
         n_boot=0, n_random=2,
@@ -110,3 +111,55 @@ def test_ioi_is_compared_with_each_fine_tunes_own_task_inside_it(tmp_path: Any) 
     study.save_summary(result, tmp_path / "summary.json")
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["within_model"] == {"ft-colored_objects": json.loads(overlap.to_json())}
+
+
+def test_bootstrap_samples_are_the_draws_of_one_seeded_generator() -> None:
+    import numpy as np
+
+    from reuse_lens.reuse import bootstrap_sample
+
+    rng = np.random.default_rng(3)
+    draws = [rng.integers(0, 10, size=10).tolist() for _ in range(4)]
+    # In any order: resample i does not need resamples 0..i-1 to have run.
+    assert [bootstrap_sample(10, 3, i) for i in (3, 1, 0, 2)] == [draws[i] for i in (3, 1, 0, 2)]
+
+
+class _Backwards:
+    """An executor that runs the units in reverse order: results must not change."""
+
+    def map(self, work: Any, models: Any, show: Any) -> Any:
+        for unit in reversed(work):
+            yield unit, units.run_unit(unit, models)
+
+
+def test_units_give_the_same_circuits_in_any_order(tmp_path: Any) -> None:
+    config = study.StudyConfig(
+        tasks=("sva", "greater_than"), fine_tuned={}, methods=("activation",), n_prompts=12,
+        n_boot=2, n_random=2,
+    )  # fmt: skip
+    forwards = study.run_study(config, out=tmp_path / "a", progress=False)
+    backwards = study.run_study(config, out=tmp_path / "b", progress=False, executor=_Backwards())
+    files = sorted(p.name for p in (tmp_path / "a" / "circuits").iterdir())
+    assert files == ["base__greater_than__activation.json", "base__sva__activation.json"]
+    for name in files:
+        a, b = (tmp_path / side / "circuits" / name for side in ("a", "b"))
+        assert a.read_bytes() == b.read_bytes()
+    assert list(backwards.circuits) == list(forwards.circuits)  # the study's order
+    assert forwards.stability.equals(backwards.stability)
+    assert forwards.circuit_table.equals(backwards.circuit_table)
+
+
+def test_the_local_executor_runs_units_in_order_and_names_each() -> None:
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    def unit(key: str) -> Any:
+        # A unit's own progress bars are hidden under the study's one.
+        return SimpleNamespace(key=key, run=lambda models: (key, tqdm(range(3)).disable))
+
+    shown: list[str] = []
+    done = list(study.LocalExecutor().map([unit("a"), unit("b")], None, shown.append))  # type: ignore[arg-type]
+    assert shown == ["a", "b"]
+    assert [result for _, result in done] == [("a", True), ("b", True)]
+    assert tqdm(range(3), disable=False).disable is False  # restored after each unit

@@ -1,0 +1,99 @@
+"""What a study runs: ``StudyConfig``, checked when it is made."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from reuse_lens._validate import check_count, check_seed
+from reuse_lens.circuits.discovery import Method
+from reuse_lens.nodes import Ablation
+
+__all__ = ["FAITHFUL", "StudyConfig"]
+
+FAITHFUL = 0.8
+"""Circuits below this faithfulness are reported as not faithful."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What a study runs. The defaults are the zoo demo.
+
+    Attributes:
+        base: the base model's spec.
+        tasks: built-in task names; each gets a circuit in the base model.
+        fine_tuned: task name -> spec of a model fine-tuned on that task.
+        methods: discovery methods; the first is the primary one, used for overlap.
+        n_prompts, seed: the size and seed of every task.
+        ablation: how faithfulness ablates everything outside a circuit.
+        n_boot: bootstrap resamples for the stability ceiling (0 skips it).
+        n_random: random circuits per circuit for the baseline.
+        device: where every model is loaded (``"cpu"``, ``"cuda"``); None is
+            ``rl.load_model``'s default. On Ray, a ``cuda`` device gives each unit of
+            work one GPU.
+        dtype: the models' dtype (``"float32"``, ``"bfloat16"``); None is float32.
+    """
+
+    base: str = "zoo:base"
+    tasks: tuple[str, ...] = (
+        "ioi",
+        "colored_objects",
+        "entity_tracking",
+        "greater_than",
+        "induction",
+        "sva",
+        "gendered_pronoun",
+    )
+    fine_tuned: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "ioi": "zoo:ft-ioi",
+            "colored_objects": "zoo:ft-colored_objects",
+            "entity_tracking": "zoo:ft-entity_tracking",
+        }
+    )
+    methods: tuple[Method, ...] = ("activation", "eap-ig")
+    n_prompts: int = 64
+    seed: int = 0
+    ablation: Ablation = "mean"
+    n_boot: int = 5
+    n_random: int = 20
+    device: str | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        from reuse_lens import tasks
+        from reuse_lens.circuits.discovery import METHODS
+
+        if not self.tasks:
+            raise ValueError("a study needs at least one task")
+        if unknown := [t for t in (*self.tasks, *self.fine_tuned) if t not in tasks.names()]:
+            raise ValueError(f"unknown tasks {unknown}: built-in tasks are {tasks.names()}")
+        if bad := [m for m in self.methods if m not in METHODS or m == "path"]:
+            raise ValueError(
+                f"study methods must be among activation, eap, eap-ig (got {bad}); path "
+                "circuits come from rl.discover_circuit(method='path') directly"
+            )
+        if not self.methods:
+            raise ValueError("a study needs at least one method")
+        check_count(self.n_prompts, "n_prompts")
+        check_seed(self.seed)
+        check_count(self.n_random, "n_random")
+        if check_count(self.n_boot, "n_boot", minimum=0) == 1:
+            raise ValueError(
+                "n_boot must be 0 (no stability section) or at least 2: stability compares "
+                "the circuits of two or more resamples, got 1"
+            )
+        for name in ("device", "dtype"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string such as 'cpu' or None, got {value!r}")
+
+    @property
+    def models(self) -> dict[str, str]:
+        """Each model's label in the study (``base``, ``ft-<task>``) -> its spec."""
+        return {"base": self.base, **{f"ft-{t}": s for t, s in self.fine_tuned.items()}}
+
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether the study asks for a GPU device (each Ray unit then takes one GPU)."""
+        return self.device is not None and self.device.startswith("cuda")

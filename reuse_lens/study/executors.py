@@ -1,0 +1,143 @@
+"""Where a study's units of work run: in this process, or as Ray tasks on a cluster.
+
+An executor takes units (``reuse_lens.study.units``) and yields each with its result as
+it finishes. ``LocalExecutor`` runs them here, in order, on the models the study has
+loaded already; it needs no Ray. ``RayExecutor`` sends each unit to a Ray cluster as a
+task that loads its models by spec, with one GPU when the study asks for a CUDA device.
+Units depend only on their own inputs, so both give the same results.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+from reuse_lens.study.units import Found, Measured, Models, Unit, run_in_worker, run_unit
+
+__all__ = [
+    "Executor",
+    "LocalExecutor",
+    "MissingExtraError",
+    "RayExecutor",
+    "executor_named",
+]
+
+RAY_HINT = 'pip install "reuse_lens[ray]"'
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency that is not installed: the message says what to install."""
+
+
+class Executor(Protocol):
+    """Runs units and yields ``(unit, result)`` as each finishes, in any order."""
+
+    def map(
+        self, units: Sequence[Unit], models: Models, show: Callable[[str], None]
+    ) -> Iterator[tuple[Unit, Found | Measured]]:
+        """Run ``units``; ``models`` holds what this process has loaded, ``show`` takes
+        a short line on the work in hand (the progress bar's postfix)."""
+        ...
+
+
+class LocalExecutor:
+    """Every unit in this process, one after another, in the order given."""
+
+    def map(
+        self, units: Sequence[Unit], models: Models, show: Callable[[str], None]
+    ) -> Iterator[tuple[Unit, Found | Measured]]:
+        for unit in units:
+            show(unit.key)
+            yield unit, run_unit(unit, models)
+
+    def __repr__(self) -> str:
+        return "LocalExecutor()"
+
+
+class RayExecutor:
+    """Every unit as a Ray task, on the cluster at ``address`` or on a new local one.
+
+    Arguments:
+        address: a running cluster's address (``HEAD:6379``, ``ray://HEAD:10001``);
+            None reads ``RAY_ADDRESS``, and without it starts a cluster on this machine.
+            When Ray is initialised already (``ray.init`` in your script), that is used.
+        num_cpus: the CPUs of a cluster started here (None: all of them).
+        gpus: GPUs per unit; None gives one when the study's device is CUDA, else none.
+
+    Each task loads its models by spec on its worker, which keeps them for the next
+    unit. Every node needs the same reuse_lens, and each spec must load the same weights
+    there: a circuit whose worker saw other weights is refused (by their digest).
+
+    Raises:
+        MissingExtraError: at once, when Ray is not installed.
+    """
+
+    def __init__(
+        self, address: str | None = None, *, num_cpus: int | None = None, gpus: float | None = None
+    ) -> None:
+        if importlib.util.find_spec("ray") is None:
+            raise MissingExtraError(f"the ray executor needs Ray: {RAY_HINT}")
+        self.address = address
+        self.num_cpus = num_cpus
+        self.gpus = gpus
+
+    def __repr__(self) -> str:
+        return f"RayExecutor(address={self.address!r})"
+
+    def map(
+        self, units: Sequence[Unit], models: Models, show: Callable[[str], None]
+    ) -> Iterator[tuple[Unit, Found | Measured]]:
+        import ray
+
+        started = self._connect(ray)
+        # A GPU task's worker normally exits after one task (max_calls=1), which would
+        # reload the model for every unit; it is kept (0: no limit) to reuse the model.
+        remote = ray.remote(max_calls=0)(run_in_worker)
+        try:
+            pending: dict[Any, Unit] = {}
+            for unit in units:
+                gpus = self.gpus if self.gpus is not None else float(_uses_gpu(unit))
+                pending[remote.options(num_cpus=1, num_gpus=gpus).remote(unit)] = unit
+            show(f"{len(pending)} units sent to Ray")
+            try:
+                while pending:
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    unit = pending.pop(done[0])
+                    result = ray.get(done[0])
+                    show(f"{unit.key} done, {len(pending)} to go")
+                    yield unit, result
+            finally:
+                for ref in pending:  # stopped early: the rest is not needed
+                    ray.cancel(ref)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _connect(self, ray: Any) -> bool:
+        """Connect to the cluster; True when this call started it (and so stops it)."""
+        if ray.is_initialized():
+            return False
+        address = self.address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=self.num_cpus, include_dashboard=False)
+        return True
+
+
+def _uses_gpu(unit: Unit) -> bool:
+    device = unit.model.device
+    return device is not None and device.startswith("cuda")
+
+
+def executor_named(name: str, address: str | None = None) -> Executor:
+    """``local`` or ``ray`` (at ``address``), as the command line names them."""
+    if name == "local":
+        if address is not None:
+            raise ValueError("--address is for --executor ray; the local executor needs none")
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address)
+    raise ValueError(f"unknown executor {name!r}: choose 'local' or 'ray'")

@@ -1,0 +1,335 @@
+"""``run_study``: a study's units of work planned, run by an executor, then compared.
+
+The study loads its models here (the comparison stage needs them), evaluates each model
+on each task, and plans its units: a discovery per (model, task, method) not saved
+already, and one per bootstrap resample; then, once the circuits are in, a faithfulness
+curve and random baseline per circuit. Results are gathered by key, not by arrival, so
+the order an executor finishes them in changes nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from reuse_lens._io import remove_stale_temporaries
+from reuse_lens._validate import check_out_folder, folder_lock
+from reuse_lens.circuits.circuit import Circuit, CircuitError
+from reuse_lens.study.compare import StudyRun, compare_circuits
+from reuse_lens.study.config import FAITHFUL, StudyConfig
+from reuse_lens.study.executors import Executor, executor_named
+from reuse_lens.study.result import StudyResult, scores_of
+from reuse_lens.study.units import (
+    Discover,
+    Found,
+    Load,
+    Measure,
+    Measured,
+    Models,
+    Resample,
+    TaskSpec,
+    Unit,
+    quiet_bars,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from reuse_lens.reuse import Stability
+    from reuse_lens.tasks.task import Task
+
+__all__ = ["run_study"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Store:
+    """Circuits saved under ``folder/circuits`` as they are found, reused when settings match."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = None if folder is None else Path(folder) / "circuits"
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"{key.replace('/', '__')}.json"
+
+    def load(self, key: str, expected: Mapping[str, Any]) -> Circuit | None:
+        path = self.path(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            circuit = Circuit.from_json(path)
+        except (CircuitError, OSError) as error:
+            logger.warning("ignoring the unreadable circuit file %s: %s", path.name, error)
+            return None
+        meta = circuit.metadata
+        if all(meta.get(k) == v for k, v in expected.items()):
+            return circuit
+        return None
+
+    def save(self, key: str, circuit: Circuit) -> None:
+        path = self.path(key)
+        if path is not None:
+            circuit.to_json(path)
+
+
+def run_study(
+    config: StudyConfig | None = None,
+    *,
+    out: str | Path | None = None,
+    progress: bool = True,
+    executor: Executor | str = "local",
+) -> StudyResult:
+    """Run the whole study; circuits go to ``out/circuits`` as they are found (if given).
+
+    Arguments:
+        config: what to run; the zoo demo when None.
+        out: the folder for the circuits; a study stopped and run again with the same
+            folder and settings reuses the circuits it finished.
+        progress: show one progress bar for the whole study, naming the unit in hand.
+        executor: ``"local"`` (this process, the default), ``"ray"`` (a Ray cluster; see
+            ``RayExecutor`` for the address), or an executor object. Every executor
+            writes the same circuit files, byte for byte.
+
+    Raises:
+        OutputPathError: at once, when ``out`` cannot be written or another run is
+            writing to it (the folder is locked for the run).
+        MissingExtraError: at once, for ``executor="ray"`` without Ray installed.
+    """
+    config = config or StudyConfig()
+    if isinstance(executor, str):
+        executor = executor_named(executor)
+    if out is None:
+        return _run_study(config, None, progress, executor)
+    folder = check_out_folder(out, "out")
+    with folder_lock(folder, "out"):
+        # Temporaries of writers killed in an earlier run (SIGKILL leaves them behind).
+        for place in (folder, folder / "circuits"):
+            remove_stale_temporaries(place)
+        return _run_study(config, folder, progress, executor)
+
+
+def _run_study(
+    config: StudyConfig, out: Path | None, progress: bool, executor: Executor
+) -> StudyResult:
+    start = time.perf_counter()
+    jobs = _jobs(config)
+    boot = config.tasks if config.n_boot >= 2 else ()
+    # One bar for the study: loading and evaluating, each discovery, resample and
+    # measurement, and the comparisons. A skipped discovery takes its measurement off.
+    bar = tqdm(total=2 + 2 * len(jobs) + len(boot) * config.n_boot, desc="study",
+               disable=not progress)  # fmt: skip
+    with bar:
+        driver = _Driver(config, _Store(out), executor, bar)
+        circuits, skipped, found = driver.find(jobs, boot)
+        measured = driver.measure(circuits)
+        bar.set_postfix_str("comparing circuits")
+        run = StudyRun(
+            config=config, specs=config.models, models=driver.models, tasks=driver.tasks,
+            evaluations=driver.evaluations, circuits=circuits, skipped=skipped,
+            scores={key: scores_of(c) for key, c in circuits.items()},
+            curves={key: measured[key].curve for key in circuits},
+            rows=[_row(key, c, measured[key]) for key, c in circuits.items()],
+            stability=_stability(config, boot, found), start=start,
+        )  # fmt: skip
+        with quiet_bars():
+            result = compare_circuits(run)
+        bar.update()
+        bar.set_postfix_str("done")
+    return result
+
+
+class _Driver:
+    """The study's own process: its models, its saved circuits, and the units it hands out."""
+
+    def __init__(self, config: StudyConfig, store: _Store, executor: Executor, bar: Any) -> None:
+        from reuse_lens.models import load_model, weights_digest
+
+        self.config, self.store, self.executor, self.bar = config, store, executor, bar
+        self.loads = {label: Load(spec, config.device, config.dtype)
+                      for label, spec in config.models.items()}  # fmt: skip
+        bar.set_postfix_str("loading models")
+        with quiet_bars():
+            self.models: dict[str, TransformerBridge] = {
+                label: load_model(load.spec, device=load.device, dtype=load.dtype)
+                for label, load in self.loads.items()
+            }
+        # Cached circuits are reused only for the weights they were found in, not for
+        # whatever the same spec loads today (a retrained zoo, an overwritten folder).
+        self.digests = {label: weights_digest(model) for label, model in self.models.items()}
+        self.here = Models()
+        for label, model in self.models.items():
+            self.here.add(self.loads[label], model, self.digests[label])
+        self.task_specs = {
+            name: TaskSpec(name, config.n_prompts, config.seed, self.loads["base"])
+            for name in dict.fromkeys([*config.tasks, *config.fine_tuned])
+        }
+        bar.set_postfix_str("evaluating models")
+        with quiet_bars():
+            self.tasks = {name: self.here.task(spec) for name, spec in self.task_specs.items()}
+            self.evaluations = _evaluations(self.models, self.tasks)
+        bar.update()
+
+    def find(
+        self, jobs: Sequence[str], boot: Sequence[str]
+    ) -> tuple[dict[str, Circuit], dict[str, str], dict[str, Found]]:
+        """Every circuit (saved ones read back) and resample; what had none, and why."""
+        config = self.config
+        circuits: dict[str, Circuit] = {}
+        units: list[Unit] = []
+        for key in jobs:
+            model_label, task_name, method = key.split("/")
+            if (circuit := self._saved(key)) is not None:
+                circuits[key] = circuit
+                self.bar.update()
+                continue
+            units.append(Discover(key, self.loads[model_label], self.task_specs[task_name],
+                                  method, config.ablation))  # fmt: skip
+        for task_name, index in itertools.product(boot, range(config.n_boot)):
+            units.append(Resample(f"stability/{task_name}/{index}", self.loads["base"],
+                                  self.task_specs[task_name], config.methods[0],
+                                  config.ablation, index))  # fmt: skip
+        found: dict[str, Found] = {}
+        for unit, result in self._run(units):
+            assert isinstance(result, Found)
+            found[unit.key] = result
+            if isinstance(unit, Discover) and result.circuit is not None:
+                # Saved at once, so a stopped study keeps every circuit it finished.
+                model_label, task_name, _ = unit.key.split("/")
+                circuit = Circuit.from_json(result.circuit).with_metadata(
+                    corrupted_metric=_corrupted(self.evaluations, model_label, task_name),
+                    weights=self.digests[model_label],
+                )
+                self.store.save(unit.key, circuit)
+                circuits[unit.key] = circuit
+            elif isinstance(unit, Discover):
+                self.bar.total -= 1  # no circuit, nothing to measure
+                self.bar.refresh()
+        skipped: dict[str, str] = {}
+        for key in jobs:  # the study's order, whatever the order units finished in
+            result = found.get(key)
+            if result is not None and result.skipped is not None:
+                model_label, task_name, _ = key.split("/")
+                skipped[key] = f"{result.skipped} ({model_label} on {task_name})"
+        return {key: circuits[key] for key in jobs if key in circuits}, skipped, found
+
+    def _saved(self, key: str) -> Circuit | None:
+        model_label, task_name, method = key.split("/")
+        expected = {
+            "model": self.config.models[model_label], "weights": self.digests[model_label],
+            "task": task_name, "method": method, "n_prompts": self.config.n_prompts,
+            "task_seed": self.config.seed,
+        }  # fmt: skip
+        circuit = self.store.load(key, expected)
+        if circuit is None or circuit.metadata.get("settings", {}).get("ablation") != (
+            self.config.ablation
+        ):
+            return None
+        return circuit
+
+    def measure(self, circuits: Mapping[str, Circuit]) -> dict[str, Measured]:
+        """Each circuit's faithfulness curve and random baseline."""
+        config = self.config
+        units = [
+            Measure(key, self.loads[key.split("/")[0]], self.task_specs[key.split("/")[1]],
+                    circuit.to_json(), config.ablation, config.n_random, config.seed)
+            for key, circuit in circuits.items()
+        ]  # fmt: skip
+        measured: dict[str, Measured] = {}
+        for unit, result in self._run(units):
+            assert isinstance(result, Measured)
+            measured[unit.key] = result
+        return measured
+
+    def _run(self, units: Sequence[Unit]) -> Iterator[tuple[Unit, Found | Measured]]:
+        """The executor's results, each checked and ticking the study's bar."""
+        if not units:
+            return
+        by_spec = {self.config.models[label]: d for label, d in self.digests.items()}
+        show: Callable[[str], None] = self.bar.set_postfix_str
+        for unit, result in self.executor.map(units, self.here, show):
+            # A unit must have run on the weights loaded here (a worker reads its own disk).
+            if result.weights != by_spec[unit.model.spec]:
+                raise ValueError(
+                    f"{unit.key} ran on other weights for {unit.model.spec!r} than this "
+                    "machine loaded: every node of the cluster must load the same files for a spec"
+                )
+            self.bar.update()
+            yield unit, result
+
+
+def _jobs(config: StudyConfig) -> list[str]:
+    """The key ``model/task/method`` of every circuit the study finds, in its order."""
+    labelled = [("base", t) for t in config.tasks] + [(f"ft-{t}", t) for t in config.fine_tuned]
+    jobs = [f"{label}/{t}/{m}" for label, t in labelled for m in config.methods]
+    if "ioi" in config.tasks:
+        # Each fine-tune's IOI circuit too, to compare IOI with its own task inside it
+        # (Merullo et al. compare tasks within one model).
+        jobs += [f"ft-{t}/ioi/{config.methods[0]}" for t in config.fine_tuned if t != "ioi"]
+    return jobs
+
+
+def _row(key: str, circuit: Circuit, measured: Measured) -> dict[str, Any]:
+    model_label, task_name, method = key.split("/")
+    faith = float(circuit.metadata["faithfulness"])
+    return {
+        "key": key, "model": model_label, "task": task_name, "method": method,
+        "n_nodes": len(circuit), "n_heads": len(circuit.heads),
+        "n_mlps": len(circuit.mlps), "n_edges": len(circuit.edges),
+        "faithfulness": faith, "random_mean": measured.random_mean,
+        "random_std": measured.random_std, "faithful": faith >= FAITHFUL,
+    }  # fmt: skip
+
+
+def _stability(
+    config: StudyConfig, boot: Sequence[str], found: Mapping[str, Found]
+) -> dict[str, Stability | None]:
+    """Each resampled task's Stability, None when a resample had no circuit."""
+    from reuse_lens.reuse import stability_of
+
+    out: dict[str, Stability | None] = {}
+    for task_name in boot:
+        results = [found[f"stability/{task_name}/{i}"] for i in range(config.n_boot)]
+        texts = [r.circuit for r in results]
+        if any(text is None for text in texts):
+            out[task_name] = None
+            continue
+        circuits = [Circuit.from_json(text) for text in texts if text is not None]
+        out[task_name] = stability_of(circuits, config.methods[0])
+    return out
+
+
+def _evaluations(models: Mapping[str, Any], tasks: Mapping[str, Task]) -> pd.DataFrame:
+    import pandas as pd
+
+    from reuse_lens.evaluation import evaluate
+
+    rows = []
+    for (label, model), (name, task) in itertools.product(models.items(), tasks.items()):
+        scores = evaluate(model, task)
+        rows.append(
+            {
+                "model": label, "task": name, "accuracy": scores["accuracy"],
+                "logit_diff": scores["logit_diff"],
+                "corrupted_accuracy": scores["corrupted_accuracy"],
+                "corrupted_logit_diff": scores["corrupted_logit_diff"],
+                "clean_metric": scores["clean_metric"],
+                "corrupted_metric": scores["corrupted_metric"],
+            }
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _corrupted(evaluations: pd.DataFrame, model: str, task: str) -> float:
+    for row in evaluations.to_dict(orient="records"):
+        if row["model"] == model and row["task"] == task:
+            return float(row["corrupted_metric"])
+    raise KeyError(f"no evaluation of {model} on {task}")
