@@ -20,12 +20,15 @@ __all__ = [
     "check_correction",
     "check_ks",
     "expected_jaccard",
+    "expected_jaccard_from_pmf",
+    "hypergeom_sum_pmf",
     "hypergeom_tail",
     "permutation_p_value",
     "plain",
     "random_subset_hits",
     "ratio",
     "sweep_ks",
+    "tail_from_pmf",
 ]
 
 Correction = Literal["holm", "bh", "bonferroni", "none"]
@@ -73,6 +76,39 @@ def expected_jaccard(big_m: int, n: int, big_n: int) -> float:
     x = np.arange(max(0, n + big_n - big_m), min(n, big_n) + 1)
     pmf = hypergeom.pmf(x, big_m, n, big_n)
     return float(np.sum(pmf * x / (n + big_n - x)))
+
+
+def hypergeom_sum_pmf(strata: Iterable[tuple[int, int, int]]) -> np.ndarray:
+    """The pmf of X = X_1 + ... + X_k, independent X_i ~ Hypergeometric(M_i, n_i, N_i).
+
+    A stratified null: within each stratum (e.g. the senders of one receiver) the second
+    set is redrawn uniformly with its size kept. ``pmf[x]`` is P(X = x); the convolution
+    is exact, so tails and expectations carry no Monte Carlo error.
+    """
+    from scipy.stats import hypergeom
+
+    pmf = np.ones(1)
+    for big_m, n, big_n in strata:
+        if big_m == 0 or n == 0 or big_n == 0:
+            continue  # X_i = 0 for sure: convolving with a point mass at 0 changes nothing
+        support = np.arange(0, min(n, big_n) + 1)
+        pmf = np.convolve(pmf, hypergeom.pmf(support, big_m, n, big_n))
+    return pmf
+
+
+def tail_from_pmf(pmf: np.ndarray, x: int) -> float:
+    """P(X >= x) from a pmf over 0, 1, ...; 1 when x <= 0."""
+    if x <= 0:
+        return 1.0
+    return float(min(1.0, pmf[x:].sum()))
+
+
+def expected_jaccard_from_pmf(pmf: np.ndarray, n: int, big_n: int) -> float:
+    """E[x / (n + N - x)] for x with the given pmf; ``nan`` when n + N = 0."""
+    if n + big_n == 0:
+        return math.nan
+    x = np.arange(len(pmf))
+    return float(np.sum(pmf * x / np.maximum(n + big_n - x, 1)))
 
 
 def check_correction(method: object) -> Correction:
