@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from reuse_lens.nodes import Node
 
 __all__ = [
+    "ALPHA",
     "CORRECTIONS",
     "DEFAULT_CORRECTION",
     "KINDS",
