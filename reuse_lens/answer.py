@@ -127,13 +127,14 @@ def _edge_sentences(edges: EdgeOverlapReport, alpha: float) -> list[str]:
             for a, b in survivors
         )
         first = (
-            f"Edges: {len(survivors)} of {n_pairs} pairs of edge circuits share more edges "
+            f"Edges: {_count_of(len(survivors), n_pairs)} share more edges "
             f"than random edge sets of their sizes {how}: {listed}."
         )
     else:
+        across = "the pair" if n_pairs == 1 else f"the {n_pairs} pairs"
         first = (
-            f"Edges: no pair of the {n_pairs} pairs of edge circuits shares more edges than "
-            f"random edge sets of their sizes {how}."
+            f"Edges: no pair of edge circuits shares more edges than random edge sets of "
+            f"their sizes {how}, across {across}."
         )
     other_inputs, other_senders, shared = 0, 0, 0
     examples: list[str] = []
@@ -156,6 +157,12 @@ def _edge_sentences(edges: EdgeOverlapReport, alpha: float) -> list[str]:
     )
     second += f", e.g. {'; '.join(examples)}." if examples else "."
     return [first, second]
+
+
+def _count_of(k: int, n_pairs: int) -> str:
+    if n_pairs == 1:
+        return "the two edge circuits"
+    return f"{k} of {n_pairs} pairs of edge circuits"
 
 
 def _used(edges: EdgeOverlapReport, name: str, head: str) -> str:

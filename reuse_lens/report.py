@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
     from reuse_lens.circuits.circuit import Circuit
+    from reuse_lens.edge_overlap import EdgeOverlapReport
     from reuse_lens.overlap import OverlapReport
 
 __all__ = ["FAITHFUL", "HtmlReport", "StudyLike", "write", "write_comparison"]
@@ -48,6 +49,7 @@ _PAIR_COLUMNS = [
     "directional_ab_all",
     "directional_ba_all",
     "p_value_heads",
+    "p_adjusted_heads",
     "expected_jaccard_heads",
     "edge_iou",
     "spearman",
@@ -71,7 +73,26 @@ table.data th{background:#f0f0f4}
 .flag{color:#b00020;font-weight:bold}
 .ok{color:#1b7f3b}
 .empty{color:#777;font-style:italic}
+ul.answer{font-size:1.05rem;background:#f3f7fc;border-left:4px solid #2c6fbb;
+padding:.6rem 1rem .6rem 2rem}
 """
+
+_EDGE_COLUMNS = [
+    "a",
+    "b",
+    "edges_a",
+    "edges_b",
+    "shared",
+    "jaccard",
+    "expected_jaccard",
+    "p_value",
+    "p_adjusted",
+    "p_adjusted_receivers",
+    "heads_same",
+    "heads_other_inputs",
+    "heads_other_senders",
+]
+_MAX_HEAD_ROWS = 120  # rows of the "shared heads read differently" table before it is cut
 
 
 class StudyLike(Protocol):
@@ -128,6 +149,7 @@ class HtmlReport:
         self._toc: list[tuple[int, str, str]] = []  # (level, anchor, text)
         self._anchors: set[str] = set()
         self._n_figures = 0
+        self._contents_at = 0  # the contents list goes before this many body parts
 
     def add_heading(self, text: str, *, level: int = 2, anchor: str | None = None) -> str:
         """Add an ``<h2>`` (or ``<h3>``) listed in the table of contents; returns its anchor."""
@@ -191,6 +213,13 @@ class HtmlReport:
         cap = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""
         self._body.append(f"<div {attrs}>{body}{cap}</div>")
 
+    def add_contents(self) -> None:
+        """Put the table of contents here, rather than straight after the title.
+
+        A report that leads with its answer calls this after the answer.
+        """
+        self._contents_at = len(self._body)
+
     def add_raw(self, markup: str) -> None:
         """Add markup as is; the caller escapes any text inside it."""
         self._body.append(markup)
@@ -215,8 +244,9 @@ class HtmlReport:
                 "</head>",
                 "<body>",
                 f"<h1>{title}</h1>",
+                *self._body[: self._contents_at],
                 self._render_toc(),
-                *self._body,
+                *self._body[self._contents_at :],
                 "</body>",
                 "</html>",
                 "",
@@ -262,10 +292,14 @@ def write(
 ) -> Path:
     """Write the report of a study as one self-contained HTML file.
 
-    Sections: summary, model evaluations, each circuit (size, faithfulness against the
-    random baseline, patching heatmap, diagram), faithfulness curves, method agreement,
-    task overlap, model overlap per task, cross-task / cross-model / cross-ablation
-    matrices and interventions.
+    The report opens with the answer: which tasks reuse which heads and MLPs and whether
+    that survives the correction for testing every pair (``reuse_lens.answer``), and the
+    Jaccard matrix of the tasks with the significant pairs marked. The contents list
+    follows, then: summary, model evaluations, each circuit (size, faithfulness against
+    the random baseline, patching heatmap, diagram), faithfulness curves, method agreement,
+    task overlap, edge overlap (when the study has ``edge_overlap``, an
+    ``EdgeOverlapReport``), model overlap per task, cross-task / cross-model /
+    cross-ablation matrices and interventions.
 
     Arguments:
         path: the file to write; missing parent folders are created.
@@ -278,6 +312,9 @@ def write(
     path = _check_target(path)
     base = str(getattr(study.config, "base", "") or study.models.get("base", "model"))
     report = HtmlReport(title or f"reuse_lens study of {base}")
+    edges: EdgeOverlapReport | None = getattr(study, "edge_overlap", None)
+    _answer(report, study.task_overlap, edges, what="tasks")
+    report.add_contents()
     _summary(report, study, base)
     report.add_heading("Model evaluations")
     report.add_table(study.evaluations, caption="Accuracy and logit difference of each model.")
@@ -288,6 +325,8 @@ def write(
     report.add_heading("Task overlap")
     _overlap(report, study.task_overlap, key="tasks")
     report.add_table(study.stability, caption="Within-task stability (bootstrap Jaccard).")
+    if edges is not None:
+        _edge_overlap(report, edges)
     _model_overlap(report, study.model_overlap)
     if study.within_model:
         _model_overlap(
@@ -304,19 +343,26 @@ def write_comparison(
     path: str | os.PathLike[str],
     report: OverlapReport,
     *,
+    edges: EdgeOverlapReport | None = None,
     title: str | None = None,
 ) -> Path:
     """Write the overlap of a set of circuits (``reuse-lens compare``) as one HTML file.
 
-    Contains the overlap grid, Jaccard matrices, UpSet plot, threshold sweep (when every
-    circuit has node scores), the pairwise statistics and a diagram of each circuit.
+    Opens with the answer (what the circuits share, and whether it survives correction)
+    and the Jaccard matrix; then the contents, the overlap grid, Jaccard matrices, UpSet
+    plot, threshold sweep (when every circuit has node scores), the pairwise statistics,
+    the edge overlap when ``edges`` is given, and a diagram of each circuit.
     """
     path = _check_target(path)
     doc = HtmlReport(title or "Circuit overlap: " + ", ".join(report.names))
+    _answer(doc, report, edges, what="circuits")
+    doc.add_contents()
     doc.add_heading("Circuits")
     doc.add_table(_circuit_sizes(report.circuits))
     doc.add_heading("Overlap")
     _overlap(doc, report, key="circuits")
+    if edges is not None:
+        _edge_overlap(doc, edges)
     doc.add_heading("Circuit diagrams")
     for name, circuit in report.circuits.items():
         doc.add_heading(name, level=3)
@@ -325,6 +371,92 @@ def write_comparison(
 
 
 # ------------------------------------------------------------------- sections
+
+
+def _answer(
+    report: HtmlReport,
+    overlap: OverlapReport,
+    edges: EdgeOverlapReport | None,
+    *,
+    what: str,
+) -> None:
+    """The answer first: the generated sentences, then the marked Jaccard matrix."""
+    from reuse_lens.answer import answer
+
+    report.add_heading(f"Which {what} reuse which heads and MLPs, and is it significant?")
+    sentences = answer(overlap, edges)
+    rows = "".join(f"<li>{html.escape(line)}</li>" for line in sentences)
+    report.add_raw(f'<ul class="answer">{rows}</ul>')
+    if len(overlap.names) < 2:
+        return
+    kinds = ("heads", "mlps") if overlap.shape.has_mlps else ("heads",)
+    report.add_figure(
+        plot.jaccard_matrix(overlap, kinds=kinds),
+        name="jaccard_matrix",
+        key=f"answer/{what}",
+        caption="Jaccard index of every pair; * marks the pairs whose p-value (hypergeometric, "
+        "P(X ≥ shared)) survives the correction for testing every pair. Hover for the p-values.",
+    )
+
+
+def _edge_overlap(report: HtmlReport, edges: EdgeOverlapReport) -> None:
+    """Edge Jaccard against chance, and the shared heads each pair reads differently."""
+    report.add_heading("Edge overlap")
+    if len(edges.names) < 2:
+        report.add_text("Only one edge circuit: there is no pair to compare.", css_class="empty")
+        return
+    report.add_figure(plot.edge_jaccard_matrix(edges), name="edge_jaccard_matrix", key="edges")
+    table = edges.table()
+    report.add_table(
+        table.reindex(columns=[c for c in _EDGE_COLUMNS if c in table.columns]),
+        caption="Pairwise edge overlap. expected_jaccard and p_value: B's edges drawn at random "
+        "from the model's edge graph (hypergeometric); p_adjusted_receivers: only the senders "
+        "of each input both circuits read are redrawn. heads_*: heads both circuits feed, "
+        "read the same way, through other q/k/v inputs, or from other senders.",
+    )
+    report.add_heading("Shared heads read differently", level=3)
+    frame = _head_differences(edges)
+    cut = len(frame) > _MAX_HEAD_ROWS
+    report.add_table(
+        frame.head(_MAX_HEAD_ROWS),
+        caption="For each pair and each head both circuits feed but read differently: the "
+        "inputs (q, k, v) each circuit uses, with their senders."
+        + (
+            f" The first {_MAX_HEAD_ROWS} of {len(frame)} rows; "
+            "EdgeOverlapReport.differences() has them all."
+            if cut
+            else ""
+        ),
+    )
+
+
+def _head_differences(edges: EdgeOverlapReport) -> pd.DataFrame:
+    """One row per (pair, head) read differently: each circuit's inputs and senders."""
+    import pandas as pd
+
+    rows = []
+    for i, a in enumerate(edges.names):
+        for b in edges.names[i + 1 :]:
+            usage = edges.head_usage(a, b)
+            for how, heads in (("other inputs", usage["other_inputs"]),
+                               ("other senders", usage["other_senders"])):  # fmt: skip
+                for head in heads:
+                    rows.append(
+                        {"a": a, "b": b, "head": head, "difference": how,
+                         "uses in a": _uses(edges, a, head), "uses in b": _uses(edges, b, head)}
+                    )  # fmt: skip
+    columns = ["a", "b", "head", "difference", "uses in a", "uses in b"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _uses(edges: EdgeOverlapReport, name: str, head: str) -> str:
+    """``q: input, a0.h1; v: a0.h2``: the inputs a circuit reads a head through."""
+    parts = [
+        f"{put}: {', '.join(sorted(senders))}"
+        for put, senders in edges.inputs(name, head).items()
+        if senders
+    ]
+    return "; ".join(parts) or "–"
 
 
 def _summary(report: HtmlReport, study: StudyLike, base: str) -> None:
@@ -390,8 +522,9 @@ def _overlap(report: HtmlReport, overlap: OverlapReport, *, key: str) -> None:
     report.add_table(
         _pair_table(overlap),
         caption="Pairwise overlap: p-value of the head overlap under a hypergeometric null "
-        "(P(X ≥ shared)), the Jaccard expected by chance, and the stability ceiling "
-        "(the lower within-task Jaccard of the two).",
+        f"(P(X ≥ shared)) and corrected over the pairs ({overlap.correction}), the Jaccard "
+        "expected by chance, and the stability ceiling (the lower within-task Jaccard of "
+        "the two).",
     )
 
 

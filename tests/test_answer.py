@@ -55,7 +55,7 @@ def test_one_circuit_and_edges() -> None:
     assert answer(only) == ["Only one circuit (x): there is no pair to compare."]
     circuits = {"A": Circuit.from_edges(A, EDGE_SHAPE), "B": Circuit.from_edges(B, EDGE_SHAPE)}
     lines = answer(compare(circuits), compare_edges(circuits))
-    assert lines[-2].startswith("Edges: 1 of 1 pairs of edge circuits share more edges")
+    assert lines[-2].startswith("Edges: the two edge circuits share more edges than random")
     assert lines[-1] == (
         "Of 3 (pair, head) cases where both circuits feed the same head, 1 read it through "
         "other q/k/v inputs and 1 through the same inputs from other senders, e.g. a1.h0 in "
