@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from reuse_lens import _report_overlap as sections
 from reuse_lens import plot
 from reuse_lens._io import write_text_atomic
 
@@ -35,26 +36,6 @@ __all__ = ["FAITHFUL", "HtmlReport", "StudyLike", "write", "write_comparison"]
 
 FAITHFUL = 0.8
 """Faithfulness below which a circuit is flagged: it explains too little of the model."""
-
-# Pairwise statistics shown in overlap tables; the full set is in OverlapReport.table().
-_PAIR_COLUMNS = [
-    "a",
-    "b",
-    "size_a_all",
-    "size_b_all",
-    "shared_all",
-    "jaccard_all",
-    "jaccard_heads",
-    "jaccard_mlps",
-    "directional_ab_all",
-    "directional_ba_all",
-    "p_value_heads",
-    "p_adjusted_heads",
-    "expected_jaccard_heads",
-    "edge_iou",
-    "spearman",
-    "stability",
-]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
@@ -76,23 +57,6 @@ table.data th{background:#f0f0f4}
 ul.answer{font-size:1.05rem;background:#f3f7fc;border-left:4px solid #2c6fbb;
 padding:.6rem 1rem .6rem 2rem}
 """
-
-_EDGE_COLUMNS = [
-    "a",
-    "b",
-    "edges_a",
-    "edges_b",
-    "shared",
-    "jaccard",
-    "expected_jaccard",
-    "p_value",
-    "p_adjusted",
-    "p_adjusted_receivers",
-    "heads_same",
-    "heads_other_inputs",
-    "heads_other_senders",
-]
-_MAX_HEAD_ROWS = 120  # rows of the "shared heads read differently" table before it is cut
 
 
 class StudyLike(Protocol):
@@ -313,7 +277,7 @@ def write(
     base = str(getattr(study.config, "base", "") or study.models.get("base", "model"))
     report = HtmlReport(title or f"reuse_lens study of {base}")
     edges: EdgeOverlapReport | None = getattr(study, "edge_overlap", None)
-    _answer(report, study.task_overlap, edges, what="tasks")
+    sections.answer_section(report, study.task_overlap, edges, what="tasks")
     report.add_contents()
     _summary(report, study, base)
     report.add_heading("Model evaluations")
@@ -323,13 +287,13 @@ def write(
     report.add_heading("Method agreement")
     report.add_table(study.method_agreement, caption="Jaccard of circuits found by two methods.")
     report.add_heading("Task overlap")
-    _overlap(report, study.task_overlap, key="tasks")
+    sections.overlap_section(report, study.task_overlap, key="tasks")
     report.add_table(study.stability, caption="Within-task stability (bootstrap Jaccard).")
     if edges is not None:
-        _edge_overlap(report, edges)
-    _model_overlap(report, study.model_overlap)
+        sections.edge_overlap_section(report, edges)
+    sections.model_overlap_section(report, study.model_overlap)
     if study.within_model:
-        _model_overlap(
+        sections.model_overlap_section(
             report, study.within_model, title="Tasks inside each fine-tuned model",
             heading="IOI and the fine-tune's own task, inside {}",
         )  # fmt: skip
@@ -355,14 +319,14 @@ def write_comparison(
     """
     path = _check_target(path)
     doc = HtmlReport(title or "Circuit overlap: " + ", ".join(report.names))
-    _answer(doc, report, edges, what="circuits")
+    sections.answer_section(doc, report, edges, what="circuits")
     doc.add_contents()
     doc.add_heading("Circuits")
     doc.add_table(_circuit_sizes(report.circuits))
     doc.add_heading("Overlap")
-    _overlap(doc, report, key="circuits")
+    sections.overlap_section(doc, report, key="circuits")
     if edges is not None:
-        _edge_overlap(doc, edges)
+        sections.edge_overlap_section(doc, edges)
     doc.add_heading("Circuit diagrams")
     for name, circuit in report.circuits.items():
         doc.add_heading(name, level=3)
@@ -371,92 +335,6 @@ def write_comparison(
 
 
 # ------------------------------------------------------------------- sections
-
-
-def _answer(
-    report: HtmlReport,
-    overlap: OverlapReport,
-    edges: EdgeOverlapReport | None,
-    *,
-    what: str,
-) -> None:
-    """The answer first: the generated sentences, then the marked Jaccard matrix."""
-    from reuse_lens.answer import answer
-
-    report.add_heading(f"Which {what} reuse which heads and MLPs, and is it significant?")
-    sentences = answer(overlap, edges)
-    rows = "".join(f"<li>{html.escape(line)}</li>" for line in sentences)
-    report.add_raw(f'<ul class="answer">{rows}</ul>')
-    if len(overlap.names) < 2:
-        return
-    kinds = ("heads", "mlps") if overlap.shape.has_mlps else ("heads",)
-    report.add_figure(
-        plot.jaccard_matrix(overlap, kinds=kinds),
-        name="jaccard_matrix",
-        key=f"answer/{what}",
-        caption="Jaccard index of every pair; * marks the pairs whose p-value (hypergeometric, "
-        "P(X ≥ shared)) survives the correction for testing every pair. Hover for the p-values.",
-    )
-
-
-def _edge_overlap(report: HtmlReport, edges: EdgeOverlapReport) -> None:
-    """Edge Jaccard against chance, and the shared heads each pair reads differently."""
-    report.add_heading("Edge overlap")
-    if len(edges.names) < 2:
-        report.add_text("Only one edge circuit: there is no pair to compare.", css_class="empty")
-        return
-    report.add_figure(plot.edge_jaccard_matrix(edges), name="edge_jaccard_matrix", key="edges")
-    table = edges.table()
-    report.add_table(
-        table.reindex(columns=[c for c in _EDGE_COLUMNS if c in table.columns]),
-        caption="Pairwise edge overlap. expected_jaccard and p_value: B's edges drawn at random "
-        "from the model's edge graph (hypergeometric); p_adjusted_receivers: only the senders "
-        "of each input both circuits read are redrawn. heads_*: heads both circuits feed, "
-        "read the same way, through other q/k/v inputs, or from other senders.",
-    )
-    report.add_heading("Shared heads read differently", level=3)
-    frame = _head_differences(edges)
-    cut = len(frame) > _MAX_HEAD_ROWS
-    report.add_table(
-        frame.head(_MAX_HEAD_ROWS),
-        caption="For each pair and each head both circuits feed but read differently: the "
-        "inputs (q, k, v) each circuit uses, with their senders."
-        + (
-            f" The first {_MAX_HEAD_ROWS} of {len(frame)} rows; "
-            "EdgeOverlapReport.differences() has them all."
-            if cut
-            else ""
-        ),
-    )
-
-
-def _head_differences(edges: EdgeOverlapReport) -> pd.DataFrame:
-    """One row per (pair, head) read differently: each circuit's inputs and senders."""
-    import pandas as pd
-
-    rows = []
-    for i, a in enumerate(edges.names):
-        for b in edges.names[i + 1 :]:
-            usage = edges.head_usage(a, b)
-            for how, heads in (("other inputs", usage["other_inputs"]),
-                               ("other senders", usage["other_senders"])):  # fmt: skip
-                for head in heads:
-                    rows.append(
-                        {"a": a, "b": b, "head": head, "difference": how,
-                         "uses in a": _uses(edges, a, head), "uses in b": _uses(edges, b, head)}
-                    )  # fmt: skip
-    columns = ["a", "b", "head", "difference", "uses in a", "uses in b"]
-    return pd.DataFrame(rows, columns=columns)
-
-
-def _uses(edges: EdgeOverlapReport, name: str, head: str) -> str:
-    """``q: input, a0.h1; v: a0.h2``: the inputs a circuit reads a head through."""
-    parts = [
-        f"{put}: {', '.join(sorted(senders))}"
-        for put, senders in edges.inputs(name, head).items()
-        if senders
-    ]
-    return "; ".join(parts) or "–"
 
 
 def _summary(report: HtmlReport, study: StudyLike, base: str) -> None:
@@ -508,45 +386,6 @@ def _curves(report: HtmlReport, curves: Mapping[str, plot.CurveLike]) -> None:
         report.add_figure(plot.faithfulness_curves(group), name="faithfulness_curves", key=task)
 
 
-def _overlap(report: HtmlReport, overlap: OverlapReport, *, key: str) -> None:
-    """Headline grid first, then the matrices, UpSet, sweep and pairwise table."""
-    if len(overlap.names) < 2:
-        report.add_text("Only one circuit: there is no pair to compare.", css_class="empty")
-        return
-    report.add_figure(plot.overlap_grid(overlap), name="overlap_grid", key=key)
-    kinds = ("heads", "mlps") if overlap.shape.has_mlps else ("heads",)
-    report.add_figure(plot.jaccard_matrix(overlap, kinds=kinds), name="jaccard_matrix", key=key)
-    report.add_figure(plot.upset(overlap), name="upset", key=key)
-    if all(c.node_scores for c in overlap.circuits.values()):
-        report.add_figure(plot.threshold_sweep(overlap), name="threshold_sweep", key=key)
-    report.add_table(
-        _pair_table(overlap),
-        caption="Pairwise overlap: p-value of the head overlap under a hypergeometric null "
-        f"(P(X ≥ shared)) and corrected over the pairs ({overlap.correction}), the Jaccard "
-        "expected by chance, and the stability ceiling (the lower within-task Jaccard of "
-        "the two).",
-    )
-
-
-def _model_overlap(
-    report: HtmlReport,
-    reports: Mapping[str, OverlapReport],
-    *,
-    title: str = "Model overlap",
-    heading: str = "Model overlap on {}",
-) -> None:
-    report.add_heading(title)
-    if not reports:
-        report.add_text("No fine-tuned models were compared.", css_class="empty")
-    for task, overlap in reports.items():
-        report.add_heading(heading.format(task), level=3)
-        if len(overlap.names) < 2:
-            report.add_text("Only one model's circuit: nothing to compare.", css_class="empty")
-            continue
-        report.add_figure(plot.overlap_grid(overlap), name="overlap_grid", key=f"models/{task}")
-        report.add_table(_pair_table(overlap))
-
-
 def _matrices(report: HtmlReport, study: StudyLike) -> None:
     report.add_heading("Cross-task and cross-model faithfulness")
     matrices = (
@@ -594,12 +433,6 @@ def _circuit_line(circuit: Circuit, row: Mapping[str, Any] | None) -> str:
         else:
             parts.append(f'<span class="ok">{html.escape(text)}</span>')
     return '<p class="circuit">' + "; ".join(parts) + "</p>"
-
-
-def _pair_table(overlap: OverlapReport) -> pd.DataFrame:
-    """The pairwise statistics a reader needs; ``OverlapReport.table()`` has them all."""
-    table = overlap.table()
-    return table.reindex(columns=[c for c in _PAIR_COLUMNS if c in table.columns])
 
 
 def _rows_by_key(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
