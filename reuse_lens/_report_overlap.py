@@ -77,11 +77,21 @@ def answer_section(
         return
     kinds = ("heads", "mlps") if overlap.shape.has_mlps else ("heads",)
     report.add_figure(
-        plot.jaccard_matrix(overlap, kinds=kinds),
+        plot.jaccard_matrix(overlap, kinds=kinds, title=_answer_title(overlap, what)),
         name="jaccard_matrix",
         key=f"answer/{what}",
         caption="Jaccard index of every pair; * marks the pairs whose p-value (hypergeometric, "
         "P(X ≥ shared)) survives the correction for testing every pair. Hover for the p-values.",
+    )
+
+
+def _answer_title(overlap: OverlapReport, what: str) -> str:
+    from reuse_lens.answer import CORRECTION_NAMES
+
+    method = CORRECTION_NAMES.get(overlap.correction, overlap.correction)
+    return (
+        f"Jaccard index of every pair of {what}, heads and MLPs; * more shared than chance "
+        f"after {method} correction (α = 0.05)"
     )
 
 
