@@ -433,3 +433,15 @@ def test_a_study_with_one_task_and_nothing_else(tmp_path: Path) -> None:
     ):
         assert note in text
     assert 'class="flag"' not in text and 'class="ok"' not in text  # no faithfulness known
+
+
+def test_write_comparison_with_edges_leads_with_the_answer(tmp_path: Path) -> None:
+    study = fake_study()
+    out = report.write_comparison(
+        tmp_path / "compare.html", study.task_overlap, edges=study.edge_overlap
+    )
+    text = out.read_text(encoding="utf-8")
+    body = text[text.index("<body>") :]
+    assert body.index('<ul class="answer">') < body.index('<nav class="toc">')
+    assert "Which circuits reuse which heads and MLPs, and is it significant?" in body
+    assert body.count('data-figure="edge_jaccard_matrix"') == 1
