@@ -30,6 +30,7 @@ CORRECTION_NAMES = {
 """How sentences name each correction."""
 
 _MOST_LISTED = 8  # nodes named in the "used by most circuits" sentence
+_PAIRS_LISTED = 5  # significant pairs named in one sentence; the rest are counted
 
 
 def answer(
@@ -82,7 +83,8 @@ def _kind_sentence(overlap: OverlapReport, kind: Kind, alpha: float) -> str:
         return f"{label}: no pair could be tested (the universe has no {word})."
     survivors = overlap.significant_pairs(kind, alpha)
     if survivors:
-        listed = "; ".join(_pair_detail(overlap, a, b, kind) for a, b in survivors)
+        listed = "; ".join(_pair_detail(overlap, a, b, kind) for a, b in survivors[:_PAIRS_LISTED])
+        listed += _more(len(survivors))
         count = "one pair shares" if len(survivors) == 1 else f"{len(survivors)} pairs share"
         return f"{label}: of {pairs}, {count} more than chance {how}: {listed}."
     a, b = min(tested, key=lambda pair: (tested[pair], overlap.p_value(*pair, kind)))
@@ -124,8 +126,8 @@ def _edge_sentences(edges: EdgeOverlapReport, alpha: float) -> list[str]:
             f"{a} and {b} (edge Jaccard {edges.jaccard(a, b):.2f} against "
             f"{edges.expected_jaccard(a, b):.2f} by chance, corrected p = "
             f"{_p(edges.p_value(a, b, corrected=True))})"
-            for a, b in survivors
-        )
+            for a, b in survivors[:_PAIRS_LISTED]
+        ) + _more(len(survivors))
         first = (
             f"Edges: {_count_of(len(survivors), n_pairs)} share more edges "
             f"than random edge sets of their sizes {how}: {listed}."
@@ -136,6 +138,13 @@ def _edge_sentences(edges: EdgeOverlapReport, alpha: float) -> list[str]:
             f"Edges: no pair of edge circuits shares more edges than random edge sets of "
             f"their sizes {how}, across {across}."
         )
+    strict = edges.significant_pairs(alpha, "receivers")
+    first += (
+        f" Keeping which inputs each circuit reads and redrawing only their senders, "
+        f"{len(strict)} of {n_pairs} pairs still do"
+        + (f" ({', '.join(f'{a} and {b}' for a, b in strict[:_PAIRS_LISTED])}"
+           f"{_more(len(strict)).replace('; and', ', and')})." if strict else ".")
+    )  # fmt: skip
     other_inputs, other_senders, shared = 0, 0, 0
     examples: list[str] = []
     for a, b in itertools.combinations(edges.names, 2):
@@ -163,6 +172,11 @@ def _count_of(k: int, n_pairs: int) -> str:
     if n_pairs == 1:
         return "the two edge circuits"
     return f"{k} of {n_pairs} pairs of edge circuits"
+
+
+def _more(n_listed: int) -> str:
+    extra = n_listed - _PAIRS_LISTED
+    return f"; and {extra} more" if extra > 0 else ""
 
 
 def _used(edges: EdgeOverlapReport, name: str, head: str) -> str:
