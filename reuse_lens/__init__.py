@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from reuse_lens import (
         circuits,
+        edge_overlap,
         interventions,
         nodes,
         overlap,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
         faithfulness_curve,
         random_baseline,
     )
+    from reuse_lens.edge_overlap import EdgeOverlapReport, compare_edges
     from reuse_lens.evaluation import evaluate, normalized_metric
     from reuse_lens.models import ModelLoadError, load_model
     from reuse_lens.nodes import (
@@ -67,6 +69,7 @@ __all__ = [
     "Circuit",
     "CircuitError",
     "Edge",
+    "EdgeOverlapReport",
     "EdgeScores",
     "FaithfulnessCurve",
     "ModelLoadError",
@@ -81,10 +84,12 @@ __all__ = [
     "circuit_stability",
     "circuits",
     "compare",
+    "compare_edges",
     "cross_model_faithfulness",
     "cross_task_ablation",
     "cross_task_faithfulness",
     "discover_circuit",
+    "edge_overlap",
     "evaluate",
     "faithfulness",
     "faithfulness_curve",
@@ -134,6 +139,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "OverlapReport": ("reuse_lens.overlap", "OverlapReport"),
     "circuits": ("reuse_lens.circuits", None),
     "overlap": ("reuse_lens.overlap", None),
+    "compare_edges": ("reuse_lens.edge_overlap", "compare_edges"),
+    "EdgeOverlapReport": ("reuse_lens.edge_overlap", "EdgeOverlapReport"),
+    "edge_overlap": ("reuse_lens.edge_overlap", None),
     "circuit_stability": ("reuse_lens.reuse", "circuit_stability"),
     "cross_task_faithfulness": ("reuse_lens.reuse", "cross_task_faithfulness"),
     "cross_model_faithfulness": ("reuse_lens.reuse", "cross_model_faithfulness"),

@@ -38,9 +38,13 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
+from reuse_lens import _overlap_rows
+from reuse_lens import _overlap_sets as sets
 from reuse_lens import _overlap_stats as stats
 from reuse_lens._io import write_text_atomic
-from reuse_lens.nodes import MLP, AttentionHead, ModelShape, parse_node
+from reuse_lens._overlap_sets import KINDS, Kind
+from reuse_lens._overlap_stats import CORRECTIONS, Correction
+from reuse_lens.nodes import ModelShape
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,26 +52,49 @@ if TYPE_CHECKING:
     from reuse_lens.circuits.circuit import Circuit
     from reuse_lens.nodes import Node
 
-__all__ = ["KINDS", "STATS", "Kind", "OverlapReport", "Stat", "compare"]
-
-Kind = Literal["all", "heads", "mlps"]
-"""Which nodes a statistic counts: every head and MLP, the heads only, or the MLPs only."""
-
-KINDS: tuple[Kind, ...] = get_args(Kind)
+__all__ = [
+    "ALPHA",
+    "CORRECTIONS",
+    "DEFAULT_CORRECTION",
+    "KINDS",
+    "STATS",
+    "Correction",
+    "Kind",
+    "OverlapReport",
+    "Stat",
+    "compare",
+]
 
 Stat = Literal[
-    "jaccard", "overlap", "directional", "p_value", "expected_jaccard", "shared", "edge_iou"
+    "jaccard",
+    "overlap",
+    "directional",
+    "p_value",
+    "p_adjusted",
+    "expected_jaccard",
+    "shared",
+    "edge_iou",
 ]
 """A statistic that :meth:`OverlapReport.matrix` can tabulate for every ordered pair."""
 
 STATS: tuple[Stat, ...] = get_args(Stat)
+
+DEFAULT_CORRECTION: Correction = "holm"
+"""The correction a report uses unless told otherwise: Holm's, which bounds the chance of
+calling *any* pair significant by accident, without Bonferroni's loss of power."""
+
+ALPHA = 0.05
+"""The level at which :meth:`OverlapReport.significant_pairs` calls a pair significant."""
 
 REPORT_FORMAT_VERSION = 1
 """Version of the JSON written by :meth:`OverlapReport.to_json`."""
 
 
 def compare(
-    circuits: Mapping[str, Circuit], *, universe: Iterable[str | Node] | None = None
+    circuits: Mapping[str, Circuit],
+    *,
+    universe: Iterable[str | Node] | None = None,
+    correction: Correction = DEFAULT_CORRECTION,
 ) -> OverlapReport:
     """Compare named circuits of one model architecture, pair by pair.
 
@@ -82,6 +109,11 @@ def compare(
             outside it (``input`` and ``logits`` always count as inside). Restrict it when
             the circuits could only have come from part of the model, e.g. when only
             the heads of the upper layers were scored.
+        correction: how :meth:`OverlapReport.p_value` with ``corrected=True`` and
+            :meth:`OverlapReport.significant_pairs` correct for testing every pair:
+            ``"holm"`` (family-wise error rate; the default), ``"bh"`` (Benjamini-Hochberg
+            false discovery rate), ``"bonferroni"`` or ``"none"``. Recorded in the report
+            and its JSON.
 
     Returns:
         An :class:`OverlapReport`.
@@ -101,9 +133,11 @@ def compare(
     for name in circuits:
         if not isinstance(name, str) or not name:
             raise ValueError(f"circuit names must be non-empty strings, got {name!r}")
-    shape = _shared_shape(circuits)
-    universes = _universes(shape, universe)
-    return OverlapReport(circuits, shape=shape, universes=universes)
+    shape = sets.shared_shape(circuits)
+    universes = sets.universes_of(shape, universe)
+    return OverlapReport(
+        circuits, shape=shape, universes=universes, correction=stats.check_correction(correction)
+    )
 
 
 class OverlapReport:
@@ -118,6 +152,7 @@ class OverlapReport:
     circuits: Mapping[str, Circuit]
     shape: ModelShape
     stability: Mapping[str, float]
+    correction: Correction
 
     def __init__(
         self,
@@ -126,16 +161,20 @@ class OverlapReport:
         shape: ModelShape,
         universes: Mapping[Kind, frozenset[str]],
         stability: Mapping[str, float] | None = None,
+        correction: Correction = DEFAULT_CORRECTION,
     ) -> None:
         self.names = tuple(circuits)
+        self.correction = stats.check_correction(correction)
         self.circuits = MappingProxyType(dict(circuits))
         self.shape = shape
         self.stability = MappingProxyType(dict(stability or {}))
         self._universes = dict(universes)
         everything = self._universes["all"]
-        self._sets = {name: _kind_sets(name, c, shape, everything) for name, c in circuits.items()}
-        self._edges = {name: _edges_inside(c, everything) for name, c in circuits.items()}
-        self._scores = {name: _scores_inside(c, everything) for name, c in circuits.items()}
+        self._sets = {
+            name: sets.kind_sets(name, c, shape, everything) for name, c in circuits.items()
+        }
+        self._edges = {name: sets.edges_inside(c, everything) for name, c in circuits.items()}
+        self._scores = {name: sets.scores_inside(c, everything) for name, c in circuits.items()}
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{name}: {len(self._sets[name]['all'])}" for name in self.names)
@@ -145,11 +184,11 @@ class OverlapReport:
 
     def universe(self, kind: Kind = "all") -> frozenset[str]:
         """The nodes of ``kind`` that the circuits were chosen from."""
-        return self._universes[_check_kind(kind)]
+        return self._universes[sets.check_kind(kind)]
 
     def nodes(self, name: str, kind: Kind = "all") -> frozenset[str]:
         """The nodes of ``kind`` of circuit ``name``, inside the universe."""
-        return self._sets[self._check_name(name)][_check_kind(kind)]
+        return self._sets[self._check_name(name)][sets.check_kind(kind)]
 
     def shared(self, a: str, b: str, kind: Kind = "all") -> frozenset[str]:
         """Nodes of ``kind`` in both ``a`` and ``b``."""
@@ -215,15 +254,62 @@ class OverlapReport:
             return None
         return len(edges_a & edges_b) / len(edges_a | edges_b)
 
-    def p_value(self, a: str, b: str, kind: Kind = "heads") -> float:
+    def p_value(self, a: str, b: str, kind: Kind = "heads", *, corrected: bool = False) -> float:
         """Chance of sharing at least as many nodes if ``b`` were drawn at random.
 
         The hypergeometric tail P(X >= x) with M = universe size of ``kind``, n = |A|,
         N = |B| and x = |A∩B|, i.e. ``hypergeom.sf(x - 1, M, n, N)`` (Hanna et al. 2024
         with their off-by-one fixed). Symmetric in ``a`` and ``b``. It is 1 when x = 0 and
         ``nan`` when the universe of ``kind`` is empty.
+
+        Arguments:
+            corrected: give the p-value adjusted by the report's ``correction`` over every
+                pair of the report (:meth:`adjusted_p_values`); a circuit compared with
+                itself is no test of reuse and gives ``nan``.
         """
-        return stats.hypergeom_tail(*self._counts(a, b, kind))
+        if not corrected:
+            return stats.hypergeom_tail(*self._counts(a, b, kind))
+        self._check_name(a)
+        self._check_name(b)
+        return self.adjusted_p_values(kind).get(self._pair(a, b), math.nan)
+
+    def adjusted_p_values(
+        self, kind: Kind = "heads", method: Correction | None = None
+    ) -> dict[tuple[str, str], float]:
+        """Every pair's :meth:`p_value`, corrected for testing all pairs of the report.
+
+        With k circuits the report makes k(k-1)/2 tests per kind, and at alpha = 0.05 one
+        in twenty null pairs comes out "significant" by chance; the family corrected over
+        is those pairs (pairs with a ``nan`` p-value are no test and are left out).
+
+        Arguments:
+            kind: which nodes the tests count; each kind is its own family.
+            method: ``"holm"``, ``"bh"``, ``"bonferroni"`` or ``"none"``; the report's
+                ``correction`` when None.
+
+        Returns:
+            ``{(a, b): adjusted p}`` for every unordered pair, a before b in report order.
+        """
+        sets.check_kind(kind)
+        method = self.correction if method is None else stats.check_correction(method)
+        pairs = self._pairs()
+        raw = [self.p_value(a, b, kind) for a, b in pairs]
+        return dict(zip(pairs, stats.adjust_p_values(raw, method), strict=True))
+
+    def significant_pairs(
+        self, kind: Kind = "heads", alpha: float = ALPHA, method: Correction | None = None
+    ) -> list[tuple[str, str]]:
+        """The pairs whose corrected p-value is at most ``alpha``, smallest p first.
+
+        Arguments:
+            kind, method: as for :meth:`adjusted_p_values`.
+            alpha: the significance level, in (0, 1).
+        """
+        if not isinstance(alpha, int | float) or not 0.0 < float(alpha) < 1.0:
+            raise ValueError(f"alpha must be a level in (0, 1), e.g. 0.05; got {alpha!r}")
+        adjusted = self.adjusted_p_values(kind, method)
+        kept = [pair for pair, p in adjusted.items() if not math.isnan(p) and p <= alpha]
+        return sorted(kept, key=lambda pair: adjusted[pair])
 
     def permutation_p_value(
         self,
@@ -344,8 +430,8 @@ class OverlapReport:
         rows = []
         for layer in range(self.shape.n_layers):
             for kind in kinds:
-                set_a = {n for n in self.nodes(a, kind) if _layer(n) == layer}
-                set_b = {n for n in self.nodes(b, kind) if _layer(n) == layer}
+                set_a = {n for n in self.nodes(a, kind) if sets.layer_of(n) == layer}
+                set_b = {n for n in self.nodes(b, kind) if sets.layer_of(n) == layer}
                 rows.append(
                     {
                         "layer": layer,
@@ -363,12 +449,13 @@ class OverlapReport:
         Arguments:
             stat: ``"jaccard"``, ``"overlap"`` (coefficient), ``"directional"`` (row ->
                 column: the share of the row's circuit that the column's reuses),
-                ``"p_value"``, ``"expected_jaccard"``, ``"shared"`` (a count) or
+                ``"p_value"``, ``"p_adjusted"`` (corrected by the report's ``correction``;
+                ``nan`` on the diagonal), ``"expected_jaccard"``, ``"shared"`` (a count) or
                 ``"edge_iou"`` (``kind`` is ignored; ``nan`` where a circuit has no edges).
         """
         import pandas as pd
 
-        _check_kind(kind)
+        sets.check_kind(kind)
         if stat not in STATS:
             raise ValueError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
         values = [[self._stat(stat, row, col, kind) for col in self.names] for row in self.names]
@@ -380,6 +467,7 @@ class OverlapReport:
         Columns: ``a``, ``b``; for each kind K of ``all``, ``heads``, ``mlps``:
         ``size_a_K``, ``size_b_K``, ``shared_K``, ``jaccard_K``, ``overlap_K``,
         ``directional_ab_K`` (|A∩B|/|A|), ``directional_ba_K``, ``p_value_K``,
+        ``p_adjusted_K`` (corrected over the pairs by the report's ``correction``),
         ``expected_jaccard_K`` and, when ``n_permutations > 0``, ``permutation_p_value_K``
         (off by default: it costs ``n_permutations`` draws per pair and kind); then
         ``edge_iou``, ``spearman``, ``kendall``, ``n_scored`` (``nan`` without scores),
@@ -388,8 +476,8 @@ class OverlapReport:
         """
         import pandas as pd
 
-        rows = self._pair_rows(n_permutations=n_permutations, seed=seed)
-        return pd.DataFrame(rows, columns=self._pair_columns(n_permutations))
+        rows = _overlap_rows.pair_rows(self, n_permutations=n_permutations, seed=seed)
+        return pd.DataFrame(rows, columns=_overlap_rows.pair_columns(n_permutations))
 
     def with_stability(self, stability: Mapping[str, float]) -> OverlapReport:
         """A copy that knows each circuit's within-task stability ceiling.
@@ -410,14 +498,19 @@ class OverlapReport:
                 )
         merged = {**self.stability, **{name: float(v) for name, v in stability.items()}}
         return OverlapReport(
-            self.circuits, shape=self.shape, universes=self._universes, stability=merged
+            self.circuits,
+            shape=self.shape,
+            universes=self._universes,
+            stability=merged,
+            correction=self.correction,
         )
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """Everything in the report as plain JSON (``nan`` written as ``null``).
 
         Holds the shape, universe sizes (and nodes when restricted), each circuit's
-        nodes, edge count and metadata, the stability ceilings, the rows of
+        nodes, edge count and metadata, the stability ceilings, the multiple-comparison
+        correction (``"correction"``: its method and the family), the rows of
         :meth:`table` under ``"pairs"`` and :meth:`intersections` for each kind.
         Written to ``path`` too when given.
         """
@@ -432,20 +525,24 @@ class OverlapReport:
                 "has_mlps": self.shape.has_mlps,
             },
             "universe_size": {kind: len(self._universes[kind]) for kind in KINDS},
-            "universe": _sorted_nodes(self._universes["all"]) if restricted else None,
+            "universe": sets.sorted_nodes(self._universes["all"]) if restricted else None,
             "circuits": {
                 name: {
-                    "nodes": _sorted_nodes(self._sets[name]["all"]),
+                    "nodes": sets.sorted_nodes(self._sets[name]["all"]),
                     "n_edges": len(self._edges[name]),
                     "metadata": dict(getattr(self.circuits[name], "metadata", {}) or {}),
                 }
                 for name in self.names
             },
             "stability": dict(self.stability),
-            "pairs": self._pair_rows(n_permutations=0, seed=0),
+            "correction": {
+                "method": self.correction,
+                "family": "every unordered pair of circuits of the report, per kind",
+            },
+            "pairs": _overlap_rows.pair_rows(self, n_permutations=0, seed=0),
             "intersections": {
                 kind: [
-                    {"circuits": list(members), "nodes": _sorted_nodes(nodes)}
+                    {"circuits": list(members), "nodes": sets.sorted_nodes(nodes)}
                     for members, nodes in self.intersections(kind)
                 ]
                 for kind in KINDS
@@ -464,6 +561,14 @@ class OverlapReport:
             raise ValueError(f"unknown circuit {name!r}; this report has: {known}")
         return name
 
+    def _pairs(self) -> list[tuple[str, str]]:
+        """Every unordered pair, a before b in report order: the family of tests."""
+        return [(a, b) for i, a in enumerate(self.names) for b in self.names[i + 1 :]]
+
+    def _pair(self, a: str, b: str) -> tuple[str, str]:
+        """(a, b) in report order, the key of :meth:`adjusted_p_values`."""
+        return (a, b) if self.names.index(a) <= self.names.index(b) else (b, a)
+
     def _counts(self, a: str, b: str, kind: Kind) -> tuple[int, int, int, int]:
         """(M, n, N, x) of the hypergeometric test: universe, |A|, |B|, |A∩B|."""
         set_a, set_b = self.nodes(a, kind), self.nodes(b, kind)
@@ -471,13 +576,13 @@ class OverlapReport:
 
     def _mask(self, nodes: frozenset[str], kind: Kind) -> np.ndarray:
         """Membership of ``nodes`` over the universe of ``kind`` in forward order."""
-        return np.array([node in nodes for node in _sorted_nodes(self._universes[kind])])
+        return np.array([node in nodes for node in sets.sorted_nodes(self._universes[kind])])
 
     def _union(self, names: Iterable[str], kind: Kind) -> list[str]:
         union: set[str] = set()
         for name in names:
             union |= self.nodes(name, kind)
-        return _sorted_nodes(union)
+        return sets.sorted_nodes(union)
 
     def _ranked(self, name: str) -> list[str]:
         """Scored nodes of ``name`` by decreasing |score|, ties in forward order."""
@@ -487,7 +592,7 @@ class OverlapReport:
                 f"circuit {name!r} has no node_scores, so it cannot be cut at top-k; "
                 "discover it with a scoring method or pass node_scores= when building it"
             )
-        return sorted(_sorted_nodes(scores), key=lambda node: -abs(scores[node]))
+        return sorted(sets.sorted_nodes(scores), key=lambda node: -abs(scores[node]))
 
     def _stat(self, stat: Stat, a: str, b: str, kind: Kind) -> float:
         if stat == "edge_iou":
@@ -495,6 +600,8 @@ class OverlapReport:
             return math.nan if value is None else value
         if stat == "shared":
             return float(len(self.shared(a, b, kind)))
+        if stat == "p_adjusted":
+            return self.p_value(a, b, kind, corrected=True)
         functions = {
             "jaccard": self.jaccard,
             "overlap": self.overlap_coefficient,
@@ -503,153 +610,3 @@ class OverlapReport:
             "expected_jaccard": self.expected_jaccard,
         }
         return functions[stat](a, b, kind)
-
-    def _pair_columns(self, n_permutations: int) -> list[str]:
-        per_kind = [
-            "size_a",
-            "size_b",
-            "shared",
-            "jaccard",
-            "overlap",
-            "directional_ab",
-            "directional_ba",
-            "p_value",
-            "expected_jaccard",
-        ]
-        if n_permutations > 0:
-            per_kind.append("permutation_p_value")
-        tail = ["edge_iou", "spearman", "kendall", "n_scored"]
-        tail += ["stability_a", "stability_b", "stability"]
-        return ["a", "b", *(f"{col}_{kind}" for kind in KINDS for col in per_kind), *tail]
-
-    def _pair_rows(self, *, n_permutations: int, seed: int) -> list[dict[str, Any]]:
-        rows = []
-        for i, a in enumerate(self.names):
-            for b in self.names[i + 1 :]:
-                row: dict[str, Any] = {"a": a, "b": b}
-                for kind in KINDS:
-                    row[f"size_a_{kind}"] = len(self.nodes(a, kind))
-                    row[f"size_b_{kind}"] = len(self.nodes(b, kind))
-                    row[f"shared_{kind}"] = len(self.shared(a, b, kind))
-                    row[f"jaccard_{kind}"] = self.jaccard(a, b, kind)
-                    row[f"overlap_{kind}"] = self.overlap_coefficient(a, b, kind)
-                    row[f"directional_ab_{kind}"] = self.directional(a, b, kind)
-                    row[f"directional_ba_{kind}"] = self.directional(b, a, kind)
-                    row[f"p_value_{kind}"] = self.p_value(a, b, kind)
-                    row[f"expected_jaccard_{kind}"] = self.expected_jaccard(a, b, kind)
-                    if n_permutations > 0:
-                        row[f"permutation_p_value_{kind}"] = self.permutation_p_value(
-                            a, b, kind, n_permutations=n_permutations, seed=seed
-                        )
-                edge_iou = self.edge_iou(a, b)
-                row["edge_iou"] = math.nan if edge_iou is None else edge_iou
-                ranks = self.rank_correlation(a, b)
-                row["spearman"] = math.nan if ranks is None else ranks["spearman"]
-                row["kendall"] = math.nan if ranks is None else ranks["kendall"]
-                row["n_scored"] = math.nan if ranks is None else ranks["n"]
-                stab_a = self.stability.get(a, math.nan)
-                stab_b = self.stability.get(b, math.nan)
-                row["stability_a"], row["stability_b"] = stab_a, stab_b
-                both = a in self.stability and b in self.stability
-                row["stability"] = min(stab_a, stab_b) if both else math.nan
-                rows.append(row)
-        return rows
-
-
-# ------------------------------------------------------------------- internals
-
-
-def _check_kind(kind: str) -> Kind:
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    return kind  # type: ignore[return-value]
-
-
-def _node_key(name: str) -> tuple[int, int, int]:
-    """Forward order: a layer's heads by index, then its MLP."""
-    node = parse_node(name)
-    if isinstance(node, AttentionHead):
-        return (node.layer, 0, node.head)
-    if isinstance(node, MLP):
-        return (node.layer, 1, 0)
-    raise ValueError(f"{name!r} is an edge end, not a head or MLP")
-
-
-def _sorted_nodes(nodes: Iterable[str]) -> list[str]:
-    return sorted(nodes, key=_node_key)
-
-
-def _layer(name: str) -> int:
-    return _node_key(name)[0]
-
-
-def _shared_shape(circuits: Mapping[str, Circuit]) -> ModelShape:
-    shapes = {name: circuit.shape for name, circuit in circuits.items()}
-    distinct = set(shapes.values())
-    if len(distinct) > 1:
-        listing = "; ".join(f"{name!r}: {shape}" for name, shape in shapes.items())
-        raise ValueError(
-            "circuits of models with different shapes cannot be compared node by node "
-            f"({listing}). Compare circuits of one architecture; a base model and its "
-            "fine-tunes share a shape."
-        )
-    return next(iter(distinct))
-
-
-def _canonical(name: str | Node, shape: ModelShape, where: str) -> str:
-    """The canonical name of a head or MLP of ``shape``; a ValueError says ``where`` it was."""
-    try:
-        node = parse_node(name)
-        if not isinstance(node, AttentionHead | MLP):
-            raise ValueError(f"{node.name!r} is an edge end, not a head or MLP")
-        shape.check(node)
-    except ValueError as error:
-        raise ValueError(f"{where}: {error}") from error
-    return node.name
-
-
-def _universes(
-    shape: ModelShape, universe: Iterable[str | Node] | None
-) -> dict[Kind, frozenset[str]]:
-    if universe is None:
-        everything = frozenset(node.name for node in shape.nodes())
-    else:
-        if isinstance(universe, str):
-            raise ValueError(
-                f"universe must be a collection of node names, got the string {universe!r}; "
-                f"write universe=[{universe!r}]"
-            )
-        everything = frozenset(_canonical(n, shape, "universe") for n in universe)
-    heads = frozenset(n for n in everything if _node_key(n)[1] == 0)
-    return {"all": everything, "heads": heads, "mlps": everything - heads}
-
-
-def _kind_sets(
-    name: str, circuit: Circuit, shape: ModelShape, universe: frozenset[str]
-) -> dict[Kind, frozenset[str]]:
-    nodes = {_canonical(n, shape, f"circuit {name!r}") for n in circuit.nodes}
-    inside = frozenset(nodes & universe)
-    heads = frozenset(n for n in inside if _node_key(n)[1] == 0)
-    return {"all": inside, "heads": heads, "mlps": inside - heads}
-
-
-def _edges_inside(circuit: Circuit, universe: frozenset[str]) -> frozenset[tuple[str, str]]:
-    """The circuit's edges whose both ends lie in the universe (or are input/logits)."""
-
-    def inside(end: str) -> bool:
-        node = end.split("<", 1)[0]  # "a2.h3<q>" enters head a2.h3
-        return node in ("input", "logits") or node in universe
-
-    edges = getattr(circuit, "edges", frozenset()) or frozenset()
-    return frozenset((s, r) for s, r in edges if inside(s) and inside(r))
-
-
-def _scores_inside(circuit: Circuit, universe: frozenset[str]) -> dict[str, float]:
-    """The circuit's node scores under canonical names, for nodes in the universe."""
-    scores = getattr(circuit, "node_scores", {}) or {}
-    out: dict[str, float] = {}
-    for key, value in scores.items():
-        node = parse_node(key)
-        if node.name in universe:
-            out[node.name] = float(value)
-    return out

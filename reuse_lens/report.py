@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from reuse_lens import _report_overlap as sections
 from reuse_lens import plot
 from reuse_lens._io import write_text_atomic
 
@@ -28,31 +29,13 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
     from reuse_lens.circuits.circuit import Circuit
+    from reuse_lens.edge_overlap import EdgeOverlapReport
     from reuse_lens.overlap import OverlapReport
 
 __all__ = ["FAITHFUL", "HtmlReport", "StudyLike", "write", "write_comparison"]
 
 FAITHFUL = 0.8
 """Faithfulness below which a circuit is flagged: it explains too little of the model."""
-
-# Pairwise statistics shown in overlap tables; the full set is in OverlapReport.table().
-_PAIR_COLUMNS = [
-    "a",
-    "b",
-    "size_a_all",
-    "size_b_all",
-    "shared_all",
-    "jaccard_all",
-    "jaccard_heads",
-    "jaccard_mlps",
-    "directional_ab_all",
-    "directional_ba_all",
-    "p_value_heads",
-    "expected_jaccard_heads",
-    "edge_iou",
-    "spearman",
-    "stability",
-]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
@@ -71,6 +54,8 @@ table.data th{background:#f0f0f4}
 .flag{color:#b00020;font-weight:bold}
 .ok{color:#1b7f3b}
 .empty{color:#777;font-style:italic}
+ul.answer{font-size:1.05rem;background:#f3f7fc;border-left:4px solid #2c6fbb;
+padding:.6rem 1rem .6rem 2rem}
 """
 
 
@@ -128,6 +113,7 @@ class HtmlReport:
         self._toc: list[tuple[int, str, str]] = []  # (level, anchor, text)
         self._anchors: set[str] = set()
         self._n_figures = 0
+        self._contents_at = 0  # the contents list goes before this many body parts
 
     def add_heading(self, text: str, *, level: int = 2, anchor: str | None = None) -> str:
         """Add an ``<h2>`` (or ``<h3>``) listed in the table of contents; returns its anchor."""
@@ -191,6 +177,13 @@ class HtmlReport:
         cap = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""
         self._body.append(f"<div {attrs}>{body}{cap}</div>")
 
+    def add_contents(self) -> None:
+        """Put the table of contents here, rather than straight after the title.
+
+        A report that leads with its answer calls this after the answer.
+        """
+        self._contents_at = len(self._body)
+
     def add_raw(self, markup: str) -> None:
         """Add markup as is; the caller escapes any text inside it."""
         self._body.append(markup)
@@ -215,8 +208,9 @@ class HtmlReport:
                 "</head>",
                 "<body>",
                 f"<h1>{title}</h1>",
+                *self._body[: self._contents_at],
                 self._render_toc(),
-                *self._body,
+                *self._body[self._contents_at :],
                 "</body>",
                 "</html>",
                 "",
@@ -262,10 +256,14 @@ def write(
 ) -> Path:
     """Write the report of a study as one self-contained HTML file.
 
-    Sections: summary, model evaluations, each circuit (size, faithfulness against the
-    random baseline, patching heatmap, diagram), faithfulness curves, method agreement,
-    task overlap, model overlap per task, cross-task / cross-model / cross-ablation
-    matrices and interventions.
+    The report opens with the answer: which tasks reuse which heads and MLPs and whether
+    that survives the correction for testing every pair (``reuse_lens.answer``), and the
+    Jaccard matrix of the tasks with the significant pairs marked. The contents list
+    follows, then: summary, model evaluations, each circuit (size, faithfulness against
+    the random baseline, patching heatmap, diagram), faithfulness curves, method agreement,
+    task overlap, edge overlap (when the study has ``edge_overlap``, an
+    ``EdgeOverlapReport``), model overlap per task, cross-task / cross-model /
+    cross-ablation matrices and interventions.
 
     Arguments:
         path: the file to write; missing parent folders are created.
@@ -278,6 +276,9 @@ def write(
     path = _check_target(path)
     base = str(getattr(study.config, "base", "") or study.models.get("base", "model"))
     report = HtmlReport(title or f"reuse_lens study of {base}")
+    edges: EdgeOverlapReport | None = getattr(study, "edge_overlap", None)
+    sections.answer_section(report, study.task_overlap, edges, what="tasks")
+    report.add_contents()
     _summary(report, study, base)
     report.add_heading("Model evaluations")
     report.add_table(study.evaluations, caption="Accuracy and logit difference of each model.")
@@ -286,11 +287,13 @@ def write(
     report.add_heading("Method agreement")
     report.add_table(study.method_agreement, caption="Jaccard of circuits found by two methods.")
     report.add_heading("Task overlap")
-    _overlap(report, study.task_overlap, key="tasks")
+    sections.overlap_section(report, study.task_overlap, key="tasks")
     report.add_table(study.stability, caption="Within-task stability (bootstrap Jaccard).")
-    _model_overlap(report, study.model_overlap)
+    if edges is not None:
+        sections.edge_overlap_section(report, edges)
+    sections.model_overlap_section(report, study.model_overlap)
     if study.within_model:
-        _model_overlap(
+        sections.model_overlap_section(
             report, study.within_model, title="Tasks inside each fine-tuned model",
             heading="IOI and the fine-tune's own task, inside {}",
         )  # fmt: skip
@@ -304,19 +307,26 @@ def write_comparison(
     path: str | os.PathLike[str],
     report: OverlapReport,
     *,
+    edges: EdgeOverlapReport | None = None,
     title: str | None = None,
 ) -> Path:
     """Write the overlap of a set of circuits (``reuse-lens compare``) as one HTML file.
 
-    Contains the overlap grid, Jaccard matrices, UpSet plot, threshold sweep (when every
-    circuit has node scores), the pairwise statistics and a diagram of each circuit.
+    Opens with the answer (what the circuits share, and whether it survives correction)
+    and the Jaccard matrix; then the contents, the overlap grid, Jaccard matrices, UpSet
+    plot, threshold sweep (when every circuit has node scores), the pairwise statistics,
+    the edge overlap when ``edges`` is given, and a diagram of each circuit.
     """
     path = _check_target(path)
     doc = HtmlReport(title or "Circuit overlap: " + ", ".join(report.names))
+    sections.answer_section(doc, report, edges, what="circuits")
+    doc.add_contents()
     doc.add_heading("Circuits")
     doc.add_table(_circuit_sizes(report.circuits))
     doc.add_heading("Overlap")
-    _overlap(doc, report, key="circuits")
+    sections.overlap_section(doc, report, key="circuits")
+    if edges is not None:
+        sections.edge_overlap_section(doc, edges)
     doc.add_heading("Circuit diagrams")
     for name, circuit in report.circuits.items():
         doc.add_heading(name, level=3)
@@ -376,44 +386,6 @@ def _curves(report: HtmlReport, curves: Mapping[str, plot.CurveLike]) -> None:
         report.add_figure(plot.faithfulness_curves(group), name="faithfulness_curves", key=task)
 
 
-def _overlap(report: HtmlReport, overlap: OverlapReport, *, key: str) -> None:
-    """Headline grid first, then the matrices, UpSet, sweep and pairwise table."""
-    if len(overlap.names) < 2:
-        report.add_text("Only one circuit: there is no pair to compare.", css_class="empty")
-        return
-    report.add_figure(plot.overlap_grid(overlap), name="overlap_grid", key=key)
-    kinds = ("heads", "mlps") if overlap.shape.has_mlps else ("heads",)
-    report.add_figure(plot.jaccard_matrix(overlap, kinds=kinds), name="jaccard_matrix", key=key)
-    report.add_figure(plot.upset(overlap), name="upset", key=key)
-    if all(c.node_scores for c in overlap.circuits.values()):
-        report.add_figure(plot.threshold_sweep(overlap), name="threshold_sweep", key=key)
-    report.add_table(
-        _pair_table(overlap),
-        caption="Pairwise overlap: p-value of the head overlap under a hypergeometric null "
-        "(P(X ≥ shared)), the Jaccard expected by chance, and the stability ceiling "
-        "(the lower within-task Jaccard of the two).",
-    )
-
-
-def _model_overlap(
-    report: HtmlReport,
-    reports: Mapping[str, OverlapReport],
-    *,
-    title: str = "Model overlap",
-    heading: str = "Model overlap on {}",
-) -> None:
-    report.add_heading(title)
-    if not reports:
-        report.add_text("No fine-tuned models were compared.", css_class="empty")
-    for task, overlap in reports.items():
-        report.add_heading(heading.format(task), level=3)
-        if len(overlap.names) < 2:
-            report.add_text("Only one model's circuit: nothing to compare.", css_class="empty")
-            continue
-        report.add_figure(plot.overlap_grid(overlap), name="overlap_grid", key=f"models/{task}")
-        report.add_table(_pair_table(overlap))
-
-
 def _matrices(report: HtmlReport, study: StudyLike) -> None:
     report.add_heading("Cross-task and cross-model faithfulness")
     matrices = (
@@ -461,12 +433,6 @@ def _circuit_line(circuit: Circuit, row: Mapping[str, Any] | None) -> str:
         else:
             parts.append(f'<span class="ok">{html.escape(text)}</span>')
     return '<p class="circuit">' + "; ".join(parts) + "</p>"
-
-
-def _pair_table(overlap: OverlapReport) -> pd.DataFrame:
-    """The pairwise statistics a reader needs; ``OverlapReport.table()`` has them all."""
-    table = overlap.table()
-    return table.reindex(columns=[c for c in _PAIR_COLUMNS if c in table.columns])
 
 
 def _rows_by_key(table: pd.DataFrame) -> dict[str, dict[str, Any]]:

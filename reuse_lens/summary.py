@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
+    from reuse_lens.edge_overlap import EdgeOverlapReport
     from reuse_lens.study import StudyResult
 
 __all__ = ["markdown", "write_markdown"]
@@ -54,9 +55,19 @@ def _matrix(frame: pd.DataFrame, corner: str) -> str:
 def markdown(
     result: StudyResult, *, heading: str = "Results on the zoo", command: str = "reuse-lens demo"
 ) -> str:
-    """Every table of a study, with a line on how to read each, under ``heading``."""
+    """Every table of a study, with a line on how to read each, under ``heading``.
+
+    Opens with the answer (``reuse_lens.answer``): which tasks reuse which heads and MLPs,
+    and which pairs survive the correction for testing every pair. Reads the study's
+    ``edge_overlap`` (an ``EdgeOverlapReport``) when it has one.
+    """
+    from reuse_lens.answer import CORRECTION_NAMES, answer
+
     config = result.config
     overlap = result.task_overlap
+    edges: EdgeOverlapReport | None = getattr(result, "edge_overlap", None)
+    method = CORRECTION_NAMES.get(overlap.correction, overlap.correction)
+    n_pairs = len(overlap.names) * (len(overlap.names) - 1) // 2
     parts = [
         f"# {heading}\n",
         f"Produced by `{command}` in {result.seconds:.0f} s: base model `{config.base}`, "
@@ -64,6 +75,8 @@ def markdown(
         f"{', '.join(config.methods)} (the first is used for overlap), `{config.ablation}` "
         f"ablation, {config.n_random} random circuits per baseline, {config.n_boot} bootstrap "
         "resamples for stability.\n",
+        "## Which tasks reuse which heads and MLPs, and is it significant?\n",
+        "\n".join(f"- {line}" for line in answer(overlap, edges)) + "\n",
         "## Findings\n",
         "\n".join(f"- {line}" for line in result.findings) + "\n",
         "## How well each model does each task\n",
@@ -85,21 +98,28 @@ def markdown(
         "Mean Jaccard between circuits found on bootstrap resamples of the same task's prompts.\n",
         table(result.stability.to_dict(orient="records")),
         "## Which heads and MLPs tasks share (base model)\n",
-        "p: hypergeometric P(X ≥ shared) for heads; chance: the Jaccard expected by chance.\n",
+        "p: hypergeometric P(X ≥ shared) for heads; corrected: the same p-value after "
+        f"{method} correction over the {n_pairs} pairs; significant: corrected p ≤ 0.05; "
+        "chance: the Jaccard expected by chance.\n",
     ]
     rows = []
     for a, b in itertools.combinations(overlap.names, 2):
+        corrected = overlap.p_value(a, b, "heads", corrected=True)
         rows.append(
             {
                 "a": a, "b": b, "shared heads": sorted(overlap.shared(a, b, "heads")),
                 "Jaccard heads": overlap.jaccard(a, b, "heads"),
                 "chance": overlap.expected_jaccard(a, b, "heads"),
                 "p (heads)": overlap.p_value(a, b, "heads"),
+                "corrected": corrected,
+                "significant": "yes" if corrected <= 0.05 else "no",
                 "Jaccard MLPs": overlap.jaccard(a, b, "mlps"),
                 "ceiling": min(overlap.stability.get(a, math.nan), overlap.stability.get(b, math.nan)),
             }
         )  # fmt: skip
     parts.append(table(rows))
+    if edges is not None:
+        parts += _edge_parts(edges)
     parts += [
         "\n## Across models: each task's circuit in the base model and its fine-tune\n",
         table(
@@ -154,6 +174,42 @@ def markdown(
         ),
     ]
     return "\n".join(parts)
+
+
+def _edge_parts(edges: EdgeOverlapReport) -> list[str]:
+    """The edge overlap table, and the shared heads each pair reads through other inputs."""
+    rows = [
+        {
+            "a": r["a"], "b": r["b"], "edges a": r["edges_a"], "edges b": r["edges_b"],
+            "shared": r["shared"], "edge Jaccard": r["jaccard"],
+            "chance": r["expected_jaccard"], "p": r["p_value"], "corrected": r["p_adjusted"],
+            "corrected (senders)": r["p_adjusted_receivers"],
+            "heads read alike": r["heads_same"], "other inputs": r["heads_other_inputs"],
+            "other senders": r["heads_other_senders"],
+        }
+        for r in edges.table().to_dict(orient="records")
+    ]  # fmt: skip
+    differing = edges.differences(kind="heads")
+    inputs = [
+        {
+            "a": r["a"], "b": r["b"], "head": r["node"], "input": r["input"],
+            "senders a": r["senders_a"], "senders b": r["senders_b"],
+        }
+        for r in differing.to_dict(orient="records")
+        if r["verdict"] != "different senders"
+    ]  # fmt: skip
+    return [
+        "\n## Edges the tasks share (EAP-IG edge circuits, base model)\n",
+        "chance and p: B's edges drawn at random from the model's edge graph "
+        "(hypergeometric); corrected: over the pairs, as above; (senders): only the senders "
+        "of each input both circuits read are redrawn. The last three columns count the "
+        "heads both circuits feed: read through the same inputs from the same senders, "
+        "through other q/k/v inputs, or through the same inputs from other senders.\n",
+        table(rows),
+        "\nShared heads read through different inputs (q, k, v), with the senders each "
+        "circuit uses there:\n",
+        table(inputs),
+    ]
 
 
 def write_markdown(

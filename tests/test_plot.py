@@ -247,19 +247,30 @@ def test_overlap_grid_of_two_circuits_by_hand() -> None:
     assert len(set(colors.values())) == 4
 
 
-def test_overlap_grid_of_three_circuits_has_a_category_per_combination(
+def test_overlap_grid_of_three_circuits_counts_the_circuits_using_each_node(
     report: OverlapReport,
 ) -> None:
     fig = plot.overlap_grid(report)
-    got = {t.name: cells(t) for t in traces(fig)}
-    assert got == {
-        "A only": {"a0.h0", "m1"},
-        "B only": {"a1.h2"},
-        "C only": {"a1.h0"},
-        "all": {"a0.h1"},
-        "none": {"a0.h2", "a1.h1", "m0"},
-    }
-    assert all(t.showlegend for t in traces(fig))
+    (heatmap,) = traces(fig)  # one trace on one colour scale, not a colour per combination
+    assert heatmap.name == "circuits"
+    z = np.asarray(heatmap.z, dtype=float)
+    # A {a0.h0, a0.h1, m1}, B {a0.h1, a1.h2}, C {a0.h1, a1.h0}; columns: 3 heads, MLP
+    np.testing.assert_array_equal(z, [[1, 3, 0, 0], [1, 0, 1, 1]])
+    assert (heatmap.zmin, heatmap.zmax) == (0, 3)
+    assert list(heatmap.colorbar.tickvals) == [0, 1, 2, 3]
+    assert heatmap.text[0][1].startswith("a0.h1<br>in: A, B, C<br>")
+    assert heatmap.text[0][1].endswith("used by 3 of 3 circuits")
+
+
+def test_overlap_grid_of_seven_circuits_stays_one_scale() -> None:
+    shape = ModelShape(n_layers=2, n_heads=2, has_mlps=False)
+    heads = ["a0.h0", "a0.h1", "a1.h0", "a1.h1"]
+    circuits = {f"t{i}": Circuit.from_nodes(heads[: 1 + i % 4], shape) for i in range(7)}
+    fig = plot.overlap_grid(circuits)
+    (heatmap,) = traces(fig)
+    z = np.asarray(heatmap.z, dtype=float)
+    assert z[0, 0] == 7 and math.isnan(z[0, 2])  # every circuit has a0.h0; no MLP column
+    assert heatmap.text[0][2].startswith("no MLP")
 
 
 def test_overlap_grid_bad_input() -> None:
@@ -283,9 +294,30 @@ def test_jaccard_matrix_is_the_report_matrix(report: OverlapReport) -> None:
     expected = [[1.0, 0.25, 0.25], [0.25, 1.0, third], [0.25, third, 1.0]]
     np.testing.assert_allclose(np.asarray(heatmap.z, dtype=float), expected)
     assert list(heatmap.x) == ["A", "B", "C"] and list(heatmap.y) == ["A", "B", "C"]
-    assert heatmap.text[1][2] == "0.33"
-    assert heatmap.customdata[0][1] == "row: A<br>column: B<br>jaccard (all): 0.25"
+    assert heatmap.text[1][2] == "0.33"  # no pair is significant among 8 nodes
+    assert heatmap.customdata[0][1].startswith("row: A<br>column: B<br>jaccard (all): 0.25<br>")
+    assert "p (all) = " in heatmap.customdata[0][1]
+    assert "Holm-corrected" in heatmap.customdata[0][1]
+    plain = traces(plot.jaccard_matrix(report, significance=False))[0]
+    assert plain.customdata[0][1] == "row: A<br>column: B<br>jaccard (all): 0.25"
     assert layout(fig).yaxis.autorange == "reversed"
+
+
+def test_jaccard_matrix_marks_the_pairs_that_survive_correction() -> None:
+    shape = ModelShape(n_layers=4, n_heads=8, has_mlps=False)
+    same = [f"a{layer}.h{head}" for layer in range(2) for head in range(4)]
+    far = [f"a3.h{head}" for head in range(8)]
+    rep = compare(
+        {
+            "a": Circuit.from_nodes(same, shape),
+            "b": Circuit.from_nodes(same, shape),
+            "c": Circuit.from_nodes(far, shape),
+        }
+    )
+    fig = plot.jaccard_matrix(rep, kind="heads")
+    text = traces(fig)[0].text
+    assert (text[0][1], text[1][0], text[0][2], text[0][0]) == ("1.00*", "1.00*", "0.00", "1.00")
+    assert "* significant after Holm correction" in layout(fig).title.text
 
 
 def test_jaccard_matrix_kinds_side_by_side(report: OverlapReport) -> None:

@@ -7,9 +7,10 @@ import os
 import re
 import stat
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -18,6 +19,7 @@ import torch
 
 from reuse_lens import report
 from reuse_lens.circuits import Circuit
+from reuse_lens.edge_overlap import EdgeOverlapReport, compare_edges
 from reuse_lens.nodes import ModelShape
 from reuse_lens.overlap import OverlapReport, compare
 from reuse_lens.patching.scores import NodeScores
@@ -73,6 +75,7 @@ class FakeStudy:
     interventions: list[dict[str, Any]]
     findings: list[str]
     seconds: float
+    edge_overlap: EdgeOverlapReport | None = None  # optional: the report reads it by getattr
 
 
 def scores(shift: float) -> NodeScores:
@@ -96,6 +99,10 @@ def fake_study() -> FakeStudy:
         ),
     }
     keys = list(circuits)
+    # A second edge circuit, for the edge overlap section: it reads a1.h0 through k, not q.
+    evil_edges = Circuit.from_edges(
+        [("input", "a0.h1<v>"), ("a0.h1", "a1.h0<k>"), ("a1.h0", "logits")], SHAPE
+    )
     # No scores for the edge circuit: it gets a diagram but no heatmap.
     node_scores = {key: scores(0.1 * i) for i, key in enumerate(keys[:3])}
     circuit_table = pd.DataFrame(
@@ -157,6 +164,7 @@ def fake_study() -> FakeStudy:
         ],
         findings=[f"The {EVIL} circuit reuses 1 of 2 heads of ioi.", "Fine-tuning keeps it."],
         seconds=3725.0,
+        edge_overlap=compare_edges({"ioi": circuits["base/ioi/eap-ig"], EVIL: evil_edges}),
     )
 
 
@@ -166,7 +174,8 @@ EXPECTED_FIGURES = {
     "circuit_diagram": 4,  # one per circuit
     "faithfulness_curves": 2,  # one per task
     "overlap_grid": 3,  # task overlap, model overlap on ioi, tasks inside ft-ioi
-    "jaccard_matrix": 1,
+    "jaccard_matrix": 2,  # the answer's, at the top, and the task overlap section's
+    "edge_jaccard_matrix": 1,
     "upset": 1,
     "threshold_sweep": 1,  # both task circuits have node scores
     "faithfulness_matrix": 3,  # cross-task, cross-model, cross-ablation
@@ -266,6 +275,49 @@ def test_overlap_grid_is_the_first_figure_of_the_overlap_section(
     assert first is not None and first.group(1) == "overlap_grid"
 
 
+def test_the_report_leads_with_the_answer(written: tuple[Path, str]) -> None:
+    _, text = written
+    body = text[text.index("<body>") :]
+    answer = body.index('<ul class="answer">')
+    matrix = body.index('data-figure="jaccard_matrix"')
+    contents = body.index('<nav class="toc">')
+    summary = body.index('id="summary"')
+    assert answer < matrix < contents < summary  # answer, marked matrix, contents, tables
+    first_heading = re.search(r"<h2 [^>]*>([^<]*)</h2>", body)
+    assert first_heading is not None
+    assert (
+        first_heading.group(1) == "Which tasks reuse which heads and MLPs, and is it significant?"
+    )
+    visible = " ".join("".join(parse(body[answer:matrix]).text).split())
+    # 6 heads; ioi {a0.h0, a1.h0} vs EVIL {a0.h0, a1.h2}: one pair, nothing significant.
+    assert (
+        "Heads: no pair of circuits shares more heads than chance after Holm correction" in visible
+    )
+    assert f"The strongest is ioi and {EVIL} (shared a0.h0;" in visible  # escaped, as text
+    # Two of ioi's three edges are EVIL's too, out of the graph's 75: significant.
+    assert "Edges: the two edge circuits share more edges than random edge sets" in visible
+
+
+def test_edge_overlap_section(written: tuple[Path, str]) -> None:
+    _, text = written
+    section = text[text.index('id="edge-overlap"') : text.index('id="model-overlap"')]
+    assert 'data-figure="edge_jaccard_matrix"' in section
+    for column in ("p_adjusted", "p_adjusted_receivers", "heads_other_inputs"):
+        assert f"<th>{column}</th>" in section
+    tables = section[section.index('<div class="table">') :]
+    visible = " ".join(re.sub(r"<[^>]+>", " ", tables).split())
+    # Both feed a1.h0: ioi through q from a0.h1, EVIL through k from a0.h1.
+    assert "a1.h0 other inputs q: a0.h1 k: a0.h1" in visible
+
+
+def test_a_study_without_edge_overlap_has_no_edge_section(tmp_path: Path) -> None:
+    full = fake_study()  # as a StudyResult from before the field existed:
+    study = SimpleNamespace(**{f.name: getattr(full, f.name) for f in fields(full)})
+    del study.edge_overlap
+    text = report.write(tmp_path / "r.html", study).read_text(encoding="utf-8")
+    assert 'id="edge-overlap"' not in text and "edge_jaccard_matrix" not in text
+
+
 def test_user_text_is_escaped(written: tuple[Path, str]) -> None:
     _, text = written
     assert EVIL not in text  # neither in markup nor inside the figures' JSON
@@ -338,7 +390,7 @@ def test_write_comparison(tmp_path: Path) -> None:
     figures = Counter(a["data-figure"] for t, a in starts if t == "div" and "data-figure" in a)
     assert dict(figures) == {
         "overlap_grid": 1,
-        "jaccard_matrix": 1,
+        "jaccard_matrix": 2,
         "upset": 1,
         "threshold_sweep": 1,
         "circuit_diagram": 2,
@@ -366,7 +418,7 @@ def test_a_study_with_one_task_and_nothing_else(tmp_path: Path) -> None:
     study.circuit_table = study.method_agreement = study.stability = empty
     study.cross_task = study.cross_model = study.cross_ablation = empty
     study.task_overlap, study.model_overlap = compare({"ioi": only["base/ioi/activation"]}), {}
-    study.within_model = {}
+    study.within_model, study.edge_overlap = {}, None
     study.interventions, study.findings = [], []
     text = report.write(tmp_path / "r.html", study).read_text(encoding="utf-8")
     figures = Counter(a["data-figure"] for t, a in parse(text).starts if "data-figure" in a)
@@ -381,3 +433,15 @@ def test_a_study_with_one_task_and_nothing_else(tmp_path: Path) -> None:
     ):
         assert note in text
     assert 'class="flag"' not in text and 'class="ok"' not in text  # no faithfulness known
+
+
+def test_write_comparison_with_edges_leads_with_the_answer(tmp_path: Path) -> None:
+    study = fake_study()
+    out = report.write_comparison(
+        tmp_path / "compare.html", study.task_overlap, edges=study.edge_overlap
+    )
+    text = out.read_text(encoding="utf-8")
+    body = text[text.index("<body>") :]
+    assert body.index('<ul class="answer">') < body.index('<nav class="toc">')
+    assert "Which circuits reuse which heads and MLPs, and is it significant?" in body
+    assert body.count('data-figure="edge_jaccard_matrix"') == 1

@@ -8,12 +8,14 @@ node names and scores.
 
 Families: :func:`patching_heatmap` (scores); :func:`circuit_diagram` (one circuit);
 :func:`overlap_grid`, :func:`jaccard_matrix`, :func:`upset`, :func:`threshold_sweep`
-(several circuits); :func:`faithfulness_curves`, :func:`faithfulness_matrix`.
+(several circuits); :func:`edge_jaccard_matrix` (edge circuits);
+:func:`faithfulness_curves`, :func:`faithfulness_matrix`.
 """
 
 from __future__ import annotations
 
 from reuse_lens.plot._circuit import ColorBy, circuit_diagram
+from reuse_lens.plot._edge_overlap import edge_jaccard_matrix
 from reuse_lens.plot._faithfulness import (
     MIB_FRACTIONS,
     CurveLike,
@@ -28,6 +30,7 @@ __all__ = [
     "ColorBy",
     "CurveLike",
     "circuit_diagram",
+    "edge_jaccard_matrix",
     "faithfulness_curves",
     "faithfulness_matrix",
     "jaccard_matrix",

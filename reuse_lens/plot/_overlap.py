@@ -11,7 +11,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from reuse_lens.overlap import KINDS, STATS, OverlapReport, compare
+from reuse_lens.answer import CORRECTION_NAMES
+from reuse_lens.overlap import ALPHA, KINDS, STATS, OverlapReport, compare
 from reuse_lens.plot._common import (
     NEITHER_COLOR,
     canonical_scores,
@@ -43,10 +44,11 @@ def overlap_grid(
 ) -> go.Figure:
     """The layer x head grid (plus an MLP column), each cell coloured by which circuits hold it.
 
-    This is the picture of circuit reuse: for two circuits A and B the cells are
-    "A only", "B only", "both" or "neither"; for three or more, every combination of
-    circuits that occurs gets its own colour and legend entry. Only nodes inside the
-    report's universe count.
+    This is the picture of circuit reuse. For two circuits A and B the cells are "A only",
+    "B only", "both" or "neither", one colour each. For three or more, a colour per
+    combination of circuits stops being readable (seven circuits give a dozen or more), so
+    each cell is coloured by *how many* circuits use it, on one scale, and its hover text
+    lists them. Only nodes inside the report's universe count.
 
     Arguments:
         circuits_or_report: ``{name: Circuit}`` (compared with ``reuse_lens.compare``)
@@ -55,9 +57,11 @@ def overlap_grid(
         title: the figure title; by default it names the circuits.
 
     Returns:
-        A figure with one heatmap trace per membership category, named by it; a trace's
-        ``z`` is 1 on its cells and NaN elsewhere. Hover text lists the circuits holding
-        the node and each circuit's score for it.
+        For two circuits, a figure with one heatmap trace per membership category, named
+        by it; a trace's ``z`` is 1 on its cells and NaN elsewhere. For three or more, one
+        heatmap trace named ``"circuits"`` whose ``z`` is the number of circuits using each
+        node (NaN in the MLP column of an attention-only model). Hover text lists the
+        circuits holding the node and each circuit's score for it.
 
     Raises:
         ValueError: for fewer than two circuits, or circuits of models of different shapes.
@@ -76,6 +80,11 @@ def overlap_grid(
         [_grid_hover(node, held, scores) for node, held in zip(row, held_row, strict=True)]
         for row, held_row in zip(names, members, strict=True)
     ]
+    default = "Which circuits use each head and MLP: " + ", ".join(report.names)
+    if len(report.names) > 2:
+        fig = _count_grid(report, names, members, text)
+        grid_axes(fig, shape)
+        return finish(fig, template=template, title=title, default_title=default)
     present = {held for row in members for held in row if held is not None}
     fig = go.Figure()
     for index, combo in enumerate(_category_order(present, report.names)):
@@ -99,7 +108,6 @@ def overlap_grid(
             )
         )
     grid_axes(fig, shape)
-    default = "Which circuits use each head and MLP: " + ", ".join(report.names)
     return finish(fig, template=template, title=title, default_title=default)
 
 
@@ -109,10 +117,17 @@ def jaccard_matrix(
     stat: Stat = "jaccard",
     *,
     kinds: Sequence[Kind] | None = None,
+    significance: bool = True,
+    alpha: float = ALPHA,
     template: str = "plotly_white",
     title: str | None = None,
 ) -> go.Figure:
     """Annotated heatmap of one overlap statistic for every pair of circuits.
+
+    With ``significance``, a cell whose pair's overlap of that kind is significant after
+    the report's multiple-comparison correction (``OverlapReport.significant_pairs``) is
+    marked ``*``, and every off-diagonal cell's hover text gives the p-value, raw and
+    corrected.
 
     Arguments:
         report: the overlap report.
@@ -121,6 +136,7 @@ def jaccard_matrix(
             column (the share of the row's circuit that the column's reuses).
         kinds: several kinds drawn side by side on one colour scale, e.g.
             ``("heads", "mlps")``; replaces ``kind``.
+        significance: mark the pairs that survive the correction at level ``alpha``.
         template: a plotly template name.
         title: the figure title; by default it names the statistic.
 
@@ -144,10 +160,18 @@ def jaccard_matrix(
         matrix = report.matrix(stat, panel)
         values = matrix.to_numpy(dtype=float)
         rows, cols = list(matrix.index), list(matrix.columns)
-        text = [[_cell_text(stat, v) for v in row] for row in values]
+        marked = set(report.significant_pairs(panel, alpha)) if significance else set()
+        text = [
+            [
+                _cell_text(stat, v) + ("*" if _in(r, c, marked) else "")
+                for c, v in zip(cols, row, strict=True)
+            ]
+            for r, row in zip(rows, values, strict=True)
+        ]
         hover = [
             [
                 f"row: {r}<br>column: {c}<br>{stat} ({panel}): {_cell_text(stat, v)}"
+                + (_p_hover(report, r, c, panel) if significance and r != c else "")
                 for c, v in zip(cols, row, strict=True)
             ]
             for r, row in zip(rows, values, strict=True)
@@ -173,6 +197,9 @@ def jaccard_matrix(
     fig.update_layout(coloraxis=_color_axis(stat))
     what = stat if kinds is None else f"{stat} by kind"
     default = f"{what} of every pair of circuits" + (f" ({kind})" if kinds is None else "")
+    if significance:
+        method = CORRECTION_NAMES.get(report.correction, report.correction)
+        default += f"; * significant after {method} correction (α = {alpha:g})"
     return finish(fig, template=template, title=title, default_title=default)
 
 
@@ -355,6 +382,62 @@ def threshold_sweep(
 
 
 # ------------------------------------------------------------------- internals
+
+
+def _count_grid(
+    report: OverlapReport,
+    names: list[list[str | None]],
+    members: list[list[tuple[str, ...] | None]],
+    text: list[list[str]],
+) -> go.Figure:
+    """One heatmap: how many circuits use each node, light (none) to dark (all)."""
+    total = len(report.names)
+    z = [[np.nan if held is None else float(len(held)) for held in row] for row in members]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(report.shape.n_heads + 1)),
+            y=list(range(report.shape.n_layers)),
+            name="circuits",
+            zmin=0,
+            zmax=total,
+            colorscale=[[0.0, NEITHER_COLOR], [1.0 / (total + 1), "#deebf7"], [1.0, "#08306b"]],
+            colorbar={
+                "title": {"text": "circuits"},
+                "tickvals": list(range(total + 1)),
+                "ticktext": [str(k) for k in range(total + 1)],
+            },
+            hoverongaps=False,
+            xgap=1,
+            ygap=1,
+            customdata=names,
+            text=[
+                [
+                    f"{cell}<br>{_count_line(held, total)}"
+                    for cell, held in zip(row, held_row, strict=True)
+                ]
+                for row, held_row in zip(text, members, strict=True)
+            ],
+            texttemplate="%{z}",
+            hovertemplate="%{text}<extra></extra>",
+        )
+    )
+    return fig
+
+
+def _count_line(held: tuple[str, ...] | None, total: int) -> str:
+    return "" if held is None else f"used by {len(held)} of {total} circuits"
+
+
+def _in(row: str, col: str, pairs: set[tuple[str, str]]) -> bool:
+    return (row, col) in pairs or (col, row) in pairs
+
+
+def _p_hover(report: OverlapReport, a: str, b: str, kind: Kind) -> str:
+    method = CORRECTION_NAMES.get(report.correction, report.correction)
+    raw = _cell_text("p_value", report.p_value(a, b, kind))
+    corrected = _cell_text("p_value", report.p_value(a, b, kind, corrected=True))
+    return f"<br>p ({kind}) = {raw}, {method}-corrected {corrected}"
 
 
 def _as_report(value: Mapping[str, Circuit] | OverlapReport) -> OverlapReport:

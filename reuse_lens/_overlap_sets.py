@@ -1,0 +1,117 @@
+"""The node sets behind ``reuse_lens.overlap``: kinds, universes, canonical names, order.
+
+Shared by the node report (``overlap.py``) and the edge report (``edge_overlap.py``) so that
+both read circuits, universes and node order the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Literal, get_args
+
+from reuse_lens.nodes import MLP, AttentionHead, ModelShape, parse_node
+
+if TYPE_CHECKING:
+    from reuse_lens.circuits.circuit import Circuit
+    from reuse_lens.nodes import Node
+
+Kind = Literal["all", "heads", "mlps"]
+"""Which nodes a statistic counts: every head and MLP, the heads only, or the MLPs only."""
+
+KINDS: tuple[Kind, ...] = get_args(Kind)
+
+
+def check_kind(kind: str) -> Kind:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return kind  # type: ignore[return-value]
+
+
+def node_key(name: str) -> tuple[int, int, int]:
+    """Forward order: a layer's heads by index, then its MLP."""
+    node = parse_node(name)
+    if isinstance(node, AttentionHead):
+        return (node.layer, 0, node.head)
+    if isinstance(node, MLP):
+        return (node.layer, 1, 0)
+    raise ValueError(f"{name!r} is an edge end, not a head or MLP")
+
+
+def sorted_nodes(nodes: Iterable[str]) -> list[str]:
+    return sorted(nodes, key=node_key)
+
+
+def layer_of(name: str) -> int:
+    return node_key(name)[0]
+
+
+def shared_shape(circuits: Mapping[str, Circuit]) -> ModelShape:
+    shapes = {name: circuit.shape for name, circuit in circuits.items()}
+    distinct = set(shapes.values())
+    if len(distinct) > 1:
+        listing = "; ".join(f"{name!r}: {shape}" for name, shape in shapes.items())
+        raise ValueError(
+            "circuits of models with different shapes cannot be compared node by node "
+            f"({listing}). Compare circuits of one architecture; a base model and its "
+            "fine-tunes share a shape."
+        )
+    return next(iter(distinct))
+
+
+def canonical(name: str | Node, shape: ModelShape, where: str) -> str:
+    """The canonical name of a head or MLP of ``shape``; a ValueError says ``where`` it was."""
+    try:
+        node = parse_node(name)
+        if not isinstance(node, AttentionHead | MLP):
+            raise ValueError(f"{node.name!r} is an edge end, not a head or MLP")
+        shape.check(node)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
+    return node.name
+
+
+def universes_of(
+    shape: ModelShape, universe: Iterable[str | Node] | None
+) -> dict[Kind, frozenset[str]]:
+    if universe is None:
+        everything = frozenset(node.name for node in shape.nodes())
+    else:
+        if isinstance(universe, str):
+            raise ValueError(
+                f"universe must be a collection of node names, got the string {universe!r}; "
+                f"write universe=[{universe!r}]"
+            )
+        everything = frozenset(canonical(n, shape, "universe") for n in universe)
+    heads = frozenset(n for n in everything if node_key(n)[1] == 0)
+    return {"all": everything, "heads": heads, "mlps": everything - heads}
+
+
+def kind_sets(
+    name: str, circuit: Circuit, shape: ModelShape, universe: frozenset[str]
+) -> dict[Kind, frozenset[str]]:
+    nodes = {canonical(n, shape, f"circuit {name!r}") for n in circuit.nodes}
+    inside = frozenset(nodes & universe)
+    heads = frozenset(n for n in inside if node_key(n)[1] == 0)
+    return {"all": inside, "heads": heads, "mlps": inside - heads}
+
+
+def edges_inside(circuit: Circuit, universe: frozenset[str]) -> frozenset[tuple[str, str]]:
+    """The circuit's edges whose both ends lie in the universe (or are input/logits)."""
+
+    def inside(end: str) -> bool:
+        node = end.split("<", 1)[0]  # "a2.h3<q>" enters head a2.h3
+        return node in ("input", "logits") or node in universe
+
+    edges = getattr(circuit, "edges", frozenset()) or frozenset()
+    return frozenset((s, r) for s, r in edges if inside(s) and inside(r))
+
+
+def scores_inside(circuit: Circuit, universe: frozenset[str]) -> dict[str, float]:
+    """The circuit's node scores under canonical names, for nodes in the universe."""
+    scores = getattr(circuit, "node_scores", {}) or {}
+    out: dict[str, float] = {}
+    for key, value in scores.items():
+        node = parse_node(key)
+        if node.name in universe:
+            out[node.name] = float(value)
+    return out

@@ -1,0 +1,63 @@
+"""The report's opening answer: generated from the numbers, plain when nothing survives."""
+
+from __future__ import annotations
+
+from reuse_lens.answer import answer, node_counts
+from reuse_lens.circuits.circuit import Circuit
+from reuse_lens.edge_overlap import compare_edges
+from reuse_lens.nodes import ModelShape
+from reuse_lens.overlap import compare
+from tests.test_edge_overlap import SHAPE as EDGE_SHAPE
+from tests.test_edge_overlap import A, B
+
+SHAPE = ModelShape(n_layers=4, n_heads=8, has_mlps=True)
+SAME = [f"a{layer}.h{head}" for layer in range(2) for head in range(4)]
+FAR = [f"a3.h{head}" for head in range(8)]
+
+
+def test_names_the_pairs_that_survive() -> None:
+    rep = compare(
+        {
+            "a": Circuit.from_nodes(SAME, SHAPE),
+            "b": Circuit.from_nodes(SAME, SHAPE),
+            "c": Circuit.from_nodes(FAR, SHAPE),
+        }
+    )
+    heads, mlps, most = answer(rep)
+    assert heads.startswith("Heads: of the 3 pairs, one pair shares more than chance after Holm")
+    assert "a and b (shared a0.h0, a0.h1" in heads and "Jaccard 1.00" in heads
+    assert mlps.startswith("MLPs: no pair could be tested") is False  # the model has MLPs
+    assert "no pair of circuits shares more MLPs than chance" in mlps
+    assert most.startswith("Used by more than half of the 3 circuits: a0.h0 (2 of 3)")
+
+
+def test_says_plainly_when_none_survives() -> None:
+    shape = ModelShape(n_layers=2, n_heads=2, has_mlps=False)
+    rep = compare(
+        {
+            "x": Circuit.from_nodes(["a0.h0", "a1.h0"], shape),
+            "y": Circuit.from_nodes(["a0.h0", "a1.h1"], shape),
+        },
+        correction="bh",
+    )
+    lines = answer(rep)
+    assert lines[0].startswith(
+        "Heads: no pair of circuits shares more heads than chance after Benjamini-Hochberg "
+        "correction (α = 0.05), across the pair. The strongest is x and y (shared a0.h0;"
+    )
+    assert len(lines) == 2  # no MLP sentence for an attention-only model
+    assert lines[1] == "Used by more than half of the 2 circuits: a0.h0 (2 of 2)."
+    assert node_counts(rep) == {"a0.h0": ["x", "y"], "a1.h0": ["x"], "a1.h1": ["y"]}
+
+
+def test_one_circuit_and_edges() -> None:
+    only = compare({"x": Circuit.from_nodes(["a0.h0"], SHAPE)})
+    assert answer(only) == ["Only one circuit (x): there is no pair to compare."]
+    circuits = {"A": Circuit.from_edges(A, EDGE_SHAPE), "B": Circuit.from_edges(B, EDGE_SHAPE)}
+    lines = answer(compare(circuits), compare_edges(circuits))
+    assert lines[-2].startswith("Edges: the two edge circuits share more edges than random")
+    assert lines[-1] == (
+        "Of 3 (pair, head) cases where both circuits feed the same head, 1 read it through "
+        "other q/k/v inputs and 1 through the same inputs from other senders, e.g. a1.h0 in "
+        "A (q) and B (k)."
+    )
