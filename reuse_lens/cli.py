@@ -91,6 +91,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         n_boot=args.n_boot,
         n_random=args.n_random,
+        edge_overlap=not args.no_edges,
     )
     return _study(args, config, "demo", "reuse_lens demo: circuit reuse in the zoo")
 
@@ -114,6 +115,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         n_random=args.n_random,
         device=args.device,
         dtype=args.dtype,
+        edge_overlap=not args.no_edges,
     )
     return _study(args, config, "study", None)
 
@@ -314,6 +316,13 @@ def _task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_whole, default=0, help="prompt seed (default 0)")
 
 
+def _study_arguments(parser: argparse.ArgumentParser) -> None:
+    """What ``demo`` and ``study`` share besides their models and tasks."""
+    parser.add_argument("--no-edges", action="store_true",
+                        help="skip the EAP-IG edge circuits and their edge overlap")  # fmt: skip
+    _executor_arguments(parser)
+
+
 def _executor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="local: this process (default); ray: one Ray task per unit of "
@@ -338,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-boot", type=_non_negative, default=5,
                       help="bootstrap resamples for stability (0 skips it, else at least 2)")  # fmt: skip
     demo.add_argument("--n-random", type=_positive, default=20, help="random circuits per baseline")
-    _executor_arguments(demo)
+    _study_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
 
     study = sub.add_parser(
@@ -363,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random circuits per baseline (default 20)")  # fmt: skip
     study.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     study.add_argument("--dtype", help="float32 (default), bfloat16, float16")
-    _executor_arguments(study)
+    _study_arguments(study)
     study.add_argument("--out", required=True, help="output folder")
     study.set_defaults(func=_cmd_study)
 

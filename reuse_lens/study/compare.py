@@ -11,7 +11,7 @@ import itertools
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from reuse_lens.circuits.circuit import Circuit
@@ -37,7 +37,8 @@ class StudyRun:
     """What the discovery stage of a study hands to the comparison stage.
 
     ``stability`` holds, per base task, the Stability of its resampled circuits, or None
-    when the model did not separate the task on one of its resamples.
+    when the model did not separate the task on one of its resamples. ``edge_circuits``
+    holds each base task's EAP-IG edge circuit, when the study compares edges.
     """
 
     config: StudyConfig
@@ -52,6 +53,7 @@ class StudyRun:
     rows: list[dict[str, Any]]
     stability: dict[str, Stability | None]
     start: float
+    edge_circuits: dict[str, Circuit] = field(default_factory=dict)
 
     def circuit(self, model: str, task: str) -> Circuit | None:
         """The primary method's circuit, if one was found."""
@@ -102,6 +104,8 @@ def compare_circuits(run: StudyRun) -> StudyResult:
     """Every comparison of the study's circuits, as the StudyResult the report renders."""
     import pandas as pd
 
+    from reuse_lens.answer import answer
+    from reuse_lens.edge_overlap import compare_edges
     from reuse_lens.overlap import compare
     from reuse_lens.reuse import (
         cross_model_faithfulness,
@@ -146,7 +150,10 @@ def compare_circuits(run: StudyRun) -> StudyResult:
     interventions = _interventions(config, base, run.tasks, task_overlap)
     interventions += _within_model_interventions(run, within_model)
     circuit_table = pd.DataFrame(run.rows)
-    findings = [f"No circuit for {key}: {why}." for key, why in run.skipped.items()]
+    edges = {t: run.edge_circuits[t] for t in base_circuits if t in run.edge_circuits}
+    edge_overlap = compare_edges(edges) if len(edges) >= 2 else None
+    findings = answer(task_overlap, edge_overlap)
+    findings += [f"No circuit for {key}: {why}." for key, why in run.skipped.items()]
     findings += _findings(circuit_table, task_overlap, model_overlap, cross_model, interventions)
     findings += _within_findings(within_model)
     return StudyResult(
@@ -157,6 +164,7 @@ def compare_circuits(run: StudyRun) -> StudyResult:
         cross_task=cross_task,
         cross_model=cross_model, cross_ablation=cross_ablation, interventions=interventions,
         findings=findings, seconds=time.perf_counter() - run.start, skipped=run.skipped,
+        edge_overlap=edge_overlap,
     )  # fmt: skip
 
 
@@ -242,12 +250,16 @@ def _within_findings(within_model: Mapping[str, OverlapReport]) -> list[str]:
 
 
 def _sharing(overlap: OverlapReport, a: str, b: str) -> str:
-    """The finding that a and b share N heads, with their Jaccard, chance and p-value."""
+    """The finding that a and b share N heads: Jaccard, chance, raw and corrected p-value."""
+    from reuse_lens.answer import CORRECTION_NAMES
+
     shared = sorted(overlap.shared(a, b, "heads"))
+    corrected = overlap.p_value(a, b, "heads", corrected=True)
     return (
         f"{a} and {b} share {len(shared)} heads ({', '.join(shared) or 'none'}): head Jaccard "
         f"{overlap.jaccard(a, b, 'heads'):.2f}, chance "
-        f"{overlap.expected_jaccard(a, b, 'heads'):.2f}, p = {overlap.p_value(a, b, 'heads'):.3g}."
+        f"{overlap.expected_jaccard(a, b, 'heads'):.2f}, p = {overlap.p_value(a, b, 'heads'):.3g}"
+        f" ({CORRECTION_NAMES[overlap.correction]} over the pairs: {corrected:.3g})."
     )
 
 

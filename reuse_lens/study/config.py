@@ -32,6 +32,9 @@ class StudyConfig:
             ``rl.load_model``'s default. On Ray, a ``cuda`` device gives each unit of
             work one GPU.
         dtype: the models' dtype (``"float32"``, ``"bfloat16"``); None is float32.
+        edge_overlap: also find an EAP-IG edge circuit for each base task and compare
+            them edge by edge (``rl.compare_edges``): whether tasks that share a head
+            read it through the same q/k/v inputs and from the same senders.
     """
 
     base: str = "zoo:base"
@@ -59,6 +62,7 @@ class StudyConfig:
     n_random: int = 20
     device: str | None = None
     dtype: str | None = None
+    edge_overlap: bool = True
 
     def __post_init__(self) -> None:
         from reuse_lens import tasks
@@ -83,6 +87,8 @@ class StudyConfig:
                 "n_boot must be 0 (no stability section) or at least 2: stability compares "
                 "the circuits of two or more resamples, got 1"
             )
+        if not isinstance(self.edge_overlap, bool):
+            raise TypeError(f"edge_overlap must be True or False, got {self.edge_overlap!r}")
         for name in ("device", "dtype"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from reuse_lens.circuits.measure import FaithfulnessCurve
+    from reuse_lens.edge_overlap import EdgeOverlapReport
     from reuse_lens.overlap import OverlapReport
 
 __all__ = ["StudyResult", "save_summary", "scores_of"]
@@ -43,6 +44,7 @@ class StudyResult:
     findings: list[str]
     seconds: float
     skipped: dict[str, str] = field(default_factory=dict)
+    edge_overlap: EdgeOverlapReport | None = None
 
 
 def scores_of(circuit: Circuit) -> NodeScores:
@@ -76,6 +78,8 @@ def save_summary(result: StudyResult, path: str | Path) -> None:
         "interventions": result.interventions,
         "findings": result.findings,
     }
+    if result.edge_overlap is not None:
+        doc["edge_overlap"] = json.loads(result.edge_overlap.to_json())
     from reuse_lens._io import write_text_atomic
 
     write_text_atomic(path, json.dumps(doc, indent=2, default=float))

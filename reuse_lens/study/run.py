@@ -123,13 +123,16 @@ def _run_study(
     start = time.perf_counter()
     jobs = _jobs(config)
     boot = config.tasks if config.n_boot >= 2 else ()
+    edge_jobs = [f"{EDGES}/{t}" for t in config.tasks] if config.edge_overlap else []
     # One bar for the study: loading and evaluating, each discovery, resample and
     # measurement, and the comparisons. A skipped discovery takes its measurement off.
-    bar = tqdm(total=2 + 2 * len(jobs) + len(boot) * config.n_boot, desc="study",
-               disable=not progress)  # fmt: skip
+    total = 2 + 2 * len(jobs) + len(edge_jobs) + len(boot) * config.n_boot
+    bar = tqdm(total=total, desc="study", disable=not progress)
     with bar:
         driver = _Driver(config, _Store(out), executor, bar)
-        circuits, skipped, found = driver.find(jobs, boot)
+        circuits, skipped, found = driver.find([*jobs, *edge_jobs], boot)
+        edge_circuits = {key.split("/")[1]: circuits.pop(key) for key in edge_jobs
+                         if key in circuits}  # fmt: skip
         measured = driver.measure(circuits)
         bar.set_postfix_str("comparing circuits")
         run = StudyRun(
@@ -139,6 +142,7 @@ def _run_study(
             curves={key: measured[key].curve for key in circuits},
             rows=[_row(key, c, measured[key]) for key, c in circuits.items()],
             stability=_stability(config, boot, found), start=start,
+            edge_circuits=edge_circuits,
         )  # fmt: skip
         with quiet_bars():
             result = compare_circuits(run)
@@ -186,13 +190,13 @@ class _Driver:
         circuits: dict[str, Circuit] = {}
         units: list[Unit] = []
         for key in jobs:
-            model_label, task_name, method = key.split("/")
+            model_label, task_name, method, level = _parts(key)
             if (circuit := self._saved(key)) is not None:
                 circuits[key] = circuit
                 self.bar.update()
                 continue
             units.append(Discover(key, self.loads[model_label], self.task_specs[task_name],
-                                  method, config.ablation))  # fmt: skip
+                                  method, config.ablation, level))  # fmt: skip
         for task_name, index in itertools.product(boot, range(config.n_boot)):
             units.append(Resample(f"stability/{task_name}/{index}", self.loads["base"],
                                   self.task_specs[task_name], config.methods[0],
@@ -203,34 +207,37 @@ class _Driver:
             found[unit.key] = result
             if isinstance(unit, Discover) and result.circuit is not None:
                 # Saved at once, so a stopped study keeps every circuit it finished.
-                model_label, task_name, _ = unit.key.split("/")
+                model_label, task_name, _, _ = _parts(unit.key)
                 circuit = Circuit.from_json(result.circuit).with_metadata(
                     corrupted_metric=_corrupted(self.evaluations, model_label, task_name),
                     weights=self.digests[model_label],
                 )
                 self.store.save(unit.key, circuit)
                 circuits[unit.key] = circuit
-            elif isinstance(unit, Discover):
+            elif isinstance(unit, Discover) and unit.level == "node":
                 self.bar.total -= 1  # no circuit, nothing to measure
                 self.bar.refresh()
         skipped: dict[str, str] = {}
         for key in jobs:  # the study's order, whatever the order units finished in
             result = found.get(key)
             if result is not None and result.skipped is not None:
-                model_label, task_name, _ = key.split("/")
+                model_label, task_name, _, level = _parts(key)
+                task_name += " (edges)" if level == "edge" else ""
                 skipped[key] = f"{result.skipped} ({model_label} on {task_name})"
         return {key: circuits[key] for key in jobs if key in circuits}, skipped, found
 
     def _saved(self, key: str) -> Circuit | None:
-        model_label, task_name, method = key.split("/")
+        model_label, task_name, method, level = _parts(key)
         expected = {
             "model": self.config.models[model_label], "weights": self.digests[model_label],
             "task": task_name, "method": method, "n_prompts": self.config.n_prompts,
             "task_seed": self.config.seed,
         }  # fmt: skip
         circuit = self.store.load(key, expected)
-        if circuit is None or circuit.metadata.get("settings", {}).get("ablation") != (
-            self.config.ablation
+        if (
+            circuit is None
+            or circuit.level != level
+            or circuit.metadata.get("settings", {}).get("ablation") != self.config.ablation
         ):
             return None
         return circuit
@@ -264,6 +271,19 @@ class _Driver:
                 )
             self.bar.update()
             yield unit, result
+
+
+EDGES = "edges"
+"""The first part of an edge circuit's key, ``edges/<task>``: each base task's EAP-IG edge
+circuit, which the study compares edge by edge (``StudyConfig.edge_overlap``)."""
+
+
+def _parts(key: str) -> tuple[str, str, str, str]:
+    """A discovery's (model label, task, method, level) from its key."""
+    first, *rest = key.split("/")
+    if first == EDGES:
+        return "base", rest[0], "eap-ig", "edge"
+    return first, rest[0], rest[1], "node"
 
 
 def _jobs(config: StudyConfig) -> list[str]:

@@ -153,16 +153,19 @@ class Measured:
 
 @dataclass(frozen=True)
 class Discover:
-    """Find one circuit: ``discover_circuit(model, task, method=..., ablation=...)``."""
+    """Find one circuit: ``discover_circuit(model, task, method=..., ablation=..., level=...)``."""
 
     key: str
     model: Load
     task: TaskSpec
     method: str
     ablation: str
+    level: str = "node"
 
     def run(self, models: Models) -> Found:
-        return _discover(self.key, models, self.model, self.task, self.method, self.ablation)
+        return _discover(
+            self.key, models, self.model, self.task, self.method, self.ablation, level=self.level
+        )
 
 
 @dataclass(frozen=True)
@@ -232,12 +235,13 @@ def _discover(
     ablation: str,
     *,
     sample: Any = None,
+    level: str = "node",
 ) -> Found:
     model, task = models.model(load), models.task(spec)
     if sample is not None:
         task = task.select(sample(len(task)))
     try:
-        circuit = discover_circuit(model, task, method=method, ablation=ablation)  # type: ignore[arg-type]
+        circuit = discover_circuit(model, task, method=method, ablation=ablation, level=level)  # type: ignore[arg-type]
     except MetricError as error:  # the model does not do this task: say so, go on
         return Found(key, None, str(error).split(":")[0], models.digest(load))
     return Found(key, circuit.to_json(), None, models.digest(load))
