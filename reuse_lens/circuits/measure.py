@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from reuse_lens._memory import MemoryBudget
 from reuse_lens._validate import check_circuit, check_count, check_fits, check_seed
 from reuse_lens.nodes import MLP, AttentionHead, ModelShape, edges_of, parse_node
 from reuse_lens.patching._common import Engine
@@ -93,6 +94,7 @@ class CircuitEvaluator:
         batch_size: int | None = None,
         input_node: InputKind = "embeddings",
         engine: Engine = "auto",
+        memory_budget: MemoryBudget = None,
     ) -> None:
         self.runner = AblationRunner(
             model,
@@ -102,6 +104,7 @@ class CircuitEvaluator:
             batch_size=batch_size,
             input_node=input_node,
             engine=engine,
+            memory_budget=memory_budget,
         )
         self.model = model
         self.task = task
@@ -230,6 +233,7 @@ def faithfulness(
     level: Level | None = None,
     input_node: InputKind = "embeddings",
     engine: Engine = "auto",
+    memory_budget: MemoryBudget = None,
 ) -> float:
     """The circuit's share of the task's behaviour: 1.0 = the full model, 0.0 = all ablated.
 
@@ -241,7 +245,7 @@ def faithfulness(
         ablation: ``mean`` (the mean over the task's clean prompts, position by
             position), ``resample`` (the corrupted partner's activation) or ``zero``.
         metric: a metric name or ``Metric``; the task's own when None.
-        batch_size: rows per forward pass; by default under a 1 GiB activation budget.
+        batch_size: rows per forward pass; by default as many as ``memory_budget`` holds.
         level: ``node`` or ``edge`` to override how the circuit is ablated (see
             ``ablation_level``); an edge circuit evaluated at ``node`` level keeps its nodes.
         input_node: what the ``input`` sender is when its edges are ablated:
@@ -249,6 +253,9 @@ def faithfulness(
             token embedding alone, as EAP-IG and MIB's evaluation). Only edge circuits
             ablate ``input``; see ``reuse_lens.patching.ablation.InputKind``.
         engine: ``auto``, ``functional`` or ``hooks``, as in ``activation_patching``.
+        memory_budget: bytes or a size such as ``"2GiB"`` for the runs and each chunk of
+            (circuit, prompt) rows; by default ``REUSE_LENS_MEMORY_BUDGET``, else 2 GiB on
+            the CPU and half the free memory of a GPU (docs/scale.md).
 
     Raises:
         TypeError: when model, task or circuit is not one (a spec string, a list).
@@ -266,6 +273,7 @@ def faithfulness(
         batch_size=batch_size,
         input_node=input_node,
         engine=engine,
+        memory_budget=memory_budget,
     )
     return evaluator(circuit, level)
 
@@ -324,18 +332,24 @@ def faithfulness_curve(
     metric: str | Metric | None = None,
     evaluator: CircuitEvaluator | None = None,
     input_node: InputKind = "embeddings",
+    memory_budget: MemoryBudget = None,
 ) -> FaithfulnessCurve:
     """Faithfulness of the top-|score| circuit at each size in ``fractions`` (MIB's by default).
 
     A fraction ``p`` keeps ``max(1, round(p · N))`` of the ``N`` scored nodes (NodeScores)
-    or edges (EdgeScores). ``input_node`` is as in ``faithfulness``; an ``evaluator``
-    given brings its own.
+    or edges (EdgeScores). ``input_node`` and ``memory_budget`` are as in
+    ``faithfulness``; an ``evaluator`` given brings its own.
     """
     if not fractions or any(not 0 < p <= 1 for p in fractions):
         raise ValueError(f"fractions must be non-empty and in (0, 1], got {list(fractions)}")
     fractions = sorted(fractions)
     evaluator = evaluator or CircuitEvaluator(
-        model, task, ablation=ablation, metric=metric, input_node=input_node
+        model,
+        task,
+        ablation=ablation,
+        metric=metric,
+        input_node=input_node,
+        memory_budget=memory_budget,
     )
     order = ranked(scores)
     if not order:
@@ -389,12 +403,18 @@ def random_baseline(
     ablation: Ablation = "mean",
     metric: str | Metric | None = None,
     evaluator: CircuitEvaluator | None = None,
+    memory_budget: MemoryBudget = None,
 ) -> RandomBaseline:
-    """Faithfulness of ``n`` random circuits as large as ``circuit`` (seeded)."""
+    """Faithfulness of ``n`` random circuits as large as ``circuit`` (seeded).
+
+    ``memory_budget`` is as in ``faithfulness``; an ``evaluator`` given brings its own.
+    """
     n = check_count(n, "n")
     seed = check_seed(seed)
     check_circuit(circuit)
-    evaluator = evaluator or CircuitEvaluator(model, task, ablation=ablation, metric=metric)
+    evaluator = evaluator or CircuitEvaluator(
+        model, task, ablation=ablation, metric=metric, memory_budget=memory_budget
+    )
     evaluator.check(circuit)
     rng = np.random.default_rng(seed)
     if ablation_level(circuit) == "edge":
