@@ -208,8 +208,8 @@ class Shapes:
         """
         hd = self.n_heads * self.d_head
         per_token = 16 * self.d_model + 10 * hd + 4 * self.d_mlp + 4 * self.n_heads * self.width
-        per_prompt = self.n_layers * self.width * per_token + 3 * self.width * self.d_vocab
-        return 2 * F32 * per_prompt
+        per_prompt = self.n_layers * self.width * per_token + self.width * self.d_vocab
+        return F32 * per_prompt
 
     def edge_backward_prompt(self, *, post_norm: bool = False, qk_norm: bool = False) -> int:
         """One prompt of edge attribution on the functional forward (one gradient step).
