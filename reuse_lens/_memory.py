@@ -7,11 +7,12 @@ many items per chunk as the budget holds. The bytes of one item are estimated he
 the model's shapes, so that no engine learns its chunk size by running out of memory.
 
 Precedence: the ``memory_budget=`` argument, then the ``REUSE_LENS_MEMORY_BUDGET``
-environment variable, then the default: 2 GiB on the CPU (what the 1 GiB activation
-budget of the earlier releases peaked at once the caches and temporaries are counted,
-measured in docs/benchmarks.md) and half the free memory of the GPU at the time of the
-call (the other half is headroom for the allocator's fragmentation and for the error of
-the estimates; a shared GPU keeps what its other users hold).
+environment variable, then the default: 2 GiB on the CPU and half the free memory of the
+GPU at the time of the call. 2 GiB: the earlier default of 1 GiB counted one chunk's
+activations only; the budget now also holds the cached runs, and 2 GiB keeps the chunks
+of GPT-2-sized work at about their earlier size while fitting any laptop. Half the free
+GPU memory: the other half is headroom for the allocator's fragmentation and the error of
+the estimates, and a shared GPU keeps what its other users hold (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def format_bytes(n: int | float) -> str:
     """``n`` bytes in the largest binary unit that keeps it at least 1 (``"1.5 GiB"``)."""
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
+            value = n / size
+            return f"{value:.0f} {unit}" if abs(value) >= 100 else f"{value:.3g} {unit}"
     return f"{int(n)} B"
 
 
