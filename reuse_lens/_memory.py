@@ -233,13 +233,15 @@ class Shapes:
     def edge_ablation_prompt(self, *, post_norm: bool = False) -> int:
         """One prompt of an edge circuit's forward pass (``ablation.py``, no grad).
 
-        The senders' deltas ``(pos, sender, d_model)`` for the whole pass, and one layer's
+        The senders' deltas ``(pos, sender, d_model)`` for the whole pass, with the copy
+        each receiver block's contraction makes of them and its output, and one layer's
         receiver inputs ``(pos, 3*head, d_model)`` at a time with their norms and
-        projections (about 6 copies; a post-normed layer (Gemma-2) adds the norm of every
-        receiver's own sum of the heads, 4 more).
+        projections, about 16 copies (20 where a post-norm (Gemma-2) normalises every
+        receiver's own sum of the heads). Calibrated at GPT-2 small: 6 copies and one
+        of the deltas undercounted a measured prompt by half.
         """
-        per_layer = (10 if post_norm else 6) * self.width * 3 * self.n_heads * self.d_model
-        deltas = self.width * self.n_senders * self.d_model
+        per_layer = (20 if post_norm else 16) * self.width * 3 * self.n_heads * self.d_model
+        deltas = 3 * self.width * self.n_senders * self.d_model
         return F32 * (per_layer + deltas) + self.forward_row()
 
 
