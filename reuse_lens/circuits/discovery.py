@@ -33,6 +33,7 @@ import numpy as np
 from jaxtyping import Float
 from torch import Tensor
 
+from reuse_lens._memory import MemoryBudget, resolve_budget
 from reuse_lens._validate import check_pair
 from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.circuits.measure import CircuitEvaluator, ranked
@@ -84,6 +85,7 @@ def discover_circuit(
     steps: int = 5,
     metric: str | Metric | None = None,
     max_stages: int | None = None,
+    memory_budget: MemoryBudget = None,
 ) -> Circuit:
     """Find the heads and MLPs (or edges) that the task uses, as a ``Circuit``.
 
@@ -108,6 +110,10 @@ def discover_circuit(
         metric: a metric name or ``Metric``; the task's own when None.
         max_stages: for ``path``, the most stages to search, stage 0 included (by default
             as many as it takes: each stage reaches at least one layer further down).
+        memory_budget: bytes or a size such as ``"2GiB"``, passed to the scoring method
+            and to the faithfulness evaluator; by default ``REUSE_LENS_MEMORY_BUDGET``,
+            else 2 GiB on the CPU and half the free memory of a GPU (docs/scale.md). It
+            changes how the work is chunked, never the circuit.
 
     Returns:
         A Circuit with the scores of every scored node (and edge), path stages, and
@@ -140,17 +146,20 @@ def discover_circuit(
             "path patching stops when a stage finds no sender above the threshold; it takes "
             "threshold or top_k, not target_faithfulness"
         )
-    evaluator = CircuitEvaluator(model, task, ablation=ablation, metric=metric)
+    resolve_budget(memory_budget)  # a bad budget is refused before any forward pass
+    evaluator = CircuitEvaluator(
+        model, task, ablation=ablation, metric=metric, memory_budget=memory_budget
+    )
     prep = evaluator.runner.prep
     gap = check_separates(prep.clean_metric, prep.corrupted_metric, task.name)
     settings: dict[str, Any] = {"level": level, "ablation": ablation}
     if method == "path":
         circuit, rule = _path_circuit(
-            model, task, evaluator, gap, threshold, top_k, metric, max_stages
+            model, task, evaluator, gap, threshold, top_k, metric, max_stages, memory_budget
         )
         settings.update(rule)
     else:
-        scores = _score(model, task, method, level, ablation, steps, metric)
+        scores = _score(model, task, method, level, ablation, steps, metric, memory_budget)
         settings.update(scores.settings)
         settings["ablation"] = ablation
         circuit, rule = _select(
@@ -250,9 +259,12 @@ def _score(
     ablation: Ablation,
     steps: int,
     metric: str | Metric | None,
+    memory_budget: MemoryBudget,
 ) -> NodeScores | EdgeScores:
     if method == "activation":
-        return activation_patching(model, task, ablation=ablation, metric=metric)
+        return activation_patching(
+            model, task, ablation=ablation, metric=metric, memory_budget=memory_budget
+        )
     return attribution_patching(
         model,
         task,
@@ -260,6 +272,7 @@ def _score(
         level=level,  # type: ignore[arg-type]
         steps=steps,
         metric=metric,
+        memory_budget=memory_budget,
     )
 
 
@@ -376,6 +389,7 @@ def _path_circuit(
     top_k: int | None,
     metric: str | Metric | None,
     max_stages: int | None,
+    memory_budget: MemoryBudget = None,
 ) -> tuple[Circuit, dict[str, Any]]:
     shape = shape_of(model)
     if threshold is None and top_k is None:
@@ -413,7 +427,8 @@ def _path_circuit(
         candidates: dict[tuple[str, str], float] = {}
         for receiver in frontier:
             if receiver == "logits":
-                candidates |= scored(path_patching(model, task, metric=metric), "logits")
+                found = path_patching(model, task, metric=metric, memory_budget=memory_budget)
+                candidates |= scored(found, "logits")
                 continue
             head = parse_node(receiver)
             assert isinstance(head, AttentionHead)
@@ -421,7 +436,12 @@ def _path_circuit(
                 continue  # nothing sends to layer 0 but the embedding
             for qkv in ("q", "k", "v"):
                 scores = path_patching(
-                    model, task, receivers=[receiver], receiver_input=qkv, metric=metric
+                    model,
+                    task,
+                    receivers=[receiver],
+                    receiver_input=qkv,
+                    metric=metric,
+                    memory_budget=memory_budget,
                 )
                 candidates |= scored(scores, f"{receiver}<{qkv}>")
         new: set[str] = set()

@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from reuse_lens._memory import MemoryBudget
 from reuse_lens._validate import check_circuit, check_count, check_fits, check_seed
 from reuse_lens.nodes import MLP, AttentionHead, ModelShape, edges_of, parse_node
 from reuse_lens.patching._common import Engine
@@ -107,6 +108,7 @@ class CircuitEvaluator:
         mean_positions: MeanPositions = "real",
         prune: bool = False,
         node_empty: NodeEmpty = "nodes",
+        memory_budget: MemoryBudget = None,
     ) -> None:
         if node_empty not in ("nodes", "edges"):
             raise ValueError(
@@ -121,6 +123,7 @@ class CircuitEvaluator:
             input_node=input_node,
             engine=engine,
             mean_positions=mean_positions,
+            memory_budget=memory_budget,
         )
         self.prune = bool(prune)
         self.node_empty: NodeEmpty = node_empty
@@ -258,6 +261,7 @@ def faithfulness(
     mean_positions: MeanPositions = "real",
     prune: bool = False,
     node_empty: NodeEmpty = "nodes",
+    memory_budget: MemoryBudget = None,
 ) -> float:
     """The circuit's share of the task's behaviour: 1.0 = the full model, 0.0 = all ablated.
 
@@ -269,7 +273,7 @@ def faithfulness(
         ablation: ``mean`` (the mean over the task's clean prompts, position by
             position), ``resample`` (the corrupted partner's activation) or ``zero``.
         metric: a metric name or ``Metric``; the task's own when None.
-        batch_size: rows per forward pass; by default under a 1 GiB activation budget.
+        batch_size: rows per forward pass; by default as many as ``memory_budget`` holds.
         level: ``node`` or ``edge`` to override how the circuit is ablated (see
             ``ablation_level``); an edge circuit evaluated at ``node`` level keeps its nodes.
         input_node: what the ``input`` sender is when its edges are ablated:
@@ -286,6 +290,9 @@ def faithfulness(
             nothing under ``resample`` ablation.
         node_empty: ``nodes`` (the default) or ``edges``: what a node circuit's
             faithfulness is normalized against (see ``NodeEmpty``; MIB's is ``edges``).
+        memory_budget: bytes or a size such as ``"2GiB"`` for the runs and each chunk of
+            (circuit, prompt) rows; by default ``REUSE_LENS_MEMORY_BUDGET``, else 2 GiB on
+            the CPU and half the free memory of a GPU (docs/scale.md).
 
     Raises:
         TypeError: when model, task or circuit is not one (a spec string, a list).
@@ -306,6 +313,7 @@ def faithfulness(
         mean_positions=mean_positions,
         prune=prune,
         node_empty=node_empty,
+        memory_budget=memory_budget,
     )
     return evaluator(circuit, level)
 
@@ -389,6 +397,7 @@ def faithfulness_curve(
     mean_positions: MeanPositions = "real",
     prune: bool = False,
     node_empty: NodeEmpty = "nodes",
+    memory_budget: MemoryBudget = None,
 ) -> FaithfulnessCurve:
     """Faithfulness of the top-|score| circuit at each size in ``fractions`` (MIB's by default).
 
@@ -397,7 +406,7 @@ def faithfulness_curve(
     keeps ``int(p · N)``, as MIB's evaluation does, and an empty circuit has faithfulness
     0. ``absolute=False`` ranks by signed score in MIB's sign (the most negative of ours
     first: important for the metric), as MIB's evaluation does without ``--absolute``.
-    ``input_node``, ``mean_positions``, ``prune`` and ``node_empty`` are as in
+    ``input_node``, ``mean_positions``, ``prune``, ``node_empty`` and ``memory_budget`` are as in
     ``faithfulness`` (at node level ``prune`` does nothing, at edge level ``node_empty``);
     an ``evaluator`` given brings its own.
     ``reuse_lens.circuits.mib.MIB_EVALUATION`` holds the options that reproduce MIB's
@@ -417,6 +426,7 @@ def faithfulness_curve(
         mean_positions=mean_positions,
         prune=prune,
         node_empty=node_empty,
+        memory_budget=memory_budget,
     )
     order = ranked(scores, absolute=absolute)
     if not order:
@@ -474,12 +484,18 @@ def random_baseline(
     ablation: Ablation = "mean",
     metric: str | Metric | None = None,
     evaluator: CircuitEvaluator | None = None,
+    memory_budget: MemoryBudget = None,
 ) -> RandomBaseline:
-    """Faithfulness of ``n`` random circuits as large as ``circuit`` (seeded)."""
+    """Faithfulness of ``n`` random circuits as large as ``circuit`` (seeded).
+
+    ``memory_budget`` is as in ``faithfulness``; an ``evaluator`` given brings its own.
+    """
     n = check_count(n, "n")
     seed = check_seed(seed)
     check_circuit(circuit)
-    evaluator = evaluator or CircuitEvaluator(model, task, ablation=ablation, metric=metric)
+    evaluator = evaluator or CircuitEvaluator(
+        model, task, ablation=ablation, metric=metric, memory_budget=memory_budget
+    )
     evaluator.check(circuit)
     rng = np.random.default_rng(seed)
     if ablation_level(circuit) == "edge":

@@ -181,20 +181,25 @@ def _accumulate(
     grads: tuple[Tensor, ...],
     matrix: Float[Tensor, "sender receiver"],
 ) -> None:
-    """Add Δsender · ∂m/∂(receiver input) for every edge of one gradient pass."""
+    """Add Δsender · ∂m/∂(receiver input) for every edge of one gradient pass.
+
+    The deltas are laid out sender-major once, ``(sender, batch*pos*d_model)``, so that
+    each receiver block is one matmul on a prefix of its rows: an einsum per block would
+    copy the deltas into that layout again for every layer.
+    """
     n_layers = w.n_layers
     heads, mlps = grads[:n_layers], grads[n_layers : n_layers + (n_layers if w.has_mlps else 0)]
+    flat = deltas.permute(2, 0, 1, 3).reshape(deltas.shape[2], -1)
     for layer in range(n_layers):
         n = index.senders_before_heads(layer)
         cols = index.heads_columns(layer)
-        matrix[:n, cols] += torch.einsum("bpsd,bprd->sr", deltas[:, :, :n], heads[layer].float())
+        g = heads[layer].float()  # (batch, pos, receiver, d_model)
+        matrix[:n, cols] += flat[:n] @ g.permute(0, 1, 3, 2).reshape(-1, g.shape[2])
         if w.has_mlps:
             n_mlp = index.senders_before_mlp(layer)
             col = index.receiver[MLP(layer).name]
-            matrix[:n_mlp, col] += torch.einsum(
-                "bpsd,bpd->s", deltas[:, :, :n_mlp], mlps[layer].float()
-            )
-    matrix[:, index.receiver[LOGITS.name]] += torch.einsum("bpsd,bpd->s", deltas, grads[-1].float())
+            matrix[:n_mlp, col] += flat[:n_mlp] @ mlps[layer].float().reshape(-1)
+    matrix[:, index.receiver[LOGITS.name]] += flat @ grads[-1].float().reshape(-1)
 
 
 def functional_weights(

@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from reuse_lens._memory import Shapes, chunk_items
 from reuse_lens._validate import check_pair
 from reuse_lens.arch.registry import extract as extract_weights
 from reuse_lens.evaluation import answer_logits
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
     from reuse_lens.tasks.task import Task
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "ENGINES", "Engine", "Prepared", "prepare", "rows_per_chunk"]
+__all__ = ["ENGINES", "Engine", "Prepared", "prepare", "rows_per_chunk"]
 
 Engine = Literal["auto", "functional", "hooks"]
 """Which engine patches the model.
@@ -35,9 +36,6 @@ Engine = Literal["auto", "functional", "hooks"]
 ENGINES: tuple[str, ...] = ("auto", "functional", "hooks")
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MEMORY_BUDGET = 1 << 30
-"""Bytes of activations one batched forward pass may hold (1 GiB); ``batch_size`` overrides."""
 
 _VERIFY_ATOL = 1e-4
 
@@ -254,22 +252,23 @@ def zero_cache(cache: RunCache) -> RunCache:
 
 
 def rows_per_chunk(
-    model: TransformerBridge, width: int, batch_size: int | None, budget: int | None = None
+    model: TransformerBridge,
+    width: int,
+    batch_size: int | None,
+    budget: int,
+    *,
+    cached_prompts: int = 0,
 ) -> int:
     """How many (patch, prompt) rows one forward pass may hold under the memory budget.
 
-    The estimate counts the residual stream, q/k/v/z, the attention scores and the MLP
-    hidden layer of one block for one row, with headroom for temporaries.
+    ``batch_size`` overrides the budget. Otherwise the budget, less the cached functional
+    runs of ``cached_prompts`` prompts that the call holds throughout, is divided by one
+    row's activations (``_memory.Shapes.forward_row``).
     """
     if batch_size is not None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         return batch_size
-    cfg = model.cfg
-    d_mlp = int(cfg.d_mlp or 0)
-    floats = (
-        width * (8 * int(cfg.d_model) + 6 * int(cfg.n_heads) * int(cfg.d_head) + 2 * d_mlp)
-        + 3 * int(cfg.n_heads) * width * width
-    )
-    per_row = 4 * floats * 2  # float32, with 2x headroom for temporaries
-    return max(1, (budget or DEFAULT_MEMORY_BUDGET) // per_row)
+    shapes = Shapes.of(model, width)
+    fixed = cached_prompts * shapes.run_cache()
+    return chunk_items(budget, shapes.forward_row(), fixed, "row of a forward pass")

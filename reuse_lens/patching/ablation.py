@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from reuse_lens._memory import MemoryBudget, Shapes, chunk_items, resolve_budget
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import LOGITS, MLP, ModelShape, shape_of
 from reuse_lens.patching._common import (
@@ -182,7 +183,10 @@ class AblationRunner:
     """The task metric of a model with everything outside a circuit ablated.
 
     Build one per (model, task, ablation) and call ``nodes`` / ``edges`` for as many
-    circuits as needed: the sources and the unablated runs are computed once.
+    circuits as needed: the sources and the unablated runs are computed once. Circuits
+    and prompts are stacked along the batch, as many rows per pass as ``memory_budget``
+    holds (``batch_size`` overrides it; see ``reuse_lens._memory``); the values do not
+    depend on the chunking.
 
     Attributes:
         full: the mean metric of the unablated model (every node and edge kept).
@@ -200,6 +204,7 @@ class AblationRunner:
         engine: Engine = "auto",
         input_node: InputKind = "embeddings",
         mean_positions: MeanPositions = "real",
+        memory_budget: MemoryBudget = None,
     ) -> None:
         if ablation not in _ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}: choose 'mean', 'resample' or 'zero'")
@@ -220,6 +225,9 @@ class AblationRunner:
             raise ValueError(f"task {task.name!r} has no prompts: load it with n >= 1")
         self.ablation = ablation
         self.shape = shape_of(model)  # first: it refuses models without attention heads
+        self.budget = resolve_budget(memory_budget, model.cfg.device)
+        if batch_size is not None:
+            rows_per_chunk(model, 1, batch_size, self.budget)  # refuses a bad one now
         self.prep: Prepared = prepare(model, task, metric, engine=engine)
         self.batch_size = batch_size
         self._width = int(self.prep.clean.shape[1])
@@ -270,7 +278,10 @@ class AblationRunner:
         circuit_of = torch.arange(total, device=heads.device) // n
         prompt_of = torch.arange(total, device=heads.device) % n
         values = torch.empty(total)
-        step = rows_per_chunk(self.prep.model, self._width, self.batch_size)
+        # The clean and corrupted runs of every prompt are held throughout.
+        step = rows_per_chunk(
+            self.prep.model, self._width, self.batch_size, self.budget, cached_prompts=2 * n
+        )
         for start in range(0, total, step):
             rows = slice(start, min(start + step, total))
             prompt, circuit = prompt_of[rows], circuit_of[rows]
@@ -381,8 +392,7 @@ class AblationRunner:
         dtype = w.w_u.dtype if w is not None else self.prep.model.W_O.dtype
         drop = (~keep.bool()).to(dtype).to(self.prep.clean.device)
         hooks = self._hook_edges() if w is None else None
-        # Each row holds every sender's delta, (pos, sender, d_model): budget for it.
-        step = max(1, rows_per_chunk(self.prep.model, self._width, self.batch_size) // 4)
+        step = self._edge_prompts_per_chunk(w)
         values = torch.empty(n)
         for start in range(0, n, step):
             prompt = torch.arange(start, min(start + step, n), device=self.prep.clean.device)
@@ -394,6 +404,20 @@ class AblationRunner:
                 logits = self._edge_logits(w, index, prompt, drop)
             values[start : start + len(prompt)] = self.prep.score(logits, prompt).cpu()
         return float(values.mean())
+
+    def _edge_prompts_per_chunk(self, w: Weights | None) -> int:
+        """Prompts per edge-circuit pass: ``batch_size``, else as many as the budget holds.
+
+        A row holds every sender's delta ``(pos, sender, d_model)`` and, a layer at a time,
+        every receiver's own input ``(pos, 3*head, d_model)``: far more than a node row.
+        """
+        if self.batch_size is not None:
+            return self.batch_size
+        shapes = Shapes.of(self.prep.model, self._width)
+        post = w is not None and any(layer.attn_post is not None for layer in w.layers)
+        per_prompt = shapes.edge_ablation_prompt(post_norm=post)
+        fixed = 2 * self.prep.n * shapes.run_cache()
+        return chunk_items(self.budget, per_prompt, fixed, "prompt of an edge circuit")
 
     def _hook_edges(self) -> HookEdges:
         """The hook engine for edge circuits, built on first use (its sources cost a run)."""

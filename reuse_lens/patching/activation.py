@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
+from reuse_lens._memory import MemoryBudget, resolve_budget
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import MLP, AttentionHead, Node, NodeNameError, parse_nodes, shape_of
 from reuse_lens.patching._common import (
@@ -101,6 +102,7 @@ def activation_patching(
     metric: str | Metric | None = None,
     batch_size: int | None = None,
     engine: Engine = "auto",
+    memory_budget: MemoryBudget = None,
 ) -> NodeScores:
     """Patch each node's activation and measure how the task metric moves.
 
@@ -125,10 +127,14 @@ def activation_patching(
             TransformerLens's ``..._pattern_by_pos``). MLPs have only ``out``.
         metric: a metric name or ``Metric``; the task's own metric when None.
         batch_size: (patch, prompt) rows per forward pass; by default as many as fit in
-            ``_common.DEFAULT_MEMORY_BUDGET`` (1 GiB) of activations.
+            the memory budget.
         engine: ``auto`` (the fast functional forward where it reproduces the model's
             logits, else hooks), ``functional`` (refused, with the reason, where it does
             not) or ``hooks`` (TransformerLens's ``run_with_hooks``); the results agree.
+        memory_budget: bytes (or a size such as ``"2GiB"``) the cached runs and each
+            chunk of rows may hold on top of the weights; by default
+            ``REUSE_LENS_MEMORY_BUDGET``, else 2 GiB on the CPU and half the free memory
+            of a GPU (docs/scale.md). Chunking never changes the scores.
 
     Returns:
         ``NodeScores`` with ``method="activation"``. ``heads``/``mlps`` hold
@@ -168,6 +174,7 @@ def activation_patching(
         metric,
         batch_size,
         engine=engine,
+        memory_budget=memory_budget,
     )
 
 
@@ -183,9 +190,11 @@ def _activation_patching(
     batch_size: int | None,
     *,
     engine: Engine = "auto",
+    memory_budget: MemoryBudget = None,
 ) -> NodeScores:
     """``activation_patching`` after its options are checked."""
     heads, mlps = select_nodes(model, nodes, component)
+    budget = resolve_budget(memory_budget, model.cfg.device)
     prep = prepare(model, task, metric, engine=engine)
     patcher = _engine(prep, ablation, direction, component)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -217,7 +226,9 @@ def _activation_patching(
     mlp_sum = torch.zeros(n_layers)
     head_pos = torch.zeros(width, n_layers, n_heads) if per_position else None
     mlp_pos = torch.zeros(width, n_layers) if per_position else None
-    limit = rows_per_chunk(model, width, batch_size)
+    # The functional engine holds the base and source runs of every prompt throughout.
+    cached = 2 * prep.n if prep.weights is not None else 0
+    limit = rows_per_chunk(model, width, batch_size, budget, cached_prompts=cached)
     chunks = list(_chunks(groups, limit))
     for rows in tqdm(chunks, desc="activation patching", disable=len(chunks) < 20, leave=False):
         effect = (patcher.metric(rows) - patcher.base_metric[rows.prompt]).cpu()

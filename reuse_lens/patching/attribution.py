@@ -33,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
+from reuse_lens._memory import MemoryBudget, Shapes, chunk_items, resolve_budget
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import (
     LOGITS,
@@ -63,8 +64,6 @@ straight path between the clean and corrupted input embeddings (Hanna et al. 202
 AttributionLevel = Literal["node", "edge"]
 """``node``: one score per head and MLP. ``edge``: one score per edge of ``edges_of``."""
 
-_DEFAULT_BATCH = 32
-
 
 def attribution_patching(
     model: TransformerBridge,
@@ -77,6 +76,7 @@ def attribution_patching(
     metric: str | Metric | None = None,
     batch_size: int | None = None,
     engine: Engine = "auto",
+    memory_budget: MemoryBudget = None,
 ) -> NodeScores | EdgeScores:
     """Estimate the effect of every head and MLP (or every edge) by attribution patching.
 
@@ -90,12 +90,18 @@ def attribution_patching(
         per_position: also return node scores per token position (node level only).
         metric: a metric name or Metric; the task's own metric when None. The score is
             the metric's mean over prompts.
-        batch_size: prompts per forward/backward pass; 32 when None.
+        batch_size: prompts per forward/backward pass; by default as many as
+            ``memory_budget`` holds.
         engine: at edge level, ``functional`` differentiates the functional forward with
             one input per receiver (every architecture it reproduces, grouped-query
             attention included), ``hooks`` reads gradients at the bridge's hooks (one k
             and v per query head needed), ``auto`` the first that runs. Node scores are
             always read through hooks.
+        memory_budget: bytes or a size such as ``"2GiB"`` that one chunk of prompts may
+            hold (its forward and backward pass; at edge level also every receiver's own
+            input and every sender's delta); by default ``REUSE_LENS_MEMORY_BUDGET``,
+            else 2 GiB on the CPU and half the free memory of a GPU (docs/scale.md).
+            Scores are sums over prompts, so the chunking does not change them.
 
     Returns:
         NodeScores (heads (layer, head_index), MLPs (layer,)) at node level, EdgeScores at
@@ -130,6 +136,7 @@ def attribution_patching(
         # Dropout would make the clean and corrupted runs differ by noise.
         raise ValueError("the model is in training mode: call model.eval() first")
     task.check_model(model)
+    budget = resolve_budget(memory_budget, model.cfg.device)
     metric_fn = task.metric if metric is None else get_metric(metric)
     if method == "eap" and getattr(metric_fn, "needs_clean_logits", False):
         # KL from the clean run is at its minimum on the clean run, so its gradient there,
@@ -146,7 +153,8 @@ def attribution_patching(
         metric_fn,
         n_steps=n_steps,
         edges=level == "edge",
-        batch_size=batch_size or _DEFAULT_BATCH,
+        batch_size=batch_size,
+        budget=budget,
         engine=engine,
     )
     settings: dict[str, Any] = {
@@ -250,13 +258,21 @@ def _attribute(
     *,
     n_steps: int,
     edges: bool,
-    batch_size: int,
+    batch_size: int | None,
+    budget: int,
     engine: Engine = "auto",
 ) -> _Result:
     shape = shape_of(model)
+    shapes = Shapes.of(model, int(task.clean.shape[1]))
     if edges and engine != "hooks":
         functional = functional_weights(model, task, metric_fn, engine)
         if functional is not None:
+            if batch_size is None:
+                per_prompt = shapes.edge_backward_prompt(
+                    post_norm=any(layer.attn_post is not None for layer in functional.layers),
+                    qk_norm=functional.spec.qk_norm == "proj",
+                )
+                batch_size = chunk_items(budget, per_prompt, what="prompt of edge attribution")
             out = attribute_edges(
                 functional, task, metric_fn, shape, n_steps=n_steps, batch_size=batch_size
             )
@@ -272,6 +288,11 @@ def _attribute(
             )
     if edges:
         _check_edge_support(model)
+    if batch_size is None:
+        # Edges through hooks hold what the functional engine holds, and the norm's
+        # Jacobian products of every head's q, k and v gradient on top.
+        per_prompt = shapes.edge_backward_prompt() if edges else shapes.backward_prompt()
+        batch_size = chunk_items(budget, per_prompt, what="prompt of attribution patching")
     device = torch.device(model.cfg.device or "cpu")
     n = len(task)
     width = int(task.clean.shape[1])

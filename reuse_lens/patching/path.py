@@ -38,6 +38,7 @@ from jaxtyping import Bool
 from torch import Tensor
 from tqdm import tqdm
 
+from reuse_lens._memory import MemoryBudget, resolve_budget
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import MLP, AttentionHead, Node, NodeNameError, parse_nodes, shape_of
 from reuse_lens.patching._common import Engine, Prepared, prepare, rows_per_chunk
@@ -68,6 +69,7 @@ def path_patching(
     metric: str | Metric | None = None,
     batch_size: int | None = None,
     engine: Engine = "auto",
+    memory_budget: MemoryBudget = None,
 ) -> NodeScores:
     """The effect of each sender that flows only through the receivers.
 
@@ -86,9 +88,11 @@ def path_patching(
         positions: where the sender is patched: None for every position, ``"answer"``
             for each prompt's answer position, or a list of absolute positions.
         metric: a metric name or ``Metric``; the task's own when None.
-        batch_size: (sender, prompt) rows per forward pass; by default under a 1 GiB
-            activation budget.
+        batch_size: (sender, prompt) rows per forward pass; by default as many as fit in
+            the memory budget.
         engine: ``auto``, ``functional`` or ``hooks``, as in ``activation_patching``.
+        memory_budget: as in ``activation_patching``: a chunk holds as many (sender,
+            prompt) rows as fit, down to one prompt of one sender.
 
     Returns:
         ``NodeScores`` with ``method="path"``: metric(patched) − metric(clean) per sender,
@@ -107,13 +111,19 @@ def path_patching(
         chosen = [n for n in shape.nodes() if n.layer < last]
     else:
         chosen = parse_nodes(list(senders), shape)
+    budget = resolve_budget(memory_budget, model.cfg.device)
     prep = prepare(model, task, metric, engine=engine)
     mask = _position_mask(positions, prep)
     if prep.weights is None:
-        effects = _path_hooks(prep, chosen, recv, inputs, freeze_mlps, mask)
+        # Two full caches of every prompt are held; each chunk is a hooked forward pass.
+        limit = rows_per_chunk(model, prep.clean.shape[1], batch_size, budget)
+        effects = _path_hooks(prep, chosen, recv, inputs, freeze_mlps, mask, limit)
     else:
+        limit = rows_per_chunk(
+            model, prep.clean.shape[1], batch_size, budget, cached_prompts=2 * prep.n
+        )
         effects = _path_functional(
-            prep, prep.weights, chosen, recv, inputs, freeze_mlps, mask, batch_size
+            prep, prep.weights, chosen, recv, inputs, freeze_mlps, mask, limit
         )
     heads = torch.full((shape.n_layers, shape.n_heads), float("nan"))
     mlps = torch.full((shape.n_layers,), float("nan")) if shape.has_mlps else None
@@ -211,8 +221,10 @@ def _path_functional(
     inputs: tuple[str, ...],
     freeze: bool,
     mask: Tensor,
-    batch_size: int | None,
+    limit: int,
 ) -> dict[Node, float]:
+    """Each sender's effect, ``limit`` (sender, prompt) rows per forward pass: several
+    senders on every prompt, or, below one sender's prompts, one sender on a slice."""
     with torch.no_grad():
         clean, corrupted = prep.run("clean"), prep.run("corrupted")
         every = torch.arange(prep.n, device=prep.clean.device)
@@ -224,22 +236,26 @@ def _path_functional(
         ]
         mlps: list[Node] = [s for s in senders if isinstance(s, MLP) and s.layer == layer]
         groups += [(layer, g) for g in (heads, mlps) if g]
-    limit = rows_per_chunk(prep.model, prep.clean.shape[1], batch_size)
     per_chunk = max(1, limit // prep.n)
+    slices = [every[i : i + limit] for i in range(0, prep.n, limit)] if limit < prep.n else [every]
     work = [
-        (layer, g[i : i + per_chunk]) for layer, g in groups for i in range(0, len(g), per_chunk)
+        (layer, g[i : i + per_chunk], part)
+        for layer, g in groups
+        for i in range(0, len(g), per_chunk)
+        for part in slices
     ]
-    effects: dict[Node, float] = {}
-    for layer, nodes in tqdm(work, desc="path patching", disable=len(work) < 20, leave=False):
+    sums: dict[Node, float] = {}
+    for layer, nodes, part in tqdm(work, desc="path patching", disable=len(work) < 20, leave=False):
         n = len(nodes)
-        prompt = every.repeat(n)
+        prompt = part.repeat(n)
         with torch.no_grad():
             values = _rows(
                 prep, w, clean, corrupted, layer, nodes, prompt, recv, inputs, freeze, mask
             )
-        effect = (values - base[prompt]).view(n, prep.n).mean(1).cpu()
-        effects.update({node: float(e) for node, e in zip(nodes, effect, strict=True)})
-    return effects
+        total = (values - base[prompt]).view(n, len(part)).sum(1).cpu()
+        for node, t in zip(nodes, total.tolist(), strict=True):
+            sums[node] = sums.get(node, 0.0) + t
+    return {node: total / prep.n for node, total in sums.items()}
 
 
 def _rows(
@@ -273,7 +289,7 @@ def _rows(
     if isinstance(nodes[0], AttentionHead):
         heads = torch.tensor([n.head for n in nodes if isinstance(n, AttentionHead)])
         one_hot = torch.nn.functional.one_hot(heads, w.n_heads).bool().to(prompt.device)
-        one_hot = one_hot.repeat_interleave(prep.n, 0).view(n_rows, 1, -1, 1)
+        one_hot = one_hot.repeat_interleave(n_rows // len(nodes), 0).view(n_rows, 1, -1, 1)
         z = torch.where(one_hot & patched.unsqueeze(-1), g(corrupted.z[layer]), g(clean.z[layer]))
         # The whole attention output is recomputed (not a per-head delta): a post-norm
         # (Gemma-2, OLMo-2) makes it non-linear in the heads.
@@ -333,61 +349,84 @@ def _path_hooks(
     inputs: tuple[str, ...],
     freeze: bool,
     mask: Tensor,
+    limit: int,
 ) -> dict[Node, float]:
-    """Path patching by ``run_with_hooks``, one sender at a time (batched over prompts)."""
+    """Path patching by ``run_with_hooks``, one sender at a time, ``limit`` prompts a pass."""
     model = prep.model
-    n_layers = int(model.cfg.n_layers)
-    has_mlps = not getattr(model.cfg, "attn_only", False)
     group = int(model.cfg.n_heads) // int(model.cfg.n_key_value_heads or model.cfg.n_heads)
     every = torch.arange(prep.n, device=prep.clean.device)
-    final_name = f"blocks.{n_layers - 1}.hook_resid_post"
     with torch.no_grad():
         _, clean = model.run_with_cache(prep.clean)
         _, corrupted = model.run_with_cache(prep.corrupted)
         logits = model(prep.clean, return_type="logits")[every, prep.answer_pos].float()
         base = prep.score(logits, every)
+    parts = [every[i : i + limit] for i in range(0, prep.n, limit)]
     effects: dict[Node, float] = {}
     for sender in tqdm(senders, desc="path patching", disable=len(senders) < 20, leave=False):
-        hooks: list[Any] = []
-        for layer in range(n_layers):
-            name = hook_name(layer, "out")
-            value = clean[name].clone()
-            if isinstance(sender, AttentionHead) and sender.layer == layer:
-                where = mask.unsqueeze(-1)
-                value[:, :, sender.head] = torch.where(
-                    where, corrupted[name][:, :, sender.head], value[:, :, sender.head]
-                )
-            hooks.append((name, _setter(value)))
-            if has_mlps:
-                mlp_name = hook_name(layer, "mlp")
-                if isinstance(sender, MLP) and sender.layer == layer:
-                    mlp_value = torch.where(
-                        mask.unsqueeze(-1), corrupted[mlp_name], clean[mlp_name]
-                    )
-                    hooks.append((mlp_name, _setter(mlp_value)))
-                elif freeze:
-                    hooks.append((mlp_name, _setter(clean[mlp_name])))
-        record_names = [hook_name(h.layer, c) for h in recv for c in inputs] or [final_name]
-        store: dict[str, Tensor] = {}
-        hooks += [(name, _recorder(store, name)) for name in record_names]
-        with torch.no_grad():
-            model.run_with_hooks(prep.clean, fwd_hooks=hooks)
-            if not recv:
-                patch_hooks: list[Any] = [(final_name, _setter(store[final_name]))]
-            elif group > 1 and {"k", "v"} & set(inputs):
-                patch_hooks = _grouped_receivers(model, prep.clean, store, recv, inputs, group)
-            else:
-                # Only the receivers' slices are replaced; other heads of their layers run
-                # on, and see what earlier receivers changed.
-                patch_hooks = [
-                    (hook_name(h.layer, c), _head_setter(store[hook_name(h.layer, c)], h.head))
-                    for h in recv
-                    for c in inputs
-                ]
-            out = model.run_with_hooks(prep.clean, fwd_hooks=patch_hooks)
-        values = prep.score(out[every, prep.answer_pos].float(), every)
-        effects[sender] = float((values - base).mean())
+        total = 0.0
+        for part in parts:
+            values = _hook_rows(
+                prep, clean, corrupted, sender, part, recv, inputs, freeze, mask, group
+            )
+            total += float((values - base[part]).sum())
+        effects[sender] = total / prep.n
     return effects
+
+
+def _hook_rows(
+    prep: Prepared,
+    clean: Any,
+    corrupted: Any,
+    sender: Node,
+    part: Tensor,
+    recv: list[AttentionHead],
+    inputs: tuple[str, ...],
+    freeze: bool,
+    mask: Tensor,
+    group: int,
+) -> Tensor:
+    """The metric of prompts ``part`` with ``sender`` path-patched, through hooks."""
+    model = prep.model
+    n_layers = int(model.cfg.n_layers)
+    has_mlps = not getattr(model.cfg, "attn_only", False)
+    final_name = f"blocks.{n_layers - 1}.hook_resid_post"
+    tokens, where = prep.clean[part], mask[part].unsqueeze(-1)
+    hooks: list[Any] = []
+    for layer in range(n_layers):
+        name = hook_name(layer, "out")
+        value = clean[name][part].clone()
+        if isinstance(sender, AttentionHead) and sender.layer == layer:
+            value[:, :, sender.head] = torch.where(
+                where, corrupted[name][part][:, :, sender.head], value[:, :, sender.head]
+            )
+        hooks.append((name, _setter(value)))
+        if has_mlps:
+            mlp_name = hook_name(layer, "mlp")
+            if isinstance(sender, MLP) and sender.layer == layer:
+                mlp_value = torch.where(where, corrupted[mlp_name][part], clean[mlp_name][part])
+                hooks.append((mlp_name, _setter(mlp_value)))
+            elif freeze:
+                hooks.append((mlp_name, _setter(clean[mlp_name][part])))
+    record_names = [hook_name(h.layer, c) for h in recv for c in inputs] or [final_name]
+    store: dict[str, Tensor] = {}
+    hooks += [(name, _recorder(store, name)) for name in record_names]
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=hooks)
+        if not recv:
+            patch_hooks: list[Any] = [(final_name, _setter(store[final_name]))]
+        elif group > 1 and {"k", "v"} & set(inputs):
+            patch_hooks = _grouped_receivers(model, tokens, store, recv, inputs, group)
+        else:
+            # Only the receivers' slices are replaced; other heads of their layers run
+            # on, and see what earlier receivers changed.
+            patch_hooks = [
+                (hook_name(h.layer, c), _head_setter(store[hook_name(h.layer, c)], h.head))
+                for h in recv
+                for c in inputs
+            ]
+        out = model.run_with_hooks(tokens, fwd_hooks=patch_hooks)
+    rows = torch.arange(len(part), device=part.device)
+    return prep.score(out[rows, prep.answer_pos[part]].float(), part)
 
 
 def _grouped_receivers(

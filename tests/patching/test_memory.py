@@ -1,0 +1,273 @@
+"""One memory budget: its parsing, the environment variable, and that chunking never
+changes a result.
+
+Every engine runs twice on the same task: under a budget of one byte (one item per chunk,
+the finest chunking there is) and under a terabyte (everything in one chunk). Scores and
+faithfulness must agree to float rounding; the batched matmuls of different chunk sizes
+may round differently in the last bit, nothing more. The models: the native GPT-2-like
+test model, a grouped-query family (llama_gqa) and a post-norm family (gemma2).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+
+import reuse_lens as rl
+from reuse_lens._memory import (
+    DEFAULT_CPU_BUDGET,
+    ENV_VAR,
+    Shapes,
+    chunk_items,
+    parse_budget,
+    resolve_budget,
+)
+from reuse_lens.circuits.measure import CircuitEvaluator
+from reuse_lens.nodes import edges_of, shape_of
+from reuse_lens.patching.ablation import AblationRunner, NodeMask
+from reuse_lens.patching.edges import EdgeScores
+from reuse_lens.patching.graph import GraphIndex
+from reuse_lens.patching.scores import NodeScores
+from tests.archs import save_arch
+from tests.patching.helpers import random_task
+
+TINY, HUGE = 1, "1TiB"
+ATOL = 1e-5
+
+
+# ---- parsing ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1, 1),
+        (2**31, 2**31),
+        ("2GiB", 2 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("512 mib", 512 * 2**20),
+        ("1.5GB", 1_500_000_000),
+        ("100KB", 100_000),
+        ("3kib", 3072),
+        ("1TiB", 2**40),
+        ("4096", 4096),
+        ("7B", 7),
+        (" 2 GiB ", 2 * 2**30),
+    ],
+)
+def test_parse_budget_reads_bytes_and_sizes(value: Any, expected: int) -> None:
+    assert parse_budget(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -5, "0", "0.1B", "", "GiB", "2 gigs", "2G", "1e9", True, 2.5])
+def test_parse_budget_refuses_naming_value_and_forms(value: Any) -> None:
+    with pytest.raises(ValueError, match="memory_budget") as error:
+        parse_budget(value)
+    assert repr(value) in str(error.value)
+    assert "'2GiB'" in str(error.value) and "bytes" in str(error.value)
+
+
+def test_environment_variable_sets_the_budget_and_the_argument_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert resolve_budget(None, "cpu") == DEFAULT_CPU_BUDGET
+    monkeypatch.setenv(ENV_VAR, "256MiB")
+    assert resolve_budget(None, "cpu") == 256 * 2**20
+    assert resolve_budget("1GiB", "cpu") == 2**30
+    assert resolve_budget(12345, "cpu") == 12345
+    monkeypatch.setenv(ENV_VAR, "lots")
+    with pytest.raises(ValueError, match=f"{ENV_VAR}='lots'"):
+        resolve_budget(None, "cpu")
+    assert resolve_budget("1GiB", "cpu") == 2**30  # the argument is read first
+
+
+def test_bad_budget_is_refused_by_every_entry_point(native_model: Any) -> None:
+    task = random_task(native_model, n=4, width=6)
+    circuit = rl.Circuit.from_nodes(["a0.h0", "m1"], shape_of(native_model))
+    calls = [
+        lambda: rl.activation_patching(native_model, task, memory_budget="x"),
+        lambda: rl.path_patching(native_model, task, memory_budget="x"),
+        lambda: rl.attribution_patching(native_model, task, memory_budget="x"),
+        lambda: rl.faithfulness(native_model, task, circuit, memory_budget="x"),
+        lambda: rl.random_baseline(native_model, task, circuit, memory_budget="x"),
+        lambda: rl.discover_circuit(native_model, task, top_k=2, memory_budget="x"),
+        lambda: CircuitEvaluator(native_model, task, memory_budget="x"),
+        lambda: AblationRunner(native_model, task, memory_budget="x"),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="memory_budget='x'"):
+            call()
+
+
+def test_env_budget_reaches_the_engines(
+    native_model: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    task = random_task(native_model, n=4, width=6)
+    monkeypatch.setenv(ENV_VAR, "1")
+    with caplog.at_level(logging.WARNING, logger="reuse_lens._memory"):
+        rl.activation_patching(native_model, task, nodes=["a0.h0"])
+    assert "below what one row of a forward pass needs" in caplog.text
+
+
+def test_chunk_items_counts_what_fits() -> None:
+    assert chunk_items(1000, 100) == 10
+    assert chunk_items(1000, 100, fixed=500) == 5
+    assert chunk_items(10, 100) == 1  # one item at least, with a warning
+    assert chunk_items(1000, 100, fixed=5000) == 1
+
+
+def test_estimates_grow_with_the_shapes() -> None:
+    small = Shapes(
+        n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, width=16
+    )
+    assert small.n_senders == 157 and small.n_receivers == 12 * 37 + 1
+    wider = Shapes(**{**small.__dict__, "width": 32})
+    for estimate in ("forward_row", "run_cache", "backward_prompt", "edge_backward_prompt"):
+        assert getattr(wider, estimate)() > getattr(small, estimate)() > 0
+    assert small.edge_backward_prompt(qk_norm=True) > small.edge_backward_prompt()
+
+
+# ---- chunking changes nothing -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory, word_tokenizer: Any) -> Any:
+    root = tmp_path_factory.mktemp("memory_archs")
+    models: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in models:
+            models[name] = rl.load_model(save_arch(name, root / name, word_tokenizer))
+        return models[name]
+
+    return get
+
+
+def _model(name: str, native_model: Any, family: Any) -> Any:
+    return native_model if name == "native" else family(name)
+
+
+def _same(a: NodeScores | EdgeScores, b: NodeScores | EdgeScores) -> None:
+    if isinstance(a, EdgeScores):
+        assert isinstance(b, EdgeScores)
+        torch.testing.assert_close(a.scores, b.scores, atol=ATOL, rtol=0)
+        return
+    assert isinstance(b, NodeScores)
+    torch.testing.assert_close(a.heads, b.heads, atol=ATOL, rtol=0, equal_nan=True)
+    if a.mlps is not None:
+        torch.testing.assert_close(a.mlps, b.mlps, atol=ATOL, rtol=0, equal_nan=True)
+    if a.heads_by_pos is not None:
+        torch.testing.assert_close(
+            a.heads_by_pos, b.heads_by_pos, atol=ATOL, rtol=0, equal_nan=True
+        )
+
+
+MODELS = ["native", "llama_gqa", "gemma2"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("engine", ["functional", "hooks"])
+def test_activation_patching_is_the_same_under_any_budget(
+    name: str, engine: str, native_model: Any, family: Any
+) -> None:
+    model = _model(name, native_model, family)
+    task = random_task(model, n=5, width=6)
+    kw: dict[str, Any] = dict(per_position=engine == "functional", engine=engine)
+    _same(
+        rl.activation_patching(model, task, memory_budget=TINY, **kw),
+        rl.activation_patching(model, task, memory_budget=HUGE, **kw),
+    )
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("engine", ["functional", "hooks"])
+def test_path_patching_is_the_same_under_any_budget(
+    name: str, engine: str, native_model: Any, family: Any
+) -> None:
+    model = _model(name, native_model, family)
+    task = random_task(model, n=5, width=6)
+    for receivers in ("logits", ["a1.h1"]):
+        kw: dict[str, Any] = dict(receivers=receivers, engine=engine)
+        _same(
+            rl.path_patching(model, task, memory_budget=TINY, **kw),
+            rl.path_patching(model, task, memory_budget=HUGE, **kw),
+        )
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_attribution_is_the_same_under_any_budget(
+    name: str, native_model: Any, family: Any
+) -> None:
+    model = _model(name, native_model, family)
+    task = random_task(model, n=5, width=6)
+    _same(
+        rl.attribution_patching(model, task, memory_budget=TINY),
+        rl.attribution_patching(model, task, memory_budget=HUGE),
+    )
+    edge: dict[str, Any] = dict(method="eap-ig", level="edge", steps=3)
+    _same(
+        rl.attribution_patching(model, task, memory_budget=TINY, **edge),
+        rl.attribution_patching(model, task, memory_budget=HUGE, **edge),
+    )
+    if name == "native":  # edges through hooks too
+        _same(
+            rl.attribution_patching(model, task, memory_budget=TINY, engine="hooks", **edge),
+            rl.attribution_patching(model, task, memory_budget=HUGE, engine="hooks", **edge),
+        )
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("engine", ["functional", "hooks"])
+def test_ablation_is_the_same_under_any_budget(
+    name: str, engine: str, native_model: Any, family: Any
+) -> None:
+    model = _model(name, native_model, family)
+    task = random_task(model, n=5, width=6)
+    shape = shape_of(model)
+    g = torch.Generator().manual_seed(0)
+    masks = [
+        NodeMask(
+            torch.rand(shape.n_layers, shape.n_heads, generator=g) > 0.5,
+            torch.rand(shape.n_layers, generator=g) > 0.5 if shape.has_mlps else None,
+        )
+        for _ in range(3)
+    ]
+    index = GraphIndex(shape)
+    keep = torch.rand(index.n_senders, index.n_receivers, generator=g) > 0.5
+    runs = [
+        AblationRunner(model, task, ablation="mean", engine=engine, memory_budget=budget)  # type: ignore[arg-type]
+        for budget in (TINY, HUGE)
+    ]
+    torch.testing.assert_close(runs[0].nodes(masks), runs[1].nodes(masks), atol=1e-6, rtol=0)
+    if engine == "functional":  # edge circuits through hooks: tests/circuits/test_hook_edges.py
+        assert abs(runs[0].edges(keep) - runs[1].edges(keep)) < 1e-6
+
+
+def test_faithfulness_entry_points_are_the_same_under_any_budget(native_model: Any) -> None:
+    task = random_task(native_model, n=6, width=6)
+    shape = shape_of(native_model)
+    nodes = rl.Circuit.from_nodes(["a0.h0", "a1.h2", "m0"], shape)
+    graph = edges_of(shape)
+    edges = rl.Circuit.from_edges([(e.sender.name, e.receiver_name) for e in graph[::3]], shape)
+    for circuit in (nodes, edges):
+        a = rl.faithfulness(native_model, task, circuit, memory_budget=TINY)
+        b = rl.faithfulness(native_model, task, circuit, memory_budget=HUGE)
+        assert abs(a - b) < 1e-5
+    scores = rl.activation_patching(native_model, task)
+    curves = [
+        rl.faithfulness_curve(native_model, task, scores, fractions=(0.2, 0.5), memory_budget=b)
+        for b in (TINY, HUGE)
+    ]
+    assert curves[0].faithfulness == pytest.approx(curves[1].faithfulness, abs=1e-5)
+    baselines = [
+        rl.random_baseline(native_model, task, nodes, n=3, memory_budget=b) for b in (TINY, HUGE)
+    ]
+    assert baselines[0].values == pytest.approx(baselines[1].values, abs=1e-5)
+    found = [
+        rl.discover_circuit(native_model, task, top_k=3, memory_budget=b) for b in (TINY, HUGE)
+    ]
+    assert found[0].nodes == found[1].nodes
