@@ -92,6 +92,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         n_boot=args.n_boot,
         n_random=args.n_random,
         edge_overlap=not args.no_edges,
+        memory_budget=args.memory_budget,
     )
     return _study(args, config, "demo", "reuse_lens demo: circuit reuse in the zoo")
 
@@ -116,6 +117,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         edge_overlap=not args.no_edges,
+        memory_budget=args.memory_budget,
     )
     return _study(args, config, "study", None)
 
@@ -320,6 +322,9 @@ def _study_arguments(parser: argparse.ArgumentParser) -> None:
     """What ``demo`` and ``study`` share besides their models and tasks."""
     parser.add_argument("--no-edges", action="store_true",
                         help="skip the EAP-IG edge circuits and their edge overlap")  # fmt: skip
+    parser.add_argument("--memory-budget", metavar="SIZE",
+                        help="what each unit's engines chunk their work under, e.g. 8GiB "
+                        "(default: REUSE_LENS_MEMORY_BUDGET, else 2GiB on CPU, half a GPU)")  # fmt: skip
     _executor_arguments(parser)
 
 

@@ -30,6 +30,7 @@ from reuse_lens.tasks.metrics import Accuracy, check_finite
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
+    from reuse_lens._memory import MemoryBudget
     from reuse_lens.nodes import Ablation, Node
     from reuse_lens.tasks.task import Task
 
@@ -254,12 +255,18 @@ def ablate_heads(
     ablation: Ablation = "mean",
     n_random: int = 20,
     seed: int = 0,
+    memory_budget: MemoryBudget = None,
 ) -> AblationResult:
-    """Ablate ``heads`` (outputs replaced as in ``faithfulness``), with a random-set control."""
+    """Ablate ``heads`` (outputs replaced as in ``faithfulness``), with a random-set control.
+
+    ``memory_budget`` bounds the ablation runs' chunks, as in ``rl.faithfulness``.
+    """
     chosen = _heads(model, heads)
-    runner = AblationRunner(model, task, ablation=ablation)
+    runner = AblationRunner(model, task, ablation=ablation, memory_budget=memory_budget)
     shape = runner.shape
-    accuracy = AblationRunner(model, task.with_metric("accuracy"), ablation=ablation)
+    accuracy = AblationRunner(
+        model, task.with_metric("accuracy"), ablation=ablation, memory_budget=memory_budget
+    )
 
     def mask_without(names: Sequence[AttentionHead]) -> NodeMask:
         mask = NodeMask.full(shape)

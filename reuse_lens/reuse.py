@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from transformer_lens.model_bridge import TransformerBridge
 
+    from reuse_lens._memory import MemoryBudget
     from reuse_lens.nodes import Ablation
     from reuse_lens.tasks.task import Task
 
@@ -153,11 +154,16 @@ def cross_task_faithfulness(
     tasks: Mapping[str, Task],
     *,
     ablation: Ablation = "mean",
+    memory_budget: MemoryBudget = None,
 ) -> pd.DataFrame:
-    """Faithfulness of every circuit (rows) on every task (columns), in one model."""
+    """Faithfulness of every circuit (rows) on every task (columns), in one model.
+
+    ``memory_budget`` bounds each evaluation's chunks, as in ``rl.faithfulness``.
+    """
     _check_maps(circuits, tasks)
     evaluators = {
-        name: CircuitEvaluator(model, task, ablation=ablation) for name, task in tasks.items()
+        name: CircuitEvaluator(model, task, ablation=ablation, memory_budget=memory_budget)
+        for name, task in tasks.items()
     }
     rows = {
         c_name: {t_name: ev(circuit, "node") for t_name, ev in evaluators.items()}
@@ -172,6 +178,7 @@ def cross_model_faithfulness(
     tasks: Mapping[str, Task],
     *,
     ablation: Ablation = "mean",
+    memory_budget: MemoryBudget = None,
 ) -> pd.DataFrame:
     """Faithfulness of each circuit (rows) inside each model (columns), on its task.
 
@@ -185,7 +192,9 @@ def cross_model_faithfulness(
     rows: dict[str, dict[str, float]] = {}
     for c_name, circuit in circuits.items():
         rows[c_name] = {
-            m_name: CircuitEvaluator(model, tasks[c_name], ablation=ablation)(circuit, "node")
+            m_name: CircuitEvaluator(
+                model, tasks[c_name], ablation=ablation, memory_budget=memory_budget
+            )(circuit, "node")
             for m_name, model in models.items()
         }
     return _frame(rows)
@@ -198,6 +207,7 @@ def cross_task_ablation(
     *,
     ablation: Ablation = "mean",
     kind: Literal["heads", "all"] = "heads",
+    memory_budget: MemoryBudget = None,
 ) -> pd.DataFrame:
     """Damage to each task (columns) when each circuit's heads (rows) are ablated.
 
@@ -212,7 +222,8 @@ def cross_task_ablation(
     if kind not in ("heads", "all"):
         raise ValueError(f"kind must be 'heads' or 'all', got {kind!r}")
     evaluators = {
-        name: CircuitEvaluator(model, task, ablation=ablation) for name, task in tasks.items()
+        name: CircuitEvaluator(model, task, ablation=ablation, memory_budget=memory_budget)
+        for name, task in tasks.items()
     }
     rows: dict[str, dict[str, float]] = {}
     for c_name, circuit in circuits.items():

@@ -141,12 +141,18 @@ def compare_circuits(run: StudyRun) -> StudyResult:
             within_model[f"ft-{t}"] = compare(pair)  # type: ignore[arg-type]
     base_tasks = {t: run.tasks[t] for t in base_circuits}
     ablation = config.ablation
-    cross_task = cross_task_faithfulness(base, base_circuits, base_tasks, ablation=ablation)
+    budget = config.memory_budget
+    cross_task = cross_task_faithfulness(
+        base, base_circuits, base_tasks, ablation=ablation, memory_budget=budget
+    )
     tuned = {t: base_circuits[t] for t in config.fine_tuned if t in base_circuits}
     cross_model = cross_model_faithfulness(
-        tuned, run.models, {t: run.tasks[t] for t in tuned}, ablation=ablation
+        tuned, run.models, {t: run.tasks[t] for t in tuned}, ablation=ablation,
+        memory_budget=budget,
+    )  # fmt: skip
+    cross_ablation = cross_task_ablation(
+        base, base_circuits, base_tasks, ablation=ablation, memory_budget=budget
     )
-    cross_ablation = cross_task_ablation(base, base_circuits, base_tasks, ablation=ablation)
     interventions = _interventions(config, base, run.tasks, task_overlap)
     interventions += _within_model_interventions(run, within_model)
     circuit_table = pd.DataFrame(run.rows)
@@ -195,7 +201,7 @@ def _interventions(
         for task_name in (a, b):
             result = ablate_heads(
                 model, tasks[task_name], shared, ablation=config.ablation,
-                n_random=config.n_random, seed=config.seed,
+                n_random=config.n_random, seed=config.seed, memory_budget=config.memory_budget,
             )  # fmt: skip
             out.append(
                 {

@@ -32,6 +32,9 @@ class StudyConfig:
             ``rl.load_model``'s default. On Ray, a ``cuda`` device gives each unit of
             work one GPU.
         dtype: the models' dtype (``"float32"``, ``"bfloat16"``); None is float32.
+        memory_budget: bytes or a size such as ``"8GiB"`` that every unit's engines
+            chunk their work under (``rl.faithfulness``'s ``memory_budget``); None reads
+            ``REUSE_LENS_MEMORY_BUDGET``, else the default. It changes no result.
         edge_overlap: also find an EAP-IG edge circuit for each base task and compare
             them edge by edge (``rl.compare_edges``): whether tasks that share a head
             read it through the same q/k/v inputs and from the same senders.
@@ -62,6 +65,7 @@ class StudyConfig:
     n_random: int = 20
     device: str | None = None
     dtype: str | None = None
+    memory_budget: int | str | None = None
     edge_overlap: bool = True
 
     def __post_init__(self) -> None:
@@ -87,6 +91,10 @@ class StudyConfig:
                 "n_boot must be 0 (no stability section) or at least 2: stability compares "
                 "the circuits of two or more resamples, got 1"
             )
+        if self.memory_budget is not None:
+            from reuse_lens._memory import parse_budget
+
+            parse_budget(self.memory_budget)  # a bad budget fails here, not in a worker
         if not isinstance(self.edge_overlap, bool):
             raise TypeError(f"edge_overlap must be True or False, got {self.edge_overlap!r}")
         for name in ("device", "dtype"):

@@ -196,11 +196,12 @@ class _Driver:
                 self.bar.update()
                 continue
             units.append(Discover(key, self.loads[model_label], self.task_specs[task_name],
-                                  method, config.ablation, level))  # fmt: skip
+                                  method, config.ablation, level,
+                                  config.memory_budget))  # fmt: skip
         for task_name, index in itertools.product(boot, range(config.n_boot)):
             units.append(Resample(f"stability/{task_name}/{index}", self.loads["base"],
                                   self.task_specs[task_name], config.methods[0],
-                                  config.ablation, index))  # fmt: skip
+                                  config.ablation, index, config.memory_budget))  # fmt: skip
         found: dict[str, Found] = {}
         for unit, result in self._run(units):
             assert isinstance(result, Found)
@@ -247,7 +248,8 @@ class _Driver:
         config = self.config
         units = [
             Measure(key, self.loads[key.split("/")[0]], self.task_specs[key.split("/")[1]],
-                    circuit.to_json(), config.ablation, config.n_random, config.seed)
+                    circuit.to_json(), config.ablation, config.n_random, config.seed,
+                    config.memory_budget)
             for key, circuit in circuits.items()
         ]  # fmt: skip
         measured: dict[str, Measured] = {}

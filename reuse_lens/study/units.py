@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
     from reuse_lens.circuits.measure import FaithfulnessCurve
+    from reuse_lens.nodes import Ablation
     from reuse_lens.tasks.task import Task
 
 __all__ = [
@@ -159,13 +160,15 @@ class Discover:
     model: Load
     task: TaskSpec
     method: str
-    ablation: str
+    ablation: Ablation
     level: str = "node"
+    memory_budget: int | str | None = None
 
     def run(self, models: Models) -> Found:
         return _discover(
-            self.key, models, self.model, self.task, self.method, self.ablation, level=self.level
-        )
+            self.key, models, self.model, self.task, self.method, self.ablation,
+            level=self.level, memory_budget=self.memory_budget,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -176,8 +179,9 @@ class Resample:
     model: Load
     task: TaskSpec
     method: str
-    ablation: str
+    ablation: Ablation
     index: int
+    memory_budget: int | str | None = None
 
     def run(self, models: Models) -> Found:
         from reuse_lens.reuse import bootstrap_sample
@@ -185,6 +189,7 @@ class Resample:
         return _discover(
             self.key, models, self.model, self.task, self.method, self.ablation,
             sample=lambda n: bootstrap_sample(n, self.task.seed, self.index),
+            memory_budget=self.memory_budget,
         )  # fmt: skip
 
 
@@ -199,9 +204,10 @@ class Measure:
     model: Load
     task: TaskSpec
     circuit: str
-    ablation: str
+    ablation: Ablation
     n_random: int
     seed: int
+    memory_budget: int | str | None = None
 
     def run(self, models: Models) -> Measured:
         from reuse_lens.circuits.circuit import Circuit
@@ -214,7 +220,12 @@ class Measure:
 
         model, task = models.model(self.model), models.task(self.task)
         circuit = Circuit.from_json(self.circuit)
-        evaluator = CircuitEvaluator(model, task, ablation=self.ablation)  # type: ignore[arg-type]
+        evaluator = CircuitEvaluator(
+            model,
+            task,
+            ablation=self.ablation,
+            memory_budget=self.memory_budget,
+        )
         curve = faithfulness_curve(model, task, scores_of(circuit), evaluator=evaluator)
         baseline = random_baseline(
             model, task, circuit, n=self.n_random, seed=self.seed, evaluator=evaluator
@@ -232,16 +243,20 @@ def _discover(
     load: Load,
     spec: TaskSpec,
     method: str,
-    ablation: str,
+    ablation: Ablation,
     *,
     sample: Any = None,
     level: str = "node",
+    memory_budget: int | str | None = None,
 ) -> Found:
     model, task = models.model(load), models.task(spec)
     if sample is not None:
         task = task.select(sample(len(task)))
     try:
-        circuit = discover_circuit(model, task, method=method, ablation=ablation, level=level)  # type: ignore[arg-type]
+        circuit = discover_circuit(
+            model, task, method=method, ablation=ablation, level=level,  # type: ignore[arg-type]
+            memory_budget=memory_budget,
+        )  # fmt: skip
     except MetricError as error:  # the model does not do this task: say so, go on
         return Found(key, None, str(error).split(":")[0], models.digest(load))
     return Found(key, circuit.to_json(), None, models.digest(load))
