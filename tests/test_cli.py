@@ -99,6 +99,7 @@ def test_demo_writes_a_report_and_reuses_finished_circuits(
     assert files == [
         "base__induction__activation.json", "base__induction__eap-ig.json",
         "base__ioi__activation.json", "base__ioi__eap-ig.json",
+        "edges__induction.json", "edges__ioi.json",
         "ft-ioi__ioi__activation.json", "ft-ioi__ioi__eap-ig.json",
     ]  # fmt: skip
     html = (tmp_path / "report.html").read_text()
@@ -107,8 +108,11 @@ def test_demo_writes_a_report_and_reuses_finished_circuits(
     assert "| base/ioi/activation |" in results and "## Interventions" in results
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {row["key"] for row in summary["circuits"]} == {
-        f.removesuffix(".json").replace("__", "/") for f in files
+        f.removesuffix(".json").replace("__", "/") for f in files if not f.startswith("edges")
     }
+    # Each base task's edge circuit, compared edge by edge.
+    assert summary["edge_overlap"]["names"] == ["ioi", "induction"]
+    assert rl.Circuit.from_json(tmp_path / "circuits" / "edges__ioi.json").level == "edge"
 
     calls: list[str] = []
     original = units.discover_circuit
@@ -121,7 +125,7 @@ def test_demo_writes_a_report_and_reuses_finished_circuits(
     (tmp_path / "circuits" / "base__ioi__eap-ig.json").unlink()  # as if stopped before it
     assert main(argv) == 0
     # Only the missing circuit is found again (besides the resamples for stability,
-    # 2 per base task, which are never saved).
+    # 2 per base task, which are never saved); the saved edge circuits are read back.
     assert calls.count("eap-ig") == 1 and calls.count("activation") == 4
 
 
@@ -149,7 +153,8 @@ def test_study_runs_any_model_without_ray(
     assert main(argv) == 0
     assert "zoo:attn-only" in capsys.readouterr().out
     files = sorted(p.name for p in (tmp_path / "circuits").iterdir())
-    assert files == ["base__induction__activation.json", "base__ioi__activation.json"]
+    assert files == ["base__induction__activation.json", "base__ioi__activation.json",
+                     "edges__induction.json", "edges__ioi.json"]  # fmt: skip
     assert rl.Circuit.from_json(tmp_path / "circuits" / files[0]).metadata["model"] == (
         "zoo:attn-only"
     )

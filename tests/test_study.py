@@ -28,9 +28,10 @@ def test_a_task_without_a_circuit_is_reported_not_hidden(monkeypatch: pytest.Mon
     )  # fmt: skip
     result = study.run_study(config, progress=False)
     assert set(result.circuits) == {"base/ioi/activation", "base/sva/activation"}
-    assert list(result.skipped) == ["base/induction/activation"]
-    assert result.findings[0].startswith("No circuit for base/induction/activation")
+    assert list(result.skipped) == ["base/induction/activation", "edges/induction"]
+    assert any(f.startswith("No circuit for base/induction/activation") for f in result.findings)
     assert result.task_overlap.names == ("ioi", "sva")
+    assert result.edge_overlap is not None and result.edge_overlap.names == ("ioi", "sva")
     assert list(result.cross_task.columns) == ["ioi", "sva"]
 
 
@@ -61,7 +62,7 @@ def test_saved_circuits_are_reused_only_for_the_same_weights(
     original = units.discover_circuit
 
     def counting(model: Any, task: rl.Task, **kwargs: Any) -> rl.Circuit:
-        calls.append(task.name)
+        calls.append(f"{task.name}/{kwargs['level']}")
         return original(model, task, **kwargs)
 
     monkeypatch.setattr(units, "discover_circuit", counting)
@@ -69,16 +70,17 @@ def test_saved_circuits_are_reused_only_for_the_same_weights(
         tasks=("sva", "greater_than"), fine_tuned={}, methods=("activation",), n_prompts=12,
         n_boot=0, n_random=2,
     )  # fmt: skip
+    found = ["sva/node", "greater_than/node", "sva/edge", "greater_than/edge"]
     first = study.run_study(config, out=tmp_path, progress=False)
     study.run_study(config, out=tmp_path, progress=False)
-    assert calls == ["sva", "greater_than"]  # the second run read the saved circuits
+    assert calls == found  # the second run read the saved circuits, nodes and edges
     digest = models.weights_digest(rl.load_model("zoo:base"))
     assert first.circuits["base/sva/activation"].metadata["weights"] == digest
 
     # The same spec now loads other weights (a retrained zoo): the circuit is found again.
     monkeypatch.setattr(models, "weights_digest", lambda model: "other weights")
     study.run_study(config, out=tmp_path, progress=False)
-    assert calls == ["sva", "greater_than"] * 2
+    assert calls == found * 2
 
 
 def test_weights_digest_tells_weights_apart() -> None:
@@ -140,7 +142,8 @@ def test_units_give_the_same_circuits_in_any_order(tmp_path: Any) -> None:
     forwards = study.run_study(config, out=tmp_path / "a", progress=False)
     backwards = study.run_study(config, out=tmp_path / "b", progress=False, executor=_Backwards())
     files = sorted(p.name for p in (tmp_path / "a" / "circuits").iterdir())
-    assert files == ["base__greater_than__activation.json", "base__sva__activation.json"]
+    assert files == ["base__greater_than__activation.json", "base__sva__activation.json",
+                     "edges__greater_than.json", "edges__sva.json"]  # fmt: skip
     for name in files:
         a, b = (tmp_path / side / "circuits" / name for side in ("a", "b"))
         assert a.read_bytes() == b.read_bytes()

@@ -59,7 +59,8 @@ def test_ray_writes_the_same_circuits_and_numbers_as_local(
         )
     files = sorted(p.name for p in (tmp_path / "local" / "circuits").iterdir())
     assert files == [
-        "base__ioi__activation.json", "base__sva__activation.json", "ft-ioi__ioi__activation.json"
+        "base__ioi__activation.json", "base__sva__activation.json", "edges__ioi.json",
+        "edges__sva.json", "ft-ioi__ioi__activation.json",
     ]  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "ray" / "circuits").iterdir()) == files
     for name in files:
