@@ -123,15 +123,16 @@ _SCAFFOLD = (
 )
 
 
-def _finetune(task: str, seed: int) -> ZooSpec:
-    # Mostly the one task, with a little of the full mixture against forgetting.
+def _finetune(task: str, seed: int, parent: str = "base") -> ZooSpec:
+    # Mostly the one task, with a little of the full mixture against forgetting. A
+    # fine-tune of base is "ft-<task>", of another parent "<parent>-ft-<task>".
     mix = {t: 0.3 for t in TASKS} | {FILLER: 0.05, task: 3.0}
     return ZooSpec(
-        name=f"ft-{task}",
+        name=f"ft-{task}" if parent == "base" else f"{parent}-ft-{task}",
         mix=mix,
         steps=300,
         seed=seed,
-        parent="base",
+        parent=parent,
         lr=1e-3,
         warmup=20,
         task=task,

@@ -65,13 +65,15 @@ def test_unknown_model_to_train() -> None:
         train(["nope"])
 
 
-def test_fine_tunes_start_from_base() -> None:
+def test_fine_tunes_start_from_their_parent() -> None:
     for name, spec in SPECS.items():
-        if name.startswith("ft-"):
-            assert spec.parent == "base"
-            task = name.removeprefix("ft-")
-            assert spec.task == task
-            assert spec.mix[task] == max(spec.mix.values())
+        if spec.parent is None:
+            continue
+        assert name in (f"ft-{spec.task}", f"{spec.parent}-ft-{spec.task}")
+        assert name.startswith("ft-") == (spec.parent == "base")
+        assert spec.task is not None and spec.mix[spec.task] == max(spec.mix.values())
+        # A parent is trained before its fine-tunes.
+        assert list(SPECS).index(spec.parent) < list(SPECS).index(name)
 
 
 def _tiny(steps: int) -> ZooSpec:

@@ -123,16 +123,18 @@ def test_the_manifest_records_the_scaffold() -> None:
 
 def test_fine_tunes_record_their_own_task() -> None:
     for name, entry in zoo.manifest()["models"].items():
-        if name.startswith("ft-"):
-            assert entry["task"] == name.removeprefix("ft-")
+        if entry["parent"] is not None:
+            # "ft-<task>" fine-tunes base, "<parent>-ft-<task>" another parent.
+            assert name.startswith("ft-") or name.startswith(f"{entry['parent']}-ft-")
+            assert entry["task"] == name.split("ft-", 1)[1]
             assert entry["task"] in entry["trained_on"]
         else:
             assert entry["task"] is None
 
 
 def test_fine_tunes_report_every_task() -> None:
-    for name, entry in zoo.manifest()["models"].items():
-        if name.startswith("ft-"):
+    for entry in zoo.manifest()["models"].values():
+        if entry["parent"] is not None:
             assert set(entry["eval"]["scores"]) == set(rl.tasks.names())
 
 
