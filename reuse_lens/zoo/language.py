@@ -23,7 +23,7 @@ from functools import cache
 from typing import Any
 
 from reuse_lens.tasks import generate, names, spec
-from reuse_lens.tasks.base import PromptPair
+from reuse_lens.tasks.base import MAX_PROMPTS, PromptPair
 from reuse_lens.tasks.words import (
     ADJECTIVES,
     COLORS,
@@ -104,6 +104,11 @@ def _pair_documents(task: str, pair: PromptPair, rng: random.Random) -> list[Doc
     return docs
 
 
+_CHUNK_SEED_STRIDE = 1_000_003
+"""Seed offset between the chunks of one task's pairs (a prime, so no chunk's seed meets
+another task option's)."""
+
+
 def task_documents(task: str, n: int, *, seed: int) -> list[Document]:
     """About ``n`` documents of built-in ``task`` from its ``train`` split, deterministically."""
     pool = WordPool(None, text=True)
@@ -117,9 +122,14 @@ def task_documents(task: str, n: int, *, seed: int) -> list[Document]:
     docs: list[Document] = []
     share = -(-n_pairs // len(options))
     for i, opts in enumerate(options):
-        pairs = generate(spec(task), pool, share, seed=seed * 101 + i, split="train", **opts)
-        for pair in pairs:
-            docs += _pair_documents(task, pair, rng)
+        # generate() refuses more than MAX_PROMPTS pairs (a user asking for that many has
+        # made a mistake); a long training run draws its pairs in chunks of that size, the
+        # first with the seed every shorter run uses, so their data stays as it was.
+        for j, start in enumerate(range(0, share, MAX_PROMPTS)):
+            size = min(MAX_PROMPTS, share - start)
+            chunk_seed = seed * 101 + i + _CHUNK_SEED_STRIDE * j
+            for pair in generate(spec(task), pool, size, seed=chunk_seed, split="train", **opts):
+                docs += _pair_documents(task, pair, rng)
     rng.shuffle(docs)
     return docs[:n]
 
