@@ -104,7 +104,6 @@ def compare_circuits(run: StudyRun) -> StudyResult:
     """Every comparison of the study's circuits, as the StudyResult the report renders."""
     import pandas as pd
 
-    from reuse_lens.answer import answer
     from reuse_lens.edge_overlap import compare_edges
     from reuse_lens.overlap import compare
     from reuse_lens.reuse import (
@@ -158,8 +157,9 @@ def compare_circuits(run: StudyRun) -> StudyResult:
     circuit_table = pd.DataFrame(run.rows)
     edges = {t: run.edge_circuits[t] for t in base_circuits if t in run.edge_circuits}
     edge_overlap = compare_edges(edges) if len(edges) >= 2 else None
-    findings = answer(task_overlap, edge_overlap)
-    findings += [f"No circuit for {key}: {why}." for key, why in run.skipped.items()]
+    # The answer on overlap (reuse_lens.answer) opens the report and results.md on its own;
+    # the findings are what follows it.
+    findings = [f"No circuit for {key}: {why}." for key, why in run.skipped.items()]
     findings += _findings(circuit_table, task_overlap, model_overlap, cross_model, interventions)
     findings += _within_findings(within_model)
     return StudyResult(
