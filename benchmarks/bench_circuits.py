@@ -26,7 +26,7 @@ from reuse_lens.patching.ablation import AblationRunner, NodeMask
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--circuits", type=int, default=20)
@@ -46,7 +46,7 @@ def main() -> None:
     ]
     meter = Meter(str(model.cfg.device))
     fast = AblationRunner(model, task, ablation="mean")
-    slow = AblationRunner(model, task, ablation="mean", functional=False)
+    slow = AblationRunner(model, task, ablation="mean", engine="hooks")
     ours, t_ours, p_ours = meter(lambda: fast.nodes(masks))
     theirs, t_theirs, p_theirs = meter(lambda: slow.nodes(masks))
     diff = float((ours - theirs).abs().max())

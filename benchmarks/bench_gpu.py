@@ -48,30 +48,8 @@ from reuse_lens.tasks.metrics import LogitDiff
 from reuse_lens.tasks.task import Task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_memory import measure  # the one way the benchmarks take peaks
-
-SHAPES: dict[str, dict[str, int]] = {
-    "gpt2-small": dict(n_layers=12, n_heads=12, d_model=768, d_head=64, d_mlp=3072),
-    "gpt2-medium": dict(n_layers=24, n_heads=16, d_model=1024, d_head=64, d_mlp=4096),
-    "tiny": dict(n_layers=2, n_heads=4, d_model=64, d_head=16, d_mlp=256),
-}
-
-
-def build(shape: str, device: str, n_prompts: int, width: int) -> tuple[Any, Task]:
-    cfg: dict[str, Any] = dict(SHAPES[shape])
-    vocab = 500 if shape == "tiny" else 50257
-    cfg.update(d_vocab=vocab, n_ctx=64, act_fn="gelu_new", seed=0, device=device)
-    model = rl.load_model(cfg)
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(1, vocab, (n_prompts, width), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 2] = (clean[:, 2] + 7) % (vocab - 1) + 1
-    corrupted[:, width // 2] = (clean[:, width // 2] + 11) % (vocab - 1) + 1
-    answers = torch.randint(1, vocab, (n_prompts, 2), generator=g)
-    task = Task.from_pairs(
-        model, clean.tolist(), corrupted.tolist(), answers[:, 0].tolist(), answers[:, 1].tolist()
-    )
-    return model, task
+# The one way the benchmarks take peaks, and the shapes and random tasks they share.
+from bench_memory import build, measure
 
 
 def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float, float]:

@@ -141,7 +141,7 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model, as a smoke test")
     parser.add_argument("--prompts", type=int, default=None, help="prompt pairs (default 32)")
     parser.add_argument(
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         senders = list(fast.nodes())
         gen = torch.Generator().manual_seed(4)
         subset = [senders[int(i)] for i in torch.randperm(len(senders), generator=gen)[:tl_rows]]
-        prep = prepare(model, task, None, functional=False)
+        prep = prepare(model, task, None, engine="hooks")
         recv = [rl.parse_node(r) for r in case.get("receivers", [])]
         mask = _position_mask(None, prep)
         ref, t_ref, m_ref = meter(

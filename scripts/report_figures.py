@@ -24,7 +24,7 @@ _ARGS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("report", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("names", nargs="+", help="data-figure names to save")
