@@ -25,6 +25,11 @@ from reuse_lens.tasks import generate, spec
 from reuse_lens.tasks.words import WordPool, all_words
 from reuse_lens.zoo.tokenizer import tokenizer_from_texts
 
+# One thread, as every Ray worker of the study tests has (Ray sets OMP_NUM_THREADS=1 per
+# CPU-task): CPU kernels round differently with the thread count, and the tests compare
+# executors byte for byte. It also keeps timings steady on shared cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
