@@ -35,6 +35,7 @@ __all__ = [
     "MemoryBudget",
     "Shapes",
     "chunk_items",
+    "edge_attribution_plan",
     "parse_budget",
     "resolve_budget",
 ]
@@ -128,6 +129,38 @@ def chunk_items(budget: int, per_item: int, fixed: int = 0, what: str = "item") 
     return max(1, room // max(1, per_item))
 
 
+def edge_attribution_plan(
+    budget: int,
+    shapes: Shapes,
+    *,
+    post_norm: bool = False,
+    qk_norm: bool = False,
+    batch_size: int | None = None,
+) -> tuple[int, int]:
+    """Prompts per chunk and receivers' layers per gradient pass of edge attribution.
+
+    Prompts are split first: the receivers of every layer in one pass, as many prompts as
+    the budget holds. Where one prompt alone does not fit (a large model, long prompts),
+    the receivers are split too: each pass probes as many layers' receivers as fit, which
+    costs a forward and backward pass per group of layers. ``batch_size`` fixes the
+    prompts; the layers are then chosen to fit them.
+    """
+
+    def per_prompt(layers: int) -> int:
+        return shapes.edge_backward_prompt(post_norm=post_norm, qk_norm=qk_norm, layers=layers)
+
+    if batch_size is None:
+        if per_prompt(shapes.n_layers) <= budget:
+            return budget // per_prompt(shapes.n_layers), shapes.n_layers
+        batch_size = 1
+    for layers in range(shapes.n_layers, 0, -1):
+        if batch_size * per_prompt(layers) <= budget:
+            return batch_size, layers
+    # Not even one layer's receivers fit: run them one layer at a time, with the warning.
+    chunk_items(budget, batch_size * per_prompt(1), what="layer of edge attribution's receivers")
+    return batch_size, 1
+
+
 def format_bytes(n: int | float) -> str:
     """``n`` bytes in the largest binary unit that keeps it at least 1 (``"1.5 GiB"``)."""
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -213,10 +246,13 @@ class Shapes:
         per_prompt = self.n_layers * self.width * per_token + self.width * self.d_vocab
         return F32 * per_prompt
 
-    def edge_backward_prompt(self, *, post_norm: bool = False, qk_norm: bool = False) -> int:
-        """One prompt of edge attribution on the functional forward (one gradient step).
+    def edge_backward_prompt(
+        self, *, post_norm: bool = False, qk_norm: bool = False, layers: int | None = None
+    ) -> int:
+        """One prompt of edge attribution on the functional forward (one gradient step),
+        probing the receivers of ``layers`` layers (all by default) in that pass.
 
-        Dominated by the per-receiver inputs: every layer's 3 x n_heads copies of the
+        Dominated by the per-receiver inputs: each probed layer's 3 x n_heads copies of the
         residual stream (``(pos, 3*head, d_model)``), as a probe, its gradient, the
         normed input autograd keeps and its temporaries, about 8 copies (12 with a q/k
         norm on the whole projection, OLMo-2, which normalises a (head, head*d_head) block
@@ -226,7 +262,8 @@ class Shapes:
         """
         receivers_per_layer = 3 * self.n_heads * self.d_model
         copies = 12 if qk_norm else 8
-        inputs = F32 * copies * self.n_layers * self.width * receivers_per_layer
+        probed = self.n_layers if layers is None else layers
+        inputs = F32 * copies * probed * self.width * receivers_per_layer
         deltas = (3 if post_norm else 2) * F32 * self.width * self.n_senders * self.d_model
         return inputs + deltas + self.backward_prompt()
 

@@ -93,6 +93,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         n_random=args.n_random,
         edge_overlap=not args.no_edges,
         memory_budget=args.memory_budget,
+        threads=args.threads,
     )
     return _study(args, config, "demo", "reuse_lens demo: circuit reuse in the zoo")
 
@@ -118,6 +119,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         edge_overlap=not args.no_edges,
         memory_budget=args.memory_budget,
+        threads=args.threads,
     )
     return _study(args, config, "study", None)
 
@@ -325,6 +327,10 @@ def _study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget", metavar="SIZE",
                         help="what each unit's engines chunk their work under, e.g. 8GiB "
                         "(default: REUSE_LENS_MEMORY_BUDGET, else 2GiB on CPU, half a GPU)")  # fmt: skip
+    parser.add_argument("--threads", type=_positive, metavar="N",
+                        help="torch CPU threads for every unit, here and on each Ray worker "
+                        "(default: this process's count); results are byte-identical "
+                        "across executors at one thread count")  # fmt: skip
     _executor_arguments(parser)
 
 

@@ -155,14 +155,77 @@ def test_units_give_the_same_circuits_in_any_order(tmp_path: Any) -> None:
 def test_the_local_executor_runs_units_in_order_and_names_each() -> None:
     from types import SimpleNamespace
 
-    from tqdm import tqdm
+    from reuse_lens._progress import progress_bar
 
     def unit(key: str) -> Any:
         # A unit's own progress bars are hidden under the study's one.
-        return SimpleNamespace(key=key, run=lambda models: (key, tqdm(range(3)).disable))
+        return SimpleNamespace(
+            key=key, run=lambda models: (key, progress_bar(range(3), desc=key).disable)
+        )
 
     shown: list[str] = []
     done = list(study.LocalExecutor().map([unit("a"), unit("b")], None, shown.append))  # type: ignore[arg-type]
     assert shown == ["a", "b"]
     assert [result for _, result in done] == [("a", True), ("b", True)]
-    assert tqdm(range(3), disable=False).disable is False  # restored after each unit
+    assert progress_bar(range(3), desc="x").disable is False  # shown again after each unit
+
+
+class _Recording:
+    """The local executor, recording the keys of the units it is given."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def map(self, work: Any, models: Any, show: Any) -> Any:
+        self.keys += [unit.key for unit in work]
+        yield from study.LocalExecutor().map(work, models, show)
+
+
+def test_a_stopped_study_keeps_its_resamples_and_measurements(tmp_path: Any) -> None:
+    import dataclasses
+
+    config = study.StudyConfig(
+        tasks=("sva", "greater_than"), fine_tuned={}, methods=("activation",), n_prompts=12,
+        n_boot=2, n_random=2, edge_overlap=False,
+    )  # fmt: skip
+    circuits = ["base/greater_than/activation", "base/sva/activation"]
+    first = _Recording()
+    a = study.run_study(config, out=tmp_path, progress=False, executor=first)
+    assert sorted(first.keys) == sorted([*circuits, *circuits, "stability/greater_than/0",
+        "stability/greater_than/1", "stability/sva/0", "stability/sva/1"])  # fmt: skip
+    again = _Recording()
+    b = study.run_study(config, out=tmp_path, progress=False, executor=again)
+    assert again.keys == []  # circuits, resamples and measurements all read back
+    assert a.stability.equals(b.stability) and a.circuit_table.equals(b.circuit_table)
+    assert a.curves == b.curves
+    # An unreadable result is run again, not trusted.
+    (tmp_path / "work" / "stability__sva__0.json").write_text("{not json")
+    broken = _Recording()
+    study.run_study(config, out=tmp_path, progress=False, executor=broken)
+    assert broken.keys == ["stability/sva/0"]
+    # Other settings are other work: more random circuits measure the circuit again.
+    more = _Recording()
+    study.run_study(dataclasses.replace(config, n_random=3), out=tmp_path, progress=False,
+                    executor=more)  # fmt: skip
+    assert sorted(more.keys) == circuits
+
+
+def test_study_threads_are_set_for_the_run_and_restored(tmp_path: Any) -> None:
+    seen: list[int] = []
+
+    class Watching:
+        def map(self, work: Any, models: Any, show: Any) -> Any:
+            seen.append(torch.get_num_threads())
+            yield from study.LocalExecutor().map(work, models, show)
+
+    before = torch.get_num_threads()
+    config = study.StudyConfig(
+        tasks=("sva", "greater_than"), fine_tuned={}, methods=("activation",), n_prompts=12,
+        n_boot=0, n_random=2, edge_overlap=False, threads=2,
+    )  # fmt: skip
+    result = study.run_study(config, progress=False, executor=Watching())
+    assert seen and set(seen) == {2}
+    assert torch.get_num_threads() == before
+    assert result.config.threads == 2
+    with pytest.raises(ValueError, match="threads"):
+        study.StudyConfig(threads=0)

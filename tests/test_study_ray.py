@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -70,6 +71,51 @@ def test_ray_writes_the_same_circuits_and_numbers_as_local(
         results["ray"], tmp_path / "r.json"
     )
     assert ray.is_initialized()  # a cluster the caller started is left running
+
+    # Stopped after a few units (Ctrl-C), then run again: the same bytes, and the second
+    # run does only what the first did not finish.
+    stopped = _StopsAfter(3)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(config, out=tmp_path / "stopped", executor=stopped, progress=False)
+    kept = [p for folder in ("circuits", "work") for p in (tmp_path / "stopped" / folder).glob("*")]
+    assert len(kept) == 3  # each finished unit: a circuit or a resample
+    resumed = _Counting()
+    again = study.run_study(config, out=tmp_path / "stopped", executor=resumed, progress=False)
+    n_measures = 3  # one per node circuit
+    assert resumed.count == stopped.sent - 3 + n_measures
+    for name in files:
+        local, remote = (tmp_path / side / "circuits" / name for side in ("local", "stopped"))
+        assert local.read_bytes() == remote.read_bytes(), name
+    assert _summary(again, tmp_path / "s.json") == _summary(results["local"], tmp_path / "l.json")
+
+
+class _Counting(study.RayExecutor):
+    """The Ray executor, counting the units it is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def map(self, units: Any, models: Any, show: Any) -> Iterator[Any]:
+        self.count += len(units)
+        yield from super().map(units, models, show)
+
+
+class _StopsAfter(study.RayExecutor):
+    """The Ray executor, interrupted (as by Ctrl-C) once ``n`` results are in."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.done, self.sent = n, 0, 0
+
+    def map(self, units: Any, models: Any, show: Any) -> Iterator[Any]:
+        self.sent += len(units)
+        with contextlib.closing(super().map(units, models, show)) as results:
+            for item in results:
+                if self.done == self.n:
+                    raise KeyboardInterrupt
+                self.done += 1
+                yield item
 
 
 def test_ray_executor_connects_to_the_address_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from reuse_lens.arch.spec import ArchSpec
-from reuse_lens.patching._forward import Layer, Norm, Rope, Unsupported, Weights
+from reuse_lens.patching._forward import Layer, Norm, Rope, Unsupported, Weights, fused_qkv
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -40,9 +40,10 @@ def _linear(component: Any, label: str) -> tuple[Tensor, Tensor | None]:
     weight = getattr(module, "weight", None)
     if weight is None:
         raise Unsupported(f"{label} is a {type(module).__name__} without a weight")
+    # A view, not a copy: the functional forward shares the model's parameters.
     w = weight if type(module).__name__ == "Conv1D" else weight.T
     bias = getattr(module, "bias", None)
-    return w.detach().contiguous(), None if bias is None else bias.detach()
+    return w.detach(), None if bias is None else bias.detach()
 
 
 def _expand(w: Tensor, n_kv: int, n_heads: int) -> Tensor:
@@ -247,12 +248,7 @@ class HFAdapter:
         post = spec.post_norms
         return Layer(
             ln1=ln1,
-            w_q=w_q,
-            b_q=b_q,
-            w_k=w_k,
-            b_k=b_k,
-            w_v=w_v,
-            b_v=b_v,
+            **fused_qkv(w_q, b_q, w_k, b_k, w_v, b_v),
             w_o=w_o,
             b_o=b_o,
             ln2=ln2,
@@ -260,8 +256,6 @@ class HFAdapter:
             b_in=b_in,
             w_out=w_out,
             b_out=b_out,
-            w_qkv=torch.cat([w_q, w_k, w_v], 1),
-            b_qkv=torch.cat([b_q, b_k, b_v]),
             w_gate=w_gate,
             b_gate=b_gate,
             q_norm=q_norm,

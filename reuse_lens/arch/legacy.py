@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reuse_lens.arch.spec import ArchSpec
-from reuse_lens.patching._forward import Layer, Norm, Unsupported, Weights
+from reuse_lens.patching._forward import Layer, Norm, Unsupported, Weights, fused_qkv
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -61,6 +61,42 @@ _UNSUPPORTED_FLAGS = (
 )
 
 
+def _layer(model: TransformerBridge, i: int, n_heads: int, attn_only: bool) -> Layer:
+    """Block ``i``'s weights, read from the block itself: its ``W_Q``... are views of the
+    model's parameters, where the model-level ``model.W_Q`` stacks a copy of every layer."""
+    block = model.blocks[i]
+    attn = block.attn
+    W_Q, W_K, W_V, W_O = (w.detach() for w in (attn.W_Q, attn.W_K, attn.W_V, attn.W_O))
+    if W_Q.shape[0] != n_heads or W_K.shape != W_Q.shape:
+        raise Unsupported(f"unexpected W_Q/W_K shapes {tuple(W_Q.shape)} in block {i}")
+    d_model = W_Q.shape[1]
+
+    def flat(w: Tensor) -> Tensor:  # (head, d_model, d_head) -> (d_model, head*d_head), a view
+        return w.permute(1, 0, 2).reshape(d_model, -1)
+
+    def bias(b: Tensor | None) -> Tensor:  # a missing bias (GPT-Neo's q/k/v) is a zero one
+        return W_Q.new_zeros(W_Q.shape[0] * W_Q.shape[2]) if b is None else b.reshape(-1)
+
+    def detached(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach()
+
+    b_O = detached(attn.b_O)
+    mlp = None if attn_only else block.mlp
+    return Layer(
+        ln1=_get_norm(getattr(block, "ln1", None), f"blocks.{i}.ln1"),
+        **fused_qkv(
+            flat(W_Q), bias(attn.b_Q), flat(W_K), bias(attn.b_K), flat(W_V), bias(attn.b_V)
+        ),
+        w_o=W_O.reshape(-1, W_O.shape[-1]),
+        b_o=W_O.new_zeros(W_O.shape[-1]) if b_O is None else b_O,
+        ln2=None if attn_only else _get_norm(getattr(block, "ln2", None), f"blocks.{i}.ln2"),
+        w_in=None if mlp is None else detached(mlp.W_in),
+        b_in=None if mlp is None else detached(mlp.b_in),
+        w_out=None if mlp is None else detached(mlp.W_out),
+        b_out=None if mlp is None else detached(mlp.b_out),
+    )
+
+
 def extract_tl(model: TransformerBridge) -> Weights:
     """Read a GPT-2-style bridge's weights into a ``Weights``, or raise ``Unsupported``."""
     cfg = model.cfg
@@ -88,48 +124,8 @@ def extract_tl(model: TransformerBridge) -> Weights:
     try:
         with torch.no_grad():
             n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
-            W_Q, W_K, W_V, W_O = model.W_Q, model.W_K, model.W_V, model.W_O
-            d_head = int(W_Q.shape[-1])
-            # A missing bias (GPT-Neo has no q/k/v biases) is a zero one.
-            b_Q, b_K, b_V = (
-                W.new_zeros(W.shape[0], W.shape[1], W.shape[3]) if b is None else b
-                for W, b in ((W_Q, model.b_Q), (W_K, model.b_K), (W_V, model.b_V))
-            )
-            b_O = model.b_O if model.b_O is not None else W_O.new_zeros(n_layers, W_O.shape[-1])
-            if tuple(W_Q.shape[:2]) != (n_layers, n_heads) or W_K.shape != W_Q.shape:
-                raise Unsupported(f"unexpected W_Q/W_K shapes {tuple(W_Q.shape)}")
-            mlp = None if attn_only else (model.W_in, model.b_in, model.W_out, model.b_out)
-            layers = []
-            for i in range(n_layers):
-                block = model.blocks[i]
-
-                def flat(w: Tensor) -> Tensor:  # (head, d_model, d_head) -> (d_model, head*d_head)
-                    return w.permute(1, 0, 2).reshape(w.shape[1], -1).contiguous()
-
-                layers.append(
-                    Layer(
-                        ln1=_get_norm(getattr(block, "ln1", None), f"blocks.{i}.ln1"),
-                        w_q=flat(W_Q[i]),
-                        b_q=b_Q[i].reshape(-1),
-                        w_k=flat(W_K[i]),
-                        b_k=b_K[i].reshape(-1),
-                        w_v=flat(W_V[i]),
-                        b_v=b_V[i].reshape(-1),
-                        w_o=W_O[i].reshape(-1, W_O.shape[-1]).contiguous(),
-                        b_o=b_O[i],
-                        ln2=None
-                        if attn_only
-                        else _get_norm(getattr(block, "ln2", None), f"blocks.{i}.ln2"),
-                        w_in=None if mlp is None else mlp[0][i],
-                        b_in=None if mlp is None else mlp[1][i],
-                        w_out=None if mlp is None else mlp[2][i],
-                        b_out=None if mlp is None else mlp[3][i],
-                        w_qkv=torch.cat([flat(W_Q[i]), flat(W_K[i]), flat(W_V[i])], 1),
-                        b_qkv=torch.cat(
-                            [b_Q[i].reshape(-1), b_K[i].reshape(-1), b_V[i].reshape(-1)]
-                        ),
-                    )
-                )
+            layers = [_layer(model, i, n_heads, attn_only) for i in range(n_layers)]
+            d_head = int(model.blocks[0].attn.W_Q.shape[-1])
             b_u = getattr(model, "b_U", None)
             if cfg.use_attn_scale and float(cfg.attn_scale) > 0:
                 scale = float(cfg.attn_scale)

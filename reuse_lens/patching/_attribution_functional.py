@@ -17,15 +17,15 @@ between the clean (α = 0) and corrupted embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm import tqdm
 
+from reuse_lens._progress import progress_bar
 from reuse_lens.nodes import LOGITS, MLP, ModelShape
 from reuse_lens.patching._common import Engine, prepare
 from reuse_lens.patching._edge_forward import Receivers, run_edges
@@ -51,30 +51,50 @@ class FunctionalEdges:
 
 
 class _Probes(Receivers):
-    """Receivers that read the residual stream plus a zero probe that gradients flow into."""
+    """Receivers that read the residual stream plus a zero probe that gradients flow into.
 
-    def __init__(self, w: Weights, like: Tensor) -> None:
+    Only the receivers of ``layers`` (and the logits, when the last layer is among them)
+    get a probe; the others read the stream itself, as in the plain forward pass. One
+    pass then holds a copy of the stream per receiver for those layers alone, which is
+    how a prompt too large for the memory budget is split over its receivers.
+    """
+
+    def __init__(self, w: Weights, like: Tensor, layers: range) -> None:
         b, p, d = like.shape
         zeros = {"device": like.device, "dtype": like.dtype, "requires_grad": True}
-        self.heads_in = [torch.zeros(b, p, 3 * w.n_heads, d, **zeros) for _ in w.layers]
-        self.mlp_in = [torch.zeros(b, p, d, **zeros) for _ in w.layers] if w.has_mlps else []
-        self.final_in = torch.zeros(b, p, d, **zeros)
+        self.heads_in = {layer: torch.zeros(b, p, 3 * w.n_heads, d, **zeros) for layer in layers}
+        self.mlp_in = {layer: torch.zeros(b, p, d, **zeros) for layer in layers if w.has_mlps}
+        last = w.n_layers - 1 in layers
+        self.final_in = torch.zeros(b, p, d, **zeros) if last else None
         self.raw: dict[int, Tensor] = {}
 
     def head_outputs(self, layer: int, out: Tensor, raw: Tensor) -> None:
         self.raw[layer] = raw.detach()
 
     def leaves(self) -> list[Tensor]:
-        return [*self.heads_in, *self.mlp_in, self.final_in]
+        final = [] if self.final_in is None else [self.final_in]
+        return [*self.heads_in.values(), *self.mlp_in.values(), *final]
 
-    def heads(self, layer: int, resid: Tensor, n_heads: int) -> Tensor:
-        return resid.unsqueeze(2) + self.heads_in[layer]
+    def split(
+        self, grads: Sequence[Tensor]
+    ) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor | None]:
+        """``grads`` (in ``leaves`` order) as the heads', the MLPs' and the logits' probes'."""
+        n_heads, n_mlps = len(self.heads_in), len(self.mlp_in)
+        heads = dict(zip(self.heads_in, grads[:n_heads], strict=True))
+        mlps = dict(zip(self.mlp_in, grads[n_heads : n_heads + n_mlps], strict=True))
+        final = grads[-1] if self.final_in is not None else None
+        return heads, mlps, final
+
+    def heads(self, layer: int, resid: Tensor, n_heads: int) -> Tensor | None:
+        probe = self.heads_in.get(layer)
+        return None if probe is None else resid.unsqueeze(2) + probe
 
     def mlp(self, layer: int, resid: Tensor) -> Tensor:
-        return resid + self.mlp_in[layer]
+        probe = self.mlp_in.get(layer)
+        return resid if probe is None else resid + probe
 
     def final(self, resid: Tensor) -> Tensor:
-        return resid + self.final_in
+        return resid if self.final_in is None else resid + self.final_in
 
 
 def _jvp(f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) -> Tensor:
@@ -136,11 +156,14 @@ def edge_chunk(
     inputs: MetricInputs,
     *,
     n_steps: int,
+    layers_per_pass: int | None = None,
 ) -> FunctionalEdges:
     """Edge scores of one chunk of prompts, summed over them (``attribution.py`` divides).
 
     ``inputs`` carry the answers; their ``clean_logits`` are filled in here from the
-    functional clean run.
+    functional clean run. ``layers_per_pass`` splits the receivers: each gradient pass
+    probes the receivers of that many layers (all of them by default), and the layers
+    before its first run without autograd.
     """
     rows = torch.arange(clean.shape[0], device=clean.device)
     with torch.no_grad():
@@ -151,20 +174,24 @@ def edge_chunk(
     inputs = MetricInputs(inputs.answers, inputs.wrong, clean_logits)
     start, end = clean_run.resid_pre[0], corrupted_run.resid_pre[0]
     matrix = torch.zeros(index.n_senders, index.n_receivers, device=clean.device)
+    step_layers = layers_per_pass or w.n_layers
+    groups = [range(i, min(i + step_layers, w.n_layers)) for i in range(0, w.n_layers, step_layers)]
     for step in range(n_steps):
         alpha = step / n_steps
-        probes = _Probes(w, start)
-        with torch.enable_grad():
-            embedded = start + alpha * (end - start)
-            logits = run_edges(w, embedded, answer_pos, probes).float()
-            values = check_finite(metric(logits, inputs), metric)
-            if not values.requires_grad:
-                raise MetricError(
-                    f"metric {getattr(metric, 'name', metric)!r} has no gradient: attribution "
-                    "patching needs a differentiable metric such as logit_diff"
-                )
-            grads = torch.autograd.grad(values.sum(), probes.leaves())
-        _accumulate(w, index, _through_post_norms(w, index, deltas, probes.raw), grads, matrix)
+        for layers in groups:
+            probes = _Probes(w, start, layers)
+            with torch.enable_grad():
+                embedded = start + alpha * (end - start)
+                logits = run_edges(w, embedded, answer_pos, probes).float()
+                values = check_finite(metric(logits, inputs), metric)
+                if not values.requires_grad:
+                    raise MetricError(
+                        f"metric {getattr(metric, 'name', metric)!r} has no gradient: "
+                        "attribution patching needs a differentiable metric such as logit_diff"
+                    )
+                grads = probes.split(torch.autograd.grad(values.sum(), probes.leaves()))
+            moved = _through_post_norms(w, index, deltas, probes.raw)
+            _accumulate(w, index, moved, grads, matrix)
     clean_values = check_finite(metric(clean_logits, inputs), metric)
     corrupted_values = check_finite(metric(corrupted_logits, inputs), metric)
     return FunctionalEdges(
@@ -178,28 +205,30 @@ def _accumulate(
     w: Weights,
     index: GraphIndex,
     deltas: Float[Tensor, "batch pos sender d_model"],
-    grads: tuple[Tensor, ...],
+    grads: tuple[dict[int, Tensor], dict[int, Tensor], Tensor | None],
     matrix: Float[Tensor, "sender receiver"],
 ) -> None:
-    """Add Δsender · ∂m/∂(receiver input) for every edge of one gradient pass.
+    """Add Δsender · ∂m/∂(receiver input) for every edge into the receivers of one pass.
 
-    The deltas are laid out sender-major once, ``(sender, batch*pos*d_model)``, so that
-    each receiver block is one matmul on a prefix of its rows: an einsum per block would
-    copy the deltas into that layout again for every layer.
+    ``grads`` are the probes' gradients: per layer the heads' and the MLP's, and the
+    logits' (``_Probes.split``). The deltas are laid out sender-major once,
+    ``(sender, batch*pos*d_model)``, so that each receiver block is one matmul on a prefix
+    of its rows: an einsum per block would copy the deltas into that layout again for
+    every layer.
     """
-    n_layers = w.n_layers
-    heads, mlps = grads[:n_layers], grads[n_layers : n_layers + (n_layers if w.has_mlps else 0)]
+    heads, mlps, final = grads
     flat = deltas.permute(2, 0, 1, 3).reshape(deltas.shape[2], -1)
-    for layer in range(n_layers):
+    for layer, grad in heads.items():
         n = index.senders_before_heads(layer)
-        cols = index.heads_columns(layer)
-        g = heads[layer].float()  # (batch, pos, receiver, d_model)
-        matrix[:n, cols] += flat[:n] @ g.permute(0, 1, 3, 2).reshape(-1, g.shape[2])
-        if w.has_mlps:
-            n_mlp = index.senders_before_mlp(layer)
-            col = index.receiver[MLP(layer).name]
-            matrix[:n_mlp, col] += flat[:n_mlp] @ mlps[layer].float().reshape(-1)
-    matrix[:, index.receiver[LOGITS.name]] += flat @ grads[-1].float().reshape(-1)
+        g = grad.float()  # (batch, pos, receiver, d_model)
+        matrix[:n, index.heads_columns(layer)] += flat[:n] @ g.permute(0, 1, 3, 2).reshape(
+            -1, g.shape[2]
+        )
+    for layer, grad in mlps.items():
+        n_mlp = index.senders_before_mlp(layer)
+        matrix[:n_mlp, index.receiver[MLP(layer).name]] += flat[:n_mlp] @ grad.float().reshape(-1)
+    if final is not None:
+        matrix[:, index.receiver[LOGITS.name]] += flat @ final.float().reshape(-1)
 
 
 def functional_weights(
@@ -229,15 +258,20 @@ def attribute_edges(
     *,
     n_steps: int,
     batch_size: int,
+    layers_per_pass: int | None = None,
 ) -> FunctionalEdges:
-    """Every edge's score on ``task``, the mean over its prompts, chunk by chunk."""
+    """Every edge's score on ``task``, the mean over its prompts, chunk by chunk.
+
+    ``batch_size`` prompts a chunk; ``layers_per_pass`` receivers' layers a gradient pass
+    (``edge_chunk``).
+    """
     index = GraphIndex(shape)
     device = w.w_u.device
     n = len(task)
     matrix = torch.zeros(index.n_senders, index.n_receivers)
     clean_total = corrupted_total = 0.0
     starts = list(range(0, n, batch_size))
-    for start in tqdm(starts, desc="attribution (edges)", disable=len(starts) < 8, leave=False):
+    for start in progress_bar(starts, desc="attribution (edges)", show_from=8):
         chunk = task.select(list(range(start, min(start + batch_size, n)))).to(device)
         base = chunk.metric_inputs()
         out = edge_chunk(
@@ -249,6 +283,7 @@ def attribute_edges(
             metric_fn,
             MetricInputs(base.answers.to(device), base.wrong.to(device), base.clean_logits),
             n_steps=n_steps,
+            layers_per_pass=layers_per_pass,
         )
         matrix += out.matrix.cpu()
         clean_total += out.clean

@@ -37,9 +37,11 @@ class Receivers:
 
     def heads(
         self, layer: int, resid: Float[Tensor, "batch pos d_model"], n_heads: int
-    ) -> Float[Tensor, "batch pos 3*head d_model"]:
-        """The q, k and v inputs of every head of ``layer`` (q of each head, then k, then v)."""
-        return resid.unsqueeze(2).expand(-1, -1, 3 * n_heads, -1)
+    ) -> Float[Tensor, "batch pos 3*head d_model"] | None:
+        """The q, k and v inputs of every head of ``layer`` (q of each head, then k, then v),
+        or None where every one of them reads ``resid`` itself: the layer then runs as in
+        the plain forward pass, without a copy of the stream per receiver."""
+        return None
 
     def mlp(
         self, layer: int, resid: Float[Tensor, "batch pos d_model"]
@@ -89,8 +91,12 @@ def run_edges(
     positions = torch.arange(width, device=resid.device)
     for layer in range(w.n_layers):
         weights = w.layers[layer]
-        x_q, x_k, x_v = receivers.heads(layer, resid, n_heads).unflatten(2, (3, n_heads)).unbind(2)
-        q, k, v = w.qkv_per_head(layer, x_q, x_k, x_v, positions)
+        inputs = receivers.heads(layer, resid, n_heads)
+        if inputs is None:
+            q, k, v = w.qkv(layer, resid, positions)
+        else:
+            x_q, x_k, x_v = inputs.unflatten(2, (3, n_heads)).unbind(2)
+            q, k, v = w.qkv_per_head(layer, x_q, x_k, x_v, positions)
         z = w.mix(w.pattern(q, k, positions, layer), v)
         head_out = torch.einsum("bphe,hed->bphd", z, weights.w_o.view(n_heads, d_head, -1))
         raw = head_out.sum(2) + weights.b_o

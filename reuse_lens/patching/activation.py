@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm import tqdm
 
 from reuse_lens._memory import MemoryBudget, resolve_budget
+from reuse_lens._progress import progress_bar
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import MLP, AttentionHead, Node, NodeNameError, parse_nodes, shape_of
 from reuse_lens.patching._common import (
@@ -230,7 +230,7 @@ def _activation_patching(
     cached = 2 * prep.n if prep.weights is not None else 0
     limit = rows_per_chunk(model, width, batch_size, budget, cached_prompts=cached)
     chunks = list(_chunks(groups, limit))
-    for rows in tqdm(chunks, desc="activation patching", disable=len(chunks) < 20, leave=False):
+    for rows in progress_bar(chunks, desc="activation patching", show_from=20):
         effect = (patcher.metric(rows) - patcher.base_metric[rows.prompt]).cpu()
         group = rows.group
         n_variants = 1 if group.heads is None else len(group.heads)

@@ -31,9 +31,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm import tqdm
 
-from reuse_lens._memory import MemoryBudget, Shapes, chunk_items, resolve_budget
+from reuse_lens._memory import (
+    MemoryBudget,
+    Shapes,
+    chunk_items,
+    edge_attribution_plan,
+    resolve_budget,
+)
+from reuse_lens._progress import progress_bar
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import (
     LOGITS,
@@ -267,14 +273,21 @@ def _attribute(
     if edges and engine != "hooks":
         functional = functional_weights(model, task, metric_fn, engine)
         if functional is not None:
-            if batch_size is None:
-                per_prompt = shapes.edge_backward_prompt(
-                    post_norm=any(layer.attn_post is not None for layer in functional.layers),
-                    qk_norm=functional.spec.qk_norm == "proj",
-                )
-                batch_size = chunk_items(budget, per_prompt, what="prompt of edge attribution")
+            batch_size, layers_per_pass = edge_attribution_plan(
+                budget,
+                shapes,
+                post_norm=any(layer.attn_post is not None for layer in functional.layers),
+                qk_norm=functional.spec.qk_norm == "proj",
+                batch_size=batch_size,
+            )
             out = attribute_edges(
-                functional, task, metric_fn, shape, n_steps=n_steps, batch_size=batch_size
+                functional,
+                task,
+                metric_fn,
+                shape,
+                n_steps=n_steps,
+                batch_size=batch_size,
+                layers_per_pass=layers_per_pass,
             )
             width = int(task.clean.shape[1])
             return _Result(
@@ -303,11 +316,10 @@ def _attribute(
     clean_total = corrupted_total = 0.0
     starts = list(range(0, n, batch_size))
     weights = _Weights.of(model, edges)
-    with tqdm(
+    with progress_bar(
         total=len(starts) * (n_steps + 1),
         desc=f"attribution ({'edges' if edges else 'nodes'})",
-        disable=len(starts) * (n_steps + 1) < 8,
-        leave=False,
+        show_from=8,
     ) as bar:
         for start in starts:
             chunk = task.select(list(range(start, min(start + batch_size, n)))).to(device)

@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from jaxtyping import Bool
 from torch import Tensor
-from tqdm import tqdm
 
 from reuse_lens._memory import MemoryBudget, resolve_budget
+from reuse_lens._progress import progress_bar
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import MLP, AttentionHead, Node, NodeNameError, parse_nodes, shape_of
 from reuse_lens.patching._common import Engine, Prepared, prepare, rows_per_chunk
@@ -245,7 +245,7 @@ def _path_functional(
         for part in slices
     ]
     sums: dict[Node, float] = {}
-    for layer, nodes, part in tqdm(work, desc="path patching", disable=len(work) < 20, leave=False):
+    for layer, nodes, part in progress_bar(work, desc="path patching", show_from=20):
         n = len(nodes)
         prompt = part.repeat(n)
         with torch.no_grad():
@@ -362,7 +362,7 @@ def _path_hooks(
         base = prep.score(logits, every)
     parts = [every[i : i + limit] for i in range(0, prep.n, limit)]
     effects: dict[Node, float] = {}
-    for sender in tqdm(senders, desc="path patching", disable=len(senders) < 20, leave=False):
+    for sender in progress_bar(senders, desc="path patching", show_from=20):
         total = 0.0
         for part in parts:
             values = _hook_rows(

@@ -38,6 +38,10 @@ class StudyConfig:
         edge_overlap: also find an EAP-IG edge circuit for each base task and compare
             them edge by edge (``rl.compare_edges``): whether tasks that share a head
             read it through the same q/k/v inputs and from the same senders.
+        threads: torch's CPU threads for every unit of work, in this process and on
+            each Ray worker (which asks Ray for that many CPUs). CPU kernels round
+            differently with the thread count, so this is what keeps the executors'
+            results byte-identical. None: this process's count when the study starts.
     """
 
     base: str = "zoo:base"
@@ -67,6 +71,7 @@ class StudyConfig:
     dtype: str | None = None
     memory_budget: int | str | None = None
     edge_overlap: bool = True
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         from reuse_lens import tasks
@@ -97,6 +102,8 @@ class StudyConfig:
             parse_budget(self.memory_budget)  # a bad budget fails here, not in a worker
         if not isinstance(self.edge_overlap, bool):
             raise TypeError(f"edge_overlap must be True or False, got {self.edge_overlap!r}")
+        if self.threads is not None:
+            check_count(self.threads, "threads")
         for name in ("device", "dtype"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

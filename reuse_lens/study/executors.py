@@ -99,7 +99,8 @@ class RayExecutor:
             pending: dict[Any, Unit] = {}
             for unit in units:
                 gpus = self.gpus if self.gpus is not None else float(_uses_gpu(unit))
-                pending[remote.options(num_cpus=1, num_gpus=gpus).remote(unit)] = unit
+                cpus = unit.model.threads or 1  # the worker runs torch on as many threads
+                pending[remote.options(num_cpus=cpus, num_gpus=gpus).remote(unit)] = unit
             show(f"{len(pending)} units sent to Ray")
             try:
                 while pending:

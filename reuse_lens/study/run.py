@@ -9,16 +9,22 @@ the order an executor finishes them in changes nothing.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import itertools
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from tqdm import tqdm
 
-from reuse_lens._io import remove_stale_temporaries
+from reuse_lens._io import remove_stale_temporaries, write_text_atomic
+from reuse_lens._progress import hidden_bars
 from reuse_lens._validate import check_out_folder, folder_lock
 from reuse_lens.circuits.circuit import Circuit, CircuitError
 from reuse_lens.study.compare import StudyRun, compare_circuits
@@ -35,7 +41,6 @@ from reuse_lens.study.units import (
     Resample,
     TaskSpec,
     Unit,
-    quiet_bars,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +85,64 @@ class _Store:
         if path is not None:
             circuit.to_json(path)
 
+    # ---- finished resamples and measurements --------------------------------------------
+
+    def _work_path(self, key: str) -> Path | None:
+        if self.folder is None:
+            return None
+        return self.folder.parent / WORK / f"{key.replace('/', '__')}.json"
+
+    def done(self, unit: Resample | Measure, weights: str) -> Found | Measured | None:
+        """``unit``'s saved result, when it was made by the same unit on these weights."""
+        path = self._work_path(unit.key)
+        if path is None or not path.exists():
+            return None
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("unit") != _identity(unit, weights):
+                return None
+            return _result_from_json(unit, saved["result"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.warning("ignoring the unreadable result %s: %s", path.name, error)
+            return None
+
+    def keep(self, unit: Resample | Measure, result: Found | Measured) -> None:
+        """Save a finished resample or measurement, so a stopped study keeps it."""
+        path = self._work_path(unit.key)
+        if path is None:
+            return
+        path.parent.mkdir(exist_ok=True)
+        record = {"unit": _identity(unit, result.weights), "result": dataclasses.asdict(result)}
+        write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+
+
+WORK = "work"
+"""The folder beside ``circuits/`` where a study keeps its finished resamples and
+measurements, so that a stopped study does not run them again."""
+
+
+def _identity(unit: Resample | Measure, weights: str) -> str:
+    """A digest of everything that decides a unit's result: its fields (less the memory
+    budget, which changes no result) and the weights it runs on."""
+    fields = dataclasses.asdict(unit)
+    fields.pop("memory_budget", None)
+    fields["kind"], fields["weights"] = type(unit).__name__, weights
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _result_from_json(unit: Resample | Measure, data: dict[str, Any]) -> Found | Measured:
+    if isinstance(unit, Resample):
+        return Found(**data)
+    from reuse_lens.circuits.measure import FaithfulnessCurve
+
+    c = data["curve"]
+    curve = FaithfulnessCurve(
+        fractions=tuple(c["fractions"]), sizes=tuple(c["sizes"]),
+        faithfulness=tuple(c["faithfulness"]), level=c["level"], cpr=c["cpr"], cmd=c["cmd"],
+        method=c["method"], task=c["task"],
+    )  # fmt: skip
+    return Measured(**{**data, "curve": curve})
+
 
 def run_study(
     config: StudyConfig | None = None,
@@ -107,14 +170,29 @@ def run_study(
     config = config or StudyConfig()
     if isinstance(executor, str):
         executor = executor_named(executor)
-    if out is None:
-        return _run_study(config, None, progress, executor)
-    folder = check_out_folder(out, "out")
-    with folder_lock(folder, "out"):
-        # Temporaries of writers killed in an earlier run (SIGKILL leaves them behind).
-        for place in (folder, folder / "circuits"):
-            remove_stale_temporaries(place)
-        return _run_study(config, folder, progress, executor)
+    if config.threads is None:  # fixed now, so that every executor's units use the same
+        config = dataclasses.replace(config, threads=torch.get_num_threads())
+    with _torch_threads(config.threads):
+        if out is None:
+            return _run_study(config, None, progress, executor)
+        folder = check_out_folder(out, "out")
+        with folder_lock(folder, "out"):
+            # Temporaries of writers killed in an earlier run (SIGKILL leaves them behind).
+            for place in (folder, folder / "circuits", folder / WORK):
+                remove_stale_temporaries(place)
+            return _run_study(config, folder, progress, executor)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run with torch on ``n`` CPU threads, then restore the count."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run_study(
@@ -144,7 +222,7 @@ def _run_study(
             stability=_stability(config, boot, found), start=start,
             edge_circuits=edge_circuits,
         )  # fmt: skip
-        with quiet_bars():
+        with hidden_bars():
             result = compare_circuits(run)
         bar.update()
         bar.set_postfix_str("done")
@@ -158,10 +236,10 @@ class _Driver:
         from reuse_lens.models import load_model, weights_digest
 
         self.config, self.store, self.executor, self.bar = config, store, executor, bar
-        self.loads = {label: Load(spec, config.device, config.dtype)
+        self.loads = {label: Load(spec, config.device, config.dtype, config.threads)
                       for label, spec in config.models.items()}  # fmt: skip
         bar.set_postfix_str("loading models")
-        with quiet_bars():
+        with hidden_bars():
             self.models: dict[str, TransformerBridge] = {
                 label: load_model(load.spec, device=load.device, dtype=load.dtype)
                 for label, load in self.loads.items()
@@ -177,7 +255,7 @@ class _Driver:
             for name in dict.fromkeys([*config.tasks, *config.fine_tuned])
         }
         bar.set_postfix_str("evaluating models")
-        with quiet_bars():
+        with hidden_bars():
             self.tasks = {name: self.here.task(spec) for name, spec in self.task_specs.items()}
             self.evaluations = _evaluations(self.models, self.tasks)
         bar.update()
@@ -259,18 +337,31 @@ class _Driver:
         return measured
 
     def _run(self, units: Sequence[Unit]) -> Iterator[tuple[Unit, Found | Measured]]:
-        """The executor's results, each checked and ticking the study's bar."""
-        if not units:
-            return
+        """The executor's results, each checked and ticking the study's bar; resamples
+        and measurements a stopped run of the study finished are read back instead."""
         by_spec = {self.config.models[label]: d for label, d in self.digests.items()}
+        todo: list[Unit] = []
+        for unit in units:
+            saved = None
+            if isinstance(unit, Resample | Measure):
+                saved = self.store.done(unit, by_spec[unit.model.spec])
+            if saved is None:
+                todo.append(unit)
+                continue
+            self.bar.update()
+            yield unit, saved
+        if not todo:
+            return
         show: Callable[[str], None] = self.bar.set_postfix_str
-        for unit, result in self.executor.map(units, self.here, show):
+        for unit, result in self.executor.map(todo, self.here, show):
             # A unit must have run on the weights loaded here (a worker reads its own disk).
             if result.weights != by_spec[unit.model.spec]:
                 raise ValueError(
                     f"{unit.key} ran on other weights for {unit.model.spec!r} than this "
                     "machine loaded: every node of the cluster must load the same files for a spec"
                 )
+            if isinstance(unit, Resample | Measure):
+                self.store.keep(unit, result)
             self.bar.update()
             yield unit, result
 

@@ -10,12 +10,11 @@ before it: the same study gives the same bytes whatever the order or place of it
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from reuse_lens._progress import hidden_bars
 from reuse_lens.circuits.discovery import discover_circuit
 from reuse_lens.tasks.metrics import MetricError
 
@@ -36,7 +35,6 @@ __all__ = [
     "Resample",
     "TaskSpec",
     "Unit",
-    "quiet_bars",
     "run_in_worker",
     "run_unit",
 ]
@@ -44,11 +42,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Load:
-    """How to load one model: ``rl.load_model(spec, device=device, dtype=dtype)``."""
+    """How to load one model: ``rl.load_model(spec, device=device, dtype=dtype)``, and
+    the torch threads a unit on it runs with (None: leave the process's count)."""
 
     spec: str
     device: str | None = None
     dtype: str | None = None
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -263,33 +263,11 @@ def _discover(
 
 
 def run_unit(unit: Unit, models: Models) -> Found | Measured:
-    """Run ``unit`` on ``models``, its own progress bars hidden (see ``quiet_bars``)."""
-    with quiet_bars():
+    """Run ``unit`` on ``models``, its own progress bars hidden: a study shows one bar for
+    all its work, and the transient bars of each patching run under it would redraw the
+    terminal dozens of times a second (and, on Ray, flood the driver's log)."""
+    with hidden_bars():
         return unit.run(models)
-
-
-@contextlib.contextmanager
-def quiet_bars() -> Iterator[None]:
-    """Progress bars made inside stay hidden: model loading's, patching's.
-
-    A study shows one bar for all its work; the transient bars of each patching run
-    under it would redraw the terminal dozens of times a second (and, on Ray, flood
-    the driver's log with every worker's bars).
-    """
-    from tqdm import tqdm
-
-    saved = vars(tqdm)["__init__"]  # restored as it was (tqdm wraps it in a partialmethod)
-    init = tqdm.__init__
-
-    def quiet(self: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs["disable"] = True
-        init(self, *args, **kwargs)
-
-    tqdm.__init__ = quiet  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        tqdm.__init__ = saved  # type: ignore[method-assign]
 
 
 _WORKER_MODELS: Models | None = None
@@ -300,7 +278,11 @@ def run_in_worker(unit: Unit) -> Found | Measured:
 
     The models stay loaded between the units a worker process runs.
     """
+    import torch
+
     global _WORKER_MODELS
     if _WORKER_MODELS is None:
         _WORKER_MODELS = Models(visible_gpu=True)
+    if unit.model.threads is not None:
+        torch.set_num_threads(unit.model.threads)
     return run_unit(unit, _WORKER_MODELS)

@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from tqdm import tqdm
-
+from reuse_lens._progress import progress_bar
 from reuse_lens._validate import check_count, check_seed
 from reuse_lens.tasks.errors import TaskWarning
 from reuse_lens.tasks.task import Task, TaskError
@@ -125,7 +124,7 @@ def generate(
     rng = random.Random(f"{spec.name}:{seed}")
     pairs: list[PromptPair] = []
     max_draws = 200 * n + 1000
-    bar = tqdm(total=n, desc=f"{spec.name} prompts", disable=n < PROGRESS_FROM, leave=False)
+    bar = progress_bar(total=n, desc=f"{spec.name} prompts", show_from=PROGRESS_FROM)
     with bar:
         for _ in range(max_draws):
             pair = spec.sampler(pool, rng, d_vocab=d_vocab, **resolved)

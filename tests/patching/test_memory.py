@@ -22,15 +22,18 @@ from reuse_lens._memory import (
     ENV_VAR,
     Shapes,
     chunk_items,
+    edge_attribution_plan,
     parse_budget,
     resolve_budget,
 )
 from reuse_lens.circuits.measure import CircuitEvaluator
 from reuse_lens.nodes import edges_of, shape_of
+from reuse_lens.patching._attribution_functional import attribute_edges, functional_weights
 from reuse_lens.patching.ablation import AblationRunner, NodeMask
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.patching.scores import NodeScores
+from reuse_lens.tasks.metrics import LogitDiff
 from tests.archs import save_arch
 from tests.patching.helpers import random_task
 
@@ -129,6 +132,21 @@ def test_estimates_grow_with_the_shapes() -> None:
     for estimate in ("forward_row", "run_cache", "backward_prompt", "edge_backward_prompt"):
         assert getattr(wider, estimate)() > getattr(small, estimate)() > 0
     assert small.edge_backward_prompt(qk_norm=True) > small.edge_backward_prompt()
+
+
+def test_edge_attribution_splits_prompts_then_receivers() -> None:
+    shapes = Shapes(
+        n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, width=16
+    )
+    one = shapes.edge_backward_prompt()
+    assert shapes.edge_backward_prompt(layers=1) < shapes.edge_backward_prompt(layers=6) < one
+    # Whole prompts while one fits; then one prompt with as many layers as fit.
+    assert edge_attribution_plan(3 * one, shapes) == (3, 12)
+    budget = shapes.edge_backward_prompt(layers=5)
+    assert edge_attribution_plan(budget, shapes) == (1, 5)
+    # A fixed batch takes fewer layers a pass.
+    assert edge_attribution_plan(2 * budget, shapes, batch_size=2) == (2, 5)
+    assert edge_attribution_plan(1, shapes) == (1, 1)  # with a warning
 
 
 # ---- chunking changes nothing -----------------------------------------------------------
@@ -271,3 +289,24 @@ def test_faithfulness_entry_points_are_the_same_under_any_budget(native_model: A
         rl.discover_circuit(native_model, task, top_k=3, memory_budget=b) for b in (TINY, HUGE)
     ]
     assert found[0].nodes == found[1].nodes
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("layers_per_pass", [1, 2])
+def test_edge_attribution_split_over_receivers_changes_nothing(
+    name: str, layers_per_pass: int, native_model: Any, family: Any
+) -> None:
+    model = _model(name, native_model, family)
+    task = random_task(model, n=3, width=6)
+    logit_diff = LogitDiff()
+    w = functional_weights(model, task, logit_diff, "functional")
+    assert w is not None
+    whole, split = (
+        attribute_edges(
+            w, task, logit_diff, shape_of(model), n_steps=2, batch_size=3, layers_per_pass=k
+        )
+        for k in (None, layers_per_pass)
+    )
+    assert whole.matrix.abs().sum() > 0
+    torch.testing.assert_close(whole.matrix, split.matrix, atol=ATOL, rtol=0)
+    assert (whole.clean, whole.corrupted) == (split.clean, split.corrupted)
