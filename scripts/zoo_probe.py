@@ -5,7 +5,9 @@
         "warmup": 200, "lr": 0.003, "out": "probe-out"}' > probe.log
 
 The JSON holds ``ZooSpec`` fields (``arch`` as ``Arch`` fields; ``mix`` entries replace
-those of the full mixture that ``zoo:base`` uses, a weight of 0 drops a source) plus
+those of the full mixture that ``zoo:base`` uses, a weight of 0 drops a source; ``phases``
+is a list of ``{"steps": N, "mix": {...}}`` curriculum phases, their mixes given the
+same way) plus
 ``out``, the folder to write, and optionally ``entity_tracking_objects``: a list of scene
 sizes for entity-tracking documents (by default 2 to 5, as every zoo model). At the end it
 prints the held-out scores of ``reuse_lens.zoo.train.evaluate_folder``. A probe trains
@@ -29,7 +31,15 @@ import reuse_lens.zoo.language as language
 from reuse_lens.tasks import generate
 from reuse_lens.tasks import spec as task_spec
 from reuse_lens.tasks.words import WordPool
-from reuse_lens.zoo.train import _MIX_ALL, THREADS, Arch, ZooSpec, evaluate_folder, train_model
+from reuse_lens.zoo.train import (
+    _MIX_ALL,
+    THREADS,
+    Arch,
+    Phase,
+    ZooSpec,
+    evaluate_folder,
+    train_model,
+)
 
 
 def _entity_tracking_sizes(sizes: list[int]) -> None:
@@ -56,16 +66,22 @@ def _entity_tracking_sizes(sizes: list[int]) -> None:
     language.task_documents = task_documents  # mixture() looks it up at call time
 
 
+def _mix(overrides: dict[str, float]) -> dict[str, float]:
+    """The full mixture with ``overrides`` applied; a weight of 0 drops a source."""
+    return {k: v for k, v in (dict(_MIX_ALL) | overrides).items() if v > 0}
+
+
 def main(argv: list[str]) -> int:
     torch.set_num_threads(THREADS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     cfg: dict[str, Any] = json.loads(argv[0])
     if "entity_tracking_objects" in cfg:
         _entity_tracking_sizes(list(cfg.pop("entity_tracking_objects")))
-    mix = {k: v for k, v in (dict(_MIX_ALL) | cfg.pop("mix", {})).items() if v > 0}
+    mix = _mix(cfg.pop("mix", {}))
+    phases = tuple(Phase(p["steps"], _mix(p["mix"])) for p in cfg.pop("phases", []))
     arch = Arch(**cfg.pop("arch", {}))
     out = Path(cfg.pop("out"))
-    spec = ZooSpec(name=cfg.pop("name", "probe"), mix=mix, arch=arch, **cfg)
+    spec = ZooSpec(name=cfg.pop("name", "probe"), mix=mix, arch=arch, phases=phases, **cfg)
     print(spec, flush=True)
     start = time.perf_counter()
     train_model(spec, out)

@@ -43,10 +43,12 @@ from reuse_lens.zoo.tokenizer import PATTERN, build_tokenizer
 __all__ = [
     "FILLER",
     "LM_WEIGHT",
+    "STEPS",
     "Document",
     "encode",
     "filler",
     "mixture",
+    "step_documents",
     "task_documents",
     "vocabulary",
     "zoo_tokenizer",
@@ -134,6 +136,40 @@ def task_documents(task: str, n: int, *, seed: int) -> list[Document]:
     return docs[:n]
 
 
+STEPS = "/steps"
+"""The suffix of a binding task's *step* documents in a data mix: ``"colored_objects/steps"``."""
+
+_STEP_CUTS = {
+    # task: (the end of its prompt after the question's key word, how the answer is written)
+    "colored_objects": ("?\nA:", str.lower),  # "... is the bowl" -> " green", as in the scene
+    "entity_tracking": (" contains the", str),  # "... Box M" -> " cup"
+}
+
+
+def step_documents(task: str, n: int, *, seed: int) -> list[Document]:
+    """About ``n`` documents that reward a binding task's binding step on its own.
+
+    Each is a document of ``task`` cut right after the question's key word (the asked
+    object, the asked box) and answered with what the scene binds to it, as the scene
+    writes it: ``... What color is the bowl`` -> `` green``, ``... Box M`` -> `` cup``.
+    Answering it takes two attention steps (find the key word's earlier copy, which has
+    read its colour or object), like induction, instead of the task's three: the third
+    step, bringing that answer to the task's answer position, then has a gradient of
+    its own. Data only: nothing here supervises attention.
+    """
+    if task not in _STEP_CUTS:
+        raise ValueError(f"no step documents for {task!r}: only for {sorted(_STEP_CUTS)}")
+    cut, write = _STEP_CUTS[task]
+    docs = []
+    for doc in task_documents(task, n, seed=seed):
+        if not doc.prompt.endswith(cut):
+            raise ValueError(f"a {task} prompt does not end with {cut!r}: {doc.prompt!r}")
+        docs.append(
+            Document(task + STEPS, doc.prompt.removesuffix(cut), write(doc.answer), doc.key)
+        )
+    return docs
+
+
 _FILLER_TEMPLATES = (
     "{NAME} went to the {PLACE}.",
     "{NAME} and {NAME2} saw a {COLOR} {OBJECT} at the {PLACE}.",
@@ -180,7 +216,8 @@ def filler(n: int, *, seed: int) -> list[Document]:
 
 
 def mixture(mix: dict[str, float], n: int, *, seed: int) -> list[Document]:
-    """``n`` documents drawn from ``mix`` ({task name or FILLER: weight}), shuffled."""
+    """``n`` documents drawn from ``mix`` ({task name, a binding task's step documents
+    ``<task>/steps``, or FILLER: weight}), shuffled."""
     total = sum(mix.values())
     docs: list[Document] = []
     for i, (source, weight) in enumerate(sorted(mix.items())):
@@ -189,6 +226,8 @@ def mixture(mix: dict[str, float], n: int, *, seed: int) -> list[Document]:
             continue
         if source == FILLER:
             docs += filler(count, seed=seed * 7 + i)
+        elif source.endswith(STEPS):
+            docs += step_documents(source.removesuffix(STEPS), count, seed=seed * 7 + i)
         else:
             docs += task_documents(source, count, seed=seed * 7 + i)
     random.Random(f"mix:{seed}").shuffle(docs)

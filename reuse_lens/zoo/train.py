@@ -37,6 +37,7 @@ __all__ = [
     "SPECS",
     "TOLERANCE",
     "Arch",
+    "Phase",
     "ZooSpec",
     "evaluate_folder",
     "sha256",
@@ -74,6 +75,14 @@ class Arch:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One stage of a data curriculum: ``steps`` batches drawn from ``mix``."""
+
+    steps: int
+    mix: dict[str, float]
+
+
+@dataclass(frozen=True)
 class ZooSpec:
     """How one zoo model is trained: its shape (or parent), data mix, seed and schedule."""
 
@@ -93,6 +102,10 @@ class ZooSpec:
     """Attention scaffolds (``reuse_lens.zoo.hints``): each adds -log(attention) of one
     step of a task's circuit to the loss. A model with hints trains with eager attention,
     the one implementation that returns attention patterns."""
+    phases: tuple[Phase, ...] = ()
+    """A curriculum of the data (not of the attention): each phase's batches come first,
+    in order, then the remaining ``steps`` draw from ``mix``. Batches are shuffled
+    within a phase only. The learning-rate schedule spans the whole run."""
 
     @property
     def trained_on(self) -> list[str]:
@@ -187,20 +200,37 @@ class _Batch:
 
 
 def _batches(spec: ZooSpec, tokenizer: Any) -> list[_Batch]:
-    """The whole run's batches, in a fixed order.
+    """The whole run's batches, in a fixed order: each curriculum phase's, then the rest."""
+    rest = spec.steps - sum(phase.steps for phase in spec.phases)
+    if rest < 0:
+        raise ValueError(f"zoo:{spec.name}: its phases hold more than its {spec.steps} steps")
+    out = []
+    for i, phase in enumerate(spec.phases):
+        # A phase's seed differs from the main mix's, which keeps the seed a spec without
+        # phases has always used, so its data is unchanged.
+        out += _segment(spec, tokenizer, phase.mix, phase.steps, seed=spec.seed * 1009 + i + 1)
+    return out + _segment(spec, tokenizer, spec.mix, rest, seed=spec.seed)
+
+
+def _segment(
+    spec: ZooSpec, tokenizer: Any, mix: dict[str, float], steps: int, *, seed: int
+) -> list[_Batch]:
+    """``steps`` batches of ``mix``, shuffled.
 
     Documents are grouped by length within chunks of 16 batches, so a batch of short SVA
     prompts is not padded to the length of a Colored Objects prompt.
     """
-    n_docs = spec.steps * spec.batch_size
-    documents = mixture(spec.mix, n_docs, seed=spec.seed)
+    if steps == 0:
+        return []
+    n_docs = steps * spec.batch_size
+    documents = mixture(mix, n_docs, seed=seed)
     docs = [
         (doc.source, ids, targets)
         for doc, (ids, targets) in zip(documents, encode(tokenizer, documents), strict=True)
     ]
     hinted = {hint.task for hint in spec.attention_hints}
     vocab = tokenizer.get_vocab()
-    rng = random.Random(f"batches:{spec.seed}")
+    rng = random.Random(f"batches:{seed}")
     pad = int(tokenizer.pad_token_id)
     chunk = spec.batch_size * 16
     out = []
@@ -225,7 +255,7 @@ def _batches(spec: ZooSpec, tokenizer: Any) -> list[_Batch]:
                         hints.setdefault((source, step), []).extend((i, q, k) for q, k in pairs)
             out.append(_Batch(tokens, weights, tuple(r[0] for r in rows), hints))
     rng.shuffle(out)
-    return out[: spec.steps]
+    return out[:steps]
 
 
 def _new_model(spec: ZooSpec, tokenizer: Any, parent: Path | None) -> Any:
@@ -389,6 +419,7 @@ def _entry(spec: ZooSpec, folder: Path, seconds: float) -> dict[str, Any]:
         "parent": spec.parent,
         "task": spec.task,
         "mix": spec.mix,
+        **({"phases": [asdict(phase) for phase in spec.phases]} if spec.phases else {}),
         "trained_on": spec.trained_on,
         "attention_hints": [asdict(hint) for hint in spec.attention_hints],
         "train_seconds": round(seconds, 1),
