@@ -115,3 +115,23 @@ def scores_inside(circuit: Circuit, universe: frozenset[str]) -> dict[str, float
         if node.name in universe:
             out[node.name] = float(value)
     return out
+
+
+class NamedPairs:
+    """The pair bookkeeping of a report over named circuits, in the report's order."""
+
+    names: tuple[str, ...]
+
+    def _check_name(self, name: str) -> str:
+        if name not in self.names:
+            known = ", ".join(repr(n) for n in self.names)
+            raise ValueError(f"unknown circuit {name!r}; this report has: {known}")
+        return name
+
+    def _pairs(self) -> list[tuple[str, str]]:
+        """Every unordered pair, a before b in report order: the family of tests."""
+        return [(a, b) for i, a in enumerate(self.names) for b in self.names[i + 1 :]]
+
+    def _pair(self, a: str, b: str) -> tuple[str, str]:
+        """(a, b) in report order: the key of a report's adjusted p-values."""
+        return (a, b) if self.names.index(a) <= self.names.index(b) else (b, a)

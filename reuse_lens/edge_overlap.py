@@ -121,7 +121,7 @@ def compare_edges(
     )
 
 
-class EdgeOverlapReport:
+class EdgeOverlapReport(sets.NamedPairs):
     """Edge overlap statistics for every pair of a set of edge circuits; see :func:`compare_edges`.
 
     Edges are ``(sender, receiver)`` keys as in ``Circuit.edges``: ``("a0.h1",
@@ -392,18 +392,6 @@ class EdgeOverlapReport:
         return text
 
     # --------------------------------------------------------------- helpers
-
-    def _check_name(self, name: str) -> str:
-        if name not in self._edges:
-            known = ", ".join(repr(n) for n in self.names)
-            raise ValueError(f"unknown circuit {name!r}; this report has: {known}")
-        return name
-
-    def _pairs(self) -> list[tuple[str, str]]:
-        return [(a, b) for i, a in enumerate(self.names) for b in self.names[i + 1 :]]
-
-    def _pair(self, a: str, b: str) -> tuple[str, str]:
-        return (a, b) if self.names.index(a) <= self.names.index(b) else (b, a)
 
     def _given_pair(self, a: str | None, b: str | None) -> tuple[str, str]:
         if a is None or b is None:

@@ -140,7 +140,7 @@ def compare(
     )
 
 
-class OverlapReport:
+class OverlapReport(sets.NamedPairs):
     """Overlap statistics for every pair of a set of circuits; made by :func:`compare`.
 
     Every query takes circuit names (``report.jaccard("ioi", "colored_objects")``) and a
@@ -554,20 +554,6 @@ class OverlapReport:
         return text
 
     # --------------------------------------------------------------- helpers
-
-    def _check_name(self, name: str) -> str:
-        if name not in self._sets:
-            known = ", ".join(repr(n) for n in self.names)
-            raise ValueError(f"unknown circuit {name!r}; this report has: {known}")
-        return name
-
-    def _pairs(self) -> list[tuple[str, str]]:
-        """Every unordered pair, a before b in report order: the family of tests."""
-        return [(a, b) for i, a in enumerate(self.names) for b in self.names[i + 1 :]]
-
-    def _pair(self, a: str, b: str) -> tuple[str, str]:
-        """(a, b) in report order, the key of :meth:`adjusted_p_values`."""
-        return (a, b) if self.names.index(a) <= self.names.index(b) else (b, a)
 
     def _counts(self, a: str, b: str, kind: Kind) -> tuple[int, int, int, int]:
         """(M, n, N, x) of the hypergeometric test: universe, |A|, |B|, |A∩B|."""
