@@ -136,6 +136,7 @@ def edge_attribution_plan(
     post_norm: bool = False,
     qk_norm: bool = False,
     batch_size: int | None = None,
+    held: int = 0,
 ) -> tuple[int, int]:
     """Prompts per chunk and receivers' layers per gradient pass of edge attribution.
 
@@ -143,8 +144,10 @@ def edge_attribution_plan(
     the budget holds. Where one prompt alone does not fit (a large model, long prompts),
     the receivers are split too: each pass probes as many layers' receivers as fit, which
     costs a forward and backward pass per group of layers. ``batch_size`` fixes the
-    prompts; the layers are then chosen to fit them.
+    prompts; the layers are then chosen to fit them. ``held`` bytes are held throughout
+    (the functional forward's own weights).
     """
+    budget -= held
 
     def per_prompt(layers: int) -> int:
         return shapes.edge_backward_prompt(post_norm=post_norm, qk_norm=qk_norm, layers=layers)
@@ -157,7 +160,9 @@ def edge_attribution_plan(
         if batch_size * per_prompt(layers) <= budget:
             return batch_size, layers
     # Not even one layer's receivers fit: run them one layer at a time, with the warning.
-    chunk_items(budget, batch_size * per_prompt(1), what="layer of edge attribution's receivers")
+    chunk_items(
+        budget + held, batch_size * per_prompt(1), held, "layer of edge attribution's receivers"
+    )
     return batch_size, 1
 
 

@@ -34,8 +34,9 @@ def progress_bar(
     """A transient tqdm bar over ``iterable`` (or ``total`` steps), shown when the work has
     at least ``show_from`` steps and no caller has hidden the library's bars."""
     length = total if total is not None else len(iterable)  # type: ignore[arg-type]
-    disable = _HIDDEN.get() or length < show_from
-    bar = tqdm(iterable, desc=desc, total=total, disable=disable, leave=False, **kwargs)
+    if _HIDDEN.get() or length < show_from:
+        kwargs["disable"] = True  # otherwise tqdm's default, which TQDM_DISABLE=1 sets
+    bar = tqdm(iterable, desc=desc, total=total, leave=False, **kwargs)
     return cast("tqdm[T]", bar)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from reuse_lens.arch.families import ADAPTERS
 from reuse_lens.arch.legacy import extract_tl
@@ -11,7 +14,7 @@ from reuse_lens.patching._forward import Unsupported, Weights
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["TL_LAYOUT", "extract", "model_type"]
+__all__ = ["TL_LAYOUT", "extract", "model_type", "unshared_bytes"]
 
 TL_LAYOUT = ("gpt2", "opt")
 """Read through TransformerLens's ``W_Q``/... properties (``legacy.py``), as are native
@@ -25,19 +28,49 @@ def model_type(model: TransformerBridge) -> str | None:
 
 
 def extract(model: TransformerBridge) -> Weights:
-    """Read ``model``'s weights with its family's adapter, or raise ``Unsupported``."""
+    """Read ``model``'s weights with its family's adapter, or raise ``Unsupported``.
+
+    The result's ``own_bytes`` is set: what it holds that the model's parameters do not.
+    """
     kind = model_type(model)
     if kind is None or kind in TL_LAYOUT:
-        return extract_tl(model)
-    adapter = ADAPTERS.get(kind)
-    if adapter is None:
-        raise Unsupported(
-            f"no adapter reads the {kind!r} architecture (reuse_lens/arch/README.md says how "
-            "to add one)"
-        )
-    try:
-        return adapter.extract(model)
-    except Unsupported:
-        raise
-    except (AttributeError, RuntimeError, NotImplementedError, TypeError, KeyError) as error:
-        raise Unsupported(f"its {kind} weights cannot be read ({error})") from error
+        weights = extract_tl(model)
+    else:
+        adapter = ADAPTERS.get(kind)
+        if adapter is None:
+            raise Unsupported(
+                f"no adapter reads the {kind!r} architecture (reuse_lens/arch/README.md says "
+                "how to add one)"
+            )
+        try:
+            weights = adapter.extract(model)
+        except Unsupported:
+            raise
+        except (AttributeError, RuntimeError, NotImplementedError, TypeError, KeyError) as error:
+            raise Unsupported(f"its {kind} weights cannot be read ({error})") from error
+    return dataclasses.replace(weights, own_bytes=unshared_bytes(weights, model))
+
+
+def unshared_bytes(weights: Weights, model: TransformerBridge) -> int:
+    """Bytes of the tensors in ``weights`` whose storage is none of ``model``'s parameters'
+    (each storage counted once)."""
+    shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def visit(x: object) -> None:
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            if storage.data_ptr() not in shared and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(x, list | tuple):
+            for item in x:
+                visit(item)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            for f in dataclasses.fields(x):
+                visit(getattr(x, f.name))
+
+    visit(weights)
+    return total

@@ -71,6 +71,13 @@ class Prepared:
     def n(self) -> int:
         return int(self.clean.shape[0])
 
+    @property
+    def held_bytes(self) -> int:
+        """What this preparation holds on top of the model: the functional forward's own
+        weights and its cached runs, which an engine's chunks share the budget with."""
+        own = 0 if self.weights is None else self.weights.own_bytes
+        return own + sum(run.nbytes for run in self.runs.values())
+
     def score(self, logits: Tensor, prompt: Int[Tensor, " rows"]) -> Float[Tensor, " rows"]:
         """The metric of each row's logits, read against prompt ``prompt[row]``'s answers."""
         values = self.metric(logits.float(), self.inputs.select(prompt))
@@ -258,17 +265,19 @@ def rows_per_chunk(
     budget: int,
     *,
     cached_prompts: int = 0,
+    held: int = 0,
 ) -> int:
     """How many (patch, prompt) rows one forward pass may hold under the memory budget.
 
-    ``batch_size`` overrides the budget. Otherwise the budget, less the cached functional
-    runs of ``cached_prompts`` prompts that the call holds throughout, is divided by one
-    row's activations (``_memory.Shapes.forward_row``).
+    ``batch_size`` overrides the budget. Otherwise the budget, less what the call holds
+    throughout (``held`` bytes, such as ``Prepared.held_bytes``, and the estimated runs
+    of ``cached_prompts`` prompts it caches besides), is divided by one row's activations
+    (``_memory.Shapes.forward_row``).
     """
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         return batch_size
     shapes = Shapes.of(model, width)
-    fixed = cached_prompts * shapes.run_cache()
+    fixed = held + cached_prompts * shapes.run_cache()
     return chunk_items(budget, shapes.forward_row(), fixed, "row of a forward pass")

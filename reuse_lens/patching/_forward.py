@@ -203,6 +203,9 @@ class Weights:
     rope: Rope | None = None
     alibi: Tensor | None = None
     embed_norm: Norm | None = None
+    own_bytes: int = 0
+    """Bytes of the tensors here that are not views of the model's parameters (the fused
+    q/k/v): memory the forward holds on top of the model, which the budget counts."""
 
     @property
     def n_layers(self) -> int:
@@ -493,3 +496,11 @@ class RunCache:
     z: list[Tensor]
     mlp_out: list[Tensor]
     final: Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of every activation held here."""
+        lists = (self.resid_pre, self.resid_mid, self.q, self.k, self.v, self.pattern, self.z,
+                 self.mlp_out)  # fmt: skip
+        tensors = [t for layer in lists for t in layer] + [self.final]
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -278,9 +278,10 @@ class AblationRunner:
         circuit_of = torch.arange(total, device=heads.device) // n
         prompt_of = torch.arange(total, device=heads.device) % n
         values = torch.empty(total)
-        # The clean and corrupted runs of every prompt are held throughout.
+        # The functional weights and the runs of every prompt are held throughout (the
+        # hooks' sources are estimated as two runs of every prompt).
         step = rows_per_chunk(
-            self.prep.model, self._width, self.batch_size, self.budget, cached_prompts=2 * n
+            self.prep.model, self._width, self.batch_size, self.budget, held=self._held()
         )
         for start in range(0, total, step):
             rows = slice(start, min(start + step, total))
@@ -416,8 +417,19 @@ class AblationRunner:
         shapes = Shapes.of(self.prep.model, self._width)
         post = w is not None and any(layer.attn_post is not None for layer in w.layers)
         per_prompt = shapes.edge_ablation_prompt(post_norm=post)
-        fixed = 2 * self.prep.n * shapes.run_cache()
-        return chunk_items(self.budget, per_prompt, fixed, "prompt of an edge circuit")
+        return chunk_items(self.budget, per_prompt, self._held(), "prompt of an edge circuit")
+
+    def _held(self) -> int:
+        """Bytes held for the whole of a call: the preparation's (weights and runs) and
+        the ablation's sources; for hooks, whose sources are caches of their own, the
+        estimate of two runs of every prompt."""
+        if self.prep.weights is None:
+            return 2 * self.prep.n * Shapes.of(self.prep.model, self._width).run_cache()
+        sources = 0
+        if self._sources is not None:
+            tensors = [self._sources.input, *self._sources.z, *self._sources.mlp_out]
+            sources = sum(t.numel() * t.element_size() for t in tensors)
+        return self.prep.held_bytes + sources
 
     def _hook_edges(self) -> HookEdges:
         """The hook engine for edge circuits, built on first use (its sources cost a run)."""

@@ -226,9 +226,8 @@ def _activation_patching(
     mlp_sum = torch.zeros(n_layers)
     head_pos = torch.zeros(width, n_layers, n_heads) if per_position else None
     mlp_pos = torch.zeros(width, n_layers) if per_position else None
-    # The functional engine holds the base and source runs of every prompt throughout.
-    cached = 2 * prep.n if prep.weights is not None else 0
-    limit = rows_per_chunk(model, width, batch_size, budget, cached_prompts=cached)
+    # The functional engine holds its weights and the runs of every prompt throughout.
+    limit = rows_per_chunk(model, width, batch_size, budget, held=prep.held_bytes)
     chunks = list(_chunks(groups, limit))
     for rows in progress_bar(chunks, desc="activation patching", show_from=20):
         effect = (patcher.metric(rows) - patcher.base_metric[rows.prompt]).cpu()

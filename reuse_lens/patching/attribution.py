@@ -279,6 +279,7 @@ def _attribute(
                 post_norm=any(layer.attn_post is not None for layer in functional.layers),
                 qk_norm=functional.spec.qk_norm == "proj",
                 batch_size=batch_size,
+                held=functional.own_bytes,
             )
             out = attribute_edges(
                 functional,

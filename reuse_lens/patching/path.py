@@ -119,9 +119,7 @@ def path_patching(
         limit = rows_per_chunk(model, prep.clean.shape[1], batch_size, budget)
         effects = _path_hooks(prep, chosen, recv, inputs, freeze_mlps, mask, limit)
     else:
-        limit = rows_per_chunk(
-            model, prep.clean.shape[1], batch_size, budget, cached_prompts=2 * prep.n
-        )
+        limit = rows_per_chunk(model, prep.clean.shape[1], batch_size, budget, held=prep.held_bytes)
         effects = _path_functional(
             prep, prep.weights, chosen, recv, inputs, freeze_mlps, mask, limit
         )
