@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CPU_BUDGET",
     "ENV_VAR",
+    "HEADROOM",
     "MemoryBudget",
     "Shapes",
     "chunk_items",
@@ -109,13 +110,20 @@ def resolve_budget(value: MemoryBudget, device: torch.device | str | None = None
     return DEFAULT_CPU_BUDGET
 
 
+HEADROOM = 0.1
+"""The share of a budget kept free of chunks: for the allocator's fragmentation and the
+small temporaries (a chunk's metric, the sources' indexing) no estimate counts. Measured
+at GPT-2 small, activation patching under 512 MiB peaked 3% above it without it."""
+
+
 def chunk_items(budget: int, per_item: int, fixed: int = 0, what: str = "item") -> int:
-    """How many items of ``per_item`` bytes fit in ``budget`` once ``fixed`` bytes are held.
+    """How many items of ``per_item`` bytes fit in ``budget`` once ``fixed`` bytes are held
+    (and ``HEADROOM`` of the budget is kept free).
 
     At least one: an item that alone exceeds the budget still runs (the work cannot be cut
     finer along this axis), with a warning naming the budget it overruns.
     """
-    room = budget - fixed
+    room = int(budget * (1 - HEADROOM)) - fixed
     if room < per_item:
         logger.warning(
             "memory budget %s is below what one %s needs (%s, on top of %s held): running "
@@ -147,7 +155,7 @@ def edge_attribution_plan(
     prompts; the layers are then chosen to fit them. ``held`` bytes are held throughout
     (the functional forward's own weights).
     """
-    budget -= held
+    whole, budget = budget, int(budget * (1 - HEADROOM)) - held
 
     def per_prompt(layers: int) -> int:
         return shapes.edge_backward_prompt(post_norm=post_norm, qk_norm=qk_norm, layers=layers)
@@ -160,9 +168,7 @@ def edge_attribution_plan(
         if batch_size * per_prompt(layers) <= budget:
             return batch_size, layers
     # Not even one layer's receivers fit: run them one layer at a time, with the warning.
-    chunk_items(
-        budget + held, batch_size * per_prompt(1), held, "layer of edge attribution's receivers"
-    )
+    chunk_items(whole, batch_size * per_prompt(1), held, "layer of edge attribution's receivers")
     return batch_size, 1
 
 

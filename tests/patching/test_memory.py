@@ -11,6 +11,7 @@ test model, a grouped-query family (llama_gqa) and a post-norm family (gemma2).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ import reuse_lens as rl
 from reuse_lens._memory import (
     DEFAULT_CPU_BUDGET,
     ENV_VAR,
+    HEADROOM,
     Shapes,
     chunk_items,
     edge_attribution_plan,
@@ -117,8 +119,9 @@ def test_env_budget_reaches_the_engines(
 
 
 def test_chunk_items_counts_what_fits() -> None:
-    assert chunk_items(1000, 100) == 10
-    assert chunk_items(1000, 100, fixed=500) == 5
+    # HEADROOM (a tenth) of the budget is kept free of chunks.
+    assert chunk_items(1000, 100) == 9
+    assert chunk_items(1000, 100, fixed=500) == 4
     assert chunk_items(10, 100) == 1  # one item at least, with a warning
     assert chunk_items(1000, 100, fixed=5000) == 1
 
@@ -140,12 +143,20 @@ def test_edge_attribution_splits_prompts_then_receivers() -> None:
     )
     one = shapes.edge_backward_prompt()
     assert shapes.edge_backward_prompt(layers=1) < shapes.edge_backward_prompt(layers=6) < one
+
+    def budget(usable: int, held: int = 0) -> int:  # the budget whose usable room is this
+        return math.ceil((usable + held) / (1 - HEADROOM))
+
     # Whole prompts while one fits; then one prompt with as many layers as fit.
-    assert edge_attribution_plan(3 * one, shapes) == (3, 12)
-    budget = shapes.edge_backward_prompt(layers=5)
-    assert edge_attribution_plan(budget, shapes) == (1, 5)
+    assert edge_attribution_plan(budget(3 * one), shapes) == (3, 12)
+    five = shapes.edge_backward_prompt(layers=5)
+    assert edge_attribution_plan(budget(five), shapes) == (1, 5)
+    # What the call holds (the weights copy) is not room for chunks.
+    layer = five - shapes.edge_backward_prompt(layers=4)
+    assert edge_attribution_plan(budget(five, layer), shapes, held=layer) == (1, 5)
+    assert edge_attribution_plan(budget(five), shapes, held=layer) == (1, 4)
     # A fixed batch takes fewer layers a pass.
-    assert edge_attribution_plan(2 * budget, shapes, batch_size=2) == (2, 5)
+    assert edge_attribution_plan(budget(2 * five), shapes, batch_size=2) == (2, 5)
     assert edge_attribution_plan(1, shapes) == (1, 1)  # with a warning
 
 
