@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from reuse_lens.arch.spec import ArchSpec
-from reuse_lens.patching._forward import Layer, Norm, Rope, Unsupported, Weights, fused_qkv
+from reuse_lens.patching._forward import Layer, Norm, Rope, Unsupported, Weights
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -246,9 +246,14 @@ class HFAdapter:
             else self.norm(getattr(block, "ln2", None), spec, f"{label}.ln2")
         )
         post = spec.post_norms
-        return Layer(
+        return Layer.fused(
             ln1=ln1,
-            **fused_qkv(w_q, b_q, w_k, b_k, w_v, b_v),
+            w_q=w_q,
+            b_q=b_q,
+            w_k=w_k,
+            b_k=b_k,
+            w_v=w_v,
+            b_v=b_v,
             w_o=w_o,
             b_o=b_o,
             ln2=ln2,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reuse_lens.arch.spec import ArchSpec
-from reuse_lens.patching._forward import Layer, Norm, Unsupported, Weights, fused_qkv
+from reuse_lens.patching._forward import Layer, Norm, Unsupported, Weights
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -82,11 +82,14 @@ def _layer(model: TransformerBridge, i: int, n_heads: int, attn_only: bool) -> L
 
     b_O = detached(attn.b_O)
     mlp = None if attn_only else block.mlp
-    return Layer(
+    return Layer.fused(
         ln1=_get_norm(getattr(block, "ln1", None), f"blocks.{i}.ln1"),
-        **fused_qkv(
-            flat(W_Q), bias(attn.b_Q), flat(W_K), bias(attn.b_K), flat(W_V), bias(attn.b_V)
-        ),
+        w_q=flat(W_Q),
+        b_q=bias(attn.b_Q),
+        w_k=flat(W_K),
+        b_k=bias(attn.b_K),
+        w_v=flat(W_V),
+        b_v=bias(attn.b_V),
         w_o=W_O.reshape(-1, W_O.shape[-1]),
         b_o=W_O.new_zeros(W_O.shape[-1]) if b_O is None else b_O,
         ln2=None if attn_only else _get_norm(getattr(block, "ln2", None), f"blocks.{i}.ln2"),

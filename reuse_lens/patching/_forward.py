@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from reuse_lens.arch.spec import ArchSpec
 if TYPE_CHECKING:
     pass
 
-__all__ = ["QKV", "Layer", "Norm", "Rope", "RunCache", "Unsupported", "Weights", "fused_qkv"]
+__all__ = ["Layer", "Norm", "Rope", "RunCache", "Unsupported", "Weights"]
 
 QKVEdit = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
@@ -152,34 +152,24 @@ class Layer:
     mlp_post: Norm | None = None
     window: int | None = None
 
+    @classmethod
+    def fused(
+        cls, *, w_q: Tensor, b_q: Tensor, w_k: Tensor, b_k: Tensor, w_v: Tensor, b_v: Tensor,
+        **rest: Any,
+    ) -> Layer:  # fmt: skip
+        """A layer whose ``w_qkv``/``b_qkv`` fuse q, k and v into one new tensor, with
+        ``w_q``... views into it; ``rest`` are the other fields.
 
-class QKV(TypedDict):
-    """``Layer``'s query, key and value fields (``fused_qkv``)."""
-
-    w_q: Tensor
-    b_q: Tensor
-    w_k: Tensor
-    b_k: Tensor
-    w_v: Tensor
-    b_v: Tensor
-    w_qkv: Tensor
-    b_qkv: Tensor
-
-
-def fused_qkv(w_q: Tensor, b_q: Tensor, w_k: Tensor, b_k: Tensor, w_v: Tensor, b_v: Tensor) -> QKV:
-    """``Layer``'s q, k and v fields: ``w_qkv``/``b_qkv`` fused into one new tensor, and
-    ``w_q``... as views into it.
-
-    The fused matrix is the functional forward's one copy of a model's weights (one
-    matmul makes q, k and v); every other matrix an adapter reads is a view of the
-    model's own parameters, so the forward costs a quarter of the attention's weights
-    and not another model.
-    """
-    w_qkv, b_qkv = torch.cat([w_q, w_k, w_v], 1), torch.cat([b_q, b_k, b_v])
-    widths = [w_q.shape[1], w_k.shape[1], w_v.shape[1]]
-    q, k, v = w_qkv.split(widths, dim=1)
-    bq, bk, bv = b_qkv.split(widths)
-    return QKV(w_q=q, b_q=bq, w_k=k, b_k=bk, w_v=v, b_v=bv, w_qkv=w_qkv, b_qkv=b_qkv)
+        The fused matrix is the functional forward's one copy of a model's weights (one
+        matmul makes q, k and v); every other matrix an adapter reads is a view of the
+        model's own parameters, so the forward costs a quarter of the attention's weights
+        and not another model.
+        """
+        w_qkv, b_qkv = torch.cat([w_q, w_k, w_v], 1), torch.cat([b_q, b_k, b_v])
+        widths = [w_q.shape[1], w_k.shape[1], w_v.shape[1]]
+        q, k, v = w_qkv.split(widths, dim=1)
+        bq, bk, bv = b_qkv.split(widths)
+        return cls(w_q=q, b_q=bq, w_k=k, b_k=bk, w_v=v, b_v=bv, w_qkv=w_qkv, b_qkv=b_qkv, **rest)
 
 
 @dataclass(frozen=True)
