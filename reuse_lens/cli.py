@@ -476,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except known as error:
         parser.exit(2, f"reuse-lens {args.command}: error: {error}\n")
     except KeyboardInterrupt:
-        parser.exit(130, "reuse-lens: stopped; finished circuits are kept and reused next time\n")
+        parser.exit(130, "reuse-lens: stopped; finished work is kept and reused next time\n")
 
 
 if __name__ == "__main__":

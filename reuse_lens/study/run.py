@@ -65,8 +65,9 @@ def run_study(
 
     Arguments:
         config: what to run; the zoo demo when None.
-        out: the folder for the circuits; a study stopped and run again with the same
-            folder and settings reuses the circuits it finished.
+        out: the folder for the circuits (and, in ``out/work``, the finished resamples
+            and measurements); a study stopped and run again with the same folder and
+            settings reuses the work it finished.
         progress: show one progress bar for the whole study, naming the unit in hand.
         executor: ``"local"`` (this process, the default), ``"ray"`` (a Ray cluster; see
             ``RayExecutor`` for the address), or an executor object. Every executor
