@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ __all__ = [
     "Shapes",
     "chunk_items",
     "edge_attribution_plan",
+    "nbytes",
     "parse_budget",
     "resolve_budget",
 ]
@@ -170,6 +172,11 @@ def edge_attribution_plan(
     # Not even one layer's receivers fit: run them one layer at a time, with the warning.
     chunk_items(whole, batch_size * per_prompt(1), held, "layer of edge attribution's receivers")
     return batch_size, 1
+
+
+def nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """The bytes of ``tensors``' elements."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def format_bytes(n: int | float) -> str:

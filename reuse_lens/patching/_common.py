@@ -264,20 +264,17 @@ def rows_per_chunk(
     batch_size: int | None,
     budget: int,
     *,
-    cached_prompts: int = 0,
     held: int = 0,
 ) -> int:
     """How many (patch, prompt) rows one forward pass may hold under the memory budget.
 
-    ``batch_size`` overrides the budget. Otherwise the budget, less what the call holds
-    throughout (``held`` bytes, such as ``Prepared.held_bytes``, and the estimated runs
-    of ``cached_prompts`` prompts it caches besides), is divided by one row's activations
-    (``_memory.Shapes.forward_row``).
+    ``batch_size`` overrides the budget. Otherwise the budget, less the ``held`` bytes the
+    call holds throughout (such as ``Prepared.held_bytes``), is divided by one row's
+    activations (``_memory.Shapes.forward_row``).
     """
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         return batch_size
     shapes = Shapes.of(model, width)
-    fixed = held + cached_prompts * shapes.run_cache()
-    return chunk_items(budget, shapes.forward_row(), fixed, "row of a forward pass")
+    return chunk_items(budget, shapes.forward_row(), held, "row of a forward pass")

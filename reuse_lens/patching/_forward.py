@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from reuse_lens._memory import nbytes
 from reuse_lens.arch.spec import ArchSpec
 
 if TYPE_CHECKING:
@@ -492,5 +493,4 @@ class RunCache:
         """The bytes of every activation held here."""
         lists = (self.resid_pre, self.resid_mid, self.q, self.k, self.v, self.pattern, self.z,
                  self.mlp_out)  # fmt: skip
-        tensors = [t for layer in lists for t in layer] + [self.final]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return nbytes([*(t for layer in lists for t in layer), self.final])

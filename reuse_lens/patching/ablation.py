@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from reuse_lens._memory import MemoryBudget, Shapes, chunk_items, resolve_budget
+from reuse_lens._memory import MemoryBudget, Shapes, chunk_items, nbytes, resolve_budget
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import LOGITS, MLP, ModelShape, shape_of
 from reuse_lens.patching._common import (
@@ -425,10 +425,8 @@ class AblationRunner:
         estimate of two runs of every prompt."""
         if self.prep.weights is None:
             return 2 * self.prep.n * Shapes.of(self.prep.model, self._width).run_cache()
-        sources = 0
-        if self._sources is not None:
-            tensors = [self._sources.input, *self._sources.z, *self._sources.mlp_out]
-            sources = sum(t.numel() * t.element_size() for t in tensors)
+        src = self._sources
+        sources = 0 if src is None else nbytes([src.input, *src.z, *src.mlp_out])
         return self.prep.held_bytes + sources
 
     def _hook_edges(self) -> HookEdges:
