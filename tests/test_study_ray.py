@@ -118,6 +118,18 @@ class _StopsAfter(study.RayExecutor):
                 yield item
 
 
+def test_units_asking_more_cpus_than_any_node_has_are_refused(cluster: None) -> None:
+    config = study.StudyConfig(
+        tasks=("ioi", "sva"), fine_tuned={}, methods=("activation",), n_prompts=12,
+        n_boot=0, n_random=2, edge_overlap=False, threads=3,
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match="no node of the cluster has more than 2: pass --threads 2"
+    ):
+        study.run_study(config, executor="ray", progress=False)
+    assert ray.is_initialized()  # the caller's cluster is left running
+
+
 def test_ray_executor_connects_to_the_address_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict[str, Any]] = []
 

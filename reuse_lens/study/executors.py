@@ -92,6 +92,12 @@ class RayExecutor:
         import ray
 
         started = self._connect(ray)
+        try:
+            _check_cpus(ray, units)
+        except ValueError:
+            if started:
+                ray.shutdown()
+            raise
         # A GPU task's worker normally exits after one task (max_calls=1), which would
         # reload the model for every unit; it is kept (0: no limit) to reuse the model.
         remote = ray.remote(max_calls=0)(run_in_worker)
@@ -126,6 +132,18 @@ class RayExecutor:
         else:
             ray.init(num_cpus=self.num_cpus, include_dashboard=False)
         return True
+
+
+def _check_cpus(ray: Any, units: Sequence[Unit]) -> None:
+    """Refuse units that ask for more CPUs than any node has: Ray would queue them forever."""
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    wanted = max((unit.model.threads or 1 for unit in units), default=1)
+    if wanted > largest:
+        raise ValueError(
+            f"each unit runs torch on {wanted} threads and asks Ray for as many CPUs, but no "
+            f"node of the cluster has more than {largest:g}: pass --threads {max(1, int(largest))} "
+            "(StudyConfig(threads=...)) or fewer"
+        )
 
 
 def _uses_gpu(unit: Unit) -> bool:
