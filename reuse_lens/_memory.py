@@ -244,6 +244,12 @@ class Shapes:
         per_token = 8 * self.d_model + 6 * hd + 3 * self.d_mlp + 3 * self.n_heads * self.width
         return 2 * F32 * self.width * per_token + 2 * F32 * self.d_vocab
 
+    def bridge_prompt(self) -> int:
+        """One prompt of the bridge's own forward pass (``evaluation.answer_logits``): a
+        forward row, and the logits of every position, which TransformerLens unembeds,
+        with their float32 copy."""
+        return self.forward_row() + (self.itemsize + F32) * self.width * self.d_vocab
+
     def run_cache(self) -> int:
         """One prompt of a cached functional run (``RunCache``): every layer's resid_pre,
         resid_mid, q, k, v, z, mlp_out and attention pattern."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 
     from reuse_lens.tasks.task import Task
 
-__all__ = ["ENGINES", "Engine", "Prepared", "prepare", "rows_per_chunk"]
+__all__ = ["ENGINES", "Engine", "Prepared", "prepare", "prompts_per_part", "rows_per_chunk"]
 
 Engine = Literal["auto", "functional", "hooks"]
 """Which engine patches the model.
@@ -59,6 +61,10 @@ class Prepared:
     weights: Weights | None
     fallback_reason: str | None
     runs: dict[str, RunCache] = field(default_factory=dict)
+    part_size: int | None = None
+    """Prompts per part of the call (``parts``); None: every prompt in one part."""
+    part_bytes: int = 0
+    """The estimated runs of one part, when the runs are not held (computed per part)."""
 
     def run(self, which: str) -> RunCache:
         """The functional run of the ``clean`` or ``corrupted`` prompts, computed once."""
@@ -73,10 +79,55 @@ class Prepared:
 
     @property
     def held_bytes(self) -> int:
-        """What this preparation holds on top of the model: the functional forward's own
-        weights and its cached runs, which an engine's chunks share the budget with."""
+        """What this preparation holds on top of the model while an engine works: the
+        functional forward's own weights and the cached runs (of every prompt, or of the
+        part at hand), which an engine's chunks share the budget with."""
         own = 0 if self.weights is None else self.weights.own_bytes
-        return own + sum(run.nbytes for run in self.runs.values())
+        return own + sum(run.nbytes for run in self.runs.values()) + self.part_bytes
+
+    def spans(self) -> list[slice]:
+        """The prompts of each part of the call: one span of ``part_size`` prompts each, or
+        every prompt in one when their runs fit the budget (``prepare``)."""
+        size = self.part_size or self.n
+        return [slice(start, min(start + size, self.n)) for start in range(0, self.n, size)]
+
+    def parts(self) -> Iterator[Prepared]:
+        """The call's parts, each a ``Prepared`` of its own prompts (``select``), made as
+        they are asked for; ``self`` alone when the runs of every prompt fit.
+
+        A part computes its runs on first use. An engine works one part at a time and lets
+        it go before taking the next, so the runs of one part are held at a time. Scores
+        are means over prompts: the engines sum each part's per-prompt values and divide
+        by ``n``.
+        """
+        spans = self.spans()
+        if len(spans) == 1:
+            yield self
+            return
+        for span in spans:
+            yield self.select(span)
+
+    def select(self, prompts: slice) -> Prepared:
+        """These prompts alone: the same model, weights and metric; runs computed anew."""
+        return dataclasses.replace(
+            self,
+            clean=self.clean[prompts],
+            corrupted=self.corrupted[prompts],
+            answer_pos=self.answer_pos[prompts],
+            inputs=self.inputs.select(prompts),
+            clean_logits=self.clean_logits[prompts],
+            corrupted_logits=self.corrupted_logits[prompts],
+            runs={},
+            part_size=None,
+            part_bytes=0,
+        )
+
+    def mean_run(self, lengths: Int[Tensor, " batch"]) -> RunCache:
+        """The clean runs averaged over every prompt (``mean_cache``), part by part when
+        the runs of every prompt are not held; ``lengths`` are the positions each prompt
+        adds to the mean."""
+        pieces = zip(self.parts(), self.spans(), strict=True)
+        return mean_cache((part.run("clean"), lengths[span]) for part, span in pieces)
 
     def score(self, logits: Tensor, prompt: Int[Tensor, " rows"]) -> Float[Tensor, " rows"]:
         """The metric of each row's logits, read against prompt ``prompt[row]``'s answers."""
@@ -94,13 +145,24 @@ class Prepared:
 
 @torch.no_grad()
 def prepare(
-    model: TransformerBridge, task: Task, metric: str | Metric | None, *, engine: Engine = "auto"
+    model: TransformerBridge,
+    task: Task,
+    metric: str | Metric | None,
+    *,
+    engine: Engine = "auto",
+    budget: int | None = None,
 ) -> Prepared:
     """Check the task against the model and compute what every patching method needs.
 
     The functional forward is verified against the bridge's own logits on the clean
     prompts; on any mismatch the model is patched through hooks instead (``engine="auto"``),
     or the call is refused (``engine="functional"``).
+
+    Under a ``budget`` (bytes) the bridge's logits are computed as many prompts a pass as
+    fit, and the runs are kept only if the runs of every prompt fit in half of what the
+    weights leave free (``prompts_per_part``). Otherwise the call works in parts of that
+    many prompts (``Prepared.parts``), each recomputing its own runs. Without a budget
+    every run is kept, as a caller that holds them anyway wants.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
@@ -109,8 +171,13 @@ def prepare(
     chosen = get_metric(task.metric if metric is None else metric)
     clean, corrupted = task.clean.to(device), task.corrupted.to(device)
     answer_pos = task.answer_pos.to(device)
+    shapes = Shapes.of(model, int(clean.shape[1]))
+    per_pass = _BRIDGE_BATCH
+    if budget is not None:
+        per_prompt = shapes.bridge_prompt()
+        per_pass = min(per_pass, chunk_items(budget, per_prompt, 0, "prompt of the bridge's pass"))
     try:
-        clean_logits = answer_logits(model, clean, answer_pos)
+        clean_logits = answer_logits(model, clean, answer_pos, batch_size=per_pass)
     except RuntimeError as error:
         # TransformerLens's own forward pass failing (e.g. OLMo-2 in bfloat16 in 4.3, whose
         # attention mixes float32 and bfloat16) would otherwise surface deep in its code.
@@ -121,6 +188,7 @@ def prepare(
         ) from error
     corrupted_logits: Tensor | None = None
     runs: dict[str, RunCache] = {}
+    part_size: int | None = None
     base_inputs = task.metric_inputs()
     inputs = MetricInputs(
         base_inputs.answers.to(device), base_inputs.wrong.to(device), clean_logits
@@ -137,20 +205,15 @@ def prepare(
                     "its adapter and TransformerLens disagree on whether attention and MLP "
                     "run in parallel"
                 )
-            rows = torch.arange(clean.shape[0], device=device)
-            runs["clean"] = weights.run(clean)
-            ours = weights.logits(runs["clean"].final[rows, answer_pos])
-            gap = float((ours.float() - clean_logits).abs().max())
-            tolerance = verify_tolerance(ours.dtype) * max(1.0, float(clean_logits.abs().max()))
-            if gap > tolerance:
-                raise Unsupported(f"its logits differ from the bridge's by {gap:.2g}")
+            if budget is not None:
+                part_size = prompts_per_part(budget, shapes, weights.own_bytes)
+            runs, corrupted_logits = _verified_runs(
+                weights, clean, corrupted, answer_pos, clean_logits, part_size
+            )
             reason = None
-            # Verified: the corrupted run is the functional one, kept for the engines.
-            runs["corrupted"] = weights.run(corrupted)
-            corrupted_logits = weights.logits(runs["corrupted"].final[rows, answer_pos])
         except Unsupported as why:
             weights, reason = None, f"the fast forward cannot reproduce this model: {why}"
-            runs = {}
+            runs, part_size = {}, None
             logger.info("patching through hooks: %s", reason)
     if weights is None and engine == "functional":
         raise ValueError(
@@ -158,7 +221,8 @@ def prepare(
             "patches it through hooks."
         )
     if corrupted_logits is None:
-        corrupted_logits = answer_logits(model, corrupted, answer_pos)
+        corrupted_logits = answer_logits(model, corrupted, answer_pos, batch_size=per_pass)
+    split = part_size is not None and part_size < len(clean)
     prepared = Prepared(
         model=model,
         clean=clean,
@@ -171,10 +235,70 @@ def prepare(
         weights=weights,
         fallback_reason=reason,
         runs=runs,
+        part_size=part_size if split else None,
+        part_bytes=2 * part_size * shapes.run_cache() if split and part_size else 0,
     )
     prepared.clean_metric  # noqa: B018  (raises MetricError on NaN before any sweep)
     prepared.corrupted_metric  # noqa: B018
     return prepared
+
+
+_BRIDGE_BATCH = 64
+"""Prompts per pass of the bridge's own forward pass (full logits) at most."""
+
+
+def prompts_per_part(budget: int, shapes: Shapes, own_bytes: int) -> int:
+    """Prompts whose clean and corrupted runs one part of a call holds under ``budget``.
+
+    The runs of a part may take half of what the functional weights (``own_bytes``) and a
+    mean ablation's source (one prompt's run) leave free; the other half is for the
+    chunks of rows that patch them. Each prompt is therefore counted at twice its runs.
+    """
+    return chunk_items(
+        budget, 2 * 2 * shapes.run_cache(), own_bytes + shapes.run_cache(), "prompt's runs"
+    )
+
+
+def _verified_runs(
+    weights: Weights,
+    clean: Int[Tensor, "batch pos"],
+    corrupted: Int[Tensor, "batch pos"],
+    answer_pos: Int[Tensor, " batch"],
+    clean_logits: Float[Tensor, "batch d_vocab"],
+    part_size: int | None,
+) -> tuple[dict[str, RunCache], Float[Tensor, "batch d_vocab"]]:
+    """Check the functional forward against the bridge's logits on every clean prompt, and
+    compute the corrupted logits with it, ``part_size`` prompts at a time.
+
+    Returns the runs of every prompt when they are one part (else none: each part
+    recomputes its own), and the corrupted prompts' answer logits.
+
+    Raises:
+        Unsupported: if any prompt's logits differ from the bridge's beyond the dtype's
+            tolerance (``verify_tolerance``).
+    """
+    n = int(clean.shape[0])
+    size = part_size or n
+    tolerance: float | None = None
+    runs: dict[str, RunCache] = {}
+    corrupted_logits = []
+    for start in range(0, n, size):
+        span = slice(start, min(start + size, n))
+        rows = torch.arange(span.stop - span.start, device=clean.device)
+        runs["clean"] = weights.run(clean[span])
+        ours = weights.logits(runs["clean"].final[rows, answer_pos[span]])
+        if tolerance is None:
+            largest = max(1.0, float(clean_logits.abs().max()))
+            tolerance = verify_tolerance(ours.dtype) * largest
+        gap = float((ours.float() - clean_logits[span]).abs().max())
+        if gap > tolerance:
+            raise Unsupported(f"its logits differ from the bridge's by {gap:.2g}")
+        # Verified: the corrupted run is the functional one, kept for the engines.
+        runs["corrupted"] = weights.run(corrupted[span])
+        corrupted_logits.append(weights.logits(runs["corrupted"].final[rows, answer_pos[span]]))
+        if size < n:
+            runs = {}
+    return runs, torch.cat(corrupted_logits)
 
 
 def verify_tolerance(dtype: torch.dtype) -> float:
@@ -205,57 +329,58 @@ def masked_mean(
     into the model, whose matmuls need their operands in one dtype, and a bfloat16 sum
     over many prompts would lose the low bits of every term.
     """
-    width = int(x.shape[pos_axis])
-    valid = position_mask(lengths, width).to(torch.float32)  # (batch, pos)
-    count = valid.sum(0).clamp(min=1)
+    valid = position_mask(lengths, int(x.shape[pos_axis])).to(torch.float32)  # (batch, pos)
+    return _divide(_masked_total(x, valid, pos_axis), valid.sum(0), pos_axis, x.dtype)
+
+
+def _masked_total(x: Tensor, valid: Tensor, pos_axis: int) -> Tensor:
+    """The float32 sum over the batch of ``x`` at the positions ``valid`` (batch, pos) marks."""
     shape = [1] * x.dim()
-    shape[0], shape[pos_axis] = x.shape[0], width
-    count_shape = [1] * x.dim()
-    count_shape[pos_axis] = width
-    total = (x.to(torch.float32) * valid.view(shape)).sum(0, keepdim=True)
-    return (total / count.view(count_shape)).to(x.dtype)
+    shape[0], shape[pos_axis] = x.shape[0], x.shape[pos_axis]
+    return (x.to(torch.float32) * valid.view(shape)).sum(0, keepdim=True)
 
 
-def mean_cache(cache: RunCache, lengths: Int[Tensor, " batch"]) -> RunCache:
+def _divide(total: Tensor, count: Tensor, pos_axis: int, dtype: torch.dtype) -> Tensor:
+    """``total`` over the prompts counted at each position (at least one), in ``dtype``."""
+    count_shape = [1] * total.dim()
+    count_shape[pos_axis] = int(count.shape[0])
+    return (total / count.clamp(min=1).view(count_shape)).to(dtype)
+
+
+def _pos_axis(name: str) -> int:
+    """The position axis of a ``RunCache`` field: the pattern's query positions, else 1."""
+    return 2 if name == "pattern" else 1
+
+
+def mean_cache(pieces: Iterable[tuple[RunCache, Int[Tensor, " batch"]]]) -> RunCache:
     """Every activation averaged over prompts, position by position, as a batch of one.
 
-    A position is averaged only over the prompts that have a real token there, so the
-    padding of shorter prompts never enters the mean.
+    ``pieces`` are runs with their prompts' lengths: every prompt in one, or the parts of a
+    call one at a time (each is dropped once summed). A position is averaged only over the
+    prompts that have a real token there, so the padding of shorter prompts never enters
+    the mean; the sums are float32, as in ``masked_mean``.
     """
-
-    def avg(x: Tensor, pos_axis: int = 1) -> Tensor:
-        return masked_mean(x, lengths, pos_axis)
-
-    return RunCache(
-        resid_pre=[avg(x) for x in cache.resid_pre],
-        resid_mid=[avg(x) for x in cache.resid_mid],
-        q=[avg(x) for x in cache.q],
-        k=[avg(x) for x in cache.k],
-        v=[avg(x) for x in cache.v],
-        pattern=[avg(x, 2) for x in cache.pattern],
-        z=[avg(x) for x in cache.z],
-        mlp_out=[avg(x) for x in cache.mlp_out],
-        final=avg(cache.final),
-    )
+    layout: RunCache | None = None
+    totals: list[Tensor] = []
+    count: Tensor | None = None
+    for cache, lengths in pieces:
+        valid = position_mask(lengths, int(cache.final.shape[1])).to(torch.float32)
+        piece = [_masked_total(x, valid, _pos_axis(name)) for name, x in cache.items()]
+        totals = piece if not totals else [a + b for a, b in zip(totals, piece, strict=True)]
+        count = valid.sum(0) if count is None else count + valid.sum(0)
+        layout = cache
+    if layout is None or count is None:
+        raise ValueError("a mean over no prompts")
+    means = [
+        _divide(total, count, _pos_axis(name), x.dtype)
+        for total, (name, x) in zip(totals, layout.items(), strict=True)
+    ]
+    return layout.replaced(means)
 
 
 def zero_cache(cache: RunCache) -> RunCache:
     """Every activation zero, as a batch of one."""
-
-    def zero(xs: list[Tensor]) -> list[Tensor]:
-        return [torch.zeros_like(x[:1]) for x in xs]
-
-    return RunCache(
-        zero(cache.resid_pre),
-        zero(cache.resid_mid),
-        zero(cache.q),
-        zero(cache.k),
-        zero(cache.v),
-        zero(cache.pattern),
-        zero(cache.z),
-        zero(cache.mlp_out),
-        torch.zeros_like(cache.final[:1]),
-    )
+    return cache.replaced([torch.zeros_like(x[:1]) for _, x in cache.items()])
 
 
 def rows_per_chunk(

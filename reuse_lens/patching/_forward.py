@@ -21,7 +21,7 @@ architecture that only looks supported is never patched silently wrong.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -491,6 +491,18 @@ class RunCache:
     @property
     def nbytes(self) -> int:
         """The bytes of every activation held here."""
-        lists = (self.resid_pre, self.resid_mid, self.q, self.k, self.v, self.pattern, self.z,
-                 self.mlp_out)  # fmt: skip
-        return nbytes([*(t for layer in lists for t in layer), self.final])
+        return nbytes(x for _, x in self.items())
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        """Every activation with its field's name: the per-layer lists in order, ``final`` last."""
+        per_layer = [(name, x) for name in _PER_LAYER for x in getattr(self, name)]
+        return [*per_layer, ("final", self.final)]
+
+    def replaced(self, tensors: Sequence[Tensor]) -> RunCache:
+        """A cache laid out as this one, holding ``tensors`` (in ``items()`` order)."""
+        values = iter(tensors)
+        lists = {name: [next(values) for _ in getattr(self, name)] for name in _PER_LAYER}
+        return RunCache(**lists, final=next(values))
+
+
+_PER_LAYER = ("resid_pre", "resid_mid", "q", "k", "v", "pattern", "z", "mlp_out")

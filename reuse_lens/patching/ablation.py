@@ -36,14 +36,13 @@ from reuse_lens.nodes import LOGITS, MLP, ModelShape, shape_of
 from reuse_lens.patching._common import (
     Engine,
     Prepared,
-    mean_cache,
     position_mask,
     prepare,
     rows_per_chunk,
     zero_cache,
 )
 from reuse_lens.patching._edge_forward import Receivers, run_edges
-from reuse_lens.patching._forward import Norm, RunCache, Weights
+from reuse_lens.patching._forward import Norm, Weights
 from reuse_lens.patching._hook_edges import HookEdges
 from reuse_lens.patching._hooks import HookSources, hook_name
 from reuse_lens.patching.graph import GraphIndex
@@ -228,7 +227,7 @@ class AblationRunner:
         self.budget = resolve_budget(memory_budget, model.cfg.device)
         if batch_size is not None:
             rows_per_chunk(model, 1, batch_size, self.budget)  # refuses a bad one now
-        self.prep: Prepared = prepare(model, task, metric, engine=engine)
+        self.prep: Prepared = prepare(model, task, metric, engine=engine, budget=self.budget)
         self.batch_size = batch_size
         self._width = int(self.prep.clean.shape[1])
         # The positions each prompt adds to a mean: its real ones, or the whole padded width.
@@ -244,6 +243,10 @@ class AblationRunner:
         with torch.no_grad():
             if self.prep.weights is not None:
                 self._sources = self._functional_sources(self.prep.weights)
+                # Circuits read the sources and recompute the rest from the tokens: the
+                # runs go, and the budget's room with them returns to the chunks.
+                self.prep.runs.clear()
+                self.prep.part_bytes = 0
             else:
                 self._hook_sources = HookSources.build(
                     model,
@@ -461,21 +464,29 @@ class AblationRunner:
     # ---- sources --------------------------------------------------------------------
 
     def _functional_sources(self, w: Weights) -> _Sources:
+        """What replaces each sender's output: the corrupted runs' (of every prompt,
+        gathered part by part), their mean over every prompt, or zero."""
         prep = self.prep
         if self.ablation == "resample":
-            cache: RunCache = prep.run("corrupted")
+            # Of each part's corrupted run, only what a circuit reads is kept.
+            # resid_pre[0] is the embedding, the output of the ``input`` sender.
+            kept = [
+                [run.resid_pre[0], *run.z, *run.mlp_out]
+                for run in (part.run("corrupted") for part in prep.parts())
+            ]
+            flat = kept[0] if len(kept) == 1 else [torch.cat(xs) for xs in zip(*kept, strict=True)]
+            n = w.n_layers
+            source_input, z, mlp_out = flat[0], flat[1 : 1 + n], flat[1 + n :]
         else:
-            clean = prep.run("clean")
             cache = (
-                mean_cache(clean, self._mean_lengths)
+                prep.mean_run(self._mean_lengths)
                 if self.ablation == "mean"
-                else zero_cache(clean)
+                else zero_cache(prep.select(slice(0, 1)).run("clean"))
             )
-        # resid_pre[0] is the embedding, the output of the ``input`` sender.
-        source_input = cache.resid_pre[0]
+            source_input, z, mlp_out = cache.resid_pre[0], cache.z, cache.mlp_out
         if self.input_node == "tokens":
             source_input = self._token_embedding_source(w)
-        return _Sources(input=source_input, z=cache.z, mlp_out=cache.mlp_out)
+        return _Sources(input=source_input, z=z, mlp_out=mlp_out)
 
     def _token_embedding_source(self, w: Weights) -> Float[Tensor, "src pos d_model"]:
         """The ablated token embedding, for ``input_node="tokens"`` (MIB's ``input``)."""

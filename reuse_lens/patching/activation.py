@@ -31,7 +31,6 @@ from reuse_lens.nodes import MLP, AttentionHead, Node, NodeNameError, parse_node
 from reuse_lens.patching._common import (
     Engine,
     Prepared,
-    mean_cache,
     prepare,
     rows_per_chunk,
     zero_cache,
@@ -195,14 +194,10 @@ def _activation_patching(
     """``activation_patching`` after its options are checked."""
     heads, mlps = select_nodes(model, nodes, component)
     budget = resolve_budget(memory_budget, model.cfg.device)
-    prep = prepare(model, task, metric, engine=engine)
-    patcher = _engine(prep, ablation, direction, component)
+    prep = prepare(model, task, metric, engine=engine, budget=budget)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     shape = shape_of(model)
     width = int(prep.clean.shape[1])
-    lengths = prep.answer_pos + 1
-    everyone = torch.arange(prep.n, device=prep.clean.device)
-    first = _first_difference(prep, ablation)
     kinds: list[tuple[int, tuple[int, ...] | None]] = []
     for layer in range(n_layers):
         layer_heads = tuple(h.head for h in heads if h.layer == layer)
@@ -210,40 +205,42 @@ def _activation_patching(
             kinds.append((layer, layer_heads))
         if any(m.layer == layer for m in mlps):
             kinds.append((layer, None))
-    groups = [
-        Group(layer, kind, pos0, True, bucket)
-        for pos0, bucket in _buckets(first, lengths)
-        for layer, kind in kinds
+    # A mean is over every prompt, whichever part of the call is being patched.
+    mean = prep.mean_run(prep.answer_pos + 1) if ablation == "mean" and prep.weights else None
+    # The functional engine holds its weights and the runs of every prompt (or of one part
+    # of them) throughout.
+    limit = rows_per_chunk(model, width, batch_size, budget, held=prep.held_bytes)
+    spans = prep.spans()
+    plans = [
+        list(_chunks(_groups(prep, span, kinds, ablation, per_position), limit)) for span in spans
     ]
-    if per_position:
-        for pos in range(width):
-            # Prompts without a token at pos, or whose patch there is a no-op, add 0.
-            reach = everyone[(lengths > pos) & (first <= pos)]
-            if len(reach):
-                groups.extend(Group(layer, kind, pos, False, reach) for layer, kind in kinds)
 
     head_sum = torch.zeros(n_layers, n_heads)
     mlp_sum = torch.zeros(n_layers)
     head_pos = torch.zeros(width, n_layers, n_heads) if per_position else None
     mlp_pos = torch.zeros(width, n_layers) if per_position else None
-    # The functional engine holds its weights and the runs of every prompt throughout.
-    limit = rows_per_chunk(model, width, batch_size, budget, held=prep.held_bytes)
-    chunks = list(_chunks(groups, limit))
-    for rows in progress_bar(chunks, desc="activation patching", show_from=20):
-        effect = (patcher.metric(rows) - patcher.base_metric[rows.prompt]).cpu()
-        group = rows.group
-        n_variants = 1 if group.heads is None else len(group.heads)
-        totals = torch.zeros(n_variants).index_add_(0, rows.variant.cpu(), effect)
-        if group.heads is None:
-            target = mlp_sum if group.all_pos else mlp_pos
-            assert target is not None
-            index = (group.layer,) if group.all_pos else (group.pos0, group.layer)
-            target[index] += totals[0]
-        else:
-            target = head_sum if group.all_pos else head_pos
-            assert target is not None
-            layer_view = target[group.layer] if group.all_pos else target[group.pos0, group.layer]
-            layer_view[list(group.heads)] += totals
+    n_chunks = sum(len(chunks) for chunks in plans)
+    with progress_bar(desc="activation patching", total=n_chunks, show_from=20) as bar:
+        for part, chunks in zip(prep.parts(), plans, strict=True):
+            patcher = _engine(part, ablation, direction, component, mean)
+            for rows in chunks:
+                effect = (patcher.metric(rows) - patcher.base_metric[rows.prompt]).cpu()
+                group = rows.group
+                n_variants = 1 if group.heads is None else len(group.heads)
+                totals = torch.zeros(n_variants).index_add_(0, rows.variant.cpu(), effect)
+                if group.heads is None:
+                    target = mlp_sum if group.all_pos else mlp_pos
+                    assert target is not None
+                    index = (group.layer,) if group.all_pos else (group.pos0, group.layer)
+                    target[index] += totals[0]
+                else:
+                    target = head_sum if group.all_pos else head_pos
+                    assert target is not None
+                    at = target[group.layer] if group.all_pos else target[group.pos0, group.layer]
+                    at[list(group.heads)] += totals
+                bar.update()
+            del patcher  # this part's runs go before the next part's are computed
+            part.runs.clear()
 
     nan_heads = torch.full((n_layers, n_heads), float("nan"))
     head_scores = nan_heads.clone()
@@ -333,6 +330,32 @@ def _parse_all(names: list[str | Node], shape: object) -> list[Node]:
     return out
 
 
+def _groups(
+    prep: Prepared,
+    span: slice,
+    kinds: list[tuple[int, tuple[int, ...] | None]],
+    ablation: str,
+    per_position: bool,
+) -> list[Group]:
+    """The patches of one part of the call (the prompts of ``span``, numbered from 0)."""
+    part = prep.select(span)
+    lengths = part.answer_pos + 1
+    first = _first_difference(part, ablation)
+    groups = [
+        Group(layer, kind, pos0, True, bucket)
+        for pos0, bucket in _buckets(first, lengths)
+        for layer, kind in kinds
+    ]
+    if per_position:
+        everyone = torch.arange(part.n, device=part.clean.device)
+        for pos in range(int(part.clean.shape[1])):
+            # Prompts without a token at pos, or whose patch there is a no-op, add 0.
+            reach = everyone[(lengths > pos) & (first <= pos)]
+            if len(reach):
+                groups.extend(Group(layer, kind, pos, False, reach) for layer, kind in kinds)
+    return groups
+
+
 def _first_difference(prep: Prepared, ablation: str) -> Int[Tensor, " batch"]:
     """The first position at which each prompt's patch can change anything.
 
@@ -396,10 +419,16 @@ class _Engine:
         raise NotImplementedError
 
 
-def _engine(prep: Prepared, ablation: str, direction: str, component: str) -> _Engine:
+def _engine(
+    prep: Prepared, ablation: str, direction: str, component: str, mean: RunCache | None
+) -> _Engine:
+    """The engine of one part of the call; ``mean`` is the functional mean ablation's
+    source, taken over every prompt of the call."""
     base_tokens = prep.clean if direction == "noising" else prep.corrupted
     if prep.weights is not None:
-        return _FunctionalEngine(prep, prep.weights, base_tokens, ablation, direction, component)
+        return _FunctionalEngine(
+            prep, prep.weights, base_tokens, ablation, direction, component, mean
+        )
     return _HookEngine(prep, base_tokens, ablation, direction, component)
 
 
@@ -412,6 +441,7 @@ class _FunctionalEngine(_Engine):
         ablation: str,
         direction: str,
         component: str,
+        mean: RunCache | None,
     ) -> None:
         self.prep, self.w, self.component = prep, weights, component
         with torch.no_grad():
@@ -420,8 +450,8 @@ class _FunctionalEngine(_Engine):
             if ablation == "resample":
                 self.source = prep.run(other_name)
             elif ablation == "mean":
-                clean = prep.run("clean")
-                self.source = mean_cache(clean, prep.answer_pos + 1)
+                assert mean is not None
+                self.source = mean
             else:
                 self.source = zero_cache(self.base)
             every = torch.arange(prep.n, device=base_tokens.device)

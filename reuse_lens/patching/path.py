@@ -112,7 +112,7 @@ def path_patching(
     else:
         chosen = parse_nodes(list(senders), shape)
     budget = resolve_budget(memory_budget, model.cfg.device)
-    prep = prepare(model, task, metric, engine=engine)
+    prep = prepare(model, task, metric, engine=engine, budget=budget)
     mask = _position_mask(positions, prep)
     if prep.weights is None:
         # Two full caches of every prompt are held; each chunk is a hooked forward pass.
@@ -222,11 +222,8 @@ def _path_functional(
     limit: int,
 ) -> dict[Node, float]:
     """Each sender's effect, ``limit`` (sender, prompt) rows per forward pass: several
-    senders on every prompt, or, below one sender's prompts, one sender on a slice."""
-    with torch.no_grad():
-        clean, corrupted = prep.run("clean"), prep.run("corrupted")
-        every = torch.arange(prep.n, device=prep.clean.device)
-        base = prep.score(w.logits(clean.final[every, prep.answer_pos]), every)
+    senders on every prompt, or, below one sender's prompts, one sender on a slice; one
+    part of the call's prompts at a time (``Prepared.parts``)."""
     groups: list[tuple[int, list[Node]]] = []
     for layer in range(w.n_layers):
         heads: list[Node] = [
@@ -234,25 +231,44 @@ def _path_functional(
         ]
         mlps: list[Node] = [s for s in senders if isinstance(s, MLP) and s.layer == layer]
         groups += [(layer, g) for g in (heads, mlps) if g]
-    per_chunk = max(1, limit // prep.n)
-    slices = [every[i : i + limit] for i in range(0, prep.n, limit)] if limit < prep.n else [every]
-    work = [
-        (layer, g[i : i + per_chunk], part)
-        for layer, g in groups
-        for i in range(0, len(g), per_chunk)
-        for part in slices
-    ]
+
+    def plan(n: int) -> list[tuple[int, list[Node], Tensor]]:
+        """The chunks of a part of ``n`` prompts: (layer, senders, prompts)."""
+        every = torch.arange(n, device=prep.clean.device)
+        per_chunk = max(1, limit // n)
+        slices = [every[i : i + limit] for i in range(0, n, limit)] if limit < n else [every]
+        return [
+            (layer, g[i : i + per_chunk], rows)
+            for layer, g in groups
+            for i in range(0, len(g), per_chunk)
+            for rows in slices
+        ]
+
+    spans = prep.spans()
+    plans = [plan(span.stop - span.start) for span in spans]
+
     sums: dict[Node, float] = {}
-    for layer, nodes, part in progress_bar(work, desc="path patching", show_from=20):
-        n = len(nodes)
-        prompt = part.repeat(n)
-        with torch.no_grad():
-            values = _rows(
-                prep, w, clean, corrupted, layer, nodes, prompt, recv, inputs, freeze, mask
-            )
-        total = (values - base[prompt]).view(n, len(part)).sum(1).cpu()
-        for node, t in zip(nodes, total.tolist(), strict=True):
-            sums[node] = sums.get(node, 0.0) + t
+    n_chunks = sum(len(chunks) for chunks in plans)
+    with progress_bar(desc="path patching", total=n_chunks, show_from=20) as bar:
+        for part, span, chunks in zip(prep.parts(), spans, plans, strict=True):
+            with torch.no_grad():
+                clean, corrupted = part.run("clean"), part.run("corrupted")
+                every = torch.arange(part.n, device=part.clean.device)
+                base = part.score(w.logits(clean.final[every, part.answer_pos]), every)
+            for layer, nodes, prompts in chunks:
+                n = len(nodes)
+                prompt = prompts.repeat(n)
+                with torch.no_grad():
+                    values = _rows(
+                        part, w, clean, corrupted, layer, nodes, prompt, recv, inputs, freeze,
+                        mask[span],
+                    )  # fmt: skip
+                effect = (values - base[prompt]).view(n, len(prompts)).sum(1).cpu()
+                for node, t in zip(nodes, effect.tolist(), strict=True):
+                    sums[node] = sums.get(node, 0.0) + t
+                bar.update()
+            del clean, corrupted  # this part's runs go before the next part's are computed
+            part.runs.clear()
     return {node: total / prep.n for node, total in sums.items()}
 
 

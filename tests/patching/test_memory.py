@@ -10,6 +10,7 @@ test model, a grouped-query family (llama_gqa) and a post-norm family (gemma2).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -30,7 +31,9 @@ from reuse_lens._memory import (
 )
 from reuse_lens.circuits.measure import CircuitEvaluator
 from reuse_lens.nodes import edges_of, shape_of
+from reuse_lens.patching import _common
 from reuse_lens.patching._attribution_functional import attribute_edges, functional_weights
+from reuse_lens.patching._common import prepare
 from reuse_lens.patching.ablation import AblationRunner, NodeMask
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
@@ -321,3 +324,110 @@ def test_edge_attribution_split_over_receivers_changes_nothing(
     assert whole.matrix.abs().sum() > 0
     torch.testing.assert_close(whole.matrix, split.matrix, atol=ATOL, rtol=0)
     assert (whole.clean, whole.corrupted) == (split.clean, split.corrupted)
+
+
+# ---- a call's prompts in parts ----------------------------------------------------------
+
+
+def test_prepare_holds_the_runs_only_when_they_fit(native_model: Any) -> None:
+    task = random_task(native_model, n=5, width=6)
+    whole = prepare(native_model, task, None, budget=parse_budget(HUGE))
+    split = prepare(native_model, task, None, budget=TINY)
+    assert whole.spans() == [slice(0, 5)] and set(whole.runs) == {"clean", "corrupted"}
+    assert whole.part_bytes == 0 and list(whole.parts()) == [whole]
+    # One prompt a part: no run is held; the budget counts the runs of the part at hand.
+    assert split.spans() == [slice(i, i + 1) for i in range(5)] and split.runs == {}
+    assert split.part_bytes == 2 * Shapes.of(native_model, 6).run_cache()
+    assert split.held_bytes == split.weights.own_bytes + split.part_bytes  # type: ignore[union-attr]
+    # The bridge's logits (one prompt a pass) and the corrupted ones (part by part) agree.
+    torch.testing.assert_close(split.clean_logits, whole.clean_logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(split.corrupted_logits, whole.corrupted_logits, atol=1e-6, rtol=0)
+    parts = list(split.parts())
+    assert [p.n for p in parts] == [1] * 5
+    assert torch.equal(torch.cat([p.clean for p in parts]), split.clean)
+    assert torch.equal(parts[3].answer_pos, split.answer_pos[3:4])
+
+
+def test_a_mean_over_parts_is_the_mean_over_every_prompt(native_model: Any) -> None:
+    # Prompts of different lengths: padding must stay out of the mean in every part.
+    task = random_task(native_model, lengths=[6, 3, 5, 2, 6], width=6)
+    prep = prepare(native_model, task, None)
+    lengths = prep.answer_pos + 1
+    whole = prep.mean_run(lengths)
+    parted = dataclasses.replace(prep, runs={}, part_size=2).mean_run(lengths)
+    assert [name for name, _ in parted.items()] == [name for name, _ in whole.items()]
+    for (name, a), (_, b) in zip(whole.items(), parted.items(), strict=True):
+        assert a.shape[0] == 1, name
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["native", "llama_gqa"])
+@pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
+def test_activation_patching_in_parts_equals_one_part(
+    name: str,
+    ablation: str,
+    native_model: Any,
+    family: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = _model(name, native_model, family)
+    task = random_task(model, lengths=[6, 4, 5, 3, 6], width=6)
+    directions = ["noising", "denoising"] if ablation == "resample" else ["noising"]
+    settings: list[dict[str, Any]] = [
+        dict(ablation=ablation, direction=d, per_position=True, memory_budget=HUGE)
+        for d in directions
+    ]
+    whole = [rl.activation_patching(model, task, **kw) for kw in settings]
+    monkeypatch.setattr(_common, "prompts_per_part", lambda *args, **kwargs: 2)
+    for kw, expected in zip(settings, whole, strict=True):
+        split = rl.activation_patching(model, task, **kw)
+        assert split.heads.isfinite().all() and split.heads.abs().sum() > 0
+        _same(split, expected)
+        assert split.clean == expected.clean  # the bridge's logits, in one pass either way
+        assert split.corrupted == pytest.approx(expected.corrupted, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["native", "llama_gqa"])
+def test_path_patching_in_parts_equals_one_part(
+    name: str, native_model: Any, family: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model(name, native_model, family)
+    task = random_task(model, lengths=[6, 4, 5, 3, 6], width=6)
+    settings: list[dict[str, Any]] = [
+        dict(receivers="logits"),
+        dict(receivers=["a1.h1"], receiver_input="kv", positions="answer"),
+    ]
+    whole = [rl.path_patching(model, task, memory_budget=HUGE, **kw) for kw in settings]
+    monkeypatch.setattr(_common, "prompts_per_part", lambda *args, **kwargs: 2)
+    for kw, expected in zip(settings, whole, strict=True):
+        _same(rl.path_patching(model, task, memory_budget=HUGE, **kw), expected)
+
+
+@pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
+@pytest.mark.parametrize("input_node", ["embeddings", "tokens"])
+def test_ablation_in_parts_equals_one_part(
+    ablation: str, input_node: str, native_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = random_task(native_model, lengths=[6, 4, 5, 3, 6], width=6)
+    shape = shape_of(native_model)
+    g = torch.Generator().manual_seed(1)
+    masks = [NodeMask(torch.rand(2, 4, generator=g) > 0.5, torch.rand(2, generator=g) > 0.5)]
+    index = GraphIndex(shape)
+    keep = torch.rand(index.n_senders, index.n_receivers, generator=g) > 0.5
+
+    def runner() -> AblationRunner:
+        return AblationRunner(
+            native_model,
+            task,
+            ablation=ablation,
+            input_node=input_node,
+            memory_budget=HUGE,  # type: ignore[arg-type]
+        )
+
+    whole = runner()
+    monkeypatch.setattr(_common, "prompts_per_part", lambda *args, **kwargs: 2)
+    split = runner()
+    # The runner keeps the sources alone: no run of any prompt stays held.
+    assert whole.prep.runs == {} and split.prep.runs == {}
+    torch.testing.assert_close(split.nodes(masks), whole.nodes(masks), atol=1e-6, rtol=0)
+    assert split.edges(keep) == pytest.approx(whole.edges(keep), abs=1e-6)
