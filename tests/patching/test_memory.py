@@ -415,14 +415,10 @@ def test_ablation_in_parts_equals_one_part(
     index = GraphIndex(shape)
     keep = torch.rand(index.n_senders, index.n_receivers, generator=g) > 0.5
 
+    options: dict[str, Any] = dict(ablation=ablation, input_node=input_node, memory_budget=HUGE)
+
     def runner() -> AblationRunner:
-        return AblationRunner(
-            native_model,
-            task,
-            ablation=ablation,
-            input_node=input_node,
-            memory_budget=HUGE,  # type: ignore[arg-type]
-        )
+        return AblationRunner(native_model, task, **options)
 
     whole = runner()
     monkeypatch.setattr(_common, "prompts_per_part", lambda *args, **kwargs: 2)
