@@ -12,20 +12,19 @@ denoising convention into our noising one, so its node scores must equal ours. W
 them (said in the output).
 
 Each run happens in a fresh process that builds the model and warms up on one prompt.
-Peak memory is the largest resident set size above the level before the timed call,
-sampled every 5 ms, on the CPU, or ``torch.cuda.max_memory_allocated`` on a GPU.
+Peak memory is taken as ``bench_memory.py`` takes it: on the CPU the peak resident set
+size (``VmHWM``, reset before the call) above the resident set size before it, with
+glibc's mmap threshold fixed; on a GPU ``torch.cuda.max_memory_allocated`` above the
+allocation before the call.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,39 +38,17 @@ from reuse_lens.patching.attribution import attribution_patching
 from reuse_lens.patching.scores import NodeScores
 from reuse_lens.tasks.task import Task
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The one way the benchmarks take peaks.
+from bench_memory import fixed_mmap_threshold
+from bench_memory import measure as measure_bytes
+
 
 def measure(fn: Callable[[], Any], device: str) -> tuple[Any, float, float]:
-    """Run ``fn`` once; return its result, the seconds it took and its peak memory in MiB."""
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        return out, seconds, (torch.cuda.max_memory_allocated() - base) / 2**20
-    import psutil
-
-    process = psutil.Process()
-    base = process.memory_info().rss
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    start = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - start
-    done.set()
-    thread.join()
-    return out, seconds, (peak[0] - base) / 2**20
+    """Run ``fn`` once; return its result, the seconds it took and its peak memory in MiB
+    (``bench_memory.measure``: the resident high-water mark on the CPU)."""
+    out, seconds, peak = measure_bytes(fn, device)
+    return out, seconds, peak / 2**20
 
 
 def build(quick: bool, device: str, n_prompts: int) -> tuple[Any, Task]:
@@ -128,6 +105,7 @@ RUNS = {
 
 def run_one(args: argparse.Namespace, n_prompts: int) -> dict[str, Any]:
     """Build the model and task, warm up on one prompt, then time one run: ``args.only``."""
+    fixed_mmap_threshold()
     model, task = build(args.quick, args.device, n_prompts)
     if args.only == "tl":
         task = task.select(list(range(min(args.tl_prompts or len(task), len(task)))))

@@ -176,8 +176,13 @@ def edge_chunk(
     matrix = torch.zeros(index.n_senders, index.n_receivers, device=clean.device)
     step_layers = layers_per_pass or w.n_layers
     groups = [range(i, min(i + step_layers, w.n_layers)) for i in range(0, w.n_layers, step_layers)]
+    post_norms = any(layer.attn_post is not None for layer in w.layers)
+    # Sender-major once per chunk, or, under post-norms, once per step (their Jacobians
+    # are taken at the step's point), whatever the number of receiver groups.
+    plain = None if post_norms else _sender_major(deltas)
     for step in range(n_steps):
         alpha = step / n_steps
+        flat = plain
         for layers in groups:
             probes = _Probes(w, start, layers)
             with torch.enable_grad():
@@ -190,8 +195,9 @@ def edge_chunk(
                         "attribution patching needs a differentiable metric such as logit_diff"
                     )
                 grads = probes.split(torch.autograd.grad(values.sum(), probes.leaves()))
-            moved = _through_post_norms(w, index, deltas, probes.raw)
-            _accumulate(w, index, moved, grads, matrix)
+            if flat is None:  # every pass of a step records the same heads' sums
+                flat = _sender_major(_through_post_norms(w, index, deltas, probes.raw))
+            _accumulate(index, flat, grads, matrix)
     clean_values = check_finite(metric(clean_logits, inputs), metric)
     corrupted_values = check_finite(metric(corrupted_logits, inputs), metric)
     return FunctionalEdges(
@@ -201,23 +207,28 @@ def edge_chunk(
     )
 
 
-def _accumulate(
-    w: Weights,
-    index: GraphIndex,
+def _sender_major(
     deltas: Float[Tensor, "batch pos sender d_model"],
+) -> Float[Tensor, "sender flat"]:
+    """The deltas as ``(sender, batch*pos*d_model)``, so that each receiver block of
+    ``_accumulate`` is one matmul on a prefix of its rows: an einsum per block would copy
+    the deltas into that layout again for every layer."""
+    return deltas.permute(2, 0, 1, 3).reshape(deltas.shape[2], -1)
+
+
+def _accumulate(
+    index: GraphIndex,
+    flat: Float[Tensor, "sender flat"],
     grads: tuple[dict[int, Tensor], dict[int, Tensor], Tensor | None],
     matrix: Float[Tensor, "sender receiver"],
 ) -> None:
     """Add Δsender · ∂m/∂(receiver input) for every edge into the receivers of one pass.
 
-    ``grads`` are the probes' gradients: per layer the heads' and the MLP's, and the
-    logits' (``_Probes.split``). The deltas are laid out sender-major once,
-    ``(sender, batch*pos*d_model)``, so that each receiver block is one matmul on a prefix
-    of its rows: an einsum per block would copy the deltas into that layout again for
-    every layer.
+    ``flat`` are the senders' deltas, sender-major (``_sender_major``); ``grads`` are the
+    probes' gradients: per layer the heads' and the MLP's, and the logits'
+    (``_Probes.split``).
     """
     heads, mlps, final = grads
-    flat = deltas.permute(2, 0, 1, 3).reshape(deltas.shape[2], -1)
     for layer, grad in heads.items():
         n = index.senders_before_heads(layer)
         g = grad.float()  # (batch, pos, receiver, d_model)
