@@ -257,6 +257,12 @@ class Shapes:
         per_layer = 3 * self.d_model + 4 * hd + self.n_heads * self.width
         return self.itemsize * self.width * self.n_layers * per_layer
 
+    def sender_outputs(self) -> int:
+        """One prompt of what resampling's ablation sources keep of a corrupted run: the
+        embedding, every layer's z and every MLP's output."""
+        per_token = self.d_model + self.n_layers * (self.n_heads * self.d_head + self.d_model)
+        return self.itemsize * self.width * per_token
+
     def backward_prompt(self) -> int:
         """One prompt of a forward and backward pass through the bridge's hooks (node EAP).
 

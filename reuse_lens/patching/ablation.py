@@ -30,7 +30,14 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from reuse_lens._memory import MemoryBudget, Shapes, chunk_items, nbytes, resolve_budget
+from reuse_lens._memory import (
+    HEADROOM,
+    MemoryBudget,
+    Shapes,
+    chunk_items,
+    nbytes,
+    resolve_budget,
+)
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import LOGITS, MLP, ModelShape, shape_of
 from reuse_lens.patching._common import (
@@ -242,7 +249,9 @@ class AblationRunner:
         self._edges_by_hooks: HookEdges | None = None
         with torch.no_grad():
             if self.prep.weights is not None:
-                self._sources = self._functional_sources(self.prep.weights)
+                forward_row = Shapes.of(model, self._width).forward_row()
+                if self.ablation != "resample" or self._sources_fit(forward_row):
+                    self._sources = self._functional_sources(self.prep.weights)
                 # Circuits read the sources and recompute the rest from the tokens: the
                 # runs go, and the budget's room with them returns to the chunks.
                 self.prep.runs.clear()
@@ -281,11 +290,8 @@ class AblationRunner:
         circuit_of = torch.arange(total, device=heads.device) // n
         prompt_of = torch.arange(total, device=heads.device) % n
         values = torch.empty(total)
-        # The functional weights and the runs of every prompt are held throughout (the
-        # hooks' sources are estimated as two runs of every prompt).
-        step = rows_per_chunk(
-            self.prep.model, self._width, self.batch_size, self.budget, held=self._held()
-        )
+        shapes = Shapes.of(self.prep.model, self._width)
+        step = self._per_chunk(shapes.forward_row(), "row of a forward pass")
         for start in range(0, total, step):
             rows = slice(start, min(start + step, total))
             prompt, circuit = prompt_of[rows], circuit_of[rows]
@@ -314,9 +320,7 @@ class AblationRunner:
         keep_h: Bool[Tensor, "rows layer head_index"],
         keep_m: Bool[Tensor, "rows layer"] | None,
     ) -> Float[Tensor, "rows d_vocab"]:
-        assert self._sources is not None
-        src = self._sources
-        src_rows = torch.zeros_like(prompt) if src.shared else prompt
+        src, src_rows = self._sources_of(w, prompt)
         tokens = self.prep.clean[prompt]
         resid = w.embed(tokens)
         for layer in range(w.n_layers):
@@ -415,17 +419,30 @@ class AblationRunner:
         A row holds every sender's delta ``(pos, sender, d_model)`` and, a layer at a time,
         every receiver's own input ``(pos, 3*head, d_model)``: far more than a node row.
         """
-        if self.batch_size is not None:
-            return self.batch_size
         shapes = Shapes.of(self.prep.model, self._width)
         post = w is not None and any(layer.attn_post is not None for layer in w.layers)
         per_prompt = shapes.edge_ablation_prompt(post_norm=post)
-        return chunk_items(self.budget, per_prompt, self._held(), "prompt of an edge circuit")
+        held = self._sources is not None and self.ablation == "resample"
+        if held and self.batch_size is None and not self._sources_fit(per_prompt):
+            # An edge circuit's prompt is far larger than a node row: the held sources
+            # go, and each chunk computes its own from here on.
+            self._sources = None
+        return self._per_chunk(per_prompt, "prompt of an edge circuit")
+
+    def _per_chunk(self, per_item: int, what: str) -> int:
+        """Items (rows or prompts) per pass: ``batch_size``, else as many as the budget
+        holds next to what the call holds (``_held``); an item whose sources are computed
+        with its chunk also holds its corrupted run."""
+        if self.batch_size is not None:
+            return self.batch_size
+        if self._resampled_per_chunk:
+            per_item += Shapes.of(self.prep.model, self._width).run_cache()
+        return chunk_items(self.budget, per_item, self._held(), what)
 
     def _held(self) -> int:
-        """Bytes held for the whole of a call: the preparation's (weights and runs) and
-        the ablation's sources; for hooks, whose sources are caches of their own, the
-        estimate of two runs of every prompt."""
+        """Bytes held for the whole of a call: the functional weights and the ablation's
+        sources (none when each chunk computes its own); for hooks, whose sources are
+        caches of their own, the estimate of two runs of every prompt."""
         if self.prep.weights is None:
             return 2 * self.prep.n * Shapes.of(self.prep.model, self._width).run_cache()
         src = self._sources
@@ -449,9 +466,7 @@ class AblationRunner:
         drop: Float[Tensor, "sender receiver"],
     ) -> Float[Tensor, "rows d_vocab"]:
         """Answer logits with every receiver input = kept senders' outputs + dropped ones' ablations."""
-        assert self._sources is not None
-        src = self._sources
-        src_rows = torch.zeros_like(prompt) if src.shared else prompt
+        src, src_rows = self._sources_of(w, prompt)
         tokens = self.prep.clean[prompt]
         resid = w.embed(tokens)
         # The input sender's current output: the whole embedding, or the token part alone.
@@ -462,6 +477,35 @@ class AblationRunner:
         return run_edges(w, resid, self.prep.answer_pos[prompt], dropped)
 
     # ---- sources --------------------------------------------------------------------
+
+    @property
+    def _resampled_per_chunk(self) -> bool:
+        """Whether each chunk computes resampling's sources for its own prompts."""
+        return self.prep.weights is not None and self._sources is None
+
+    def _sources_fit(self, per_item: int) -> bool:
+        """Whether resampling's sources (the corrupted runs' sender outputs of every
+        prompt) may be held next to items of ``per_item`` bytes: in at most half of what
+        the weights copy leaves of the budget, and with one item beside them. If not,
+        each chunk computes those of its own prompts (one more forward pass per prompt)."""
+        w = self.prep.weights
+        assert w is not None
+        room = int(self.budget * (1 - HEADROOM)) - w.own_bytes
+        sources = self.prep.n * Shapes.of(self.prep.model, self._width).sender_outputs()
+        return 2 * sources <= room and sources + per_item <= room
+
+    def _sources_of(
+        self, w: Weights, prompt: Int[Tensor, " rows"]
+    ) -> tuple[_Sources, Int[Tensor, " rows"]]:
+        """The sources for a chunk's prompts, and the row of them each prompt reads."""
+        if self._sources is not None:
+            src = self._sources
+            return src, torch.zeros_like(prompt) if src.shared else prompt
+        distinct, rows = torch.unique(prompt, return_inverse=True)
+        tokens = self.prep.corrupted[distinct]
+        run = w.run(tokens)
+        source_input = run.resid_pre[0] if self.input_node == "embeddings" else w.w_e[tokens]
+        return _Sources(input=source_input, z=run.z, mlp_out=run.mlp_out), rows
 
     def _functional_sources(self, w: Weights) -> _Sources:
         """What replaces each sender's output: the corrupted runs' (of every prompt,

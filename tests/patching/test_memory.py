@@ -254,8 +254,9 @@ def test_attribution_is_the_same_under_any_budget(
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("engine", ["functional", "hooks"])
+@pytest.mark.parametrize("ablation", ["mean", "resample"])
 def test_ablation_is_the_same_under_any_budget(
-    name: str, engine: str, native_model: Any, family: Any
+    name: str, engine: str, ablation: str, native_model: Any, family: Any
 ) -> None:
     model = _model(name, native_model, family)
     task = random_task(model, n=5, width=6)
@@ -271,9 +272,13 @@ def test_ablation_is_the_same_under_any_budget(
     index = GraphIndex(shape)
     keep = torch.rand(index.n_senders, index.n_receivers, generator=g) > 0.5
     runs = [
-        AblationRunner(model, task, ablation="mean", engine=engine, memory_budget=budget)  # type: ignore[arg-type]
+        AblationRunner(model, task, ablation=ablation, engine=engine, memory_budget=budget)  # type: ignore[arg-type]
         for budget in (TINY, HUGE)
     ]
+    if engine == "functional" and ablation == "resample":
+        # Under one byte, each chunk computes its prompts' corrupted runs; under a
+        # terabyte, the runner holds those of every prompt.
+        assert runs[0]._sources is None and runs[1]._sources is not None
     torch.testing.assert_close(runs[0].nodes(masks), runs[1].nodes(masks), atol=1e-6, rtol=0)
     if engine == "functional":  # edge circuits through hooks: tests/circuits/test_hook_edges.py
         assert abs(runs[0].edges(keep) - runs[1].edges(keep)) < 1e-6
@@ -427,3 +432,32 @@ def test_ablation_in_parts_equals_one_part(
     assert whole.prep.runs == {} and split.prep.runs == {}
     torch.testing.assert_close(split.nodes(masks), whole.nodes(masks), atol=1e-6, rtol=0)
     assert split.edges(keep) == pytest.approx(whole.edges(keep), abs=1e-6)
+    # Under one byte: parts of two still, one item a chunk, resampling's sources per chunk.
+    tiny = AblationRunner(native_model, task, **{**options, "memory_budget": TINY})
+    torch.testing.assert_close(tiny.nodes(masks), whole.nodes(masks), atol=1e-6, rtol=0)
+    assert tiny.edges(keep) == pytest.approx(whole.edges(keep), abs=1e-6)
+
+
+def test_resampled_sources_go_when_an_edge_prompt_needs_their_room(native_model: Any) -> None:
+    task = random_task(native_model, n=5, width=6)
+    shapes = Shapes.of(native_model, 6)
+    own = prepare(native_model, task, None).weights.own_bytes  # type: ignore[union-attr]
+    sources = 5 * shapes.sender_outputs()
+    assert shapes.edge_ablation_prompt() > sources + shapes.forward_row()
+    # Room for the sources and node rows beside them, not for an edge circuit's prompt.
+    room = max(2 * sources, sources + shapes.forward_row())
+    budget = math.ceil((room + own) / (1 - HEADROOM)) + 1
+    runner = AblationRunner(native_model, task, ablation="resample", memory_budget=budget)
+    whole = AblationRunner(native_model, task, ablation="resample", memory_budget=HUGE)
+    assert runner._sources is not None
+    mask = NodeMask.full(shape_of(native_model))
+    mask.heads[0, :2] = False
+    torch.testing.assert_close(runner.nodes(mask), whole.nodes(mask), atol=1e-6, rtol=0)
+    index = GraphIndex(shape_of(native_model))
+    keep = (
+        torch.rand(index.n_senders, index.n_receivers, generator=torch.Generator().manual_seed(2))
+        > 0.3
+    )
+    assert runner.edges(keep) == pytest.approx(whole.edges(keep), abs=1e-6)
+    assert runner._sources is None and whole._sources is not None
+    torch.testing.assert_close(runner.nodes(mask), whole.nodes(mask), atol=1e-6, rtol=0)
