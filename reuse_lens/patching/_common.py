@@ -66,6 +66,7 @@ class Prepared:
     part_bytes: int = 0
     """The estimated runs of one part, when the runs are not held (computed per part)."""
 
+    @torch.no_grad()
     def run(self, which: str) -> RunCache:
         """The functional run of the ``clean`` or ``corrupted`` prompts, computed once."""
         assert self.weights is not None
@@ -122,6 +123,7 @@ class Prepared:
             part_bytes=0,
         )
 
+    @torch.no_grad()  # the weights are the model's parameters: no graph may be kept
     def mean_run(self, lengths: Int[Tensor, " batch"]) -> RunCache:
         """The clean runs averaged over every prompt (``mean_cache``), part by part when
         the runs of every prompt are not held; ``lengths`` are the positions each prompt
