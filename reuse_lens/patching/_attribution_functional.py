@@ -173,6 +173,7 @@ def edge_chunk(
         deltas = _sender_deltas(w, clean_run, corrupted_run)
     inputs = MetricInputs(inputs.answers, inputs.wrong, clean_logits)
     start, end = clean_run.resid_pre[0], corrupted_run.resid_pre[0]
+    del clean_run, corrupted_run  # the embeddings and the deltas are all the steps read
     matrix = torch.zeros(index.n_senders, index.n_receivers, device=clean.device)
     step_layers = layers_per_pass or w.n_layers
     groups = [range(i, min(i + step_layers, w.n_layers)) for i in range(0, w.n_layers, step_layers)]
@@ -180,6 +181,8 @@ def edge_chunk(
     # Sender-major once per chunk, or, under post-norms, once per step (their Jacobians
     # are taken at the step's point), whatever the number of receiver groups.
     plain = None if post_norms else _sender_major(deltas)
+    normed = deltas if post_norms else None  # without post-norms, one copy is held
+    del deltas
     for step in range(n_steps):
         alpha = step / n_steps
         flat = plain
@@ -196,7 +199,8 @@ def edge_chunk(
                     )
                 grads = probes.split(torch.autograd.grad(values.sum(), probes.leaves()))
             if flat is None:  # every pass of a step records the same heads' sums
-                flat = _sender_major(_through_post_norms(w, index, deltas, probes.raw))
+                assert normed is not None
+                flat = _sender_major(_through_post_norms(w, index, normed, probes.raw))
             _accumulate(index, flat, grads, matrix)
     clean_values = check_finite(metric(clean_logits, inputs), metric)
     corrupted_values = check_finite(metric(corrupted_logits, inputs), metric)
