@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -64,7 +64,8 @@ class Prepared:
     part_size: int | None = None
     """Prompts per part of the call (``parts``); None: every prompt in one part."""
     part_bytes: int = 0
-    """The estimated runs of one part, when the runs are not held (computed per part)."""
+    """The estimated runs of one part, where they are not in ``runs``: the functional
+    engine's when the call is split, the hook engines' caches always."""
 
     @torch.no_grad()
     def run(self, which: str) -> RunCache:
@@ -224,7 +225,13 @@ def prepare(
         )
     if corrupted_logits is None:
         corrupted_logits = answer_logits(model, corrupted, answer_pos, batch_size=per_pass)
+    hooks = weights is None and budget is not None
+    if weights is None and budget is not None:
+        # The hook engines cache two runs of a part's prompts, as the functional one does.
+        part_size = prompts_per_part(budget, shapes, 0)
     split = part_size is not None and part_size < len(clean)
+    # Held by the engines beside their chunks, when not in ``runs``: a part's two runs.
+    part_runs = 2 * min(part_size or 0, len(clean)) * shapes.run_cache()
     prepared = Prepared(
         model=model,
         clean=clean,
@@ -238,7 +245,7 @@ def prepare(
         fallback_reason=reason,
         runs=runs,
         part_size=part_size if split else None,
-        part_bytes=2 * part_size * shapes.run_cache() if split and part_size else 0,
+        part_bytes=part_runs if split or hooks else 0,
     )
     prepared.clean_metric  # noqa: B018  (raises MetricError on NaN before any sweep)
     prepared.corrupted_metric  # noqa: B018
@@ -322,19 +329,6 @@ def position_mask(lengths: Int[Tensor, " batch"], width: int) -> Tensor:
     return torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
-def masked_mean(
-    x: Float[Tensor, "batch ..."], lengths: Int[Tensor, " batch"], pos_axis: int = 1
-) -> Float[Tensor, "1 ..."]:
-    """``x`` averaged over the batch, position by position, over real tokens only.
-
-    The sum is taken in float32 and the mean cast back to ``x``'s dtype: it is fed back
-    into the model, whose matmuls need their operands in one dtype, and a bfloat16 sum
-    over many prompts would lose the low bits of every term.
-    """
-    valid = position_mask(lengths, int(x.shape[pos_axis])).to(torch.float32)  # (batch, pos)
-    return _divide(_masked_total(x, valid, pos_axis), valid.sum(0), pos_axis, x.dtype)
-
-
 def _masked_total(x: Tensor, valid: Tensor, pos_axis: int) -> Tensor:
     """The float32 sum over the batch of ``x`` at the positions ``valid`` (batch, pos) marks."""
     shape = [1] * x.dim()
@@ -350,39 +344,53 @@ def _divide(total: Tensor, count: Tensor, pos_axis: int, dtype: torch.dtype) -> 
 
 
 def _pos_axis(name: str) -> int:
-    """The position axis of a ``RunCache`` field: the pattern's query positions, else 1."""
-    return 2 if name == "pattern" else 1
+    """The position axis of a ``RunCache`` field or a hook point: a pattern's query
+    positions, else 1."""
+    return 2 if name == "pattern" or name.endswith("hook_pattern") else 1
+
+
+def masked_means(
+    pieces: Iterable[tuple[Sequence[tuple[str, Tensor]], Int[Tensor, " batch"]]],
+) -> list[tuple[str, Tensor]]:
+    """Named activations averaged over prompts, position by position, each a batch of one.
+
+    ``pieces`` are the same named activations of successive groups of prompts, with those
+    prompts' lengths: every prompt in one, or the parts of a call one at a time (each is
+    dropped once summed). A position is averaged only over the prompts that have a real
+    token there, so the padding of shorter prompts never enters the mean. A pattern
+    (``pattern``, ``...hook_pattern``) is averaged over its query positions.
+
+    The sums are float32 and each mean is cast back to its activation's dtype: it is fed
+    back into the model, whose matmuls need their operands in one dtype, and a bfloat16
+    sum over many prompts would lose the low bits of every term.
+    """
+    named: Sequence[tuple[str, Tensor]] = ()
+    totals: list[Tensor] = []
+    count: Tensor | None = None
+    for piece, lengths in pieces:
+        name, first = piece[0]
+        valid = position_mask(lengths, int(first.shape[_pos_axis(name)])).to(torch.float32)
+        sums = [_masked_total(x, valid, _pos_axis(name)) for name, x in piece]
+        totals = sums if not totals else [a + b for a, b in zip(totals, sums, strict=True)]
+        count = valid.sum(0) if count is None else count + valid.sum(0)
+        named = piece
+    if count is None:
+        raise ValueError("a mean over no prompts")
+    return [
+        (name, _divide(total, count, _pos_axis(name), x.dtype))
+        for (name, x), total in zip(named, totals, strict=True)
+    ]
 
 
 def mean_cache(pieces: Iterable[tuple[RunCache, Int[Tensor, " batch"]]]) -> RunCache:
-    """Every activation averaged over prompts, position by position, as a batch of one.
-
-    ``pieces`` are runs with their prompts' lengths: every prompt in one, or the parts of a
-    call one at a time (each is dropped once summed). A position is averaged only over the
-    prompts that have a real token there, so the padding of shorter prompts never enters
-    the mean; the sums are float32, as in ``masked_mean``.
-    """
-    layout: RunCache | None = None
-    totals: list[Tensor] = []
-    count: Tensor | None = None
-    for cache, lengths in pieces:
-        valid = position_mask(lengths, int(cache.final.shape[1])).to(torch.float32)
-        piece = [_masked_total(x, valid, _pos_axis(name)) for name, x in cache.items()]
-        totals = piece if not totals else [a + b for a, b in zip(totals, piece, strict=True)]
-        count = valid.sum(0) if count is None else count + valid.sum(0)
-        layout = cache
-    if layout is None or count is None:
-        raise ValueError("a mean over no prompts")
-    means = [
-        _divide(total, count, _pos_axis(name), x.dtype)
-        for total, (name, x) in zip(totals, layout.items(), strict=True)
-    ]
-    return layout.replaced(means)
+    """Every activation of the runs averaged over prompts, as a batch of one
+    (``masked_means``); ``pieces`` are runs with their prompts' lengths."""
+    return RunCache.from_items(masked_means((cache.items(), n) for cache, n in pieces))
 
 
 def zero_cache(cache: RunCache) -> RunCache:
     """Every activation zero, as a batch of one."""
-    return cache.replaced([torch.zeros_like(x[:1]) for _, x in cache.items()])
+    return RunCache.from_items([(name, torch.zeros_like(x[:1])) for name, x in cache.items()])
 
 
 def rows_per_chunk(

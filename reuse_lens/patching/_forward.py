@@ -498,11 +498,16 @@ class RunCache:
         per_layer = [(name, x) for name in _PER_LAYER for x in getattr(self, name)]
         return [*per_layer, ("final", self.final)]
 
-    def replaced(self, tensors: Sequence[Tensor]) -> RunCache:
-        """A cache laid out as this one, holding ``tensors`` (in ``items()`` order)."""
-        values = iter(tensors)
-        lists = {name: [next(values) for _ in getattr(self, name)] for name in _PER_LAYER}
-        return RunCache(**lists, final=next(values))
+    @classmethod
+    def from_items(cls, items: Sequence[tuple[str, Tensor]]) -> RunCache:
+        """The cache whose ``items()`` are ``items``: each layer's in order, and ``final``."""
+        lists: dict[str, list[Tensor]] = {name: [] for name in _PER_LAYER}
+        final = [x for name, x in items if name == "final"]
+        for name, x in items:
+            if name != "final":
+                lists[name].append(x)
+        (last,) = final
+        return cls(**lists, final=last)
 
 
 _PER_LAYER = ("resid_pre", "resid_mid", "q", "k", "v", "pattern", "z", "mlp_out")

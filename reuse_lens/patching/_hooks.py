@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from reuse_lens.nodes import architecture
-from reuse_lens.patching._common import masked_mean
+from reuse_lens.patching._common import masked_means
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -132,25 +133,45 @@ class HookSources:
     ) -> HookSources:
         """Sources for ``component`` of every head, every MLP's output and the hook points
         named in ``extra``, from the corrupted run (``resample``), or as a batch of one."""
-        n_layers = int(model.cfg.n_layers)
-        names = [hook_name(layer, component) for layer in range(n_layers)]
-        if not getattr(model.cfg, "attn_only", False):
-            names += [hook_name(layer, "mlp") for layer in range(n_layers)]
-        names += extra
-        names_set = set(names)
-        tokens = other if ablation == "resample" else clean
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names_set)
-        values = {name: cache[name] for name in names}
+        if ablation == "mean":
+            return cls.mean(model, [(clean, lengths)], component, extra=extra)
+        values = _cached(model, other if ablation == "resample" else clean, component, extra)
         if ablation == "resample":
             return cls(values, shared=False)
-        if ablation == "zero":
-            return cls({k: torch.zeros_like(v[:1]) for k, v in values.items()}, shared=True)
-        # Summed in float32, kept in the model's dtype (masked_mean).
-        means = {
-            name: masked_mean(value, lengths, 2 if name.endswith("hook_pattern") else 1)
-            for name, value in values.items()
-        }
-        return cls(means, shared=True)
+        return cls({k: torch.zeros_like(v[:1]) for k, v in values.items()}, shared=True)
+
+    @classmethod
+    @torch.no_grad()
+    def mean(
+        cls,
+        model: TransformerBridge,
+        prompts: Iterable[tuple[Int[Tensor, "batch pos"], Int[Tensor, " batch"]]],
+        component: str,
+        *,
+        extra: tuple[str, ...] = (),
+    ) -> HookSources:
+        """Mean-ablation sources over every prompt of ``prompts`` (clean tokens with their
+        lengths: all of them at once, or a call's parts one at a time), as a batch of one;
+        summed in float32, kept in the model's dtype (``masked_means``)."""
+        pieces = (
+            (list(_cached(model, tokens, component, extra).items()), lengths)
+            for tokens, lengths in prompts
+        )
+        return cls(dict(masked_means(pieces)), shared=True)
+
+
+def _cached(
+    model: TransformerBridge, tokens: Tensor, component: str, extra: tuple[str, ...]
+) -> dict[str, Tensor]:
+    """``component`` of every head, every MLP's output and ``extra``, in one run of ``tokens``."""
+    n_layers = int(model.cfg.n_layers)
+    names = [hook_name(layer, component) for layer in range(n_layers)]
+    if not getattr(model.cfg, "attn_only", False):
+        names += [hook_name(layer, "mlp") for layer in range(n_layers)]
+    names += extra
+    names_set = set(names)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names_set)
+    return {name: cache[name] for name in names}
 
 
 def hook_logits(

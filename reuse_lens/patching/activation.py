@@ -206,7 +206,13 @@ def _activation_patching(
         if any(m.layer == layer for m in mlps):
             kinds.append((layer, None))
     # A mean is over every prompt, whichever part of the call is being patched.
-    mean = prep.mean_run(prep.answer_pos + 1) if ablation == "mean" and prep.weights else None
+    mean: RunCache | HookSources | None = None
+    if ablation == "mean" and prep.weights is not None:
+        mean = prep.mean_run(prep.answer_pos + 1)
+    elif ablation == "mean":
+        lengths = prep.answer_pos + 1
+        parts = [(prep.clean[span], lengths[span]) for span in prep.spans()]
+        mean = HookSources.mean(model, parts, component)
     # The functional engine holds its weights and the runs of every prompt (or of one part
     # of them) throughout.
     limit = rows_per_chunk(model, width, batch_size, budget, held=prep.held_bytes)
@@ -420,16 +426,22 @@ class _Engine:
 
 
 def _engine(
-    prep: Prepared, ablation: str, direction: str, component: str, mean: RunCache | None
+    prep: Prepared,
+    ablation: str,
+    direction: str,
+    component: str,
+    mean: RunCache | HookSources | None,
 ) -> _Engine:
-    """The engine of one part of the call; ``mean`` is the functional mean ablation's
-    source, taken over every prompt of the call."""
+    """The engine of one part of the call; ``mean`` is a mean ablation's source, taken
+    over every prompt of the call (a run for the functional engine, hook values else)."""
     base_tokens = prep.clean if direction == "noising" else prep.corrupted
     if prep.weights is not None:
+        assert mean is None or isinstance(mean, RunCache)
         return _FunctionalEngine(
             prep, prep.weights, base_tokens, ablation, direction, component, mean
         )
-    return _HookEngine(prep, base_tokens, ablation, direction, component)
+    assert mean is None or isinstance(mean, HookSources)
+    return _HookEngine(prep, base_tokens, ablation, direction, component, mean)
 
 
 class _FunctionalEngine(_Engine):
@@ -582,16 +594,26 @@ class _HookEngine(_Engine):
     """Patching through ``run_with_hooks`` on the bridge, for models ``_forward`` lacks."""
 
     def __init__(
-        self, prep: Prepared, base_tokens: Tensor, ablation: str, direction: str, component: str
+        self,
+        prep: Prepared,
+        base_tokens: Tensor,
+        ablation: str,
+        direction: str,
+        component: str,
+        mean: HookSources | None,
     ) -> None:
         self.prep, self.base_tokens, self.component = prep, base_tokens, component
         if component == "pattern":
             check_pattern_edits(prep.model, "activation_patching(component='pattern')")
-        other = prep.corrupted if direction == "noising" else prep.clean
-        clean_run = base_tokens if direction == "noising" else prep.clean
-        self.sources = HookSources.build(
-            prep.model, other, clean_run, prep.answer_pos + 1, ablation, component
-        )
+        if ablation == "mean":
+            assert mean is not None
+            self.sources = mean
+        else:
+            other = prep.corrupted if direction == "noising" else prep.clean
+            clean_run = base_tokens if direction == "noising" else prep.clean
+            self.sources = HookSources.build(
+                prep.model, other, clean_run, prep.answer_pos + 1, ablation, component
+            )
         every = torch.arange(prep.n, device=base_tokens.device)
         with torch.no_grad():
             logits = prep.model(base_tokens, return_type="logits")

@@ -114,12 +114,12 @@ def path_patching(
     budget = resolve_budget(memory_budget, model.cfg.device)
     prep = prepare(model, task, metric, engine=engine, budget=budget)
     mask = _position_mask(positions, prep)
+    # The runs (hooks: TransformerLens's caches) of every prompt, or of one part of them,
+    # are held throughout; each chunk is a forward pass.
+    limit = rows_per_chunk(model, prep.clean.shape[1], batch_size, budget, held=prep.held_bytes)
     if prep.weights is None:
-        # Two full caches of every prompt are held; each chunk is a hooked forward pass.
-        limit = rows_per_chunk(model, prep.clean.shape[1], batch_size, budget)
         effects = _path_hooks(prep, chosen, recv, inputs, freeze_mlps, mask, limit)
     else:
-        limit = rows_per_chunk(model, prep.clean.shape[1], batch_size, budget, held=prep.held_bytes)
         effects = _path_functional(
             prep, prep.weights, chosen, recv, inputs, freeze_mlps, mask, limit
         )
@@ -365,26 +365,34 @@ def _path_hooks(
     mask: Tensor,
     limit: int,
 ) -> dict[Node, float]:
-    """Path patching by ``run_with_hooks``, one sender at a time, ``limit`` prompts a pass."""
+    """Path patching by ``run_with_hooks``, one sender at a time, ``limit`` prompts a pass;
+    one part of the call's prompts at a time (``Prepared.parts``)."""
     model = prep.model
     group = int(model.cfg.n_heads) // int(model.cfg.n_key_value_heads or model.cfg.n_heads)
-    every = torch.arange(prep.n, device=prep.clean.device)
-    with torch.no_grad():
-        _, clean = model.run_with_cache(prep.clean)
-        _, corrupted = model.run_with_cache(prep.corrupted)
-        logits = model(prep.clean, return_type="logits")[every, prep.answer_pos].float()
-        base = prep.score(logits, every)
-    parts = [every[i : i + limit] for i in range(0, prep.n, limit)]
-    effects: dict[Node, float] = {}
-    for sender in progress_bar(senders, desc="path patching", show_from=20):
-        total = 0.0
-        for part in parts:
-            values = _hook_rows(
-                prep, clean, corrupted, sender, part, recv, inputs, freeze, mask, group
-            )
-            total += float((values - base[part]).sum())
-        effects[sender] = total / prep.n
-    return effects
+    n_layers = int(model.cfg.n_layers)
+    # What _hook_rows reads of the clean and corrupted runs: every head's z, every MLP's output.
+    names = {hook_name(layer, c) for layer in range(n_layers) for c in ("out", "mlp")}
+    spans = prep.spans()
+    sums: dict[Node, float] = {sender: 0.0 for sender in senders}
+    with progress_bar(desc="path patching", total=len(senders) * len(spans), show_from=20) as bar:
+        for part, span in zip(prep.parts(), spans, strict=True):
+            every = torch.arange(part.n, device=part.clean.device)
+            with torch.no_grad():
+                _, clean = model.run_with_cache(part.clean, names_filter=names.__contains__)
+                _, corrupted = model.run_with_cache(part.corrupted, names_filter=names.__contains__)
+                logits = model(part.clean, return_type="logits")[every, part.answer_pos].float()
+                base = part.score(logits, every)
+            slices = [every[i : i + limit] for i in range(0, part.n, limit)]
+            for sender in senders:
+                for rows in slices:
+                    values = _hook_rows(
+                        part, clean, corrupted, sender, rows, recv, inputs, freeze, mask[span],
+                        group,
+                    )  # fmt: skip
+                    sums[sender] += float((values - base[rows]).sum())
+                bar.update()
+            del clean, corrupted  # this part's caches go before the next part's are made
+    return {sender: total / prep.n for sender, total in sums.items()}
 
 
 def _hook_rows(

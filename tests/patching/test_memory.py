@@ -349,6 +349,12 @@ def test_prepare_holds_the_runs_only_when_they_fit(native_model: Any) -> None:
     torch.testing.assert_close(split.corrupted_logits, whole.corrupted_logits, atol=1e-6, rtol=0)
     parts = list(split.parts())
     assert [p.n for p in parts] == [1] * 5
+    # The hook engines work in the same parts; their caches are estimated, never in runs.
+    hooks = prepare(native_model, task, None, engine="hooks", budget=TINY)
+    assert hooks.spans() == split.spans() and hooks.runs == {}
+    assert hooks.held_bytes == hooks.part_bytes == 2 * Shapes.of(native_model, 6).run_cache()
+    whole_hooks = prepare(native_model, task, None, engine="hooks", budget=parse_budget(HUGE))
+    assert whole_hooks.spans() == [slice(0, 5)] and whole_hooks.part_bytes == 5 * split.part_bytes
     assert torch.equal(torch.cat([p.clean for p in parts]), split.clean)
     assert torch.equal(parts[3].answer_pos, split.answer_pos[3:4])
 
@@ -368,9 +374,11 @@ def test_a_mean_over_parts_is_the_mean_over_every_prompt(native_model: Any) -> N
 
 @pytest.mark.parametrize("name", ["native", "llama_gqa"])
 @pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
+@pytest.mark.parametrize("engine", ["functional", "hooks"])
 def test_activation_patching_in_parts_equals_one_part(
     name: str,
     ablation: str,
+    engine: str,
     native_model: Any,
     family: Any,
     monkeypatch: pytest.MonkeyPatch,
@@ -379,7 +387,13 @@ def test_activation_patching_in_parts_equals_one_part(
     task = random_task(model, lengths=[6, 4, 5, 3, 6], width=6)
     directions = ["noising", "denoising"] if ablation == "resample" else ["noising"]
     settings: list[dict[str, Any]] = [
-        dict(ablation=ablation, direction=d, per_position=True, memory_budget=HUGE)
+        dict(
+            ablation=ablation,
+            direction=d,
+            per_position=engine == "functional",
+            engine=engine,
+            memory_budget=HUGE,
+        )
         for d in directions
     ]
     whole = [rl.activation_patching(model, task, **kw) for kw in settings]
@@ -393,14 +407,15 @@ def test_activation_patching_in_parts_equals_one_part(
 
 
 @pytest.mark.parametrize("name", ["native", "llama_gqa"])
+@pytest.mark.parametrize("engine", ["functional", "hooks"])
 def test_path_patching_in_parts_equals_one_part(
-    name: str, native_model: Any, family: Any, monkeypatch: pytest.MonkeyPatch
+    name: str, engine: str, native_model: Any, family: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = _model(name, native_model, family)
     task = random_task(model, lengths=[6, 4, 5, 3, 6], width=6)
     settings: list[dict[str, Any]] = [
-        dict(receivers="logits"),
-        dict(receivers=["a1.h1"], receiver_input="kv", positions="answer"),
+        dict(receivers="logits", engine=engine),
+        dict(receivers=["a1.h1"], receiver_input="kv", positions="answer", engine=engine),
     ]
     whole = [rl.path_patching(model, task, memory_budget=HUGE, **kw) for kw in settings]
     monkeypatch.setattr(_common, "prompts_per_part", lambda *args, **kwargs: 2)
