@@ -257,14 +257,7 @@ class AblationRunner:
                 self.prep.runs.clear()
                 self.prep.part_bytes = 0
             else:
-                self._hook_sources = HookSources.build(
-                    model,
-                    self.prep.corrupted,
-                    self.prep.clean,
-                    self._mean_lengths,
-                    ablation,
-                    "out",
-                )
+                self._hook_sources = self._hooked_sources()
 
     @property
     def engine(self) -> str:
@@ -439,12 +432,27 @@ class AblationRunner:
             per_item += Shapes.of(self.prep.model, self._width).run_cache()
         return chunk_items(self.budget, per_item, self._held(), what)
 
+    def _hooked_sources(self) -> HookSources:
+        """The hook engine's sources; a mean is taken part by part (``Prepared.spans``),
+        so that no cache of every prompt is made for a batch of one."""
+        prep = self.prep
+        if self.ablation == "mean":
+            lengths = self._mean_lengths
+            parts = [(prep.clean[span], lengths[span]) for span in prep.spans()]
+            return HookSources.mean(prep.model, parts, "out")
+        return HookSources.build(
+            prep.model, prep.corrupted, prep.clean, self._mean_lengths, self.ablation, "out"
+        )
+
     def _held(self) -> int:
         """Bytes held for the whole of a call: the functional weights and the ablation's
-        sources (none when each chunk computes its own); for hooks, whose sources are
-        caches of their own, the estimate of two runs of every prompt."""
+        sources (none when each chunk computes its own); for hooks, the sources of node
+        circuits and, once built, of edge circuits."""
         if self.prep.weights is None:
-            return 2 * self.prep.n * Shapes.of(self.prep.model, self._width).run_cache()
+            held = [] if self._hook_sources is None else [self._hook_sources]
+            if self._edges_by_hooks is not None:
+                held.append(self._edges_by_hooks.sources)
+            return nbytes(x for sources in held for x in sources.values.values())
         src = self._sources
         sources = 0 if src is None else nbytes([src.input, *src.z, *src.mlp_out])
         return self.prep.held_bytes + sources
