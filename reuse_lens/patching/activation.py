@@ -213,8 +213,8 @@ def _activation_patching(
         lengths = prep.answer_pos + 1
         parts = [(prep.clean[span], lengths[span]) for span in prep.spans()]
         mean = HookSources.mean(model, parts, component)
-    # The functional engine holds its weights and the runs of every prompt (or of one part
-    # of them) throughout.
+    # Held throughout: the functional weights, and the runs (hooks: TransformerLens's
+    # caches) of every prompt or of the part at hand.
     limit = rows_per_chunk(model, width, batch_size, budget, held=prep.held_bytes)
     spans = prep.spans()
     plans = [
