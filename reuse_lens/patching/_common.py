@@ -124,6 +124,13 @@ class Prepared:
             part_bytes=0,
         )
 
+    def clean_parts(
+        self, lengths: Int[Tensor, " batch"]
+    ) -> list[tuple[Int[Tensor, "part pos"], Int[Tensor, " part"]]]:
+        """The clean prompts of each part with their ``lengths``: what a mean through
+        hooks runs (``HookSources.mean``), one part at a time."""
+        return [(self.clean[span], lengths[span]) for span in self.spans()]
+
     @torch.no_grad()  # the weights are the model's parameters: no graph may be kept
     def mean_run(self, lengths: Int[Tensor, " batch"]) -> RunCache:
         """The clean runs averaged over every prompt (``mean_cache``), part by part when
@@ -225,12 +232,12 @@ def prepare(
         )
     if corrupted_logits is None:
         corrupted_logits = answer_logits(model, corrupted, answer_pos, batch_size=per_pass)
-    hooks = weights is None and budget is not None
     if weights is None and budget is not None:
         # The hook engines cache two runs of a part's prompts, as the functional one does.
         part_size = prompts_per_part(budget, shapes, 0)
     split = part_size is not None and part_size < len(clean)
-    # Held by the engines beside their chunks, when not in ``runs``: a part's two runs.
+    # Held by the engines beside their chunks where not in ``runs``: a part's two runs
+    # (the hook engines' caches always; the functional runs when the call is split).
     part_runs = 2 * min(part_size or 0, len(clean)) * shapes.run_cache()
     prepared = Prepared(
         model=model,
@@ -245,7 +252,7 @@ def prepare(
         fallback_reason=reason,
         runs=runs,
         part_size=part_size if split else None,
-        part_bytes=part_runs if split or hooks else 0,
+        part_bytes=part_runs if split or weights is None else 0,
     )
     prepared.clean_metric  # noqa: B018  (raises MetricError on NaN before any sweep)
     prepared.corrupted_metric  # noqa: B018

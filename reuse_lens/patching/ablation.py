@@ -437,9 +437,7 @@ class AblationRunner:
         so that no cache of every prompt is made for a batch of one."""
         prep = self.prep
         if self.ablation == "mean":
-            lengths = self._mean_lengths
-            parts = [(prep.clean[span], lengths[span]) for span in prep.spans()]
-            return HookSources.mean(prep.model, parts, "out")
+            return HookSources.mean(prep.model, prep.clean_parts(self._mean_lengths), "out")
         return HookSources.build(
             prep.model, prep.corrupted, prep.clean, self._mean_lengths, self.ablation, "out"
         )

@@ -210,9 +210,7 @@ def _activation_patching(
     if ablation == "mean" and prep.weights is not None:
         mean = prep.mean_run(prep.answer_pos + 1)
     elif ablation == "mean":
-        lengths = prep.answer_pos + 1
-        parts = [(prep.clean[span], lengths[span]) for span in prep.spans()]
-        mean = HookSources.mean(model, parts, component)
+        mean = HookSources.mean(model, prep.clean_parts(prep.answer_pos + 1), component)
     # Held throughout: the functional weights, and the runs (hooks: TransformerLens's
     # caches) of every prompt or of the part at hand.
     limit = rows_per_chunk(model, width, batch_size, budget, held=prep.held_bytes)
