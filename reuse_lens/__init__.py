@@ -17,18 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from reuse_lens import (
-        circuits,
-        edge_overlap,
-        interventions,
-        nodes,
-        overlap,
-        plot,
-        report,
-        study,
-        tasks,
-        zoo,
-    )
+    from reuse_lens import circuits, interventions, nodes, plot, report, study, tasks, zoo
     from reuse_lens.circuits.circuit import Circuit, CircuitError
     from reuse_lens.circuits.discovery import discover_circuit
     from reuse_lens.circuits.measure import (
@@ -37,7 +26,16 @@ if TYPE_CHECKING:
         faithfulness_curve,
         random_baseline,
     )
-    from reuse_lens.edge_overlap import EdgeOverlapReport, compare_edges
+    from reuse_lens.compare import edges as edge_overlap
+    from reuse_lens.compare import overlap
+    from reuse_lens.compare.edges import EdgeOverlapReport, compare_edges
+    from reuse_lens.compare.overlap import OverlapReport, compare
+    from reuse_lens.compare.reuse import (
+        circuit_stability,
+        cross_model_faithfulness,
+        cross_task_ablation,
+        cross_task_faithfulness,
+    )
     from reuse_lens.evaluation import evaluate, normalized_metric
     from reuse_lens.models import ModelLoadError, load_model
     from reuse_lens.nodes import (
@@ -48,19 +46,12 @@ if TYPE_CHECKING:
         nodes_of,
         parse_node,
     )
-    from reuse_lens.overlap import OverlapReport, compare
     from reuse_lens.patching._hooks import PatternEditsDropped
     from reuse_lens.patching.activation import activation_patching
     from reuse_lens.patching.attribution import attribution_patching
     from reuse_lens.patching.edges import EdgeScores
     from reuse_lens.patching.path import path_patching
     from reuse_lens.patching.scores import NodeScores
-    from reuse_lens.reuse import (
-        circuit_stability,
-        cross_model_faithfulness,
-        cross_task_ablation,
-        cross_task_faithfulness,
-    )
     from reuse_lens.tasks.task import Task
 
 __all__ = [
@@ -135,17 +126,17 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "faithfulness_curve": ("reuse_lens.circuits.measure", "faithfulness_curve"),
     "random_baseline": ("reuse_lens.circuits.measure", "random_baseline"),
     "FaithfulnessCurve": ("reuse_lens.circuits.measure", "FaithfulnessCurve"),
-    "compare": ("reuse_lens.overlap", "compare"),
-    "OverlapReport": ("reuse_lens.overlap", "OverlapReport"),
+    "compare": ("reuse_lens.compare.overlap", "compare"),
+    "OverlapReport": ("reuse_lens.compare.overlap", "OverlapReport"),
     "circuits": ("reuse_lens.circuits", None),
-    "overlap": ("reuse_lens.overlap", None),
-    "compare_edges": ("reuse_lens.edge_overlap", "compare_edges"),
-    "EdgeOverlapReport": ("reuse_lens.edge_overlap", "EdgeOverlapReport"),
-    "edge_overlap": ("reuse_lens.edge_overlap", None),
-    "circuit_stability": ("reuse_lens.reuse", "circuit_stability"),
-    "cross_task_faithfulness": ("reuse_lens.reuse", "cross_task_faithfulness"),
-    "cross_model_faithfulness": ("reuse_lens.reuse", "cross_model_faithfulness"),
-    "cross_task_ablation": ("reuse_lens.reuse", "cross_task_ablation"),
+    "overlap": ("reuse_lens.compare.overlap", None),
+    "compare_edges": ("reuse_lens.compare.edges", "compare_edges"),
+    "EdgeOverlapReport": ("reuse_lens.compare.edges", "EdgeOverlapReport"),
+    "edge_overlap": ("reuse_lens.compare.edges", None),
+    "circuit_stability": ("reuse_lens.compare.reuse", "circuit_stability"),
+    "cross_task_faithfulness": ("reuse_lens.compare.reuse", "cross_task_faithfulness"),
+    "cross_model_faithfulness": ("reuse_lens.compare.reuse", "cross_model_faithfulness"),
+    "cross_task_ablation": ("reuse_lens.compare.reuse", "cross_task_ablation"),
     "interventions": ("reuse_lens.interventions", None),
     "plot": ("reuse_lens.plot", None),
     "report": ("reuse_lens.report", None),

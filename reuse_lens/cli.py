@@ -128,8 +128,8 @@ def _study(args: argparse.Namespace, config: StudyConfig, command: str, title: s
     """Run ``config`` into ``args.out``: circuits/, report.html, results.md, summary.json."""
     from reuse_lens import report
     from reuse_lens._validate import check_out_folder, folder_lock
+    from reuse_lens.report.summary import write_markdown
     from reuse_lens.study import executor_named, run_study, save_summary
-    from reuse_lens.summary import write_markdown
 
     # Both are refused before any model is loaded.
     out = check_out_folder(args.out)

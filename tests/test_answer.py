@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from reuse_lens.answer import answer, node_counts
 from reuse_lens.circuits.circuit import Circuit
-from reuse_lens.edge_overlap import compare_edges
+from reuse_lens.compare.answer import answer, node_counts
+from reuse_lens.compare.edges import compare_edges
+from reuse_lens.compare.overlap import compare
 from reuse_lens.nodes import ModelShape
-from reuse_lens.overlap import compare
 from tests.test_edge_overlap import SHAPE as EDGE_SHAPE
 from tests.test_edge_overlap import A, B
 

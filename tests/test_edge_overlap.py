@@ -10,7 +10,7 @@ import pytest
 
 import reuse_lens as rl
 from reuse_lens.circuits.circuit import Circuit
-from reuse_lens.edge_overlap import EdgeOverlapReport, compare_edges
+from reuse_lens.compare.edges import EdgeOverlapReport, compare_edges
 from reuse_lens.nodes import ModelShape
 from tests.test_overlap import hypergeom_tail
 
@@ -120,7 +120,7 @@ def test_table_matrix_and_json(report: EdgeOverlapReport) -> None:
     assert matrix.loc["A", "A"] == 1.0 and matrix.loc["B", "A"] == pytest.approx(3 / 8)
     assert math.isnan(report.matrix("p_adjusted").loc["A", "A"])
     document = json.loads(report.to_json())
-    assert document["format"] == "reuse_lens.edge_overlap"
+    assert document["format"] == "reuse_lens.compare.edges"
     assert document["correction"]["method"] == "holm"
     assert document["universe_size"] == N_EDGES
     assert document["circuits"]["A"]["edges"][0] == "input->a0.h0<v>"

@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reuse_lens import _overlap_stats, overlap
 from reuse_lens.circuits.circuit import Circuit
+from reuse_lens.compare import _stats as _overlap_stats
+from reuse_lens.compare import overlap
+from reuse_lens.compare.overlap import KINDS, Kind, OverlapReport, compare
 from reuse_lens.nodes import Edge, ModelShape, edges_of
-from reuse_lens.overlap import KINDS, Kind, OverlapReport, compare
 
 SHAPE = ModelShape(n_layers=3, n_heads=4, has_mlps=True)  # 12 heads + 3 MLPs
 

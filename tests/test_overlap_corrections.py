@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import false_discovery_control
 
-from reuse_lens._overlap_stats import adjust_p_values
 from reuse_lens.circuits.circuit import Circuit
+from reuse_lens.compare._stats import adjust_p_values
+from reuse_lens.compare.overlap import OverlapReport, compare
 from reuse_lens.nodes import ModelShape
-from reuse_lens.overlap import OverlapReport, compare
 from tests.test_overlap import COLORED, IOI, THIRD, circuit, hypergeom_tail
 
 RAW = [0.01, 0.04, 0.03, 0.2]

@@ -16,8 +16,8 @@ import torch
 
 from reuse_lens import plot
 from reuse_lens.circuits import Circuit
+from reuse_lens.compare.overlap import OverlapReport, compare
 from reuse_lens.nodes import ModelShape, edges_of
-from reuse_lens.overlap import OverlapReport, compare
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.scores import NodeScores
 

@@ -19,9 +19,9 @@ import torch
 
 from reuse_lens import report
 from reuse_lens.circuits import Circuit
-from reuse_lens.edge_overlap import EdgeOverlapReport, compare_edges
+from reuse_lens.compare.edges import EdgeOverlapReport, compare_edges
+from reuse_lens.compare.overlap import OverlapReport, compare
 from reuse_lens.nodes import ModelShape
-from reuse_lens.overlap import OverlapReport, compare
 from reuse_lens.patching.scores import NodeScores
 
 SHAPE = ModelShape(n_layers=2, n_heads=3, has_mlps=True)
@@ -355,7 +355,7 @@ def test_pairwise_table_has_p_values_chance_and_ceiling(written: tuple[Path, str
 
 
 def test_format_cell() -> None:
-    fmt = report._format_cell
+    fmt = report.html._format_cell
     assert [fmt(0.96875), fmt(2e-9), fmt(0.0), fmt(float("nan")), fmt(3), fmt(True)] == [
         "0.969",
         "2.00e-09",

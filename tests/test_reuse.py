@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import reuse_lens as rl
-from reuse_lens.reuse import (
+from reuse_lens.compare.reuse import (
     circuit_stability,
     cross_model_faithfulness,
     cross_task_ablation,

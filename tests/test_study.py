@@ -118,7 +118,7 @@ def test_ioi_is_compared_with_each_fine_tunes_own_task_inside_it(tmp_path: Any) 
 def test_bootstrap_samples_are_the_draws_of_one_seeded_generator() -> None:
     import numpy as np
 
-    from reuse_lens.reuse import bootstrap_sample
+    from reuse_lens.compare.reuse import bootstrap_sample
 
     rng = np.random.default_rng(3)
     draws = [rng.integers(0, 10, size=10).tolist() for _ in range(4)]

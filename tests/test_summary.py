@@ -6,7 +6,7 @@ from dataclasses import fields
 from types import SimpleNamespace
 from typing import Any
 
-from reuse_lens import summary
+from reuse_lens.report import summary
 from tests.test_report import EVIL, fake_study
 
 

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 
-from reuse_lens.answer import CORRECTION_NAMES
+from reuse_lens.compare.answer import CORRECTION_NAMES
 from reuse_lens.plot._common import finish
 
 if TYPE_CHECKING:
-    from reuse_lens.edge_overlap import EdgeOverlapReport, Null
+    from reuse_lens.compare.edges import EdgeOverlapReport, Null
 
 __all__ = ["edge_jaccard_matrix"]
 

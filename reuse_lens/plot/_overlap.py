@@ -11,8 +11,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from reuse_lens.answer import CORRECTION_NAMES
-from reuse_lens.overlap import ALPHA, KINDS, STATS, OverlapReport, compare
+from reuse_lens.compare.answer import CORRECTION_NAMES
+from reuse_lens.compare.overlap import ALPHA, KINDS, STATS, OverlapReport, compare
 from reuse_lens.plot._common import (
     NEITHER_COLOR,
     canonical_scores,
@@ -26,7 +26,7 @@ from reuse_lens.plot._common import (
 
 if TYPE_CHECKING:
     from reuse_lens.circuits.circuit import Circuit
-    from reuse_lens.overlap import Kind, Stat
+    from reuse_lens.compare.overlap import Kind, Stat
 
 __all__ = ["jaccard_matrix", "overlap_grid", "threshold_sweep", "upset"]
 

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from transformer_lens.model_bridge import TransformerBridge
 
-    from reuse_lens.overlap import OverlapReport
-    from reuse_lens.reuse import Stability
+    from reuse_lens.compare.overlap import OverlapReport
+    from reuse_lens.compare.reuse import Stability
     from reuse_lens.tasks.task import Task
 
 __all__ = ["StudyRun", "compare_circuits"]
@@ -63,7 +63,7 @@ class StudyRun:
 def _agreement(run: StudyRun) -> pd.DataFrame:
     import pandas as pd
 
-    from reuse_lens.overlap import compare
+    from reuse_lens.compare.overlap import compare
 
     rows = []
     pairs = sorted({tuple(k.split("/")[:2]) for k in run.circuits})
@@ -104,9 +104,9 @@ def compare_circuits(run: StudyRun) -> StudyResult:
     """Every comparison of the study's circuits, as the StudyResult the report renders."""
     import pandas as pd
 
-    from reuse_lens.edge_overlap import compare_edges
-    from reuse_lens.overlap import compare
-    from reuse_lens.reuse import (
+    from reuse_lens.compare.edges import compare_edges
+    from reuse_lens.compare.overlap import compare
+    from reuse_lens.compare.reuse import (
         cross_model_faithfulness,
         cross_task_ablation,
         cross_task_faithfulness,
@@ -157,7 +157,7 @@ def compare_circuits(run: StudyRun) -> StudyResult:
     circuit_table = pd.DataFrame(run.rows)
     edges = {t: run.edge_circuits[t] for t in base_circuits if t in run.edge_circuits}
     edge_overlap = compare_edges(edges) if len(edges) >= 2 else None
-    # The answer on overlap (reuse_lens.answer) opens the report and results.md on its own;
+    # The answer on overlap (reuse_lens.compare.answer) opens the report and results.md on its own;
     # the findings are what follows it.
     findings = [f"No circuit for {key}: {why}." for key, why in run.skipped.items()]
     findings += _findings(circuit_table, task_overlap, model_overlap, cross_model, interventions)
@@ -257,7 +257,7 @@ def _within_findings(within_model: Mapping[str, OverlapReport]) -> list[str]:
 
 def _sharing(overlap: OverlapReport, a: str, b: str) -> str:
     """The finding that a and b share N heads: Jaccard, chance, raw and corrected p-value."""
-    from reuse_lens.answer import CORRECTION_NAMES
+    from reuse_lens.compare.answer import CORRECTION_NAMES
 
     shared = sorted(overlap.shared(a, b, "heads"))
     corrected = overlap.p_value(a, b, "heads", corrected=True)

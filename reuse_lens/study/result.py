@@ -15,15 +15,15 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from reuse_lens.circuits.measure import FaithfulnessCurve
-    from reuse_lens.edge_overlap import EdgeOverlapReport
-    from reuse_lens.overlap import OverlapReport
+    from reuse_lens.compare.edges import EdgeOverlapReport
+    from reuse_lens.compare.overlap import OverlapReport
 
 __all__ = ["StudyResult", "save_summary", "scores_of"]
 
 
 @dataclass
 class StudyResult:
-    """Everything a study found; ``reuse_lens.report.write`` renders it."""
+    """Everything a study found; ``reuse_lens.report.html.write`` renders it."""
 
     config: StudyConfig
     models: dict[str, str]

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from transformer_lens.model_bridge import TransformerBridge
 
-    from reuse_lens.reuse import Stability
+    from reuse_lens.compare.reuse import Stability
     from reuse_lens.tasks.task import Task
 
 __all__ = ["run_study"]
@@ -317,7 +317,7 @@ def _stability(
     config: StudyConfig, boot: Sequence[str], found: Mapping[str, Found]
 ) -> dict[str, Stability | None]:
     """Each resampled task's Stability, None when a resample had no circuit."""
-    from reuse_lens.reuse import stability_of
+    from reuse_lens.compare.reuse import stability_of
 
     out: dict[str, Stability | None] = {}
     for task_name in boot:

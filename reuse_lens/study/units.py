@@ -184,7 +184,7 @@ class Resample:
     memory_budget: int | str | None = None
 
     def run(self, models: Models) -> Found:
-        from reuse_lens.reuse import bootstrap_sample
+        from reuse_lens.compare.reuse import bootstrap_sample
 
         return _discover(
             self.key, models, self.model, self.task, self.method, self.ablation,

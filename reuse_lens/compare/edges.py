@@ -1,6 +1,6 @@
 """Edge overlap: do two tasks' circuits share *connections*, not only heads and MLPs?
 
-Node overlap (``reuse_lens.overlap``) says two tasks use the same head; it cannot say
+Node overlap (``reuse_lens.compare.overlap``) says two tasks use the same head; it cannot say
 whether they use it the same way. An edge circuit (``discover_circuit(..., method="eap-ig",
 level="edge")``) names each connection with the input it enters: ``a0.h1 -> a2.h3<q>`` is
 a different edge from ``a0.h1 -> a2.h3<v>``. ``compare_edges({"ioi": c1, "sva": c2})``
@@ -39,19 +39,19 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
-from reuse_lens import _overlap_sets as sets
-from reuse_lens import _overlap_stats as stats
 from reuse_lens._io import write_text_atomic
-from reuse_lens._overlap_stats import Correction
 from reuse_lens.circuits._checks import check_edge, edge_key
+from reuse_lens.compare import _sets as sets
+from reuse_lens.compare import _stats as stats
+from reuse_lens.compare._stats import Correction
 from reuse_lens.nodes import ModelShape, parse_edge
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from reuse_lens._overlap_sets import Kind
     from reuse_lens.circuits._checks import EdgeKey
     from reuse_lens.circuits.circuit import Circuit, EdgeLike
+    from reuse_lens.compare._sets import Kind
 
 __all__ = ["NULLS", "EdgeOverlapReport", "EdgeStat", "Null", "compare_edges"]
 
@@ -363,7 +363,7 @@ class EdgeOverlapReport(sets.NamedPairs):
         ``"differences"``.
         """
         document: dict[str, Any] = {
-            "format": "reuse_lens.edge_overlap",
+            "format": "reuse_lens.compare.edges",
             "format_version": EDGE_REPORT_FORMAT_VERSION,
             "names": list(self.names),
             "shape": {

@@ -24,7 +24,7 @@ Conventions, fixed here so every statistic is defined for every input:
 
 scipy and pandas load on first use, so importing this module stays cheap. The chance
 statistics themselves (hypergeometric tail, expected Jaccard, permutation test) live in
-``reuse_lens._overlap_stats``.
+``reuse_lens.compare._stats``.
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
-from reuse_lens import _overlap_rows
-from reuse_lens import _overlap_sets as sets
-from reuse_lens import _overlap_stats as stats
 from reuse_lens._io import write_text_atomic
-from reuse_lens._overlap_sets import KINDS, Kind
-from reuse_lens._overlap_stats import CORRECTIONS, Correction
+from reuse_lens.compare import _rows
+from reuse_lens.compare import _sets as sets
+from reuse_lens.compare import _stats as stats
+from reuse_lens.compare._sets import KINDS, Kind
+from reuse_lens.compare._stats import CORRECTIONS, Correction
 from reuse_lens.nodes import ModelShape
 
 if TYPE_CHECKING:
@@ -476,8 +476,8 @@ class OverlapReport(sets.NamedPairs):
         """
         import pandas as pd
 
-        rows = _overlap_rows.pair_rows(self, n_permutations=n_permutations, seed=seed)
-        return pd.DataFrame(rows, columns=_overlap_rows.pair_columns(n_permutations))
+        rows = _rows.pair_rows(self, n_permutations=n_permutations, seed=seed)
+        return pd.DataFrame(rows, columns=_rows.pair_columns(n_permutations))
 
     def with_stability(self, stability: Mapping[str, float]) -> OverlapReport:
         """A copy that knows each circuit's within-task stability ceiling.
@@ -516,7 +516,7 @@ class OverlapReport(sets.NamedPairs):
         """
         restricted = len(self._universes["all"]) != len(self.shape.nodes())
         document: dict[str, Any] = {
-            "format": "reuse_lens.overlap",
+            "format": "reuse_lens.compare.overlap",
             "format_version": REPORT_FORMAT_VERSION,
             "names": list(self.names),
             "shape": {
@@ -539,7 +539,7 @@ class OverlapReport(sets.NamedPairs):
                 "method": self.correction,
                 "family": "every unordered pair of circuits of the report, per kind",
             },
-            "pairs": _overlap_rows.pair_rows(self, n_permutations=0, seed=0),
+            "pairs": _rows.pair_rows(self, n_permutations=0, seed=0),
             "intersections": {
                 kind: [
                     {"circuits": list(members), "nodes": sets.sorted_nodes(nodes)}

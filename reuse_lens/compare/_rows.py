@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from reuse_lens._overlap_sets import KINDS
+from reuse_lens.compare._sets import KINDS
 
 if TYPE_CHECKING:
-    from reuse_lens.overlap import OverlapReport
+    from reuse_lens.compare.overlap import OverlapReport
 
 __all__ = ["pair_columns", "pair_rows"]
 

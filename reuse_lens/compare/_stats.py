@@ -1,4 +1,4 @@
-"""The chance statistics behind ``reuse_lens.overlap``, on plain counts and arrays.
+"""The chance statistics behind ``reuse_lens.compare.overlap``, on plain counts and arrays.
 
 Nothing here knows about circuits or reports: each function takes set sizes (M, the
 universe; n = |A|; N = |B|; x = |A∩B|) or a membership mask, so each can be checked
@@ -48,7 +48,7 @@ _FULL_SWEEP_UP_TO = 64  # sweeps test every k up to this many nodes, then a geom
 
 
 def ratio(numerator: int, denominator: int) -> float:
-    """numerator / denominator, ``nan`` for 0/0-type cases (see ``reuse_lens.overlap``)."""
+    """numerator / denominator, ``nan`` for 0/0-type cases (see ``reuse_lens.compare.overlap``)."""
     return numerator / denominator if denominator else math.nan
 
 

@@ -1,6 +1,6 @@
-"""The node sets behind ``reuse_lens.overlap``: kinds, universes, canonical names, order.
+"""The node sets behind ``reuse_lens.compare.overlap``: kinds, universes, canonical names, order.
 
-Shared by the node report (``overlap.py``) and the edge report (``edge_overlap.py``) so that
+Shared by the node report (``overlap.py``) and the edge report (``edges.py``) so that
 both read circuits, universes and node order the same way.
 """
 

@@ -1,7 +1,7 @@
 """The overlap sections of the HTML report: the answer it opens with, node and edge overlap.
 
-Split from ``report.py`` so that each stays short; ``report.write`` and
-``report.write_comparison`` call these with their :class:`~reuse_lens.report.HtmlReport`.
+Split from ``html.py`` so that each stays short; ``report.write`` and
+``report.write_comparison`` call these with their :class:`~reuse_lens.report.html.HtmlReport`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from reuse_lens import plot
 if TYPE_CHECKING:
     import pandas as pd
 
-    from reuse_lens.edge_overlap import EdgeOverlapReport
-    from reuse_lens.overlap import OverlapReport
-    from reuse_lens.report import HtmlReport
+    from reuse_lens.compare.edges import EdgeOverlapReport
+    from reuse_lens.compare.overlap import OverlapReport
+    from reuse_lens.report.html import HtmlReport
 
 __all__ = ["answer_section", "edge_overlap_section", "model_overlap_section", "overlap_section"]
 
@@ -67,7 +67,7 @@ def answer_section(
     what: str,
 ) -> None:
     """The answer first: the generated sentences, then the marked Jaccard matrix."""
-    from reuse_lens.answer import answer
+    from reuse_lens.compare.answer import answer
 
     report.add_heading(f"Which {what} reuse which heads and MLPs, and is it significant?")
     sentences = answer(overlap, edges)
@@ -86,7 +86,7 @@ def answer_section(
 
 
 def _answer_title(overlap: OverlapReport, what: str) -> str:
-    from reuse_lens.answer import CORRECTION_NAMES
+    from reuse_lens.compare.answer import CORRECTION_NAMES
 
     method = CORRECTION_NAMES.get(overlap.correction, overlap.correction)
     return (

@@ -20,17 +20,17 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from reuse_lens import _report_overlap as sections
 from reuse_lens import plot
 from reuse_lens._io import write_text_atomic
+from reuse_lens.report import _overlap as sections
 
 if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
 
     from reuse_lens.circuits.circuit import Circuit
-    from reuse_lens.edge_overlap import EdgeOverlapReport
-    from reuse_lens.overlap import OverlapReport
+    from reuse_lens.compare.edges import EdgeOverlapReport
+    from reuse_lens.compare.overlap import OverlapReport
 
 __all__ = ["FAITHFUL", "HtmlReport", "StudyLike", "write", "write_comparison"]
 
@@ -257,7 +257,7 @@ def write(
     """Write the report of a study as one self-contained HTML file.
 
     The report opens with the answer: which tasks reuse which heads and MLPs and whether
-    that survives the correction for testing every pair (``reuse_lens.answer``), and the
+    that survives the correction for testing every pair (``reuse_lens.compare.answer``), and the
     Jaccard matrix of the tasks with the significant pairs marked. The contents list
     follows, then: summary, model evaluations, each circuit (size, faithfulness against
     the random baseline, patching heatmap, diagram), faithfulness curves, method agreement,

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
-    from reuse_lens.edge_overlap import EdgeOverlapReport
+    from reuse_lens.compare.edges import EdgeOverlapReport
     from reuse_lens.study import StudyResult
 
 __all__ = ["markdown", "write_markdown"]
@@ -57,11 +57,11 @@ def markdown(
 ) -> str:
     """Every table of a study, with a line on how to read each, under ``heading``.
 
-    Opens with the answer (``reuse_lens.answer``): which tasks reuse which heads and MLPs,
+    Opens with the answer (``reuse_lens.compare.answer``): which tasks reuse which heads and MLPs,
     and which pairs survive the correction for testing every pair. Reads the study's
     ``edge_overlap`` (an ``EdgeOverlapReport``) when it has one.
     """
-    from reuse_lens.answer import CORRECTION_NAMES, answer
+    from reuse_lens.compare.answer import CORRECTION_NAMES, answer
 
     config = result.config
     overlap = result.task_overlap

@@ -1,7 +1,7 @@
 """The short answer a report opens with: which circuits reuse which nodes, and is it significant.
 
-``answer(overlap)`` turns an :class:`~reuse_lens.overlap.OverlapReport` (and optionally an
-:class:`~reuse_lens.edge_overlap.EdgeOverlapReport`) into a few plain sentences, generated
+``answer(overlap)`` turns an :class:`~reuse_lens.compare.overlap.OverlapReport` (and optionally an
+:class:`~reuse_lens.compare.edges.EdgeOverlapReport`) into a few plain sentences, generated
 from the numbers: the pairs whose overlap survives the report's multiple-comparison
 correction, said plainly when none does, the nodes most circuits use, and, at edge level,
 where a shared head is read differently. The HTML report and results.md both lead with it.
@@ -13,11 +13,11 @@ import itertools
 import math
 from typing import TYPE_CHECKING
 
-from reuse_lens._overlap_sets import sorted_nodes
+from reuse_lens.compare._sets import sorted_nodes
 
 if TYPE_CHECKING:
-    from reuse_lens.edge_overlap import EdgeOverlapReport
-    from reuse_lens.overlap import Kind, OverlapReport
+    from reuse_lens.compare.edges import EdgeOverlapReport
+    from reuse_lens.compare.overlap import Kind, OverlapReport
 
 __all__ = ["CORRECTION_NAMES", "answer", "node_counts"]
 
