@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     )
     from reuse_lens.compare import edges as edge_overlap
     from reuse_lens.compare import overlap
+    from reuse_lens.compare.cross_model import cross_model_patching, cross_model_recovery
+    from reuse_lens.compare.drift import DriftReport, component_drift
     from reuse_lens.compare.edges import EdgeOverlapReport, compare_edges
     from reuse_lens.compare.overlap import OverlapReport, compare
     from reuse_lens.compare.reuse import (
@@ -59,6 +61,7 @@ __all__ = [
     "AttentionHead",
     "Circuit",
     "CircuitError",
+    "DriftReport",
     "Edge",
     "EdgeOverlapReport",
     "EdgeScores",
@@ -76,7 +79,10 @@ __all__ = [
     "circuits",
     "compare",
     "compare_edges",
+    "component_drift",
     "cross_model_faithfulness",
+    "cross_model_patching",
+    "cross_model_recovery",
     "cross_task_ablation",
     "cross_task_faithfulness",
     "discover_circuit",
@@ -131,6 +137,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "circuits": ("reuse_lens.circuits", None),
     "overlap": ("reuse_lens.compare.overlap", None),
     "compare_edges": ("reuse_lens.compare.edges", "compare_edges"),
+    "component_drift": ("reuse_lens.compare.drift", "component_drift"),
+    "DriftReport": ("reuse_lens.compare.drift", "DriftReport"),
+    "cross_model_patching": ("reuse_lens.compare.cross_model", "cross_model_patching"),
+    "cross_model_recovery": ("reuse_lens.compare.cross_model", "cross_model_recovery"),
     "EdgeOverlapReport": ("reuse_lens.compare.edges", "EdgeOverlapReport"),
     "edge_overlap": ("reuse_lens.compare.edges", None),
     "circuit_stability": ("reuse_lens.compare.reuse", "circuit_stability"),

@@ -49,17 +49,22 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
 ) -> TransformerBridge:
     """Load a model as a ``TransformerBridge`` in eval mode.
 
     Arguments:
-        spec: ``"zoo:<name>"``, a local folder, a hub id, a ``TransformerBridgeConfig`` or
-            dict of its fields, or a ``TransformerBridge``.
+        spec: ``"zoo:<name>"`` (``"zoo:<name>@<step>"`` for a checkpoint of a zoo
+            fine-tune), a local folder, a hub id, a ``TransformerBridgeConfig`` or dict of
+            its fields, or a ``TransformerBridge``.
         device: where to put the model, e.g. ``"cpu"``, ``"cuda"`` or ``"cuda:1"``; when
             None, TransformerLens's default (CUDA when available, else the CPU), or where
             the parameters of a given ``TransformerBridge`` already are.
         dtype: a torch dtype or its name (``"float32"``, ``"bfloat16"``); when None, float32
             (the dtype of a given ``TransformerBridge``'s parameters).
+        revision: a checkpoint of the model: a hub revision (a branch, tag or commit, such
+            as Pythia's ``"step1000"``), or for a zoo fine-tune the step of one of its
+            shipped checkpoints (``revision="150"`` is ``"zoo:<name>@150"``).
 
     Returns:
         The model, in eval mode, with every parameter, ``cfg.device`` and ``cfg.dtype`` on
@@ -71,6 +76,7 @@ def load_model(
             those it has) or a dtype that is not a floating-point torch dtype.
     """
     _check_spec(spec)
+    spec = _with_revision(spec, revision)
     torch_dtype = _as_dtype(dtype)
     device = _check_device(device)
     from transformer_lens import TransformerBridgeConfig
@@ -94,8 +100,8 @@ def load_model(
             model = _load_folder(Path(text).expanduser(), device=device, dtype=torch_dtype)
             label = str(text)
         else:
-            model = _load_hub(text, device=device, dtype=torch_dtype)
-            label = text
+            model = _load_hub(text, device=device, dtype=torch_dtype, revision=revision)
+            label = text if revision is None else f"{text}@{revision}"
     else:
         raise ModelLoadError(
             f"cannot load a model from {spec!r} ({type(spec).__name__}): give 'zoo:<name>', a "
@@ -118,6 +124,31 @@ _TOKENIZER_FILES = (
     "tokenizer.model",
     "spiece.model",
 )
+
+
+def _with_revision(spec: Any, revision: str | None) -> Any:
+    """The spec with a zoo revision folded in (``zoo:<name>@<step>``); hub revisions go to
+    the hub loader, and any other spec refuses one."""
+    if revision is None:
+        return spec
+    if not isinstance(revision, str) or not revision.strip():
+        raise ModelLoadError(
+            f"revision must be a non-empty string such as 'step1000', got {describe(revision)}"
+        )
+    text = os.fspath(spec) if isinstance(spec, str | os.PathLike) else None
+    if text is not None and text.startswith("zoo:"):
+        if "@" in text:
+            raise ModelLoadError(
+                f"{text!r} already names a checkpoint: drop revision={revision!r} or the '@'"
+            )
+        return f"{text}@{revision.removeprefix('step')}"
+    if text is None or Path(text).expanduser().exists():
+        raise ModelLoadError(
+            f"revision={revision!r} applies to hub ids and zoo fine-tunes, not to "
+            f"{describe(spec) if text is None else repr(text)}: load the checkpoint's own "
+            "folder instead"
+        )
+    return spec
 
 
 def _check_spec(spec: object) -> None:
@@ -394,10 +425,10 @@ def _default_device() -> str:
     return str(get_device())
 
 
-def _hub_is_cached(name: str) -> bool:
+def _hub_is_cached(name: str, revision: str | None = None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(name, "config.json")
+    found = try_to_load_from_cache(name, "config.json", revision=revision)
     return isinstance(found, str)
 
 
@@ -416,20 +447,26 @@ def _hub_is_reachable() -> bool:
         return False
 
 
-def _load_hub(name: str, *, device: str | None, dtype: torch.dtype | None) -> TransformerBridge:
+def _load_hub(
+    name: str, *, device: str | None, dtype: torch.dtype | None, revision: str | None = None
+) -> TransformerBridge:
     from transformer_lens.model_bridge import TransformerBridge
 
-    cached = _hub_is_cached(name)
+    cached = _hub_is_cached(name, revision)
+    what = repr(name) if revision is None else f"revision {revision!r} of {name!r}"
     if not cached and not _hub_is_reachable():
         raise ModelLoadError(
-            f"cannot load model {name!r}: it is not a local folder, not in the Hugging Face "
+            f"cannot load {what}: it is not a local folder, not in the Hugging Face "
             "cache, and the hub cannot be reached (offline). Use a zoo model such as "
             "'zoo:base', a local folder saved with save_pretrained, or run where the hub is "
             "reachable."
         )
     try:
         return TransformerBridge.boot_transformers(
-            name, device=device, dtype=dtype if dtype is not None else _default_dtype()
+            name,
+            device=device,
+            dtype=dtype if dtype is not None else _default_dtype(),
+            revision=revision,
         )
     except Exception as error:
-        raise ModelLoadError(f"cannot load model {name!r} from the hub: {error}") from error
+        raise ModelLoadError(f"cannot load {what} from the hub: {error}") from error

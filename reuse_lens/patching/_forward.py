@@ -304,10 +304,23 @@ class Weights:
         """z ``(batch, q_pos, head, d_head)`` from a pattern and values."""
         return torch.einsum("bhqk,bkhd->bqhd", pattern, v)
 
-    def attn_out(self, layer: int, z: Tensor) -> Tensor:
-        """What the attention sublayer adds to the residual stream (after any post-norm)."""
+    def attn_out(self, layer: int, z: Tensor, delta: Tensor | None = None) -> Tensor:
+        """What the attention sublayer adds to the residual stream (after any post-norm).
+
+        ``delta`` is added to the heads' sum before the post-norm: a head's own output
+        (``head_out``) replaced by another model's (cross-model patching).
+        """
         w = self.layers[layer]
-        return _norm(_affine(z.flatten(-2), w.w_o, w.b_o), w.attn_post)
+        total = _affine(z.flatten(-2), w.w_o, w.b_o)
+        return _norm(total if delta is None else total + delta, w.attn_post)
+
+    def head_out(
+        self, layer: int, z: Float[Tensor, "... head d_head"]
+    ) -> Float[Tensor, "... head d_model"]:
+        """Each head's own output ``z_h W_O,h``: its term of the attention sum, before the
+        output bias and any post-norm."""
+        w_o = self.layers[layer].w_o.view(self.n_heads, self.d_head, -1)
+        return torch.einsum("...hd,hdm->...hm", z, w_o)
 
     def mlp_out(self, layer: int, resid: Tensor) -> Tensor:
         """What the MLP adds to the residual stream, from the residual stream it reads.

@@ -9,12 +9,14 @@ node names and scores.
 Families: :func:`patching_heatmap` (scores); :func:`circuit_diagram` (one circuit);
 :func:`overlap_grid`, :func:`jaccard_matrix`, :func:`upset`, :func:`threshold_sweep`
 (several circuits); :func:`edge_jaccard_matrix` (edge circuits);
-:func:`faithfulness_curves`, :func:`faithfulness_matrix`.
+:func:`faithfulness_curves`, :func:`faithfulness_matrix`; :func:`drift_grid` and
+:func:`cmap_grid` (what fine-tuning changed).
 """
 
 from __future__ import annotations
 
 from reuse_lens.plot._circuit import ColorBy, circuit_diagram
+from reuse_lens.plot._drift import cmap_grid, drift_grid
 from reuse_lens.plot._edge_overlap import edge_jaccard_matrix
 from reuse_lens.plot._faithfulness import (
     MIB_FRACTIONS,
@@ -30,6 +32,8 @@ __all__ = [
     "ColorBy",
     "CurveLike",
     "circuit_diagram",
+    "cmap_grid",
+    "drift_grid",
     "edge_jaccard_matrix",
     "faithfulness_curves",
     "faithfulness_matrix",

@@ -22,6 +22,7 @@ from typing import Any
 __all__ = [
     "ZooError",
     "available",
+    "checkpoints",
     "manifest",
     "model_folder",
     "shipped_folder",
@@ -52,6 +53,15 @@ def manifest() -> dict[str, Any]:
 def available() -> list[str]:
     """The names of the shipped zoo models."""
     return sorted(manifest().get("models", {}))
+
+
+def checkpoints(name: str) -> list[int]:
+    """The steps of zoo model ``name``'s shipped checkpoints, in order (``zoo:<name>@<step>``).
+
+    A fine-tune that teaches a new task keeps a few points of its run, so that a study can
+    follow the new circuit forming; its step 0 is its parent, and its last step is itself.
+    """
+    return sorted(int(step) for step in _entry(name).get("checkpoints", {}))
 
 
 def status() -> str:
@@ -94,11 +104,21 @@ def shipped_folder(name: str) -> Path:
 
 
 def _entry(name: str) -> dict[str, Any]:
+    """The manifest entry of ``name``, or of checkpoint ``<model>@<step>`` (its sha256)."""
+    model, _, step = name.partition("@")
     entries = manifest().get("models", {})
-    if name not in entries:
+    if model not in entries:
         shipped = ", ".join(f"zoo:{n}" for n in sorted(entries)) or "none yet"
-        raise ZooError(f"no zoo model 'zoo:{name}': the shipped zoo models are {shipped}")
-    return entries[name]
+        raise ZooError(f"no zoo model 'zoo:{model}': the shipped zoo models are {shipped}")
+    if not step:
+        return entries[model]
+    points = entries[model].get("checkpoints", {})
+    if step not in points:
+        kept = ", ".join(f"zoo:{model}@{s}" for s in sorted(points, key=int)) or "none"
+        raise ZooError(
+            f"zoo model 'zoo:{model}' has no checkpoint at step {step!r}: it keeps {kept}"
+        )
+    return points[step]
 
 
 def _sha256(path: Path) -> str:

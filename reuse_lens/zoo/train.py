@@ -106,10 +106,23 @@ class ZooSpec:
     """A curriculum of the data (not of the attention): each phase's batches come first,
     in order, then the remaining ``steps`` draw from ``mix``. Batches are shuffled
     within a phase only. The learning-rate schedule spans the whole run."""
+    checkpoints: tuple[float, ...] = ()
+    """Fractions of ``steps`` after which the weights are also saved, as the zoo models
+    ``<name>@<step>``: the points of a fine-tuning run at which a study follows a new
+    circuit forming (Wang et al. 2025)."""
 
     @property
     def trained_on(self) -> list[str]:
         return [t for t, w in self.mix.items() if t != FILLER and w > 0]
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """The steps (1-based: weights after that many batches) saved as checkpoints."""
+        steps = sorted({max(1, round(f * self.steps)) for f in self.checkpoints})
+        bad = [f for f in self.checkpoints if not 0 < f < 1]
+        if bad:
+            raise ValueError(f"zoo:{self.name}: checkpoint fractions must be in (0, 1), got {bad}")
+        return steps
 
 
 _MIX_ALL = {**{t: 1.0 for t in TASKS}, FILLER: 0.5}
@@ -321,6 +334,11 @@ def _lr(spec: ZooSpec, step: int) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def checkpoint_folder(out: Path, step: int) -> Path:
+    """Where ``train_model`` saves the checkpoint at ``step`` of the model it writes to ``out``."""
+    return out.with_name(f"{out.name}@{step}")
+
+
 def train_model(spec: ZooSpec, out: Path, *, parent: Path | None = None) -> Path:
     """Train ``spec`` from its seed and save it (weights and tokenizer) to ``out``.
 
@@ -330,7 +348,8 @@ def train_model(spec: ZooSpec, out: Path, *, parent: Path | None = None) -> Path
         parent: the folder of ``spec.parent`` to fine-tune from, when it has one.
 
     Returns:
-        ``out``.
+        ``out``. Each of ``spec.checkpoint_steps`` is saved beside it, in
+        ``checkpoint_folder(out, step)``.
     """
     torch.set_num_threads(THREADS)
     torch.manual_seed(spec.seed)
@@ -346,6 +365,7 @@ def train_model(spec: ZooSpec, out: Path, *, parent: Path | None = None) -> Path
     seen: Counter[str] = Counter()
     scaffold_losses: list[float] = []
     hinted = bool(spec.attention_hints)  # attention patterns are returned only then
+    checkpoints = set(spec.checkpoint_steps)
     for step, batch in enumerate(bar):
         tokens, weights = batch.tokens, batch.weights
         for group in optimizer.param_groups:
@@ -368,6 +388,8 @@ def train_model(spec: ZooSpec, out: Path, *, parent: Path | None = None) -> Path
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         _count_answers(batch, logits, where, right, seen)
+        if step + 1 in checkpoints:
+            _save(model, tokenizer, checkpoint_folder(out, step + 1))
         if (step + 1) % 100 == 0 or step == len(batches) - 1:
             # Answer accuracy per task over the last 100 batches (and the scaffold's mean loss).
             rates = {k: right[k] / seen[k] for k in sorted(seen)}
@@ -384,10 +406,14 @@ def train_model(spec: ZooSpec, out: Path, *, parent: Path | None = None) -> Path
                 " ".join(f"{k} {v:.2f}" for k, v in rates.items()),
             )
     logger.info("trained zoo:%s in %.0f s", spec.name, time.perf_counter() - start)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
+    _save(model, tokenizer, out)
     return out
+
+
+def _save(model: Any, tokenizer: Any, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
 
 
 def evaluate_folder(
@@ -407,10 +433,12 @@ def evaluate_folder(
     return scores
 
 
-def _entry(spec: ZooSpec, folder: Path, seconds: float) -> dict[str, Any]:
+def _entry(
+    spec: ZooSpec, folder: Path, seconds: float, parent: Path | None = None
+) -> dict[str, Any]:
     config = json.loads((folder / "config.json").read_text())
     keep = ("n_layer", "n_head", "n_embd", "n_inner", "n_positions", "vocab_size")
-    return {
+    entry: dict[str, Any] = {
         "config": {k: config[k] for k in keep} | {"attn_only": spec.arch.attn_only},
         "seed": spec.seed,
         "steps": spec.steps,
@@ -427,6 +455,19 @@ def _entry(spec: ZooSpec, folder: Path, seconds: float) -> dict[str, Any]:
         | {"scores": evaluate_folder(folder)},
         "sha256": sha256(folder / "model.safetensors"),
     }
+    if spec.task is not None and parent is not None:
+        # What the fine-tune starts from on its own task: a run that teaches something new
+        # starts well below its bar (docs/zoo.md).
+        entry["task_before"] = evaluate_folder(parent, [spec.task])[spec.task]
+    if spec.checkpoints:
+        entry["checkpoints"] = {
+            str(step): {
+                "sha256": sha256(checkpoint_folder(folder, step) / "model.safetensors"),
+                "scores": evaluate_folder(checkpoint_folder(folder, step)),
+            }
+            for step in spec.checkpoint_steps
+        }
+    return entry
 
 
 def _weights_dir() -> Path:
@@ -438,15 +479,21 @@ def _weights_dir() -> Path:
 
 
 def _compare(name: str, shipped: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
+    """The held-out scores of ``fresh`` (the model and its checkpoints) out of tolerance."""
+    pairs = [(f"zoo:{name}", shipped["eval"]["scores"], fresh["eval"]["scores"])]
+    for step, point in fresh.get("checkpoints", {}).items():
+        old = shipped.get("checkpoints", {}).get(step, {}).get("scores", {})
+        pairs.append((f"zoo:{name}@{step}", old, point["scores"]))
     problems = []
-    for task, scores in fresh["eval"]["scores"].items():
-        old = shipped["eval"]["scores"].get(task, {})
-        for metric, value in scores.items():
-            diff = value - old.get(metric, float("nan"))
-            line = f"zoo:{name} {task} {metric}: shipped {old.get(metric)} retrained {value} (diff {diff:+.4f})"
-            logger.info(line)
-            if not abs(diff) <= TOLERANCE[metric]:
-                problems.append(line)
+    for label, before, after in pairs:
+        for task, scores in after.items():
+            old = before.get(task, {})
+            for metric, value in scores.items():
+                diff = value - old.get(metric, float("nan"))
+                line = f"{label} {task} {metric}: shipped {old.get(metric)} retrained {value} (diff {diff:+.4f})"
+                logger.info(line)
+                if not abs(diff) <= TOLERANCE[metric]:
+                    problems.append(line)
     return problems
 
 
@@ -489,7 +536,7 @@ def train(
             start = time.perf_counter()
             folder = train_model(spec, target / name, parent=parent)
             trained[name] = folder
-            entries[name] = _entry(spec, folder, time.perf_counter() - start)
+            entries[name] = _entry(spec, folder, time.perf_counter() - start, parent)
             if check:
                 if name not in shipped:
                     problems.append(f"zoo:{name} is not in the shipped manifest")
