@@ -18,6 +18,7 @@ from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.circuits.measure import FaithfulnessCurve
 from reuse_lens.patching.scores import NodeScores
 from reuse_lens.study.config import FAITHFUL, StudyConfig
+from reuse_lens.study.finetune import analyse_fine_tunes, claims
 from reuse_lens.study.result import StudyResult
 from reuse_lens.tasks.metrics import MetricError
 
@@ -162,6 +163,7 @@ def compare_circuits(run: StudyRun) -> StudyResult:
     findings = [f"No circuit for {key}: {why}." for key, why in run.skipped.items()]
     findings += _findings(circuit_table, task_overlap, model_overlap, cross_model, interventions)
     findings += _within_findings(within_model)
+    fine_tuning = analyse_fine_tunes(run, base_circuits) if config.fine_tuning else {}
     return StudyResult(
         config=config, models=run.specs, evaluations=run.evaluations, circuits=run.circuits,
         scores=run.scores, curves=run.curves, circuit_table=circuit_table,
@@ -170,7 +172,8 @@ def compare_circuits(run: StudyRun) -> StudyResult:
         cross_task=cross_task,
         cross_model=cross_model, cross_ablation=cross_ablation, interventions=interventions,
         findings=findings, seconds=time.perf_counter() - run.start, skipped=run.skipped,
-        edge_overlap=edge_overlap,
+        edge_overlap=edge_overlap, fine_tuning=fine_tuning,
+        claims=claims(fine_tuning, base_circuits) if fine_tuning else [],
     )  # fmt: skip
 
 

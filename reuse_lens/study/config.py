@@ -42,6 +42,11 @@ class StudyConfig:
             each Ray worker (which asks Ray for that many CPUs). CPU kernels round
             differently with the thread count, so this is what keeps the executors'
             results byte-identical. None: this process's count when the study starts.
+        checkpoints: task -> specs of checkpoints of that task's fine-tuning run, in
+            training order (the fine-tune in ``fine_tuned`` is the run's end). The task's
+            circuit is found at each, to follow it forming (Wang et al. 2025).
+        fine_tuning: for each fine-tune, measure what fine-tuning changed (component
+            drift, cross-model patching) and what its task's circuit reuses.
     """
 
     base: str = "zoo:base"
@@ -72,6 +77,8 @@ class StudyConfig:
     memory_budget: int | str | None = None
     edge_overlap: bool = True
     threads: int | None = None
+    checkpoints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    fine_tuning: bool = True
 
     def __post_init__(self) -> None:
         from reuse_lens import tasks
@@ -104,6 +111,18 @@ class StudyConfig:
             raise TypeError(f"edge_overlap must be True or False, got {self.edge_overlap!r}")
         if self.threads is not None:
             check_count(self.threads, "threads")
+        if stray := [t for t in self.checkpoints if t not in self.fine_tuned]:
+            raise ValueError(
+                f"checkpoints are given for {stray}, which have no fine-tuned model: "
+                "checkpoints follow the run of a model in fine_tuned (TASK=SPEC)"
+            )
+        for task, specs in self.checkpoints.items():
+            if isinstance(specs, str) or not all(isinstance(s, str) and s for s in specs):
+                raise TypeError(
+                    f"checkpoints[{task!r}] must be a tuple of model specs, got {specs!r}"
+                )
+        if not isinstance(self.fine_tuning, bool):
+            raise TypeError(f"fine_tuning must be True or False, got {self.fine_tuning!r}")
         for name in ("device", "dtype"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -111,8 +130,15 @@ class StudyConfig:
 
     @property
     def models(self) -> dict[str, str]:
-        """Each model's label in the study (``base``, ``ft-<task>``) -> its spec."""
-        return {"base": self.base, **{f"ft-{t}": s for t, s in self.fine_tuned.items()}}
+        """Each model's label in the study (``base``, ``ft-<task>``, ``ft-<task>@<step>``
+        for a checkpoint) -> its spec."""
+        from reuse_lens.study.finetune import checkpoint_label
+
+        out = {"base": self.base, **{f"ft-{t}": s for t, s in self.fine_tuned.items()}}
+        for task, specs in self.checkpoints.items():
+            for index, spec in enumerate(specs, 1):
+                out[checkpoint_label(task, spec, index)] = spec
+        return out
 
     @property
     def uses_gpu(self) -> bool:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from reuse_lens.circuits.measure import FaithfulnessCurve
     from reuse_lens.compare.edges import EdgeOverlapReport
     from reuse_lens.compare.overlap import OverlapReport
+    from reuse_lens.study.finetune import FineTuneAnalysis
 
 __all__ = ["StudyResult", "save_summary", "scores_of"]
 
@@ -45,6 +46,10 @@ class StudyResult:
     seconds: float
     skipped: dict[str, str] = field(default_factory=dict)
     edge_overlap: EdgeOverlapReport | None = None
+    fine_tuning: dict[str, FineTuneAnalysis] = field(default_factory=dict)
+    """What each fine-tune changed and what its circuit reuses, by label (``ft-<task>``)."""
+    claims: list[str] = field(default_factory=list)
+    """The fine-tuning literature's two claims, tested on the study's fine-tunes."""
 
 
 def scores_of(circuit: Circuit) -> NodeScores:
@@ -63,7 +68,11 @@ def scores_of(circuit: Circuit) -> NodeScores:
 def save_summary(result: StudyResult, path: str | Path) -> None:
     """The study's tables as one JSON file (for docs and for comparing runs)."""
     doc = {
-        "config": {**asdict(result.config), "fine_tuned": dict(result.config.fine_tuned)},
+        "config": {
+            **asdict(result.config),
+            "fine_tuned": dict(result.config.fine_tuned),
+            "checkpoints": {t: list(s) for t, s in result.config.checkpoints.items()},
+        },
         "models": result.models,
         "seconds": result.seconds,
         "evaluations": result.evaluations.to_dict(orient="records"),
@@ -80,6 +89,9 @@ def save_summary(result: StudyResult, path: str | Path) -> None:
     }
     if result.edge_overlap is not None:
         doc["edge_overlap"] = json.loads(result.edge_overlap.to_json())
+    if result.fine_tuning:
+        doc["fine_tuning"] = {k: a.to_dict() for k, a in result.fine_tuning.items()}
+        doc["claims"] = result.claims
     from reuse_lens._io import write_text_atomic
 
     write_text_atomic(path, json.dumps(doc, indent=2, default=float))

@@ -298,6 +298,14 @@ def _jobs(config: StudyConfig) -> list[str]:
         # Each fine-tune's IOI circuit too, to compare IOI with its own task inside it
         # (Merullo et al. compare tasks within one model).
         jobs += [f"ft-{t}/ioi/{config.methods[0]}" for t in config.fine_tuned if t != "ioi"]
+    from reuse_lens.study.finetune import checkpoint_label
+
+    for task, specs in config.checkpoints.items():
+        # The task's circuit at each point of its fine-tuning run (Wang et al. 2025).
+        jobs += [
+            f"{checkpoint_label(task, spec, i)}/{task}/{config.methods[0]}"
+            for i, spec in enumerate(specs, 1)
+        ]
     return jobs
 
 
