@@ -45,6 +45,10 @@ class StudyResult:
     seconds: float
     skipped: dict[str, str] = field(default_factory=dict)
     edge_overlap: EdgeOverlapReport | None = None
+    files: tuple[str, ...] = ()
+    """The circuit files of this study in ``out/circuits`` (node and edge circuits)."""
+    other_files: tuple[str, ...] = ()
+    """Circuit files in ``out/circuits`` that are not this study's (an earlier study's)."""
 
 
 def scores_of(circuit: Circuit) -> NodeScores:
