@@ -1,7 +1,7 @@
 """The catalogue of bad input: each case gives a clear error or warning, never a silent answer.
 
 Every case asserts the exception (or warning) type and that the message names the problem
-and the fix. docs/errors.md lists the same errors for users. Kept under a minute: small n,
+and the fix. docs/errors.md lists the same errors for users. Kept to about a minute: small n,
 and the checks that guard expensive work fire before it.
 """
 
@@ -1350,3 +1350,18 @@ def test_the_reaper_ends_the_processes_of_its_cluster_when_the_driver_is_gone() 
         for process in (agent, other):
             process.kill()
             process.wait()
+
+
+def test_cli_export_mib_paths_are_checked_before_the_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reuse_lens.patching import attribution
+
+    monkeypatch.setattr(attribution, "attribution_patching", lambda *a, **k: pytest.fail("scored"))
+    (tmp_path / "f").write_text("")
+    argv = ["export-mib", "--model", "zoo:base", "zoo:ft-ioi", "--tasks", "ioi", "sva"]
+    code, err = run_cli([*argv, "--out", str(tmp_path / "f")], capsys)
+    one_line_error(code, err, "is a file, but a folder goes there")
+    names = ["--model-names", "ft-ioi", "ft_ioi", "--out", str(tmp_path / "mib")]
+    code, err = run_cli([*argv, *names], capsys)
+    one_line_error(code, err, "would share the folder 'ioi_ft-ioi'")
