@@ -279,17 +279,17 @@ def _cmd_export_mib(args: argparse.Namespace) -> int:
             f"models {names} or tasks {args.tasks} repeat a name: each (task, model) folder "
             "must be unique; give distinct names with --model-names"
         )
-    folders: dict[str, tuple[str, str]] = {}
+    planned: dict[str, tuple[str, str]] = {}
     for task_name in args.tasks:
         for name in names:
             folder = mib_folder_name(task_name, name)
-            if folder in folders:  # e.g. ft-ioi and ft_ioi: refused now, not after the work
+            if folder in planned:  # e.g. ft-ioi and ft_ioi: refused now, not after the work
                 raise ValueError(
-                    f"{folders[folder]} and {(task_name, name)} would share the folder "
+                    f"{planned[folder]} and {(task_name, name)} would share the folder "
                     f"{folder!r}: give the models names that differ in letters or digits "
                     "(--model-names)"
                 )
-            folders[folder] = (task_name, name)
+            planned[folder] = (task_name, name)
     if len(set(args.model)) < 2 or len(set(args.tasks)) < 2:
         print("note: MIB's leaderboard takes submissions of at least 2 models and 2 tasks")
     scores, widths = {}, {}
