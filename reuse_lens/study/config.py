@@ -15,6 +15,13 @@ FAITHFUL = 0.8
 """Circuits below this faithfulness are reported as not faithful."""
 
 
+_ZOO_FINE_TUNES = {
+    "ioi": "zoo:ft-ioi",
+    "colored_objects": "zoo:ft-colored_objects",
+    "entity_tracking": "zoo:ft-entity_tracking",
+}
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """What a study runs. The defaults are the zoo demo.
@@ -54,13 +61,7 @@ class StudyConfig:
         "sva",
         "gendered_pronoun",
     )
-    fine_tuned: Mapping[str, str] = field(
-        default_factory=lambda: {
-            "ioi": "zoo:ft-ioi",
-            "colored_objects": "zoo:ft-colored_objects",
-            "entity_tracking": "zoo:ft-entity_tracking",
-        }
-    )
+    fine_tuned: Mapping[str, str] = field(default_factory=lambda: dict(_ZOO_FINE_TUNES))
     methods: tuple[Method, ...] = ("activation", "eap-ig")
     n_prompts: int = 64
     seed: int = 0
@@ -91,11 +92,14 @@ class StudyConfig:
                 "find one circuit with rl.discover_circuit (reuse-lens discover)"
             )
         if outside := [t for t in self.fine_tuned if t not in self.tasks]:
+            default = dict(self.fine_tuned) == _ZOO_FINE_TUNES
             raise ValueError(
                 f"fine-tuned task(s) {outside} are not among the study's tasks {list(self.tasks)}"
                 ": a fine-tune is studied on its own task, beside the base model's circuit "
                 "of it; add them to the tasks, or leave out their fine-tunes"
-            )
+                + (" (fine_tuned defaults to the zoo's three: pass fine_tuned={} or the ones "
+                   "you mean)" if default else "")
+            )  # fmt: skip
         if bad := [m for m in self.methods if m not in METHODS or m == "path"]:
             raise ValueError(
                 f"study methods must be among activation, eap, eap-ig (got {bad}); path "
