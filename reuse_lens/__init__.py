@@ -157,6 +157,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 
+# ``reuse_lens.compare`` is a subpackage and ``rl.compare`` a function. Python binds a
+# subpackage to its parent's attribute when it is first imported, which would turn
+# ``rl.compare`` into the module as soon as anything imports ``reuse_lens.compare.overlap``.
+# Importing the (empty) package here, once, and unbinding it keeps the function's name.
+importlib.import_module("reuse_lens.compare")
+globals().pop("compare", None)
+
+
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'reuse_lens' has no attribute {name!r}")

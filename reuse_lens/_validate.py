@@ -33,9 +33,11 @@ __all__ = [
     "check_fits",
     "check_mapping",
     "check_model",
+    "check_out_entries",
     "check_out_file",
     "check_out_folder",
     "check_seed",
+    "check_side_file",
     "check_task",
     "folder_lock",
 ]
@@ -152,13 +154,24 @@ def check_count(value: object, arg: str, *, minimum: int = 1, maximum: int | Non
 
 
 def check_seed(seed: object, arg: str = "seed") -> int:
-    """``seed`` as an int, or TypeError: None or a string would not say which prompts."""
+    """``seed`` as an int, or TypeError: None or a string would not say which prompts.
+
+    Negative seeds are refused everywhere (ValueError): numpy's generators, behind the
+    random baselines and resamples, take none, and a study that accepted -1 for its
+    prompts would fail on it only after all its discoveries.
+    """
     if seed is None:
         raise TypeError(
             f"{arg} must be a whole number such as 0, got None: the seed decides which "
             "prompts (or samples) are drawn, so it is always explicit"
         )
-    return _whole(seed, arg)
+    number = _whole(seed, arg)
+    if number < 0:
+        raise ValueError(
+            f"{arg} must be 0 or a positive whole number, got {number}: numpy's random "
+            "generators take no negative seeds, so none is accepted anywhere"
+        )
+    return number
 
 
 # ---- model specs ----------------------------------------------------------------------------
@@ -229,6 +242,49 @@ def check_out_folder(path: str | os.PathLike[str], arg: str = "--out") -> Path:
         return target
     _check_parents(target, arg)
     return target
+
+
+def check_side_file(main: Path, side: Path, what: str, arg: str = "--out") -> Path:
+    """``side``, a file written beside ``main``, or OutputPathError when it is ``main``.
+
+    ``discover --out c.html`` writes the circuit to c.html and then its figure, named
+    NAME.html, over it: the discovery would be lost with exit status 0. Names are
+    compared without case, as a case-insensitive file system would.
+    """
+    same = os.path.normcase(os.path.abspath(main)).lower() == (
+        os.path.normcase(os.path.abspath(side)).lower()
+    )
+    if same or (main.exists() and side.exists() and os.path.samefile(main, side)):
+        raise OutputPathError(
+            f"{arg} {str(main)!r} is also where the {what} goes ({str(side)!r}), which would "
+            f"overwrite it: give {arg} another name, such as "
+            f"{str(main.with_name(main.stem + '.json'))!r}"
+        )
+    return check_out_file(side, f"{arg}'s {what}")
+
+
+def check_out_entries(
+    folder: Path, *, files: tuple[str, ...] = (), folders: tuple[str, ...] = (), arg: str = "--out"
+) -> None:
+    """OutputPathError when a name the run writes in ``folder`` is taken by the wrong kind
+    of thing (a folder ``report.html``, a file ``circuits``): found before any work, not
+    after it."""
+    for name in files:
+        path = folder / name
+        if path.is_dir():
+            raise OutputPathError(
+                f"{arg} {str(folder)!r} holds a folder {name!r} where the run writes a file of "
+                "that name: remove or rename it, or choose another folder"
+            )
+        if path.exists() and not os.access(path, os.W_OK):
+            raise OutputPathError(f"{arg} {str(folder)!r}: {name!r} exists and is not writable")
+    for name in folders:
+        path = folder / name
+        if path.exists() and not path.is_dir():
+            raise OutputPathError(
+                f"{arg} {str(folder)!r} holds a file {name!r} where the run keeps a folder of "
+                "that name: remove or rename it, or choose another folder"
+            )
 
 
 _LOCK_NAME = ".reuse-lens.lock"

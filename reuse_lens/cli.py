@@ -43,6 +43,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def _at_least_two(text: str) -> int:
+    value = _whole(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _whole(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 or a positive whole number, got {value} (numpy's generators take no "
+            "negative seeds)"
+        )
+    return value
+
+
 def _non_negative(text: str) -> int:
     value = _whole(text)
     if value < 0:
@@ -127,12 +144,15 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace, config: StudyConfig, command: str, title: str | None) -> int:
     """Run ``config`` into ``args.out``: circuits/, report.html, results.md, summary.json."""
     from reuse_lens import report
-    from reuse_lens._validate import check_out_folder, folder_lock
+    from reuse_lens._validate import check_out_entries, check_out_folder, folder_lock
     from reuse_lens.report.summary import write_markdown
     from reuse_lens.study import executor_named, run_study, save_summary
 
     # Both are refused before any model is loaded.
     out = check_out_folder(args.out)
+    check_out_entries(
+        out, files=("report.html", "results.md", "summary.json"), folders=("circuits", "work")
+    )
     executor = executor_named(args.executor, args.address)
     where = " on Ray" if args.executor == "ray" else ""
     print(f"reuse-lens {command}: {len(config.tasks)} tasks in {config.base}, "
@@ -147,7 +167,7 @@ def _study(args: argparse.Namespace, config: StudyConfig, command: str, title: s
         save_summary(result, out / "summary.json")
         write_markdown(result, out / "results.md", **headings)
         path = report.write(out / "report.html", result, title=title)
-    print(f"circuits: {out / 'circuits'}/ ({len(result.circuits)} files)")
+    print(f"circuits: {out / 'circuits'}/ ({_files(result.files, result.other_files)})")
     print(f"report:   {path}")
     print(f"tables:   {out / 'results.md'} and {out / 'summary.json'}")
     print(f"took {result.seconds:.0f} s")
@@ -156,15 +176,23 @@ def _study(args: argparse.Namespace, config: StudyConfig, command: str, title: s
     return 0
 
 
+def _files(mine: Sequence[str], others: Sequence[str]) -> str:
+    """``6 files of this study``, and the files of an earlier study that lie beside them."""
+    text = f"{len(mine)} files of this study"
+    if others:
+        text += f"; {len(others)} other files there are an earlier study's, not in this report"
+    return text
+
+
 def _cmd_discover(args: argparse.Namespace) -> int:
     import reuse_lens as rl
     from reuse_lens._io import write_text_atomic
-    from reuse_lens._validate import check_out_file
+    from reuse_lens._validate import check_out_file, check_side_file
     from reuse_lens.study import scores_of
 
     # Both files are checked before the discovery, which may take minutes.
     out = check_out_file(args.out)
-    figure = check_out_file(out.with_suffix(".html"), "--out's figure")
+    figure = check_side_file(out, out.with_suffix(".html"), "figure")
     model = rl.load_model(args.model)
     task = rl.tasks.load(args.task, model, n=args.n, seed=args.seed)
     circuit = rl.discover_circuit(
@@ -192,9 +220,10 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import reuse_lens as rl
     from reuse_lens._io import write_text_atomic
-    from reuse_lens._validate import check_out_folder
+    from reuse_lens._validate import check_out_entries, check_out_folder
 
     out = check_out_folder(args.out)
+    check_out_entries(out, files=("overlap.json", "report.html"))
     circuits = {}
     for file in args.circuits:
         path = Path(file)
@@ -235,9 +264,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_export_mib(args: argparse.Namespace) -> int:
     import reuse_lens as rl
-    from reuse_lens.circuits.mib_submission import write_submission
+    from reuse_lens._validate import check_out_folder
+    from reuse_lens.circuits.mib_submission import mib_folder_name, write_submission
     from reuse_lens.patching.attribution import attribution_patching
 
+    check_out_folder(args.out)  # before the scores, which take most of the time
     names = args.model_names or [_model_folder_name(spec) for spec in args.model]
     if len(names) != len(args.model):
         raise ValueError(
@@ -248,6 +279,17 @@ def _cmd_export_mib(args: argparse.Namespace) -> int:
             f"models {names} or tasks {args.tasks} repeat a name: each (task, model) folder "
             "must be unique; give distinct names with --model-names"
         )
+    planned: dict[str, tuple[str, str]] = {}
+    for task_name in args.tasks:
+        for name in names:
+            folder = mib_folder_name(task_name, name)
+            if folder in planned:  # e.g. ft-ioi and ft_ioi: refused now, not after the work
+                raise ValueError(
+                    f"{planned[folder]} and {(task_name, name)} would share the folder "
+                    f"{folder!r}: give the models names that differ in letters or digits "
+                    "(--model-names)"
+                )
+            planned[folder] = (task_name, name)
     if len(set(args.model)) < 2 or len(set(args.tasks)) < 2:
         print("note: MIB's leaderboard takes submissions of at least 2 models and 2 tasks")
     scores, widths = {}, {}
@@ -317,7 +359,7 @@ def _task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="zoo:<name>, a local folder or a hub id")
     parser.add_argument("--task", required=True, help="a built-in task name (see rl.tasks.names())")
     parser.add_argument("--n", type=_positive, default=64, help="prompt pairs (default 64)")
-    parser.add_argument("--seed", type=_whole, default=0, help="prompt seed (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="prompt seed (default 0)")
 
 
 def _study_arguments(parser: argparse.ArgumentParser) -> None:
@@ -353,11 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on the zoo: circuits, overlap, report")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks (default: all built-in)")
-    demo.add_argument("--n", type=_positive, default=64, help="prompt pairs per task (default 64)")
-    demo.add_argument("--seed", type=_whole, default=0, help="prompt seed (default 0)")
+    demo.add_argument("--n", type=_at_least_two, default=64,
+                      help="prompt pairs per task, at least 2 (default 64)")  # fmt: skip
+    demo.add_argument("--seed", type=_seed, default=0, help="prompt seed (default 0)")
     demo.add_argument("--n-boot", type=_non_negative, default=5,
                       help="bootstrap resamples for stability (0 skips it, else at least 2)")  # fmt: skip
-    demo.add_argument("--n-random", type=_positive, default=20, help="random circuits per baseline")
+    demo.add_argument("--n-random", type=_at_least_two, default=20,
+                      help="random circuits per baseline, at least 2 (default 20)")  # fmt: skip
     _study_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
 
@@ -375,12 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
                        default=["activation", "eap-ig"], metavar="METHOD",
                        help="activation, eap, eap-ig; the first is used for overlap "
                        "(default: activation eap-ig)")  # fmt: skip
-    study.add_argument("--n", type=_positive, default=64, help="prompt pairs per task (default 64)")
-    study.add_argument("--seed", type=_whole, default=0, help="prompt seed (default 0)")
+    study.add_argument("--n", type=_at_least_two, default=64,
+                       help="prompt pairs per task, at least 2 (default 64)")  # fmt: skip
+    study.add_argument("--seed", type=_seed, default=0, help="prompt seed (default 0)")
     study.add_argument("--n-boot", type=_non_negative, default=5,
                        help="bootstrap resamples for stability (0 skips it, else at least 2)")  # fmt: skip
-    study.add_argument("--n-random", type=_positive, default=20,
-                       help="random circuits per baseline (default 20)")  # fmt: skip
+    study.add_argument("--n-random", type=_at_least_two, default=20,
+                       help="random circuits per baseline, at least 2 (default 20)")  # fmt: skip
     study.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     study.add_argument("--dtype", help="float32 (default), bfloat16, float16")
     _study_arguments(study)
@@ -429,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("json", "pt"), default="json", help="file format")
     export.add_argument("--steps", type=_positive, default=5, help="EAP-IG steps (default 5)")
     export.add_argument("--n", type=_positive, default=64, help="prompt pairs (default 64)")
-    export.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    export.add_argument("--seed", type=_seed, default=0, help="prompt seed (default 0)")
     export.set_defaults(func=_cmd_export_mib)
 
     zoo = sub.add_parser("zoo", help="the embedded models: list, status, or retrain them")
@@ -458,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from reuse_lens.circuits.circuit import CircuitError
+    from reuse_lens.compare.overlap import OverlapWarning
     from reuse_lens.models import ModelLoadError
     from reuse_lens.nodes import NodeNameError
     from reuse_lens.study import MissingExtraError
@@ -471,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            warnings.filterwarnings("default", category=TaskWarning)  # shown, never fatal
+            for category in (TaskWarning, OverlapWarning):  # shown, never fatal
+                warnings.filterwarnings("default", category=category)
             return int(args.func(args))
     except known as error:
         parser.exit(2, f"reuse-lens {args.command}: error: {error}\n")

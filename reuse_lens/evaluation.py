@@ -16,6 +16,7 @@ from reuse_lens.tasks.metrics import (
     NormalizedLogitDiff,
     ProbDiff,
     check_finite,
+    check_logits,
 )
 
 if TYPE_CHECKING:
@@ -34,7 +35,12 @@ def answer_logits(
     *,
     batch_size: int = 64,
 ) -> Float[Tensor, "batch d_vocab"]:
-    """The logits at each prompt's own answer position, in batches of ``batch_size``."""
+    """The logits at each prompt's own answer position, in batches of ``batch_size``.
+
+    Raises:
+        NonFiniteLogitsError: when any of them is NaN or +inf (a broken model, whose
+            scores would mean nothing however finite some of them look).
+    """
     device = model.cfg.device
     out = []
     for start in range(0, tokens.shape[0], batch_size):
@@ -42,7 +48,9 @@ def answer_logits(
         pos = answer_pos[start : start + batch_size].to(device)
         logits = model(chunk, return_type="logits")
         out.append(logits[torch.arange(chunk.shape[0], device=device), pos].float())
-    return torch.cat(out)
+    result = torch.cat(out)
+    check_logits(result)
+    return result
 
 
 def evaluate(model: TransformerBridge, task: Task) -> dict[str, float]:
@@ -62,9 +70,11 @@ def evaluate(model: TransformerBridge, task: Task) -> dict[str, float]:
     for metric in (LogitDiff(), ProbDiff(), Accuracy()):
         result[metric.name] = float(metric(clean, inputs).mean())
         result[f"corrupted_{metric.name}"] = float(metric(corrupted, inputs).mean())
-    result["clean_metric"] = float(check_finite(task.metric(clean, with_clean), task.metric).mean())
+    result["clean_metric"] = float(
+        check_finite(task.metric(clean, with_clean), task.metric, clean).mean()
+    )
     result["corrupted_metric"] = float(
-        check_finite(task.metric(corrupted, with_clean), task.metric).mean()
+        check_finite(task.metric(corrupted, with_clean), task.metric, corrupted).mean()
     )
     result["n"] = float(len(task))
     return result

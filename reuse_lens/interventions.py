@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from reuse_lens._validate import check_count, check_seed
 from reuse_lens.nodes import AttentionHead, NodeNameError, parse_nodes, shape_of
 from reuse_lens.patching._hooks import check_pattern_edits
 from reuse_lens.patching.ablation import AblationRunner, NodeMask
@@ -143,7 +144,7 @@ def _scores(
     inputs = task.metric_inputs()
     with_clean = MetricInputs(inputs.answers, inputs.wrong, clean)
     accuracy = float(Accuracy()(logits, inputs).mean())
-    metric = float(check_finite(task.metric(logits, with_clean), task.metric).mean())
+    metric = float(check_finite(task.metric(logits, with_clean), task.metric, logits).mean())
     return accuracy, metric
 
 
@@ -261,6 +262,8 @@ def ablate_heads(
 
     ``memory_budget`` bounds the ablation runs' chunks, as in ``rl.faithfulness``.
     """
+    seed = check_seed(seed)
+    n_random = check_count(n_random, "n_random")
     chosen = _heads(model, heads)
     runner = AblationRunner(model, task, ablation=ablation, memory_budget=memory_budget)
     shape = runner.shape

@@ -14,12 +14,22 @@ in the dtype asked for; a device this machine lacks is refused before anything i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+from reuse_lens._model_checks import (
+    check_finite_weights,
+    check_loading_info,
+    check_zoo_config,
+    non_finite_message,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +43,7 @@ __all__ = [
     "describe",
     "load_model",
     "model_spec",
+    "reachable",
     "weights_digest",
 ]
 
@@ -108,6 +119,8 @@ def load_model(
             "local folder, a hub id, a TransformerBridgeConfig or dict, or a TransformerBridge"
         )
     _place(model, device, torch_dtype)
+    if bad := check_finite_weights(model.named_parameters()):
+        raise ModelLoadError(non_finite_message(f"model {label!r}", bad))
     model.eval()
     setattr(model, _SPEC_ATTR, label)
     return model
@@ -169,7 +182,12 @@ def _check_spec(spec: object) -> None:
             "config.json, the weights and the tokenizer, a zoo:<name> spec or a hub id"
         )
     if not path.is_dir():
-        if isinstance(spec, os.PathLike) or not _HUB_ID.match(text) or ".." in text:
+        if (
+            isinstance(spec, os.PathLike)
+            or not _HUB_ID.match(text)
+            or ".." in text
+            or _names_a_local_folder(path)
+        ):
             raise ModelLoadError(
                 f"there is no model folder {text!r}: give an existing folder (made with "
                 "save_pretrained), a zoo:<name> spec (see `reuse-lens zoo list`) or a hub id "
@@ -183,6 +201,14 @@ def _check_spec(spec: object) -> None:
             f"model folder {text!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): "
             "save one there with tokenizer.save_pretrained(folder)"
         )
+
+
+def _names_a_local_folder(path: Path) -> bool:
+    """Whether ``owner/name`` starts at a folder that exists here (``models/x`` beside a
+    ``models`` folder): then it is a path with a typo, not a hub id, and asking the hub
+    would only wait for a network that is not the problem."""
+    parts = path.parts
+    return len(parts) > 1 and Path(parts[0]).is_dir()
 
 
 def describe(value: object) -> str:
@@ -401,16 +427,55 @@ def _load_folder(
     device = device if device is not None else _default_device()
     try:
         # Loaded in the asked dtype and moved here: the bridge takes a pre-loaded model as
-        # it is, whatever device and dtype it is told.
-        hf_model: Any = AutoModelForCausalLM.from_pretrained(
-            str(folder), local_files_only=True, attn_implementation="eager", dtype=dtype
-        )
+        # it is, whatever device and dtype it is told. Resized tensors are listed rather
+        # than raised about, and transformers' own load report is kept quiet: the message
+        # below names every disagreement (the report is not always printed).
+        with _quiet_transformers():
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                str(folder), local_files_only=True, attn_implementation="eager", dtype=dtype,
+                output_loading_info=True, ignore_mismatched_sizes=True,
+            )  # fmt: skip
+            hf_model, info = loaded
+    except Exception as error:
+        raise ModelLoadError(f"cannot load model from folder {str(folder)!r}: {error}") from error
+    _check_folder_weights(folder, hf_model, info)
+    try:
         hf_model = hf_model.to(device)
         return TransformerBridge.boot_transformers(
             str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
         )
     except Exception as error:
         raise ModelLoadError(f"cannot load model from folder {str(folder)!r}: {error}") from error
+
+
+def _check_folder_weights(folder: Path, hf_model: Any, info: dict[str, Any]) -> None:
+    """ModelLoadError unless the weights in ``folder`` are exactly the model its
+    config.json describes, every value finite (``reuse_lens._model_checks``)."""
+    config = hf_model.config
+    problems = check_loading_info(info, getattr(config, "num_hidden_layers", None))
+    if problems:
+        raise ModelLoadError(
+            f"config.json of model folder {str(folder)!r} disagrees with its weights: "
+            f"{'; '.join(problems)}. config.json must describe the model the weights were "
+            "saved from: restore it, or save the model again with save_pretrained(folder)"
+        )
+    if zoo_copy := check_zoo_config(folder, config):
+        raise ModelLoadError(f"config.json of model folder {str(folder)!r}: {zoo_copy}")
+    if bad := check_finite_weights(hf_model.named_parameters()):
+        raise ModelLoadError(non_finite_message(f"model folder {str(folder)!r}", bad))
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' logging at error level for one load, then as it was."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def _default_dtype() -> torch.dtype:
@@ -433,18 +498,36 @@ def _hub_is_cached(name: str, revision: str | None = None) -> bool:
 
 
 def _hub_is_reachable() -> bool:
-    """One TCP connect with a short timeout, instead of the hub client's long retry loop."""
+    """One TCP connect with a short timeout, instead of the hub client's long retry loop.
+
+    The name lookup has no timeout of its own (a resolver without a network can take a
+    minute), so the whole probe runs in a thread that is given up on after the timeout.
+    """
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
     url = urlparse(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=_HUB_PROBE_SECONDS):
-            return True
-    except OSError:
-        return False
+    return reachable(url.hostname or "", port, _HUB_PROBE_SECONDS)
+
+
+def reachable(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds, name
+    lookup included."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True, name="reuse-lens-probe")
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
 
 
 def _load_hub(
@@ -456,8 +539,9 @@ def _load_hub(
     what = repr(name) if revision is None else f"revision {revision!r} of {name!r}"
     if not cached and not _hub_is_reachable():
         raise ModelLoadError(
-            f"cannot load {what}: it is not a local folder, not in the Hugging Face "
-            "cache, and the hub cannot be reached (offline). Use a zoo model such as "
+            f"cannot load {what}: there is no local folder of that name, it is not "
+            "in the Hugging Face cache, and the hub cannot be reached. Fix the path if it "
+            "names a folder; or use a zoo model such as "
             "'zoo:base', a local folder saved with save_pretrained, or run where the hub is "
             "reachable."
         )

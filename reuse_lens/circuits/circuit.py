@@ -155,6 +155,24 @@ def _json_copy(metadata: object) -> dict[str, Any]:
     return json.loads(json.dumps(dict(metadata), allow_nan=False))
 
 
+def _with_width(shape: object, metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``metadata`` with the model's ``d_model`` when ``shape`` is a model, not a ModelShape.
+
+    A MIB file records the width of its model; a circuit built from a model knows it,
+    and one built from a ModelShape alone does not (its MIB files then write 0).
+    """
+    cfg = getattr(shape, "cfg", None)
+    width = getattr(cfg, "d_model", None)
+    if (
+        isinstance(shape, ModelShape)
+        or not isinstance(metadata, Mapping)
+        or "d_model" in metadata
+        or not isinstance(width, int)
+    ):
+        return metadata
+    return {**metadata, "d_model": int(width)}
+
+
 def _frozen(mapping: dict[Any, Any]) -> Mapping[Any, Any]:
     return MappingProxyType(mapping)
 
@@ -193,6 +211,7 @@ class Circuit:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        metadata = _with_width(self.shape, self.metadata)
         shape = as_shape(self.shape)
         nodes = frozenset(check_node(n, shape).name for n in _collection(self.nodes, "nodes"))
         parsed = [check_edge(e, shape) for e in _collection(self.edges, "edges")]
@@ -231,7 +250,7 @@ class Circuit:
             "node_scores": _frozen({k: node_scores[k] for k in _sorted_nodes(node_scores)}),
             "edge_scores": _frozen({edge_key(e): v for e, v in scored_edges}),
             "stages": _frozen({k: stages[k] for k in _sorted_nodes(stages)}),
-            "metadata": _frozen(_json_copy(self.metadata)),
+            "metadata": _frozen(_json_copy(metadata)),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -248,7 +267,12 @@ class Circuit:
     def from_nodes(
         cls, names: Iterable[str | Node], shape: ModelShape | Any, **kwargs: Any
     ) -> Circuit:
-        """A circuit of the named heads and MLPs; ``kwargs`` are the other fields."""
+        """A circuit of the named heads and MLPs; ``kwargs`` are the other fields.
+
+        Given a model for ``shape``, its width is kept as ``metadata["d_model"]`` (which
+        MIB files record), as with every way of building a circuit from a model.
+        """
+        kwargs["metadata"] = _with_width(shape, kwargs.get("metadata") or {})
         shape = as_shape(shape)
         nodes = frozenset(check_node(n, shape).name for n in _collection(names, "names"))
         return cls(nodes=nodes, shape=shape, **kwargs)
@@ -257,7 +281,9 @@ class Circuit:
     def from_edges(
         cls, edges: Iterable[EdgeLike], shape: ModelShape | Any, **kwargs: Any
     ) -> Circuit:
-        """A circuit of ``edges``, whose nodes are the heads and MLPs at the edges' ends."""
+        """A circuit of ``edges``, whose nodes are the heads and MLPs at the edges' ends
+        (a model for ``shape`` records its ``d_model``, as in ``from_nodes``)."""
+        kwargs["metadata"] = _with_width(shape, kwargs.get("metadata") or {})
         shape = as_shape(shape)
         parsed = [check_edge(e, shape) for e in _collection(edges, "edges")]
         keys = frozenset(edge_key(e) for e in parsed)

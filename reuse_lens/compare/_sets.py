@@ -6,8 +6,9 @@ both read circuits, universes and node order the same way.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from reuse_lens.nodes import MLP, AttentionHead, ModelShape, parse_node
 
@@ -19,6 +20,43 @@ Kind = Literal["all", "heads", "mlps"]
 """Which nodes a statistic counts: every head and MLP, the heads only, or the MLPs only."""
 
 KINDS: tuple[Kind, ...] = get_args(Kind)
+
+
+class OverlapWarning(UserWarning):
+    """A comparison that was made, but some of whose statistics are NaN: an empty circuit
+    (or one with nothing inside the universe) has no overlap with anything."""
+
+
+def check_not_empty(
+    sets_by_name: Mapping[str, frozenset[Any]],
+    universe: frozenset[Any],
+    what: str,
+    *,
+    restricted: bool,
+) -> None:
+    """ValueError for an empty universe; OverlapWarning naming the empty circuits.
+
+    Every statistic is a ratio over the universe or the circuits' sets: with an empty
+    universe all of them are 0/0, so the comparison is refused; an empty circuit makes
+    the ratios of its own pairs NaN, so it is compared, with a warning that says why.
+    """
+    if not universe:
+        raise ValueError(
+            f"the universe is empty: no {what} could have been chosen, so every overlap "
+            f"statistic would be NaN. Give the {what}s that could have been chosen, or leave "
+            f"universe out (every {what} of the model)"
+        )
+    empty = [name for name, items in sets_by_name.items() if not items]
+    if empty:
+        warnings.warn(
+            f"circuit(s) {', '.join(repr(n) for n in empty)} have no {what}s"
+            f"{' inside the universe' if restricted else ''}, so their pairs test nothing: "
+            "their overlap coefficients and directional overlaps are NaN (0 / 0), their "
+            "Jaccard indices 0 (NaN against another empty one). Check that each was found "
+            "(an empty circuit says the rule kept nothing), or leave it out",
+            OverlapWarning,
+            stacklevel=3,
+        )
 
 
 def check_kind(kind: str) -> Kind:

@@ -93,7 +93,12 @@ def compare_edges(
     Raises:
         ValueError: for an empty mapping, bad names, circuits of different shapes, a
             node-level circuit (it has no edges to compare; path-patching circuits record
-            paths, not an edge graph), or a universe edge that is not in the graph.
+            paths, not an edge graph), a universe edge that is not in the graph, or an
+            empty universe.
+
+    Warns:
+        OverlapWarning: naming each circuit with no edge (inside ``universe``), whose
+            statistics are NaN.
     """
     if not isinstance(circuits, Mapping) or not circuits:
         raise ValueError(
@@ -103,6 +108,8 @@ def compare_edges(
     for name, circuit in circuits.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"circuit names must be non-empty strings, got {name!r}")
+        if not circuit.edges and (not circuit.nodes or circuit.metadata.get("level") == "edge"):
+            continue  # an empty edge circuit: compared, with a warning below
         if circuit.level != "edge":
             raise ValueError(
                 f"circuit {name!r} is a node-level circuit, so it has no edge graph to "
@@ -116,6 +123,8 @@ def compare_edges(
         if isinstance(universe, str):
             raise ValueError(f"universe must be a collection of edges, got the string {universe!r}")
         edges = frozenset(edge_key(check_edge(e, shape, "universe edge")) for e in universe)
+    inside = {name: frozenset(c.edges) & edges for name, c in circuits.items()}
+    sets.check_not_empty(inside, edges, "edge", restricted=universe is not None)
     return EdgeOverlapReport(
         circuits, shape=shape, universe=edges, correction=stats.check_correction(correction)
     )

@@ -42,7 +42,7 @@ from reuse_lens._io import write_text_atomic
 from reuse_lens.compare import _rows
 from reuse_lens.compare import _sets as sets
 from reuse_lens.compare import _stats as stats
-from reuse_lens.compare._sets import KINDS, Kind
+from reuse_lens.compare._sets import KINDS, Kind, OverlapWarning
 from reuse_lens.compare._stats import CORRECTIONS, Correction
 from reuse_lens.nodes import ModelShape
 
@@ -61,6 +61,7 @@ __all__ = [
     "Correction",
     "Kind",
     "OverlapReport",
+    "OverlapWarning",
     "Stat",
     "compare",
 ]
@@ -120,8 +121,13 @@ def compare(
 
     Raises:
         ValueError: if ``circuits`` is empty or not a mapping, if the circuits' shapes
-            differ (the message names each circuit and its shape), or if a node of a
-            circuit or of ``universe`` is not a node of the shape.
+            differ (the message names each circuit and its shape), if a node of a
+            circuit or of ``universe`` is not a node of the shape, or if ``universe`` is
+            empty (every statistic would be 0 / 0).
+
+    Warns:
+        OverlapWarning: naming each circuit with no node (inside ``universe``), whose
+            statistics are NaN.
     """
     if not isinstance(circuits, Mapping):
         raise ValueError(
@@ -135,6 +141,8 @@ def compare(
             raise ValueError(f"circuit names must be non-empty strings, got {name!r}")
     shape = sets.shared_shape(circuits)
     universes = sets.universes_of(shape, universe)
+    inside = {name: frozenset(c.nodes) & universes["all"] for name, c in circuits.items()}
+    sets.check_not_empty(inside, universes["all"], "node", restricted=universe is not None)
     return OverlapReport(
         circuits, shape=shape, universes=universes, correction=stats.check_correction(correction)
     )

@@ -191,7 +191,7 @@ def edge_chunk(
             with torch.enable_grad():
                 embedded = start + alpha * (end - start)
                 logits = run_edges(w, embedded, answer_pos, probes).float()
-                values = check_finite(metric(logits, inputs), metric)
+                values = check_finite(metric(logits, inputs), metric, logits)
                 if not values.requires_grad:
                     raise MetricError(
                         f"metric {getattr(metric, 'name', metric)!r} has no gradient: "
@@ -202,8 +202,8 @@ def edge_chunk(
                 assert normed is not None
                 flat = _sender_major(_through_post_norms(w, index, normed, probes.raw))
             _accumulate(index, flat, grads, matrix)
-    clean_values = check_finite(metric(clean_logits, inputs), metric)
-    corrupted_values = check_finite(metric(corrupted_logits, inputs), metric)
+    clean_values = check_finite(metric(clean_logits, inputs), metric, clean_logits)
+    corrupted_values = check_finite(metric(corrupted_logits, inputs), metric, corrupted_logits)
     return FunctionalEdges(
         matrix=matrix / n_steps,
         clean=float(clean_values.sum()),

@@ -142,7 +142,7 @@ class Prepared:
     def score(self, logits: Tensor, prompt: Int[Tensor, " rows"]) -> Float[Tensor, " rows"]:
         """The metric of each row's logits, read against prompt ``prompt[row]``'s answers."""
         values = self.metric(logits.float(), self.inputs.select(prompt))
-        return check_finite(torch.as_tensor(values, dtype=torch.float32), self.metric)
+        return check_finite(values, self.metric, logits).to(torch.float32)
 
     @property
     def clean_metric(self) -> Float[Tensor, " batch"]:

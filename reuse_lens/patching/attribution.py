@@ -479,7 +479,7 @@ def _attribute_chunk(
             if step == 0:
                 clean_logits = logits.detach()
             inputs = MetricInputs(base.answers, base.wrong, clean_logits)
-            values = check_finite(metric_fn(logits, inputs), metric_fn)
+            values = check_finite(metric_fn(logits, inputs), metric_fn, logits)
             if step == 0:
                 clean_metric = float(values.detach().sum())
             if not values.requires_grad:
@@ -504,7 +504,9 @@ def _attribute_chunk(
 
     assert clean_logits is not None
     inputs = MetricInputs(base.answers, base.wrong, clean_logits)
-    corrupted_values = check_finite(metric_fn(corrupted_logits, inputs), metric_fn)
+    corrupted_values = check_finite(
+        metric_fn(corrupted_logits, inputs), metric_fn, corrupted_logits
+    )
 
     # Node scores: Δa · mean gradient, summed over the feature axis. A head's output is
     # z @ W_O, linear in z, so Δz · ∂m/∂z equals Δ(head output) · ∂m/∂(head output).

@@ -15,19 +15,26 @@ FAITHFUL = 0.8
 """Circuits below this faithfulness are reported as not faithful."""
 
 
+_ZOO_FINE_TUNES = {
+    "ioi": "zoo:ft-ioi",
+    "colored_objects": "zoo:ft-colored_objects",
+    "entity_tracking": "zoo:ft-entity_tracking",
+}
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """What a study runs. The defaults are the zoo demo.
 
     Attributes:
         base: the base model's spec.
-        tasks: built-in task names; each gets a circuit in the base model.
-        fine_tuned: task name -> spec of a model fine-tuned on that task.
-        methods: discovery methods; the first is the primary one, used for overlap.
-        n_prompts, seed: the size and seed of every task.
+        tasks: built-in task names, at least two; each gets a circuit in the base model.
+        fine_tuned: task name -> spec of a model fine-tuned on that task, one of ``tasks``.
+        methods: distinct discovery methods; the first is the primary one, used for overlap.
+        n_prompts, seed: the size (at least 2) and seed (at least 0) of every task.
         ablation: how faithfulness ablates everything outside a circuit.
         n_boot: bootstrap resamples for the stability ceiling (0 skips it).
-        n_random: random circuits per circuit for the baseline.
+        n_random: random circuits per circuit for the baseline (at least 2).
         device: where every model is loaded (``"cpu"``, ``"cuda"``); None is
             ``rl.load_model``'s default. On Ray, a ``cuda`` device gives each unit of
             work one GPU.
@@ -59,13 +66,7 @@ class StudyConfig:
         "sva",
         "gendered_pronoun",
     )
-    fine_tuned: Mapping[str, str] = field(
-        default_factory=lambda: {
-            "ioi": "zoo:ft-ioi",
-            "colored_objects": "zoo:ft-colored_objects",
-            "entity_tracking": "zoo:ft-entity_tracking",
-        }
-    )
+    fine_tuned: Mapping[str, str] = field(default_factory=lambda: dict(_ZOO_FINE_TUNES))
     methods: tuple[Method, ...] = ("activation", "eap-ig")
     n_prompts: int = 64
     seed: int = 0
@@ -84,10 +85,28 @@ class StudyConfig:
         from reuse_lens import tasks
         from reuse_lens.circuits.discovery import METHODS
 
-        if not self.tasks:
-            raise ValueError("a study needs at least one task")
+        # Everything a study could only find out after its discoveries is refused here.
+        if isinstance(self.tasks, str) or isinstance(self.methods, str):
+            raise TypeError("tasks and methods must be tuples of names, e.g. ('ioi', 'sva')")
         if unknown := [t for t in (*self.tasks, *self.fine_tuned) if t not in tasks.names()]:
             raise ValueError(f"unknown tasks {unknown}: built-in tasks are {tasks.names()}")
+        if repeated := _repeated(self.tasks):
+            raise ValueError(f"tasks name {repeated!r} twice: give each task once")
+        if len(self.tasks) < 2:
+            raise ValueError(
+                f"a study compares the circuits of tasks, so it needs at least two, got "
+                f"{list(self.tasks)}: add another (e.g. --tasks {' '.join(self.tasks)} sva), or "
+                "find one circuit with rl.discover_circuit (reuse-lens discover)"
+            )
+        if outside := [t for t in self.fine_tuned if t not in self.tasks]:
+            default = dict(self.fine_tuned) == _ZOO_FINE_TUNES
+            raise ValueError(
+                f"fine-tuned task(s) {outside} are not among the study's tasks {list(self.tasks)}"
+                ": a fine-tune is studied on its own task, beside the base model's circuit "
+                "of it; add them to the tasks, or leave out their fine-tunes"
+                + (" (fine_tuned defaults to the zoo's three: pass fine_tuned={} or the ones "
+                   "you mean)" if default else "")
+            )  # fmt: skip
         if bad := [m for m in self.methods if m not in METHODS or m == "path"]:
             raise ValueError(
                 f"study methods must be among activation, eap, eap-ig (got {bad}); path "
@@ -95,9 +114,23 @@ class StudyConfig:
             )
         if not self.methods:
             raise ValueError("a study needs at least one method")
-        check_count(self.n_prompts, "n_prompts")
+        if repeated := _repeated(self.methods):
+            raise ValueError(
+                f"methods name {repeated!r} twice: each method finds each circuit once, and "
+                "method agreement compares different methods"
+            )
+        if check_count(self.n_prompts, "n_prompts") < 2:
+            raise ValueError(
+                "n_prompts must be at least 2, got 1: the mean over one prompt is that "
+                "prompt's own activation, so mean ablation would change nothing, and every "
+                "resample of one prompt is that prompt"
+            )
         check_seed(self.seed)
-        check_count(self.n_random, "n_random")
+        if check_count(self.n_random, "n_random") < 2:
+            raise ValueError(
+                "n_random must be at least 2, got 1: the random baseline reports a mean and "
+                "a standard deviation, and one random circuit's standard deviation is 0"
+            )
         if check_count(self.n_boot, "n_boot", minimum=0) == 1:
             raise ValueError(
                 "n_boot must be 0 (no stability section) or at least 2: stability compares "
@@ -144,3 +177,13 @@ class StudyConfig:
     def uses_gpu(self) -> bool:
         """Whether the study asks for a GPU device (each Ray unit then takes one GPU)."""
         return self.device is not None and self.device.startswith("cuda")
+
+
+def _repeated(names: tuple[str, ...]) -> str | None:
+    """The first name given twice, if any."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None

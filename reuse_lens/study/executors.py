@@ -9,9 +9,13 @@ Units depend only on their own inputs, so both give the same results.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from reuse_lens.study.units import Found, Measured, Models, Unit, run_in_worker, run_unit
@@ -82,9 +86,44 @@ class RayExecutor:
         self.address = address
         self.num_cpus = num_cpus
         self.gpus = gpus
+        self._reaper: subprocess.Popen[str] | None = None
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r})"
+
+    def check(self) -> None:
+        """ConnectionError, at once, when the cluster's address does not answer.
+
+        ``ray.init`` at an address where nothing listens retries for minutes, logging
+        about addresses of its own; a study checks here first, before loading any model,
+        and names the address it was given.
+        """
+        try:
+            import ray
+
+            if ray.is_initialized():
+                return
+        except ImportError:  # pragma: no cover - checked when made
+            raise MissingExtraError(f"the ray executor needs Ray: {RAY_HINT}") from None
+        given = self.address or os.environ.get("RAY_ADDRESS") or None
+        if not given or given in ("auto", "local"):
+            return
+        source = "--address" if self.address else "RAY_ADDRESS"
+        host, port = _host_port(given)
+        if host is None:
+            raise ValueError(
+                f"{source} {given!r} is not a Ray address: give HEAD:PORT (e.g. "
+                "127.0.0.1:6379) or ray://HEAD:10001"
+            )
+        from reuse_lens.models import reachable
+
+        if not reachable(host, port, CONNECT_SECONDS):
+            raise ConnectionError(
+                f"cannot reach the Ray cluster at {given!r} ({source}): nothing answers at "
+                f"{host}:{port} within {CONNECT_SECONDS:g} s. Start a cluster there (`ray start "
+                f"--head --port={port}`), fix {source}, or leave it out to start one on this "
+                "machine"
+            )
 
     def map(
         self, units: Sequence[Unit], models: Models, show: Callable[[str], None]
@@ -96,7 +135,7 @@ class RayExecutor:
             _check_cpus(ray, units)
         except ValueError:
             if started:
-                ray.shutdown()
+                self._shutdown(ray)
             raise
         # A GPU task's worker normally exits after one task (max_calls=1), which would
         # reload the model for every unit; it is kept (0: no limit) to reuse the model.
@@ -120,18 +159,94 @@ class RayExecutor:
                     ray.cancel(ref)
         finally:
             if started:
-                ray.shutdown()
+                self._shutdown(ray)
 
     def _connect(self, ray: Any) -> bool:
         """Connect to the cluster; True when this call started it (and so stops it)."""
         if ray.is_initialized():
             return False
+        self.check()
         address = self.address or os.environ.get("RAY_ADDRESS") or None
         if address:
             ray.init(address=address, log_to_driver=True)
-        else:
+            return True
+        reaper = _start_reaper()
+        try:
             ray.init(num_cpus=self.num_cpus, include_dashboard=False)
+            node = _node_id(ray)
+            if node is None or reaper is None or reaper.stdin is None:
+                _stop_reaper(reaper)  # nothing it could find: let it go
+                reaper = None
+            else:
+                reaper.stdin.write(f"{node}\n")
+                reaper.stdin.flush()
+        except BaseException:
+            _stop_reaper(reaper)
+            raise
+        self._reaper = reaper
         return True
+
+    def _shutdown(self, ray: Any) -> None:
+        """Stop the cluster this executor started, and let its reaper sweep what is left."""
+        try:
+            ray.shutdown()
+        finally:
+            _stop_reaper(self._reaper)
+            self._reaper = None
+
+
+def _start_reaper() -> subprocess.Popen[str] | None:
+    """The process that ends a cluster's leftovers if this one dies (``_reaper.py``)."""
+    if not Path("/proc").is_dir():
+        return None
+    script = Path(__file__).with_name("_reaper.py")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-I", str(script)], stdin=subprocess.PIPE, text=True,
+            start_new_session=True,  # a Ctrl-C to the study's terminal does not reach it
+        )  # fmt: skip
+    except OSError:
+        return None
+
+
+def _node_id(ray: Any) -> str | None:
+    """The id of the node this driver started, as its processes' RAY_NODE_ID gives it."""
+    try:
+        node = ray.get_runtime_context().get_node_id()
+    except Exception:  # an older or stand-in Ray without it: no reaping
+        return None
+    return node if isinstance(node, str) and node else None
+
+
+def _stop_reaper(reaper: subprocess.Popen[str] | None) -> None:
+    """Close the reaper's pipe (it sweeps, then exits) and collect it."""
+    if reaper is None:
+        return
+    with contextlib.suppress(OSError):
+        if reaper.stdin is not None:
+            reaper.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        reaper.wait(timeout=10)
+
+
+CONNECT_SECONDS = 10.0
+"""How long a study waits for a Ray cluster's address to answer before refusing it."""
+
+_RAY_PORT = 6379  # a GCS address without a port, as Ray itself reads it
+
+
+def _host_port(address: str) -> tuple[str | None, int]:
+    """The host and port an address names (``HEAD:6379``, ``ray://HEAD:10001``)."""
+    text = address.strip()
+    if "://" in text:
+        text = text.split("://", 1)[1]
+    text = text.rstrip("/")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return (text or None), _RAY_PORT
+    if not port.isdigit() or not host:
+        return None, 0
+    return host.strip("[]"), int(port)
 
 
 def _check_cpus(ray: Any, units: Sequence[Unit]) -> None:

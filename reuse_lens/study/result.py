@@ -50,6 +50,10 @@ class StudyResult:
     """What each fine-tune changed and what its circuit reuses, by label (``ft-<task>``)."""
     claims: list[str] = field(default_factory=list)
     """The fine-tuning literature's two claims, tested on the study's fine-tunes."""
+    files: tuple[str, ...] = ()
+    """The circuit files of this study in ``out/circuits`` (node and edge circuits)."""
+    other_files: tuple[str, ...] = ()
+    """Circuit files in ``out/circuits`` that are not this study's (an earlier study's)."""
 
 
 def scores_of(circuit: Circuit) -> NodeScores:

@@ -23,13 +23,13 @@ from tqdm import tqdm
 
 from reuse_lens._io import remove_stale_temporaries
 from reuse_lens._progress import hidden_bars
-from reuse_lens._validate import check_out_folder, folder_lock
+from reuse_lens._validate import check_out_entries, check_out_folder, folder_lock
 from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.study.compare import StudyRun, compare_circuits
 from reuse_lens.study.config import FAITHFUL, StudyConfig
 from reuse_lens.study.executors import Executor, executor_named
 from reuse_lens.study.result import StudyResult, scores_of
-from reuse_lens.study.store import WORK, Store
+from reuse_lens.study.store import CIRCUITS, WORK, Store
 from reuse_lens.study.units import (
     Discover,
     Found,
@@ -77,16 +77,23 @@ def run_study(
         OutputPathError: at once, when ``out`` cannot be written or another run is
             writing to it (the folder is locked for the run).
         MissingExtraError: at once, for ``executor="ray"`` without Ray installed.
+        ConnectionError: at once, when a Ray address is given and nothing answers there.
+        ValueError: before the first discovery, for a fine-tune of another shape than
+            the base model (the config itself refuses the rest when it is made).
     """
     config = config or StudyConfig()
     if isinstance(executor, str):
         executor = executor_named(executor)
+    check = getattr(executor, "check", None)
+    if callable(check):  # a cluster that does not answer is refused before any model loads
+        check()
     if config.threads is None:  # fixed now, so that every executor's units use the same
         config = dataclasses.replace(config, threads=torch.get_num_threads())
     with _torch_threads(config.threads):
         if out is None:
             return _run_study(config, None, progress, executor)
         folder = check_out_folder(out, "out")
+        check_out_entries(folder, folders=(CIRCUITS, WORK), arg="out")
         with folder_lock(folder, "out"):
             # Temporaries of writers killed in an earlier run (SIGKILL leaves them behind).
             for place in (folder, folder / "circuits", folder / WORK):
@@ -137,6 +144,17 @@ def _run_study(
             result = compare_circuits(run)
         bar.update()
         bar.set_postfix_str("done")
+    result.files = tuple(sorted(set(driver.store.written)))
+    result.other_files = tuple(driver.store.others())
+    if result.other_files:
+        shown = ", ".join(result.other_files[:5])
+        more = f" and {len(result.other_files) - 5} more" if len(result.other_files) > 5 else ""
+        logger.warning(
+            "%s/%s also holds %d circuit file(s) that are not part of this study (an earlier "
+            "study's, with other tasks, models or methods): %s%s. They are left as they are "
+            "and are not in this study's results; remove them, or use a fresh folder",
+            out, CIRCUITS, len(result.other_files), shown, more,
+        )  # fmt: skip
     return result
 
 
@@ -155,6 +173,9 @@ class _Driver:
                 label: load_model(load.spec, device=load.device, dtype=load.dtype)
                 for label, load in self.loads.items()
             }
+        # A fine-tune of another shape would fail only when its circuit is compared with
+        # the base model's, after every discovery: refused here, before any.
+        _check_shapes(config, self.models)
         # Cached circuits are reused only for the weights they were found in, not for
         # whatever the same spec loads today (a retrained zoo, an overwritten folder).
         self.digests = {label: weights_digest(model) for label, model in self.models.items()}
@@ -280,6 +301,35 @@ class _Driver:
 EDGES = "edges"
 """The first part of an edge circuit's key, ``edges/<task>``: each base task's EAP-IG edge
 circuit, which the study compares edge by edge (``StudyConfig.edge_overlap``)."""
+
+
+def _check_shapes(config: StudyConfig, models: Mapping[str, TransformerBridge]) -> None:
+    """ValueError unless every fine-tune has its base model's shape, width and vocabulary."""
+    from reuse_lens.nodes import shape_of
+    from reuse_lens.tasks.task import VocabSignature
+
+    def described(model: TransformerBridge) -> tuple[Any, ...]:
+        shape = shape_of(model)
+        return (shape, int(model.cfg.d_model), VocabSignature.of(model))
+
+    def text(model: TransformerBridge) -> str:
+        shape = shape_of(model)
+        mlps = "with MLPs" if shape.has_mlps else "attention-only"
+        return (
+            f"{shape.n_layers} layers of {shape.n_heads} heads ({mlps}), d_model "
+            f"{int(model.cfg.d_model)}, a vocabulary of {int(model.cfg.d_vocab)} tokens"
+        )
+
+    base = models["base"]
+    for label, model in models.items():
+        if label != "base" and described(model) != described(base):
+            raise ValueError(
+                f"the fine-tuned model {label} ({config.models[label]}) has {text(model)}, but "
+                f"the base model {config.base} has {text(base)}"
+                f"{'' if text(model) != text(base) else ' and another tokenizer'}: a "
+                "fine-tune must keep its base model's shape and tokenizer, so that their "
+                "circuits name the same heads; give the model fine-tuned from the base"
+            )
 
 
 def _parts(key: str) -> tuple[str, str, str, str]:

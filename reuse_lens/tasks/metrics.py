@@ -27,8 +27,11 @@ __all__ = [
     "Metric",
     "MetricError",
     "MetricInputs",
+    "NonFiniteLogitsError",
     "NormalizedLogitDiff",
     "ProbDiff",
+    "check_finite",
+    "check_logits",
     "get_metric",
 ]
 
@@ -218,11 +221,41 @@ def get_metric(metric: str | Metric) -> Metric:
     return metric
 
 
-def check_finite(values: Tensor, metric: Metric) -> Tensor:
-    """``values`` as a tensor, or MetricError unless it is one finite number per prompt.
+class NonFiniteLogitsError(ValueError):
+    """The model itself gives NaN (or +inf) logits: no metric of them means anything."""
 
-    A metric that returns a scalar (a mean over prompts) would be broadcast over the
-    prompts by every engine and give each prompt the batch's score, so it is refused.
+
+def check_logits(logits: Float[Tensor, "batch d_vocab"], what: str = "prompts") -> None:
+    """NonFiniteLogitsError when any logit is NaN or +inf, naming the prompts.
+
+    A NaN in one row of a tied embedding makes that token's logit NaN on every prompt:
+    a logit difference of other tokens stays finite, while argmax picks the NaN, so
+    accuracy reads 0. Any such logit means the model is broken, not the metric.
+    """
+    bad = torch.isnan(logits) | torch.isposinf(logits)
+    if bool(bad.any()):
+        rows = bad.any(-1).nonzero().reshape(-1).tolist()
+        tokens = bad.any(0).nonzero().reshape(-1).tolist()
+        raise NonFiniteLogitsError(
+            f"the model gives NaN or infinite logits on {len(rows)} of {logits.shape[0]} "
+            f"{what} (prompt {rows[0]}; token id(s) {tokens[:5]}{' ...' if len(tokens) > 5 else ''})"
+            ": its weights hold NaN or inf, or its dtype overflows. rl.load_model refuses "
+            "such weights: reload the model, or load it in float32"
+        )
+
+
+def check_finite(
+    values: object, metric: Metric, logits: Float[Tensor, "batch d_vocab"] | None = None
+) -> Float[Tensor, " batch"]:
+    """``values`` as a float tensor, or MetricError unless it is one finite number per prompt.
+
+    The one check of a metric's output that every engine runs. A metric that returns a
+    scalar (a mean over prompts) would be broadcast over the prompts and give each the
+    batch's score, and one value too many would be averaged in: both are refused, given
+    the ``logits`` the metric read (which say how many prompts there are). Whole-number
+    and boolean values (a count, a hit) are taken as floats. Non-finite values are blamed
+    on the model when its logits are non-finite too (NonFiniteLogitsError), else on the
+    metric.
     """
     name = getattr(metric, "name", getattr(metric, "__name__", metric))
     try:
@@ -232,15 +265,34 @@ def check_finite(values: Tensor, metric: Metric) -> Tensor:
             f"metric {name!r} returned {type(values).__name__}; a metric returns a tensor of "
             "one value per prompt, shape (batch,)"
         ) from error
+    if values.is_complex() or not (values.is_floating_point() or _whole_dtype(values.dtype)):
+        raise MetricError(
+            f"metric {name!r} returned values of dtype {values.dtype}; a metric returns real "
+            "numbers, one per prompt"
+        )
+    if not values.is_floating_point():
+        values = values.to(torch.float32)  # an int-valued metric: counts, hits
     if values.ndim != 1:
         raise MetricError(
             f"metric {name!r} returned a tensor of shape {tuple(values.shape)}; a metric returns "
             "one value per prompt, shape (batch,): return the per-prompt values, not their mean"
         )
-    if not torch.isfinite(values).all():
-        bad = int((~torch.isfinite(values)).sum())
+    if logits is not None and values.shape[0] != logits.shape[0]:
         raise MetricError(
-            f"metric {getattr(metric, 'name', metric)!r} returned {bad} non-finite value(s) "
-            "(NaN or inf). Check the metric for divisions by zero or log of zero."
+            f"metric {name!r} returned {values.shape[0]} values for {logits.shape[0]} prompts; "
+            "a metric returns exactly one value per prompt (row of the logits it is given)"
+        )
+    if not torch.isfinite(values).all():
+        if logits is not None:
+            check_logits(logits.detach())
+        bad = int((~torch.isfinite(values)).sum())
+        source = " from finite logits" if logits is not None else ""
+        raise MetricError(
+            f"metric {name!r} returned {bad} non-finite value(s) (NaN or inf){source}. Check "
+            "the metric for divisions by zero or log of zero."
         )
     return values
+
+
+def _whole_dtype(dtype: torch.dtype) -> bool:
+    return dtype == torch.bool or not (dtype.is_floating_point or dtype.is_complex)

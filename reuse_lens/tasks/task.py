@@ -19,6 +19,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from reuse_lens.models import check_model
+from reuse_lens.tasks._checks import check_pairs, check_spacing, positions
 from reuse_lens.tasks.errors import TaskError
 from reuse_lens.tasks.metrics import PAD_ANSWER, Metric, MetricInputs, get_metric
 from reuse_lens.tasks.tokenize import TaskTokenizer
@@ -102,14 +103,13 @@ class Task:
     def metric_inputs(self) -> MetricInputs:
         return MetricInputs(answers=self.answers, wrong=self.wrong)
 
-    def select(self, index: Sequence[int] | Tensor) -> Task:
-        """The sub-task of the prompts at ``index`` (e.g. a bootstrap resample or a chunk)."""
-        try:
-            idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise TaskError(
-                f"index must be a list of prompt positions (whole numbers), got {index!r:.80}"
-            ) from error
+    def select(self, index: Sequence[int] | Sequence[bool] | Tensor) -> Task:
+        """The sub-task of the prompts at ``index`` (e.g. a bootstrap resample or a chunk).
+
+        ``index`` holds prompt positions (negative ones count from the end), or is a
+        boolean mask with one value per prompt. Floats are refused, not truncated.
+        """
+        idx = positions(index, len(self), self.name)
         if idx.numel() == 0:
             raise TaskError(f"cannot select an empty subset of task {self.name!r}")
         n = len(self)
@@ -196,8 +196,14 @@ class Task:
 
         Raises:
             TaskError: naming the prompt, for an empty task, prompts of different counts,
-                a clean/corrupted pair of different token lengths, or an answer that is not
-                a single token.
+                a clean/corrupted pair of different token lengths, a word the tokenizer
+                does not know, an answer that is not a single token, a prompt longer than
+                the model's context, a corrupted prompt equal to its clean one, or a right
+                answer that is also among the wrong ones.
+
+        Warns:
+            TaskWarning: for word answers without the leading space that the vocabulary's
+                word form has (``"Mary"`` where it has ``" Mary"``).
         """
         check_model(model)
         for label, column in (
@@ -228,6 +234,12 @@ class Task:
                 )
         answer_ids = [tok.answers(a, f"answer of prompt {i}") for i, a in enumerate(answers)]
         wrong_ids = [tok.answers(w, f"wrong answer of prompt {i}") for i, w in enumerate(wrong)]
+        n_ctx = getattr(model.cfg, "n_ctx", None)
+        check_pairs(
+            name, clean, clean_ids, corrupted_ids, answers, answer_ids, wrong, wrong_ids,
+            int(n_ctx) if isinstance(n_ctx, int) and n_ctx > 0 else None,
+        )  # fmt: skip
+        check_spacing(name, tok, clean, answers, wrong)
 
         columns: dict[str, list[Any]] = {
             "clean": [_as_column(p) for p in clean],

@@ -71,11 +71,19 @@ class TaskTokenizer:
         tokenizer = self.tokenizer
         unk = getattr(tokenizer, "unk_token_id", None)
         if unk is not None and unk in ids and str(tokenizer.unk_token) not in text:
-            # A word-level vocabulary may hold a word only with its leading space.
-            unknown = [w for w in text.split() if unk in self._ids(w) and unk in self._ids(f" {w}")]
+            unknown = self._unknown_words(text, unk)
+            # A word-level vocabulary may hold a word only with its leading space, which a
+            # word at the start of a text, or after punctuation, lacks.
+            spaced = [w for w in unknown if w[:1] != " " and self.is_word(f" {w}")]
+            hint = (
+                f" ({', '.join(repr(w) for w in spaced)} is known only with a leading space, "
+                "as after another word)"
+                if spaced
+                else ""
+            )
             raise TaskError(
                 f"{what} {text!r} has words the tokenizer does not know: {unknown or [text]} "
-                f"would be read as {tokenizer.unk_token!r}. Use words of the model's "
+                f"would be read as {tokenizer.unk_token!r}{hint}. Use words of the model's "
                 "vocabulary (rl.tasks.words lists the ones the built-in tasks use)"
             )
         if unk is None and ids:
@@ -87,6 +95,30 @@ class TaskTokenizer:
                     TaskWarning,
                     stacklevel=5,
                 )
+
+    def is_word(self, text: str) -> bool:
+        """Whether ``text`` is one known token of the vocabulary."""
+        ids = self._ids(text)
+        return len(ids) == 1 and ids[0] != getattr(self.tokenizer, "unk_token_id", None)
+
+    def _unknown_words(self, text: str, unk: int) -> list[str]:
+        """The pieces of ``text`` read as the unknown token, as the user wrote them.
+
+        Found through the tokenizer's offsets where it gives them (a word glued to
+        punctuation, "store.Zyzzyx", is then named alone), else word by word.
+        """
+        try:
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            spans = [
+                text[a:b].strip() or text[a:b]  # a lone space is named as itself
+                for t, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+                if int(t) == unk
+            ]
+            if spans and all(spans):
+                return list(dict.fromkeys(spans))
+        except (TypeError, ValueError, KeyError, NotImplementedError):
+            pass  # a slow tokenizer without offsets
+        return [w for w in text.split() if unk in self._ids(w) and unk in self._ids(f" {w}")]
 
     def _ids(self, word: str) -> list[int]:
         tokenizer = self.tokenizer

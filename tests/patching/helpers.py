@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -60,7 +61,14 @@ def random_task(
         a, b = torch.randperm(vocab, generator=gen)[:2].tolist()
         answers.append(a)
         wrong.append(b)
-    return rl.Task.from_pairs(model, clean, corrupted, answers, wrong, name="random")
+    if not same:
+        return rl.Task.from_pairs(model, clean, corrupted, answers, wrong, name="random")
+    # from_pairs refuses pairs whose corruption changes nothing (they measure nothing);
+    # the engines' own guards and the zero-effect invariant are tested on a task made
+    # around it.
+    other_first = [[(ids[0] + 1) % vocab, *ids[1:]] for ids in clean]
+    task = rl.Task.from_pairs(model, clean, other_first, answers, wrong, name="random")
+    return dataclasses.replace(task, corrupted=task.clean.clone())
 
 
 def separable_task(model: Any, *, n: int = 6, width: int = 6, seed: int = 0) -> rl.Task:

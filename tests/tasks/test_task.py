@@ -184,7 +184,12 @@ def test_normalized_logit_diff() -> None:
 
 
 def test_normalized_metric_refuses_identical_prompts(hf_model) -> None:
-    task = rl.Task.from_pairs(hf_model, CLEAN, CLEAN, [" Mary", " Alice"], [" John", " Tom"])
+    import dataclasses
+
+    # from_pairs refuses such pairs itself; normalized_metric must too, for a task made
+    # around it.
+    task = rl.Task.from_pairs(hf_model, CLEAN, CORRUPTED, [" Mary", " Alice"], [" John", " Tom"])
+    task = dataclasses.replace(task, corrupted=task.clean.clone())
     with pytest.raises(MetricError, match="cannot tell clean"):
         normalized_metric(hf_model, task)
 
