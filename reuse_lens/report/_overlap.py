@@ -7,7 +7,7 @@ Split from ``html.py`` so that each stays short; ``report.write`` and
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from reuse_lens import plot
@@ -65,12 +65,14 @@ def answer_section(
     edges: EdgeOverlapReport | None,
     *,
     what: str,
+    extra: Sequence[str] = (),
 ) -> None:
-    """The answer first: the generated sentences, then the marked Jaccard matrix."""
+    """The answer first: the generated sentences (``extra``: the fine-tunes'), then the
+    marked Jaccard matrix."""
     from reuse_lens.compare.answer import answer
 
     report.add_heading(f"Which {what} reuse which heads and MLPs, and is it significant?")
-    sentences = answer(overlap, edges)
+    sentences = [*answer(overlap, edges), *extra]
     rows = "".join(f"<li>{html.escape(line)}</li>" for line in sentences)
     report.add_raw(f'<ul class="answer">{rows}</ul>')
     if len(overlap.names) < 2:

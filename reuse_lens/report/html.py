@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from reuse_lens import plot
 from reuse_lens._io import write_text_atomic
+from reuse_lens.report import _finetune as finetune
 from reuse_lens.report import _overlap as sections
 
 if TYPE_CHECKING:
@@ -277,8 +278,15 @@ def write(
     base = str(getattr(study.config, "base", "") or study.models.get("base", "model"))
     report = HtmlReport(title or f"reuse_lens study of {base}")
     edges: EdgeOverlapReport | None = getattr(study, "edge_overlap", None)
-    sections.answer_section(report, study.task_overlap, edges, what="tasks")
+    analyses = getattr(study, "fine_tuning", None) or {}
+    claims = getattr(study, "claims", None) or []
+    sections.answer_section(
+        report, study.task_overlap, edges, what="tasks",
+        extra=finetune.answer_sentences(analyses, claims),
+    )  # fmt: skip
     report.add_contents()
+    if analyses:
+        finetune.fine_tuning_section(report, analyses, claims)
     _summary(report, study, base)
     report.add_heading("Model evaluations")
     report.add_table(study.evaluations, caption="Accuracy and logit difference of each model.")

@@ -98,6 +98,48 @@ class FineTuneAnalysis:
         top = self.drift.most_changed(k)
         return top, [n for n in top if self.circuit is not None and n in self.circuit]
 
+    def headline(self) -> str:
+        """One sentence for the report's opening answer."""
+        if self.new_skill:
+            head = (
+                f"{self.label} learnt {self.task} (accuracy {self.accuracy_before:.2f} -> "
+                f"{self.accuracy_after:.2f})"
+            )
+        else:
+            head = (
+                f"{self.label} was fine-tuned on {self.task}, which the base already did "
+                f"(accuracy {self.accuracy_before:.2f} -> {self.accuracy_after:.2f})"
+            )
+        parts = []
+        if self.circuit is not None and len(self.reuse):
+            rows = self.reuse.to_dict(orient="records")
+            reused = [r for r in rows if r["p_adjusted"] <= 0.05]
+            parts.append(
+                "its circuit reuses the heads of the base's "
+                + ", ".join(
+                    f"{r['base_task']} circuit (Holm p = {r['p_adjusted']:.2g})" for r in reused
+                )
+                if reused
+                else "its circuit shares no more heads with any base task's circuit than chance "
+                "(Holm-corrected)"
+            )
+        test = self.drift.test("mlps_vs_heads")
+        if test is not None and math.isfinite(test.p_adjusted):
+            parts.append(
+                "fine-tuning changed MLPs "
+                + (
+                    "more than"
+                    if test.p_adjusted <= 0.05 and test.difference > 0
+                    else "no more than"
+                )
+                + f" heads (Holm p = {test.p_adjusted:.2g})"
+            )
+        if self.circuit_recovery is not None:
+            parts.append(
+                f"its circuit carries {self.circuit_recovery:.0%} of the gain (cross-model patching)"
+            )
+        return head + ("; " + "; ".join(parts) if parts else "") + "."
+
     def sentences(self) -> list[str]:
         """The fine-tune's answer, generated from the numbers."""
         out = []

@@ -149,6 +149,30 @@ _SCAFFOLD = (
 )
 
 
+# The wide base: 48 heads and no scaffold, trained on the tasks that train without one,
+# less the two its fine-tunes teach (gendered pronouns and greater-than; docs/zoo.md).
+_WIDE = Arch(n_layer=6, n_head=8, n_embd=64, n_inner=256)
+_MIX_WIDE = {"ioi": 2.0, "induction": 3.0, "sva": 1.0, FILLER: 0.5}
+
+
+def _new_skill(task: str, seed: int, steps: int, checkpoints: tuple[float, ...]) -> ZooSpec:
+    # A task the wide base cannot do, with 0.3 of its own mixture against forgetting and a
+    # low learning rate, so that the checkpoints catch the new circuit forming.
+    return ZooSpec(
+        name=f"wide-ft-{task}",
+        mix={k: 0.3 * v for k, v in _MIX_WIDE.items()} | {task: 3.0},
+        steps=steps,
+        seed=seed,
+        arch=_WIDE,
+        parent="wide",
+        lr=3e-4,
+        batch_size=48,
+        warmup=50,
+        task=task,
+        checkpoints=checkpoints,
+    )
+
+
 def _finetune(task: str, seed: int, parent: str = "base") -> ZooSpec:
     # Mostly the one task, with a little of the full mixture against forgetting. A
     # fine-tune of base is "ft-<task>", of another parent "<parent>-ft-<task>".
@@ -187,6 +211,19 @@ SPECS: dict[str, ZooSpec] = {
             seed=4,
             arch=Arch(n_layer=2, n_head=4, n_embd=64, n_inner=4, attn_only=True),
         ),
+        ZooSpec(
+            name="wide",
+            mix=_MIX_WIDE,
+            steps=24000,
+            seed=5,
+            arch=_WIDE,
+            batch_size=48,
+            warmup=200,
+        ),
+        # Gendered pronouns are learnt within a few hundred steps; greater-than's accuracy
+        # jumps within 40, so its checkpoints start earlier.
+        _new_skill("gendered_pronoun", 6, 800, (0.05, 0.1, 0.25, 0.5)),
+        _new_skill("greater_than", 7, 2000, (0.005, 0.02, 0.1, 0.4)),
     )
 }
 """Every shipped zoo model, in training order (a parent before its fine-tunes)."""

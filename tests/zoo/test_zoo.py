@@ -32,7 +32,8 @@ def test_the_issue_models_ship() -> None:
 
 
 def test_shipped_weights_fit_the_budget() -> None:
-    total = sum(_folder(n).joinpath("model.safetensors").stat().st_size for n in SHIPPED)
+    folders = [*SHIPPED, *(f"{n}@{step}" for n in SHIPPED for step in zoo.checkpoints(n))]
+    total = sum(_folder(n).joinpath("model.safetensors").stat().st_size for n in folders)
     assert total <= 25 * 2**20
 
 
@@ -175,3 +176,58 @@ def test_each_scaffolded_step_is_done_by_one_head() -> None:
     assert set(found) == set(SPECS["base"].attention_hints)
     for hint, (head, attention) in found.items():
         assert attention >= 0.9, (hint, head, attention)
+
+
+NEW_SKILLS = ("wide-ft-gendered_pronoun", "wide-ft-greater_than")
+
+
+def test_the_wide_base_has_48_heads_and_no_scaffold() -> None:
+    entry = zoo.manifest()["models"]["wide"]
+    assert entry["config"]["n_layer"] * entry["config"]["n_head"] >= 48
+    assert entry["attention_hints"] == []
+    scores = entry["eval"]["scores"]
+    for task in entry["trained_on"]:
+        assert scores[task]["accuracy"] >= 0.9, task
+    # The fine-tunes' tasks are left out of the base's mixture, and it cannot do them.
+    for name in NEW_SKILLS:
+        task = zoo.manifest()["models"][name]["task"]
+        assert task not in entry["trained_on"] and scores[task]["accuracy"] < 0.6
+
+
+@pytest.mark.parametrize("name", NEW_SKILLS)
+def test_new_skill_fine_tunes_learn_their_task_and_keep_the_base_tasks(name: str) -> None:
+    entry = zoo.manifest()["models"][name]
+    task = entry["task"]
+    assert entry["parent"] == "wide"
+    assert entry["task_before"]["accuracy"] < 0.6
+    assert entry["eval"]["scores"][task]["accuracy"] >= 0.9
+    for base_task in zoo.manifest()["models"]["wide"]["trained_on"]:
+        assert entry["eval"]["scores"][base_task]["accuracy"] >= 0.9, base_task
+
+
+@pytest.mark.parametrize("name", NEW_SKILLS)
+def test_new_skill_fine_tunes_keep_checkpoints_that_load(name: str) -> None:
+    from reuse_lens.zoo.train import SPECS
+
+    steps = zoo.checkpoints(name)
+    assert len(steps) >= 3 and steps == SPECS[name].checkpoint_steps
+    entry = zoo.manifest()["models"][name]
+    task = entry["task"]
+    # The run passes through the task: some checkpoint is still below the final accuracy.
+    accuracies = [entry["checkpoints"][str(s)]["scores"][task]["accuracy"] for s in steps]
+    assert min(accuracies) < entry["eval"]["scores"][task]["accuracy"]
+    model = rl.load_model(f"zoo:{name}@{steps[0]}")
+    assert model_spec(model) == f"zoo:{name}@{steps[0]}"
+    same = rl.load_model(f"zoo:{name}", revision=str(steps[0]))
+    assert model_spec(same) == f"zoo:{name}@{steps[0]}"
+
+
+def test_unknown_checkpoints_and_revisions_are_refused() -> None:
+    with pytest.raises(zoo.ZooError, match="keeps zoo:wide-ft-greater_than@10"):
+        rl.load_model("zoo:wide-ft-greater_than@11")
+    with pytest.raises(zoo.ZooError, match="keeps none"):
+        rl.load_model("zoo:base@5")
+    with pytest.raises(rl.ModelLoadError, match="already names a checkpoint"):
+        rl.load_model("zoo:wide-ft-greater_than@10", revision="40")
+    with pytest.raises(rl.ModelLoadError, match="applies to hub ids and zoo fine-tunes"):
+        rl.load_model(_folder("base"), revision="step1")
