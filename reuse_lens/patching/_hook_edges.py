@@ -12,7 +12,9 @@ current residual stream plus, for each sender whose edge it drops, that sender's
   block shares between attention and MLP (GPT-J, Phi, Falcon, Cohere) is not moved for the
   heads;
 - every sender's output as a separate term of the residual stream: a head's is
-  ``z @ W_O`` (without ``b_O``, which belongs to no head).
+  ``z @ W_O`` (without ``b_O``, which belongs to no head), times the scalar that the block
+  applies between the attention and the residual stream (Granite's
+  ``residual_multiplier``), which ``head_output_scale`` measures once per model.
 
 ``edge_refusal`` says when one of these does not hold; the engines refuse then, naming the
 architecture and the reason, instead of returning numbers that mean something else.
@@ -20,6 +22,7 @@ architecture and the reason, instead of returning numbers that mean something el
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -35,7 +38,7 @@ from reuse_lens.patching.graph import GraphIndex
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["EDGE_INPUT_HOOK", "HookEdges", "edge_refusal", "mlp_norm"]
+__all__ = ["EDGE_INPUT_HOOK", "HookEdges", "edge_refusal", "head_output_scale", "mlp_norm"]
 
 EDGE_INPUT_HOOK = "blocks.0.hook_resid_pre"
 """Token plus position embedding: the output of the ``input`` sender."""
@@ -73,7 +76,74 @@ def edge_refusal(model: TransformerBridge) -> str | None:
             f"edges read the residual entering each block's norms; this {arch} model has "
             "no 'ln1' (or 'mlp') hook points in front of its attention"
         )
+    if head_output_scale(model) is None:
+        return (
+            f"edges need each head's output z @ W_O to be what reaches the residual stream "
+            f"(up to one scalar); on this {arch} model the attention output (hook_attn_out) "
+            "is not a scalar multiple of the heads' z @ W_O plus b_O"
+        )
     return None
+
+
+_HEAD_OUTPUT_SCALE: weakref.WeakKeyDictionary[TransformerBridge, float | None] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per model: the scalar between the heads' ``z @ W_O`` and the residual stream, or None."""
+
+_SCALE_RTOL = 1e-4
+
+
+@torch.no_grad()
+def head_output_scale(model: TransformerBridge) -> float | None:
+    """The scalar ``c`` with ``hook_attn_out = c · (Σ_h z_h @ W_O[h] + b_O)`` in every
+    layer, measured once per model on a few tokens; None where no one scalar fits.
+
+    The hook engines take a head's output as ``z @ W_O``, but some blocks scale the
+    attention output before adding it to the residual stream (Granite and Granite-MoE by
+    ``residual_multiplier``), and TransformerLens's ``W_O`` does not include that factor
+    while its ``hook_attn_out`` does. An edge from a head would then be scaled by ``1/c``
+    without an error, and edge scores would not add up to node scores. The engines
+    multiply ``W_O`` by ``c``; where no scalar fits (a norm after the attention, a model
+    without ``hook_attn_out``), edges through hooks are refused (``edge_refusal``).
+    """
+    if model in _HEAD_OUTPUT_SCALE:
+        return _HEAD_OUTPUT_SCALE[model]
+    n_layers = int(model.cfg.n_layers)
+    names = [f"blocks.{layer}.{point}" for layer in range(n_layers) for point in _SCALE_POINTS]
+    scale: float | None = None
+    if all(name in model.hook_dict for name in names):
+        device = torch.device(model.cfg.device or "cpu")
+        tokens = (torch.arange(1, 7, device=device) % int(model.cfg.d_vocab)).unsqueeze(0)
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+        eps = torch.finfo(cache[names[0]].dtype).eps
+        tolerance = max(_SCALE_RTOL, 8 * eps)
+        scales = []
+        for layer in range(n_layers):
+            attn = model.blocks[layer].attn
+            z = cache[f"blocks.{layer}.attn.hook_z"].float()
+            out = cache[f"blocks.{layer}.hook_attn_out"].float()
+            w_o = attn.W_O.detach().float()
+            if z.dim() != 4 or tuple(w_o.shape[:2]) != tuple(z.shape[2:]):
+                scales = []
+                break
+            ours = torch.einsum("bphe,hed->bpd", z, w_o)
+            b_o = getattr(attn, "b_O", None)
+            if b_o is not None:
+                ours = ours + b_o.detach().float()
+            c = float((ours * out).sum() / (ours * ours).sum().clamp(min=1e-30))
+            if float((c * ours - out).abs().max()) > tolerance * float(out.abs().max()):
+                scales = []
+                break
+            scales.append(c)
+        if scales and max(scales) - min(scales) <= tolerance * max(abs(c) for c in scales):
+            scale = sum(scales) / len(scales)
+            if abs(scale - 1.0) <= tolerance:
+                scale = 1.0
+    _HEAD_OUTPUT_SCALE[model] = scale
+    return scale
+
+
+_SCALE_POINTS = ("attn.hook_z", "hook_attn_out")
 
 
 @contextmanager
@@ -146,8 +216,11 @@ class HookEdges:
         self.sources = HookSources.build(
             model, corrupted, clean, lengths, ablation, "out", extra=(EDGE_INPUT_HOOK,)
         )
+        scale = head_output_scale(model)
+        assert scale is not None  # edge_refusal refused the model otherwise
         with torch.no_grad():
-            self.w_o = model.W_O.detach()  # (layer, head, d_head, d_model)
+            # (layer, head, d_head, d_model), times what the block applies after W_O.
+            self.w_o = model.W_O.detach() * scale
 
     @torch.no_grad()
     def logits(

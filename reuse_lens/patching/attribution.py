@@ -50,7 +50,12 @@ from reuse_lens.nodes import (
 )
 from reuse_lens.patching._attribution_functional import attribute_edges, functional_weights
 from reuse_lens.patching._common import ENGINES, Engine
-from reuse_lens.patching._hook_edges import EDGE_INPUT_HOOK, edge_refusal, mlp_norm
+from reuse_lens.patching._hook_edges import (
+    EDGE_INPUT_HOOK,
+    edge_refusal,
+    head_output_scale,
+    mlp_norm,
+)
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.patching.scores import NodeScores
@@ -357,10 +362,17 @@ class _Weights:
 
     @classmethod
     def of(cls, model: TransformerBridge, edges: bool) -> _Weights:
+        """The weights; for edges, ``W_O`` times the scalar the block applies after it
+        (``head_output_scale``: Granite's ``residual_multiplier``), so that a head's
+        delta is what it adds to the residual stream. Node scores read ``hook_z``, which
+        needs no ``W_O``."""
         with torch.no_grad():
             w_o = model.W_O.detach().float()
             if not edges:
                 return cls(w_o, None, None, None)
+            scale = head_output_scale(model)
+            assert scale is not None  # _check_edge_support refused the model otherwise
+            w_o = w_o * scale
             return cls(
                 w_o,
                 model.W_Q.detach().float(),
