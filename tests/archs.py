@@ -114,10 +114,153 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
         dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV),
     ),
     "cohere": ("CohereConfig", dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV)),
-    "mamba": ("MambaConfig", dict(hidden_size=D_MODEL, num_hidden_layers=2, state_size=4)),
 }
 """name -> (``transformers`` config class, its fields). Attention models have 2 layers,
 d_model 64 and 4 query heads."""
+
+_MAMBA2_HEADS = dict(mamba_n_heads=8, mamba_d_head=16, mamba_expand=2, mamba_d_state=8)
+_MAMBA2 = dict(**_MAMBA2_HEADS, mamba_n_groups=1, mamba_chunk_size=4)
+
+REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
+    # No attention.
+    "mamba": ("MambaConfig", dict(hidden_size=D_MODEL, num_hidden_layers=2, state_size=4)),
+    # Hybrids: attention in some layers, other mixers in the others or beside it.
+    "jamba": (
+        "JambaConfig",
+        dict(
+            **_COMMON,
+            intermediate_size=64,
+            num_key_value_heads=N_KV,
+            num_experts=1,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=8,
+            mamba_dt_rank=8,
+        ),
+    ),
+    "bamba": (
+        "BambaConfig",
+        dict(
+            **_COMMON,
+            intermediate_size=64,
+            num_key_value_heads=N_KV,
+            attn_layer_indices=[1],
+            **_MAMBA2,
+        ),
+    ),
+    "lfm2": (
+        "Lfm2Config",
+        dict(
+            **_COMMON,
+            num_key_value_heads=N_KV,
+            intermediate_size=128,
+            layer_types=["conv", "full_attention"],
+        ),
+    ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        dict(
+            **_COMMON,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_key_value_heads=N_KV,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+        ),
+    ),
+    "falcon_h1": (
+        "FalconH1Config",
+        dict(
+            **_COMMON,
+            intermediate_size=64,
+            num_key_value_heads=N_KV,
+            mamba_d_ssm=64,
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_d_state=8,
+            mamba_n_groups=1,
+            mamba_chunk_size=4,
+        ),
+    ),
+    "granitemoehybrid": (
+        "GraniteMoeHybridConfig",
+        dict(
+            **_COMMON,
+            intermediate_size=32,
+            shared_intermediate_size=32,
+            num_key_value_heads=N_KV,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["mamba", "attention"],
+            position_embedding_type="rope",  # TransformerLens 4.3 runs it with rotary only
+            **_MAMBA2,
+        ),
+    ),
+    # A mixture of attention heads: no fixed heads.
+    "jetmoe": (
+        "JetMoeConfig",
+        dict(
+            hidden_size=D_MODEL,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            kv_channels=16,
+            intermediate_size=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),
+    ),
+    # Multi-head latent attention, a value width other than the query/key width.
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            **_COMMON,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            num_key_value_heads=N_HEADS,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            **_COMMON,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            num_key_value_heads=N_HEADS,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=24,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
+}
+"""Architectures that every node and edge method refuses (``reuse_lens.arch.support``)."""
+
+ARCHS.update(REFUSED)
 
 
 def save_arch(name: str, folder: Path, tokenizer: Any, *, seed: int = 0, **overrides: Any) -> Path:

@@ -1,13 +1,17 @@
 """Architectures that reuse_lens cannot analyse, or only in part, are refused clearly.
 
-Mamba has no attention heads: every node and edge method refuses it in ``shape_of``,
-while ``rl.evaluate`` still scores it. On OPT, GPT-J and GPT-Neo, TransformerLens 4.3
-drops edits of ``hook_pattern``: pattern patching and ``uniform_attention`` refuse there
-instead of returning zeros, and work on GPT-2 and Llama.
+Mamba has no attention heads; Jamba, Bamba, LFM2, Qwen3-Next, Falcon-H1 and
+Granite-MoE-Hybrid add other mixers beside or instead of attention; JetMoE routes tokens
+to attention experts; DeepSeek-V2/V3 use multi-head latent attention. Every node and edge
+method refuses them in ``shape_of``, naming the architecture and the reason, while
+``rl.evaluate`` still scores them. On OPT, GPT-J and GPT-Neo, TransformerLens 4.3 drops
+edits of ``hook_pattern``: pattern patching and ``uniform_attention`` refuse there instead
+of returning zeros, and work on GPT-2 and Llama.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ from reuse_lens.interventions import ablate_heads, uniform_attention
 from reuse_lens.nodes import ModelShape, UnsupportedArchitectureError, nodes_of
 from reuse_lens.patching._hooks import PatternEditsDropped, pattern_edits_reach_logits
 from reuse_lens.patching.activation import _activation_patching
-from tests.archs import save_arch
+from tests.archs import REFUSED, load_arch, save_arch
 from tests.patching.helpers import random_task
 
 
@@ -29,6 +33,11 @@ def folders(tmp_path_factory: pytest.TempPathFactory, word_tokenizer: Any) -> di
     root = tmp_path_factory.mktemp("archs")
     names = ("mamba", "opt", "gptj", "gpt_neo", "gpt2", "llama")
     return {name: save_arch(name, root / name, word_tokenizer) for name in names}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("refused")
 
 
 # ---- no attention ---------------------------------------------------------------------------
@@ -67,6 +76,40 @@ def test_a_model_without_attention_is_refused_by_every_method(mamba: Any, method
 def test_a_model_without_attention_can_still_be_evaluated(mamba: Any) -> None:
     result = rl.evaluate(mamba, random_task(mamba, n=2, width=5))
     assert result["n"] == 2
+
+
+_REASONS = {
+    "mamba": r"has no attention heads that TransformerLens exposes one by one",
+    "jamba": r"is a hybrid: attention heads in layer 1, and a state-space mixer \(mixer\) "
+    r"in layer 0",
+    "bamba": r"is a hybrid: attention heads in layer 1, and a state-space mixer",
+    "lfm2": r"is a hybrid: attention heads in layer 1, and a gated short convolution",
+    "qwen3_next": r"is a hybrid: .* linear attention",
+    "falcon_h1": r"is a hybrid: attention heads in layers 0, 1, and a Mamba state-space "
+    r"mixer \(mamba\) in layers 0, 1",
+    "granitemoehybrid": r"is a hybrid: attention heads in layer 1",
+    "jetmoe": r"uses a mixture of attention heads .* no fixed heads",
+    "deepseek_v2": r"uses multi-head latent attention .*\(64 value channels for 4 heads\)",
+    "deepseek_v3": r"uses multi-head latent attention",
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_every_method_refuses_a_model_without_fixed_heads_naming_why(
+    name: str, root: Path, word_tokenizer: Any
+) -> None:
+    """Not a KeyError deep inside an engine, nor a wrong reason: the architecture, what it
+    has instead of heads and MLPs alone, and that rl.evaluate still works."""
+    model = load_arch(name, root, word_tokenizer)
+    task = random_task(model, n=2, width=5)
+    arch = type(model.original_model).__name__
+    for method, run in _NODE_METHODS.items():
+        with pytest.raises(UnsupportedArchitectureError) as error:
+            run(model, task)
+        assert str(error.value).startswith(f"model architecture {arch} "), method
+        assert re.search(_REASONS[name], str(error.value)), (method, str(error.value))
+        assert "rl.evaluate(model, task) still scores it" in str(error.value)
+    assert rl.evaluate(model, task)["n"] == 2
 
 
 # ---- dropped pattern edits ------------------------------------------------------------------
