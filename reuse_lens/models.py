@@ -359,6 +359,8 @@ def _load_folder(
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM
 
+    from reuse_lens.arch.loading import boot_overrides, unbootable_reason
+
     try:
         tokenizer = load_local_tokenizer(folder)
     except Exception as error:
@@ -374,10 +376,20 @@ def _load_folder(
         hf_model: Any = AutoModelForCausalLM.from_pretrained(
             str(folder), local_files_only=True, attn_implementation="eager", dtype=dtype
         )
+        reason = unbootable_reason(hf_model.config)
+        if reason is not None:
+            raise ModelLoadError(f"cannot load model from folder {str(folder)!r}: {reason}")
         hf_model = hf_model.to(device)
         return TransformerBridge.boot_transformers(
-            str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+            str(folder),
+            hf_config_overrides=boot_overrides(hf_model.config),
+            hf_model=hf_model,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
         )
+    except ModelLoadError:
+        raise
     except Exception as error:
         raise ModelLoadError(f"cannot load model from folder {str(folder)!r}: {error}") from error
 

@@ -114,6 +114,24 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
         dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV),
     ),
     "cohere": ("CohereConfig", dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV)),
+    # Patched through hooks (no functional adapter reads them).
+    "mpt": ("MptConfig", dict(d_model=D_MODEL, n_layers=2, n_heads=N_HEADS, max_seq_len=128)),
+    "openai_gpt": (
+        "OpenAIGPTConfig",
+        dict(n_embd=D_MODEL, n_layer=2, n_head=N_HEADS, n_positions=128),
+    ),
+    "phimoe": (
+        "PhimoeConfig",
+        dict(
+            **_COMMON,
+            intermediate_size=32,
+            num_key_value_heads=N_KV,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),
+    ),
+    # Falcon's new decoder architecture with one key/value head (more fail to load).
+    "falcon_new": ("FalconConfig", dict(**_COMMON, new_decoder_architecture=True, num_kv_heads=1)),
 }
 """name -> (``transformers`` config class, its fields). Attention models have 2 layers,
 d_model 64 and 4 query heads."""
@@ -261,6 +279,12 @@ REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
 """Architectures that every node and edge method refuses (``reuse_lens.arch.support``)."""
 
 ARCHS.update(REFUSED)
+
+HOOKS_ONLY = ("mpt", "openai_gpt", "phimoe", "falcon_new")
+"""Families no functional adapter reads: every method runs through hooks on the bridge."""
+
+FUNCTIONAL = tuple(name for name in ARCHS if name not in REFUSED and name not in HOOKS_ONLY)
+"""Families a functional adapter reads (``reuse_lens.arch``)."""
 
 
 def save_arch(name: str, folder: Path, tokenizer: Any, *, seed: int = 0, **overrides: Any) -> Path:

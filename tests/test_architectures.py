@@ -21,7 +21,7 @@ import torch
 
 import reuse_lens as rl
 from reuse_lens.interventions import ablate_heads, uniform_attention
-from reuse_lens.nodes import ModelShape, UnsupportedArchitectureError, nodes_of
+from reuse_lens.nodes import ModelShape, UnsupportedArchitectureError, edges_of, nodes_of, shape_of
 from reuse_lens.patching._hooks import PatternEditsDropped, pattern_edits_reach_logits
 from reuse_lens.patching.activation import _activation_patching
 from tests.archs import REFUSED, load_arch, save_arch
@@ -179,3 +179,82 @@ def test_the_pattern_check_runs_once_per_model(folders: dict[str, Path]) -> None
     assert not pattern_edits_reach_logits(model)
     assert not pattern_edits_reach_logits(model)
     assert calls == 2  # one plain and one edited run, then the cached answer
+
+
+# ---- refusals and crashes of single methods -------------------------------------------------
+
+
+def test_post_ln_models_patch_nodes_and_refuse_edges_naming_why(
+    root: Path, word_tokenizer: Any
+) -> None:
+    """The original GPT normalises the residual stream after each sublayer and never fires
+    its blocks' hook_resid_post: path patching to the logits reads what the unembedding
+    reads instead (a KeyError before), and edges are refused as post-LN (a KeyError, or a
+    reason about split inputs, before)."""
+    model = load_arch("openai_gpt", root, word_tokenizer)
+    task = random_task(model, n=3, width=5, seed=1)
+    path = rl.path_patching(model, task)
+    # A last-layer head reaches the logits only directly (through its own block's MLP and
+    # norms, which path patching leaves live): its path effect is its patching effect.
+    patched = rl.activation_patching(model, task, nodes=["a1.h0", "a1.h2"])
+    for node in ("a1.h0", "a1.h2"):
+        assert path.as_dict()[node] == pytest.approx(patched.as_dict()[node], abs=1e-5)
+    assert max(abs(v) for v in path.as_dict().values()) > 1e-3
+    shape = shape_of(model)
+    everything = rl.Circuit.from_edges([e.name for e in edges_of(shape)], shape)
+    with pytest.raises(NotImplementedError, match=r"OpenAIGPTLMHeadModel .*\(post-LN"):
+        rl.attribution_patching(model, task, level="edge")
+    with pytest.raises(NotImplementedError, match=r"OpenAIGPTLMHeadModel .*\(post-LN"):
+        rl.faithfulness(model, task, everything)
+
+
+def test_edges_are_refused_where_split_inputs_never_fire(root: Path, word_tokenizer: Any) -> None:
+    """MPT's bridge accepts split q/k/v inputs and ignores them (a KeyError before)."""
+    model = load_arch("mpt", root, word_tokenizer)
+    task = random_task(model, n=2, width=5)
+    shape = shape_of(model)
+    everything = rl.Circuit.from_edges([e.name for e in edges_of(shape)], shape)
+    with pytest.raises(NotImplementedError, match=r"MptForCausalLM .* never computes them"):
+        rl.faithfulness(model, task, everything)
+    assert rl.faithfulness(model, task, rl.Circuit.from_nodes(rl.nodes_of(model), model)) == (
+        pytest.approx(1.0, abs=1e-4)
+    )
+
+
+def test_the_grouped_query_refusal_advises_the_functional_engine_only_where_it_runs(
+    root: Path, word_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reuse_lens.arch import families
+
+    model = load_arch("llama_gqa", root, word_tokenizer)
+    task = random_task(model, n=2, width=5)
+    with pytest.raises(NotImplementedError, match=r"grouped-query .*engine='auto'"):
+        rl.attribution_patching(model, task, level="edge", engine="hooks")
+    monkeypatch.delitem(families.ADAPTERS, "llama")
+    with pytest.raises(NotImplementedError, match=r"grouped-query .*no functional adapter") as e:
+        rl.attribution_patching(model, task, level="edge")
+    assert "engine='auto'" not in str(e.value)
+
+
+def test_phimoe_folders_load_under_transformer_lens_spelling(
+    root: Path, word_tokenizer: Any
+) -> None:
+    """transformers saves PhimoeForCausalLM, TransformerLens registers PhiMoEForCausalLM:
+    every PhiMoE folder failed with a list of 170 architectures."""
+    model = load_arch("phimoe", root, word_tokenizer)
+    assert type(model.original_model).__name__ == "PhimoeForCausalLM"
+    task = random_task(model, n=2, width=5)
+    scores = rl.activation_patching(model, task, nodes=["a1.h0", "m1"])
+    assert abs(scores.as_dict()["a1.h0"]) > 0
+
+
+def test_falcon_layouts_transformer_lens_cannot_load_are_named(
+    root: Path, word_tokenizer: Any
+) -> None:
+    with pytest.raises(
+        rl.ModelLoadError,
+        match=r"FalconForCausalLM with new_decoder_architecture=True and num_kv_heads=2 .*"
+        r"TransformerLens 4\.3.*Falcon models with one key/value head .* load",
+    ):
+        load_arch("falcon_new", root, word_tokenizer, num_kv_heads=2)
+    assert load_arch("falcon_new", root, word_tokenizer).cfg.n_heads == 4

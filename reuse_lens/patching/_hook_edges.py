@@ -22,7 +22,6 @@ architecture and the reason, instead of returning numbers that mean something el
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from reuse_lens.nodes import LOGITS, MLP, architecture, shape_of
+from reuse_lens.patching._hook_geometry import head_output_scale, post_ln
 from reuse_lens.patching._hooks import HookSources, hook_name
 from reuse_lens.patching.graph import GraphIndex
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = ["EDGE_INPUT_HOOK", "HookEdges", "edge_refusal", "head_output_scale", "mlp_norm"]
+# head_output_scale is re-exported: the edge engines and their tests read it from here.
 
 EDGE_INPUT_HOOK = "blocks.0.hook_resid_pre"
 """Token plus position embedding: the output of the ``input`` sender."""
@@ -62,13 +63,28 @@ def edge_refusal(model: TransformerBridge) -> str | None:
             f"{arch} model normalises the attention and MLP outputs after the block "
             "(post-norms, as Gemma-2 and OLMo-2), which mixes the senders"
         )
+    if post_ln(model):
+        return (
+            f"edges need each sender's output to reach the residual stream as a sum; this "
+            f"{arch} model normalises the residual stream itself after adding each "
+            "sublayer's output (post-LN, as the original GPT and BERT), so every later "
+            "receiver reads a norm of all senders together"
+        )
     n_kv = getattr(cfg, "n_key_value_heads", None)
     if n_kv is not None and n_kv != cfg.n_heads:
+        from reuse_lens.arch.registry import has_adapter
+
+        way_out = (
+            "the functional engine (engine='auto') gives each query head its own"
+            if has_adapter(model)
+            else "no functional adapter reads this architecture yet (reuse_lens/arch/"
+            "README.md says how to add one), so edges cannot be computed on it; node "
+            "methods, and path_patching into head receivers, work"
+        )
         return (
             f"edges need each query head's own k and v input; this {arch} model shares "
             f"{n_kv} key/value heads among {cfg.n_heads} query heads (grouped-query "
-            "attention), and its hooks hold only the shared ones (the functional engine, "
-            "engine='auto', gives each query head its own)"
+            f"attention), and its hooks hold only the shared ones ({way_out})"
         )
     has_mlps = not getattr(cfg, "attn_only", False)
     if "blocks.0.ln1.hook_in" not in hooks or (has_mlps and "blocks.0.mlp.hook_in" not in hooks):
@@ -83,67 +99,6 @@ def edge_refusal(model: TransformerBridge) -> str | None:
             "is not a scalar multiple of the heads' z @ W_O plus b_O"
         )
     return None
-
-
-_HEAD_OUTPUT_SCALE: weakref.WeakKeyDictionary[TransformerBridge, float | None] = (
-    weakref.WeakKeyDictionary()
-)
-"""Per model: the scalar between the heads' ``z @ W_O`` and the residual stream, or None."""
-
-_SCALE_RTOL = 1e-4
-
-
-@torch.no_grad()
-def head_output_scale(model: TransformerBridge) -> float | None:
-    """The scalar ``c`` with ``hook_attn_out = c · (Σ_h z_h @ W_O[h] + b_O)`` in every
-    layer, measured once per model on a few tokens; None where no one scalar fits.
-
-    The hook engines take a head's output as ``z @ W_O``, but some blocks scale the
-    attention output before adding it to the residual stream (Granite and Granite-MoE by
-    ``residual_multiplier``), and TransformerLens's ``W_O`` does not include that factor
-    while its ``hook_attn_out`` does. An edge from a head would then be scaled by ``1/c``
-    without an error, and edge scores would not add up to node scores. The engines
-    multiply ``W_O`` by ``c``; where no scalar fits (a norm after the attention, a model
-    without ``hook_attn_out``), edges through hooks are refused (``edge_refusal``).
-    """
-    if model in _HEAD_OUTPUT_SCALE:
-        return _HEAD_OUTPUT_SCALE[model]
-    n_layers = int(model.cfg.n_layers)
-    names = [f"blocks.{layer}.{point}" for layer in range(n_layers) for point in _SCALE_POINTS]
-    scale: float | None = None
-    if all(name in model.hook_dict for name in names):
-        device = torch.device(model.cfg.device or "cpu")
-        tokens = (torch.arange(1, 7, device=device) % int(model.cfg.d_vocab)).unsqueeze(0)
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
-        eps = torch.finfo(cache[names[0]].dtype).eps
-        tolerance = max(_SCALE_RTOL, 8 * eps)
-        scales = []
-        for layer in range(n_layers):
-            attn = model.blocks[layer].attn
-            z = cache[f"blocks.{layer}.attn.hook_z"].float()
-            out = cache[f"blocks.{layer}.hook_attn_out"].float()
-            w_o = attn.W_O.detach().float()
-            if z.dim() != 4 or tuple(w_o.shape[:2]) != tuple(z.shape[2:]):
-                scales = []
-                break
-            ours = torch.einsum("bphe,hed->bpd", z, w_o)
-            b_o = getattr(attn, "b_O", None)
-            if b_o is not None:
-                ours = ours + b_o.detach().float()
-            c = float((ours * out).sum() / (ours * ours).sum().clamp(min=1e-30))
-            if float((c * ours - out).abs().max()) > tolerance * float(out.abs().max()):
-                scales = []
-                break
-            scales.append(c)
-        if scales and max(scales) - min(scales) <= tolerance * max(abs(c) for c in scales):
-            scale = sum(scales) / len(scales)
-            if abs(scale - 1.0) <= tolerance:
-                scale = 1.0
-    _HEAD_OUTPUT_SCALE[model] = scale
-    return scale
-
-
-_SCALE_POINTS = ("attn.hook_z", "hook_attn_out")
 
 
 @contextmanager
@@ -176,6 +131,14 @@ def _check_split_inputs(model: TransformerBridge, tokens: Int[Tensor, "1 pos"]) 
     names = [f"blocks.{layer}.{point}" for layer in (0, last) for point in _SPLIT_CHECK]
     with split_qkv_inputs(model):
         _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    silent = [name for name in names if name not in cache.cache_dict]
+    if silent:
+        raise NotImplementedError(
+            f"edges need each head's own q, k and v input; on this {architecture(model)} "
+            "model TransformerLens accepts split q/k/v inputs but its attention never "
+            f"computes them ({silent[0]} does not fire), so edges cannot be read or "
+            "ablated through hooks. Evaluate a node circuit instead."
+        )
     for layer in (0, last):
         residual = cache[f"blocks.{layer}.ln1.hook_in"].unsqueeze(2)
         for part in "qkv":

@@ -411,7 +411,10 @@ def _hook_rows(
     model = prep.model
     n_layers = int(model.cfg.n_layers)
     has_mlps = not getattr(model.cfg, "attn_only", False)
-    final_name = f"blocks.{n_layers - 1}.hook_resid_post"
+    # What the unembedding reads: the final residual stream after any final norm, which
+    # the answer's logits are a function of position by position. (Not the last block's
+    # hook_resid_post: the post-LN original GPT's blocks never fire it.)
+    final_name = "unembed.hook_in"
     tokens, where = prep.clean[part], mask[part].unsqueeze(-1)
     hooks: list[Any] = []
     for layer in range(n_layers):

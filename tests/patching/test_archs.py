@@ -21,13 +21,13 @@ from reuse_lens.arch.registry import extract as extract_weights
 from reuse_lens.nodes import edges_of, shape_of
 from reuse_lens.patching._forward import RunCache, Weights
 from reuse_lens.patching.ablation import AblationRunner, NodeMask
-from tests.archs import ARCHS, REFUSED, expand_kv, save_arch
+from tests.archs import FUNCTIONAL, expand_kv, save_arch
 from tests.circuits.test_faithfulness import _edge_mask_keeping_nodes
 from tests.patching.helpers import random_task
 
 ATOL = 1e-4
 
-COVERED = [name for name in ARCHS if name not in REFUSED]
+COVERED = list(FUNCTIONAL)
 
 
 @pytest.fixture(scope="session")
