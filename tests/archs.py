@@ -18,6 +18,9 @@ N_KV = 2
 
 _COMMON = dict(hidden_size=D_MODEL, num_hidden_layers=2, num_attention_heads=N_HEADS)
 
+_EXPERTS_LOCAL = dict(num_local_experts=4, num_experts_per_tok=2)
+"""Four experts, two a token (the config names of Mixtral, GPT-OSS, Granite-MoE)."""
+
 ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2": ("GPT2Config", dict(n_embd=D_MODEL, n_layer=2, n_head=N_HEADS, n_positions=128)),
     "gpt_neox": (
@@ -114,6 +117,95 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
         dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV),
     ),
     "cohere": ("CohereConfig", dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV)),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            **_COMMON,
+            intermediate_size=128,
+            num_key_value_heads=N_KV,
+            head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        dict(**_COMMON, intermediate_size=32, num_key_value_heads=N_KV, **_EXPERTS_LOCAL),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            **_COMMON,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_key_value_heads=N_KV,
+            num_experts=4,
+            num_experts_per_tok=2,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            **_COMMON,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            num_key_value_heads=N_KV,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+        ),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(
+            **_COMMON,
+            intermediate_size=32,
+            num_key_value_heads=N_KV,
+            head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            **_EXPERTS_LOCAL,
+        ),
+    ),
+    "olmo3": (
+        "Olmo3Config",
+        dict(
+            **_COMMON,
+            intermediate_size=128,
+            num_key_value_heads=N_KV,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        dict(
+            **_COMMON,
+            intermediate_size=32,
+            num_key_value_heads=N_KV,
+            num_experts=4,
+            num_experts_per_tok=2,
+        ),
+    ),
+    "smollm3": (
+        "SmolLM3Config",
+        # Layer 1 has no rotary embedding (SmolLM3 drops it in every fourth layer).
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV, no_rope_layers=[1, 0]),
+    ),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        dict(
+            **_COMMON,
+            intermediate_size=32,
+            num_key_value_heads=N_KV,
+            embedding_multiplier=2.0,
+            residual_multiplier=0.5,
+            logits_scaling=2.0,
+            attention_multiplier=0.25,
+            **_EXPERTS_LOCAL,
+        ),
+    ),
     # Patched through hooks (no functional adapter reads them).
     "mpt": ("MptConfig", dict(d_model=D_MODEL, n_layers=2, n_heads=N_HEADS, max_seq_len=128)),
     "openai_gpt": (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from reuse_lens.arch.hf import HFAdapter
@@ -216,6 +217,58 @@ class Bloom(HFAdapter):
         return _get_alibi_slopes(n_heads, device).to(next(hf.parameters()).dtype)
 
 
+class Gemma3(Gemma2):
+    """Gemma 3 (Gemma Team 2025): Gemma 2 with an RMSNorm on each head's q and k instead
+    of soft-capping, and local layers that rotate with their own base (one rotary table
+    per layer type, from the model's own module)."""
+
+    family = "gemma3"
+
+    def spec(self, config: Any) -> ArchSpec:
+        return dataclasses.replace(super().spec(config), family=self.family, qk_norm="head")
+
+
+class Olmo3(Olmo2):
+    """OLMo 3: OLMo 2 with sliding-window layers, which rotate with their own table."""
+
+    family = "olmo3"
+    base = dataclasses.replace(Olmo2.base, family="olmo3")
+
+
+class Olmoe(Llama):
+    """OLMoE (Muennighoff et al. 2024): a pre-norm Llama block with OLMo-2's q/k norm over
+    the whole projection, and a sparse mixture-of-experts MLP."""
+
+    family = "olmoe"
+    base = dataclasses.replace(_ROTARY_RMS_GATED, family="olmoe", qk_norm="proj")
+
+    def spec(self, config: Any) -> ArchSpec:
+        if getattr(config, "clip_qkv", None) is not None:
+            raise Unsupported("olmoe with clip_qkv (q, k and v clamped after the q/k norm)")
+        return self.base
+
+
+class SmolLM3(Llama):
+    """SmolLM3 (Hugging Face 2025): Llama with no rotary embedding in every fourth layer
+    (``no_rope_layers``; each layer's attention says ``use_rope``)."""
+
+    family = "smollm3"
+    base = dataclasses.replace(_ROTARY_RMS_GATED, family="smollm3")
+
+
+class GptOss(Llama):
+    """gpt-oss (OpenAI 2025): a Llama-style block with biases, per-head attention sinks,
+    sliding-window attention on alternate layers, YaRN rotary and a mixture of experts.
+    Its rotary module gives half-width cos/sin that rotate the halves of each head."""
+
+    family = "gpt_oss"
+    base = dataclasses.replace(_ROTARY_RMS_GATED, family="gpt_oss")
+
+    def cos_sin(self, out: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        cos, sin = out
+        return torch.cat([cos[0], cos[0]], dim=-1), torch.cat([sin[0], sin[0]], dim=-1)
+
+
 ADAPTERS: dict[str, HFAdapter] = {
     "bloom": Bloom(),
     "llama": Llama(),
@@ -226,6 +279,15 @@ ADAPTERS: dict[str, HFAdapter] = {
     "qwen3": Qwen3(),
     "gemma": Gemma(),
     "gemma2": Gemma2(),
+    "gemma3_text": Gemma3(),
+    "mixtral": Llama(),
+    "qwen2_moe": Llama(),
+    "qwen3_moe": Qwen3(),
+    "olmo3": Olmo3(),
+    "olmoe": Olmoe(),
+    "smollm3": SmolLM3(),
+    "gpt_oss": GptOss(),
+    "granitemoe": Granite(),
     "olmo2": Olmo2(),
     "stablelm": StableLM(),
     "cohere": Cohere(),
