@@ -32,7 +32,8 @@ from torch import Tensor
 
 from reuse_lens.nodes import LOGITS, MLP, architecture, shape_of
 from reuse_lens.patching._hook_geometry import head_output_scale, post_ln
-from reuse_lens.patching._hooks import HookSources, hook_name
+from reuse_lens.patching._hooks import HookSources, hook_name, whole_projection_qk_norm
+from reuse_lens.patching._qk_norm_hooks import normed_hook, own_input_normed
 from reuse_lens.patching.graph import GraphIndex
 
 if TYPE_CHECKING:
@@ -176,6 +177,7 @@ class HookEdges:
         self.shape = shape_of(model)
         self.index = GraphIndex(self.shape)
         self.norm = mlp_norm(model)
+        self.whole_norm = whole_projection_qk_norm(model)
         self.sources = HookSources.build(
             model, corrupted, clean, lengths, ablation, "out", extra=(EDGE_INPUT_HOOK,)
         )
@@ -220,11 +222,25 @@ class HookEdges:
             n_heads = shape.n_heads
             for i, part in enumerate("qkv"):
                 part_cols = slice(cols.start + i * n_heads, cols.start + (i + 1) * n_heads)
+                key = f"{part}{layer}"
 
-                def move_input(x: Tensor, hook: Any, n: int = n_in, c: slice = part_cols) -> Tensor:
-                    return x + added(n, c).to(x.dtype)
+                def move_input(
+                    x: Tensor, hook: Any, n: int = n_in, c: slice = part_cols, key: str = key
+                ) -> Tensor:
+                    state[key] = x + added(n, c).to(x.dtype)
+                    return state[key]
 
                 hooks.append((f"blocks.{layer}.attn.hook_{part}_input", move_input))
+                if self.whole_norm and part != "v":
+                    # The bridge norms the heads' projections together; each head's
+                    # statistic comes from its own input instead (docs/models.md).
+                    def own_norm(
+                        out: Tensor, hook: Any, layer: int = layer, part: str = part, key: str = key
+                    ) -> Tensor:
+                        normed = own_input_normed(self.model, layer, part, state[key])
+                        return normed.to(out.dtype)
+
+                    hooks.append((normed_hook(layer, part), own_norm))
 
             def record_heads(z: Tensor, hook: Any, layer: int = layer, n: int = n_in) -> None:
                 w_o = self.w_o[layer]

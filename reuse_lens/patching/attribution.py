@@ -56,6 +56,8 @@ from reuse_lens.patching._hook_edges import (
     head_output_scale,
     mlp_norm,
 )
+from reuse_lens.patching._hooks import whole_projection_qk_norm
+from reuse_lens.patching._qk_norm_hooks import normed_hook, own_input_grads
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.patching.scores import NodeScores
@@ -463,6 +465,10 @@ def _attribute_chunk(
     if edges:
         grad_names += names["q"] + names["k"] + names["v"] + names["mlp_in"] + names["final"]
         step_acts = list(dict.fromkeys(names["ln1_in"] + names["mlp_norm_in"]))
+        if whole_projection_qk_norm(model):
+            # q and k in front of the norm, and their gradients after it (_qk_norm_hooks).
+            grad_names += [normed_hook(layer, c) for layer in range(shape.n_layers) for c in "qk"]
+            step_acts += names["q"] + names["k"]
     corrupted_input = corrupted.acts[_INPUT_HOOK]
 
     grad_sums: dict[str, Tensor] = {}
@@ -611,10 +617,19 @@ def _accumulate_edges(
     """Add Δsender · ∂m/∂(receiver input) for every edge of one gradient pass."""
     assert weights.W_Q is not None and weights.W_K is not None and weights.W_V is not None
     device = deltas.device
+    whole_norm = whole_projection_qk_norm(model)
     for layer in range(shape.n_layers):
         block = model.blocks[layer]
         parts = []
         for kind, w in (("q", weights.W_Q), ("k", weights.W_K), ("v", weights.W_V)):
+            if whole_norm and kind != "v":
+                # Head i's statistic from its own input (docs/models.md).
+                projected = run.acts[f"blocks.{layer}.attn.hook_{kind}"].flatten(-2)
+                grad = run.grads[normed_hook(layer, kind)]
+                parts.append(
+                    own_input_grads(model, layer, kind, projected, grad, shape.n_heads).to(device)
+                )
+                continue
             g = run.grads[f"blocks.{layer}.attn.hook_{kind}"].float()
             parts.append(torch.einsum("bphe,hde->bphd", g, w[layer].to(device)))
         # ∂m/∂(LN output) through each head's q, k and v alone, then back through the LN.
