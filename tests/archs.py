@@ -372,7 +372,7 @@ REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
 
 ARCHS.update(REFUSED)
 
-HOOKS_ONLY = ("mpt", "openai_gpt", "phimoe", "falcon_new")
+HOOKS_ONLY = ("openai_gpt",)
 """Families no functional adapter reads: every method runs through hooks on the bridge."""
 
 FUNCTIONAL = tuple(name for name in ARCHS if name not in REFUSED and name not in HOOKS_ONLY)

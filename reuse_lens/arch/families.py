@@ -173,12 +173,41 @@ class Falcon(HFAdapter):
     base = ArchSpec(family="falcon", norm="ln", positions="rotary")
 
     def spec(self, config: Any) -> ArchSpec:
-        if getattr(config, "new_decoder_architecture", False):
-            raise Unsupported("falcon's new decoder architecture (separate ln_attn/ln_mlp)")
         if getattr(config, "alibi", False):
             raise Unsupported("falcon with ALiBi")
+        if getattr(config, "new_decoder_architecture", False):
+            # Falcon-40B's block: parallel, with separate norms for attention and MLP.
+            return dataclasses.replace(self.base, parallel=True, shared_mlp_norm=False)
         parallel = bool(getattr(config, "parallel_attn", True))
         return dataclasses.replace(self.base, parallel=parallel, shared_mlp_norm=parallel)
+
+
+class MPT(HFAdapter):
+    """MPT (MosaicML 2023): GPT-2's block without biases and with ALiBi (Press et al.
+    2022) in place of position embeddings, its slopes from ``alibi_bias_max``."""
+
+    family = "mpt"
+    base = ArchSpec(family="mpt", norm="ln", positions="alibi")
+
+    def spec(self, config: Any) -> ArchSpec:
+        attn = config.attn_config
+        if getattr(attn, "clip_qkv", None) or getattr(attn, "qk_ln", False):
+            raise Unsupported("mpt with clip_qkv or q/k LayerNorms")
+        if not getattr(attn, "alibi", True):
+            raise Unsupported("mpt without ALiBi")
+        return self.base
+
+    def alibi_slopes(self, hf: Any, n_heads: int) -> Tensor:
+        from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+        param = next(hf.parameters())
+        bias_max = hf.config.attn_config.alibi_bias_max
+        # Row 0 of a two-position table is -slope * 1 for every head.
+        table = build_mpt_alibi_tensor(n_heads, 2, bias_max, device=param.device)
+        return (-table[:, 0, 0]).to(param.dtype)
+
+    def attn_scale(self, attn: Any, d_head: int) -> float:
+        return 1.0 / float(attn.softmax_scale)
 
 
 class GPTNeo(HFAdapter):
@@ -288,6 +317,8 @@ ADAPTERS: dict[str, HFAdapter] = {
     "smollm3": SmolLM3(),
     "gpt_oss": GptOss(),
     "granitemoe": Granite(),
+    "phimoe": Llama(),
+    "mpt": MPT(),
     "olmo2": Olmo2(),
     "stablelm": StableLM(),
     "cohere": Cohere(),
