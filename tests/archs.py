@@ -206,6 +206,20 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
             **_EXPERTS_LOCAL,
         ),
     ),
+    "starcoder2": (
+        "Starcoder2Config",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV),
+    ),
+    "seed_oss": (
+        "SeedOssConfig",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV, head_dim=16),
+    ),
+    "arcee": ("ArceeConfig", dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV)),
+    "olmo": ("OlmoConfig", dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV)),
+    "hunyuan": (
+        "HunYuanDenseV1Config",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV, head_dim=16),
+    ),
     # Patched through hooks (no functional adapter reads them).
     "mpt": ("MptConfig", dict(d_model=D_MODEL, n_layers=2, n_heads=N_HEADS, max_seq_len=128)),
     "openai_gpt": (
@@ -221,6 +235,42 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
             num_local_experts=4,
             num_experts_per_tok=2,
         ),
+    ),
+    "glm": (
+        "GlmConfig",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV, head_dim=16),
+    ),
+    "glm4": (
+        "Glm4Config",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV, head_dim=16),
+    ),
+    "ernie4_5": (
+        "Ernie4_5Config",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV, head_dim=16),
+    ),
+    "nemotron": (
+        "NemotronConfig",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV),
+    ),
+    "vaultgemma": (
+        "VaultGemmaConfig",
+        dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV, head_dim=16),
+    ),
+    "cohere2": (
+        "Cohere2Config",
+        dict(
+            **_COMMON,
+            intermediate_size=128,
+            num_key_value_heads=N_KV,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+    "exaone4": ("Exaone4Config", dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV)),
+    "apertus": ("ApertusConfig", dict(**_COMMON, intermediate_size=128, num_key_value_heads=N_KV)),
+    "xglm": (
+        "XGLMConfig",
+        dict(d_model=D_MODEL, num_layers=2, attention_heads=N_HEADS, ffn_dim=128),
     ),
     # Falcon's new decoder architecture with one key/value head (more fail to load).
     "falcon_new": ("FalconConfig", dict(**_COMMON, new_decoder_architecture=True, num_kv_heads=1)),
@@ -372,7 +422,18 @@ REFUSED: dict[str, tuple[str, dict[str, Any]]] = {
 
 ARCHS.update(REFUSED)
 
-HOOKS_ONLY = ("openai_gpt",)
+HOOKS_ONLY = (
+    "openai_gpt",
+    "glm",
+    "glm4",
+    "ernie4_5",
+    "nemotron",
+    "vaultgemma",
+    "cohere2",
+    "exaone4",
+    "apertus",
+    "xglm",
+)
 """Families no functional adapter reads: every method runs through hooks on the bridge."""
 
 FUNCTIONAL = tuple(name for name in ARCHS if name not in REFUSED and name not in HOOKS_ONLY)
@@ -404,15 +465,20 @@ def save_arch(name: str, folder: Path, tokenizer: Any, *, seed: int = 0, **overr
 
 
 def _scale_up(model: torch.nn.Module) -> None:
-    """Larger random weights, so that heads differ and attention is far from uniform.
+    """Larger random weights, so that heads differ and attention is far from uniform, and
+    norm weights and biases that are not their initial ones and zeros.
 
     ``transformers`` initialises with std 0.02, which makes every head of a tiny model
-    attend almost uniformly; patching effects would then be too small to tell apart.
+    attend almost uniformly; patching effects would then be too small to tell apart. Norms
+    start at weight 1 (Gemma's ``1 + w`` at 0): a forward pass that dropped a norm's weight,
+    or applied it in the wrong place (before or after rotary), would go unnoticed.
     """
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and "norm" not in name and "ln" not in name:
                 p.mul_(8.0)
+            elif p.dim() == 1:
+                p.add_(0.25 * torch.randn_like(p))
 
 
 def expand_kv(folder: Path, out: Path) -> Path:

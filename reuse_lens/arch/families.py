@@ -52,6 +52,28 @@ class Qwen3(Llama):
     base = dataclasses.replace(_ROTARY_RMS_GATED, family="qwen3", qk_norm="head")
 
 
+class HunYuan(Llama):
+    """HunYuan dense (Tencent): Llama with an RMSNorm on each head's q and k, after the
+    rotary embedding rather than before it."""
+
+    family = "hunyuan"
+    base = dataclasses.replace(
+        _ROTARY_RMS_GATED, family="hunyuan", qk_norm="head", qk_norm_after_rope=True
+    )
+
+
+class Olmo(Llama):
+    """OLMo 1 (Groeneveld et al. 2024): Llama with LayerNorms without weights."""
+
+    family = "olmo"
+    base = dataclasses.replace(_ROTARY_RMS_GATED, family="olmo", norm="ln")
+
+    def spec(self, config: Any) -> ArchSpec:
+        if getattr(config, "clip_qkv", None) is not None:
+            raise Unsupported("olmo with clip_qkv (q, k and v clamped after the projection)")
+        return self.base
+
+
 class Gemma(Llama):
     """Gemma (Gemma Team 2024): RMSNorm scaling by ``1 + w``, GeGLU, embeddings times
     ``sqrt(d_model)`` (read from the embedding module's ``embed_scale``)."""
@@ -180,6 +202,21 @@ class Falcon(HFAdapter):
             return dataclasses.replace(self.base, parallel=True, shared_mlp_norm=False)
         parallel = bool(getattr(config, "parallel_attn", True))
         return dataclasses.replace(self.base, parallel=parallel, shared_mlp_norm=parallel)
+
+
+class StarCoder2(HFAdapter):
+    """StarCoder2 (BigCode 2024): LayerNorm, rotary, grouped-query attention, biases and
+    a plain GELU MLP."""
+
+    family = "starcoder2"
+    base = ArchSpec(family="starcoder2", norm="ln", positions="rotary")
+
+
+class Arcee(HFAdapter):
+    """Arcee AFM: Llama with a plain (ungated) MLP of squared ReLU."""
+
+    family = "arcee"
+    base = ArchSpec(family="arcee", norm="rms", positions="rotary")
 
 
 class MPT(HFAdapter):
@@ -318,6 +355,11 @@ ADAPTERS: dict[str, HFAdapter] = {
     "gpt_oss": GptOss(),
     "granitemoe": Granite(),
     "phimoe": Llama(),
+    "seed_oss": Llama(),
+    "hunyuan_v1_dense": HunYuan(),
+    "olmo": Olmo(),
+    "starcoder2": StarCoder2(),
+    "arcee": Arcee(),
     "mpt": MPT(),
     "olmo2": Olmo2(),
     "stablelm": StableLM(),

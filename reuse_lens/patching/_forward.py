@@ -231,13 +231,17 @@ class Weights:
         return None if w.nope else (w.rope or self.rope)
 
     def _qk_post(self, layer: int, x: Tensor, norm: Norm | None, positions: Tensor) -> Tensor:
-        """q/k norm, then rotary: (..., pos, head, d_head) -> the same shape."""
+        """q/k norm, then rotary (HunYuan: the other way round): (..., pos, head, d_head)
+        -> the same shape."""
+        rope = self.rope_of(layer)
+        if self.spec.qk_norm_after_rope:
+            x = x if rope is None else rope(x, positions)
+            return x if norm is None else norm(x)
         if norm is not None:
             if self.spec.qk_norm == "proj":  # OLMo-2: one norm over every head's channels
                 x = norm(x.flatten(-2)).unflatten(-1, (self.n_heads, self.d_head))
             else:
                 x = norm(x)
-        rope = self.rope_of(layer)
         return x if rope is None else rope(x, positions)
 
     def qkv(

@@ -334,7 +334,7 @@ def test_edges_on_every_architecture(load: Any, name: str) -> None:
 
 @pytest.mark.parametrize("name", COVERED)
 def test_bfloat16_agrees_with_float32(load: Any, arch_folders: dict[str, Path], name: str) -> None:
-    """Head patching in bfloat16 agrees with float32 within 6% of the scores' scale (the
+    """Head patching in bfloat16 agrees with float32 within 8% of the scores' scale (the
     gap or the largest effect; docs/models.md), on the functional engine."""
     model = load(name)
     task = random_task(model, lengths=[5, 4, 6], seed=6)
@@ -348,4 +348,4 @@ def test_bfloat16_agrees_with_float32(load: Any, arch_folders: dict[str, Path], 
     assert half.settings["engine"] == "functional"
     scale = max(abs(full.clean - full.corrupted), float(full.heads.abs().max()))
     error = float((half.heads - full.heads).abs().max()) / scale
-    assert error <= 0.06
+    assert error <= 0.08
