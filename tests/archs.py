@@ -439,6 +439,32 @@ HOOKS_ONLY = (
 FUNCTIONAL = tuple(name for name in ARCHS if name not in REFUSED and name not in HOOKS_ONLY)
 """Families a functional adapter reads (``reuse_lens.arch``)."""
 
+SWEPT_SLOWLY = frozenset(
+    {
+        "qwen2_moe",
+        "olmo3",
+        "granitemoe",
+        "phimoe",
+        "mpt",
+        "falcon_new",
+        "starcoder2",
+        "seed_oss",
+        "arcee",
+        "olmo",
+        "hunyuan",
+    }
+)
+"""Families whose per-family sweeps run in the slow tier only: each shares its block with
+a family that the default tier sweeps (Qwen3-MoE, OLMo-2, Granite, Mixtral, BLOOM, ...),
+and the default tier still checks its logits against the bridge's."""
+
+
+def family_params(names: tuple[str, ...] | list[str]) -> list[Any]:
+    """``names`` as pytest parameters, those in ``SWEPT_SLOWLY`` marked slow."""
+    import pytest
+
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SWEPT_SLOWLY else n for n in names]
+
 
 def save_arch(name: str, folder: Path, tokenizer: Any, *, seed: int = 0, **overrides: Any) -> Path:
     """Build architecture ``name`` with random weights and save it, with ``tokenizer``.

@@ -124,8 +124,10 @@ def attribution_patching(
         ValueError: for an unknown method or level, ``steps < 1``, a bad batch size,
             ``per_position`` with ``level="edge"``, a model in training mode, or EAP with a
             metric measured against the clean run (``kl_div``), whose gradient there is 0.
-        NotImplementedError: at edge level, for models with grouped key/value heads or
-            norms after attention and MLP (Gemma-2, OLMo-2).
+        NotImplementedError: at edge level through hooks (no functional adapter, or
+            ``engine="hooks"``), for grouped key/value heads, norms after attention and
+            MLP (Gemma-2, OLMo-2), post-LN blocks, or an attention output that is not a
+            scalar multiple of the heads' ``z @ W_O`` (``_hook_edges.edge_refusal``).
         TaskError: if the task was built for another vocabulary.
         MetricError: if the metric is NaN or infinite on some prompt.
     """

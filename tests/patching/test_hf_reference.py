@@ -217,3 +217,22 @@ def test_node_methods_equal_patching_the_hf_model(
     scale = max(1.0, max(abs(v) for v in expected_eap.values()))
     for node in nodes:
         assert eap[node] == pytest.approx(expected_eap[node], abs=1e-4 * scale), node
+
+
+def test_edges_through_hooks_add_up_to_node_scores_without_an_adapter(
+    root: Any, word_tokenizer: Any
+) -> None:
+    """XGLM has no adapter and multi-head attention: its edge attribution runs through
+    hooks, and a sender's edges (every receiver's q, k, v and MLP input, and the logits)
+    must add up to its node score."""
+    model = load_arch("xglm", root, word_tokenizer)
+    task = random_task(model, n=3, width=6, seed=8)
+    nodes = rl.attribution_patching(model, task, method="eap-ig", steps=2)
+    edges = rl.attribution_patching(model, task, method="eap-ig", steps=2, level="edge")
+    assert isinstance(nodes, rl.NodeScores) and isinstance(edges, rl.EdgeScores)
+    assert edges.settings["engine"] == "hooks"
+    summed = edges.to_node_scores()
+    scale = max(1.0, float(nodes.heads.abs().max()))
+    torch.testing.assert_close(summed.heads, nodes.heads, atol=1e-5 * scale, rtol=1e-4)
+    assert summed.mlps is not None and nodes.mlps is not None
+    torch.testing.assert_close(summed.mlps, nodes.mlps, atol=1e-5 * scale, rtol=1e-4)
