@@ -10,7 +10,7 @@ and a norm of the residual stream itself after the sum (``post_ln``).
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -56,32 +56,40 @@ def head_output_scale(model: TransformerBridge) -> float | None:
         _, cache = model.run_with_cache(
             _probe_tokens(model), names_filter=lambda name: name in names
         )
-        eps = torch.finfo(cache[names[0]].dtype).eps
-        tolerance = max(_SCALE_RTOL, 8 * eps)
-        scales = []
-        for layer in range(n_layers):
-            attn = model.blocks[layer].attn
-            z = cache[f"blocks.{layer}.attn.hook_z"].float()
-            out = cache[f"blocks.{layer}.hook_attn_out"].float()
-            w_o = attn.W_O.detach().float()
-            if z.dim() != 4 or tuple(w_o.shape[:2]) != tuple(z.shape[2:]):
-                scales = []
-                break
-            ours = torch.einsum("bphe,hed->bpd", z, w_o)
-            b_o = getattr(attn, "b_O", None)
-            if b_o is not None:
-                ours = ours + b_o.detach().float()
-            c = float((ours * out).sum() / (ours * ours).sum().clamp(min=1e-30))
-            if float((c * ours - out).abs().max()) > tolerance * float(out.abs().max()):
-                scales = []
-                break
-            scales.append(c)
-        if scales and max(scales) - min(scales) <= tolerance * max(abs(c) for c in scales):
-            scale = sum(scales) / len(scales)
-            if abs(scale - 1.0) <= tolerance:
-                scale = 1.0
+        if all(name in cache.cache_dict for name in names):
+            try:
+                scale = _fit_scale(model, cache, n_layers)
+            except (NotImplementedError, AttributeError, RuntimeError):
+                scale = None  # no W_O to read: refused as no scalar fits
     _HEAD_OUTPUT_SCALE[model] = scale
     return scale
+
+
+def _fit_scale(model: TransformerBridge, cache: Any, n_layers: int) -> float | None:
+    """The one least-squares scalar of every layer's ``hook_attn_out`` on its heads'
+    ``z @ W_O + b_O``, or None where a layer's fit leaves a residual or the layers differ."""
+    dtype = cache[f"blocks.0.{_SCALE_POINTS[0]}"].dtype
+    tolerance = max(_SCALE_RTOL, 8 * torch.finfo(dtype).eps)
+    scales = []
+    for layer in range(n_layers):
+        attn = model.blocks[layer].attn
+        z = cache[f"blocks.{layer}.attn.hook_z"].float()
+        out = cache[f"blocks.{layer}.hook_attn_out"].float()
+        w_o = attn.W_O.detach().float()
+        if z.dim() != 4 or tuple(w_o.shape[:2]) != tuple(z.shape[2:]):
+            return None
+        ours = torch.einsum("bphe,hed->bpd", z, w_o)
+        b_o = getattr(attn, "b_O", None)
+        if b_o is not None:
+            ours = ours + b_o.detach().float()
+        c = float((ours * out).sum() / (ours * ours).sum().clamp(min=1e-30))
+        if float((c * ours - out).abs().max()) > tolerance * float(out.abs().max()):
+            return None
+        scales.append(c)
+    if max(scales) - min(scales) > tolerance * max(abs(c) for c in scales):
+        return None
+    scale = sum(scales) / len(scales)
+    return 1.0 if abs(scale - 1.0) <= tolerance else scale
 
 
 _SCALE_POINTS = ("attn.hook_z", "hook_attn_out")
