@@ -4,7 +4,9 @@ Each family's tiny random model (``tests/archs.py``) is built once per session. 
 family an adapter covers: its logits equal the bridge's, activation patching equals
 TransformerLens's ``transformer_lens.patching`` and runs on the functional engine, path
 patching equals a slow reference, and node and edge ablation agree. A grouped-query
-model and its multi-head twin get the same scores from every method.
+model and its multi-head twin get the same scores from every method. Every family's
+logits are checked in the default tier; the per-family sweeps of the families that share
+their block with a swept one run in the slow tier (``tests.archs.SWEPT_SLOWLY``).
 """
 
 from __future__ import annotations
