@@ -39,8 +39,7 @@ from reuse_lens.patching.graph import GraphIndex
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["EDGE_INPUT_HOOK", "HookEdges", "edge_refusal", "head_output_scale", "mlp_norm"]
-# head_output_scale is re-exported: the edge engines and their tests read it from here.
+__all__ = ["EDGE_INPUT_HOOK", "HookEdges", "edge_refusal", "mlp_norm"]
 
 EDGE_INPUT_HOOK = "blocks.0.hook_resid_pre"
 """Token plus position embedding: the output of the ``input`` sender."""

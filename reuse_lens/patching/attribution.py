@@ -50,12 +50,8 @@ from reuse_lens.nodes import (
 )
 from reuse_lens.patching._attribution_functional import attribute_edges, functional_weights
 from reuse_lens.patching._common import ENGINES, Engine
-from reuse_lens.patching._hook_edges import (
-    EDGE_INPUT_HOOK,
-    edge_refusal,
-    head_output_scale,
-    mlp_norm,
-)
+from reuse_lens.patching._hook_edges import EDGE_INPUT_HOOK, edge_refusal, mlp_norm
+from reuse_lens.patching._hook_geometry import head_output_scale
 from reuse_lens.patching._hooks import whole_projection_qk_norm
 from reuse_lens.patching._qk_norm_hooks import normed_hook, own_input_grads
 from reuse_lens.patching.edges import EdgeScores

@@ -35,7 +35,7 @@ def granite(root: Any, word_tokenizer: Any) -> Any:
 
 
 def test_the_scale_is_measured_once_per_model(granite: Any, root: Any, word_tokenizer: Any) -> None:
-    from reuse_lens.patching._hook_edges import head_output_scale
+    from reuse_lens.patching._hook_geometry import head_output_scale
 
     assert head_output_scale(granite) == pytest.approx(0.5, rel=1e-5)
     assert head_output_scale(load_arch("llama", root, word_tokenizer)) == 1.0
