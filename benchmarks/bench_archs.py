@@ -1,7 +1,7 @@
 """All-position head activation patching per architecture family, against TransformerLens.
 
     .venv/bin/python benchmarks/bench_archs.py                 # gpt2, llama_gqa, gpt_neox, gemma2
-    .venv/bin/python benchmarks/bench_archs.py --archs qwen3 gptj   # other families instead
+    .venv/bin/python benchmarks/bench_archs.py --archs gemma3 mixtral qwen3_moe   # others
 
 Each family is a random ``transformers`` model (``tests/archs.py``'s configs) resized
 to 4 layers, d_model 256, 8 query heads of 32 (2 key/value heads where the family has
@@ -85,6 +85,43 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
     "qwen3": ("Qwen3Config", dict(**_ROTARY, num_key_value_heads=_KV, head_dim=_D // _H)),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            **_ROTARY,
+            num_key_value_heads=_KV,
+            head_dim=_D // _H,
+            sliding_window=4,
+            layer_types=[
+                "sliding_attention",
+                "sliding_attention",
+                "sliding_attention",
+                "full_attention",
+            ],
+        ),
+    ),
+    # Mixtures of experts: 8 experts of d_mlp / 2, two a token (Mixtral: 8 of 14336,
+    # two a token; Qwen3-MoE: 128 of 768, eight a token).
+    "mixtral": (
+        "MixtralConfig",
+        dict(
+            **{**_ROTARY, "intermediate_size": _MLP // 2},
+            num_key_value_heads=_KV,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            **_ROTARY,
+            num_key_value_heads=_KV,
+            head_dim=_D // _H,
+            moe_intermediate_size=_MLP // 2,
+            num_experts=8,
+            num_experts_per_tok=2,
+        ),
+    ),
     "gptj": ("GPTJConfig", dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_MLP, rotary_dim=16)),
 }
 """Family -> (``transformers`` config class, fields), as in ``tests/archs.py`` at this size."""

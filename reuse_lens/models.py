@@ -416,6 +416,8 @@ def _load_folder(
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM
 
+    from reuse_lens.arch.loading import boot_overrides, unbootable_reason
+
     try:
         tokenizer = load_local_tokenizer(folder)
     except Exception as error:
@@ -439,11 +441,21 @@ def _load_folder(
     except Exception as error:
         raise ModelLoadError(f"cannot load model from folder {str(folder)!r}: {error}") from error
     _check_folder_weights(folder, hf_model, info)
+    reason = unbootable_reason(hf_model.config)
+    if reason is not None:
+        raise ModelLoadError(f"cannot load model from folder {str(folder)!r}: {reason}")
     try:
         hf_model = hf_model.to(device)
         return TransformerBridge.boot_transformers(
-            str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+            str(folder),
+            hf_config_overrides=boot_overrides(hf_model.config),
+            hf_model=hf_model,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
         )
+    except ModelLoadError:
+        raise
     except Exception as error:
         raise ModelLoadError(f"cannot load model from folder {str(folder)!r}: {error}") from error
 

@@ -61,7 +61,8 @@ class NodeNameError(ValueError):
 
 
 class UnsupportedArchitectureError(ValueError):
-    """A model whose architecture has no nodes that reuse_lens can analyse (no attention)."""
+    """A model whose architecture has no nodes that reuse_lens can analyse exactly (no
+    attention, a hybrid of attention and other mixers, routed or latent attention)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -314,10 +315,6 @@ class ModelShape:
         return edges
 
 
-_ATTENTION_HOOK = "blocks.0.attn.hook_z"
-"""A hook point every bridge with attention heads has, and an attention-free one lacks."""
-
-
 def architecture(model: _HasConfig) -> str:
     """The model's architecture as TransformerLens names it (``LlamaForCausalLM``), for
     messages."""
@@ -328,24 +325,23 @@ def architecture(model: _HasConfig) -> str:
 def shape_of(model: _HasConfig) -> ModelShape:
     """Read the node-deciding shape of a TransformerLens model (or anything with ``cfg``).
 
-    Every node and edge method starts here, so a model without attention heads is refused
-    here, once for all of them.
+    Every node and edge method starts here, so a model without the nodes reuse_lens
+    analyses is refused here, once for all of them (``arch.support``).
 
     Raises:
         UnsupportedArchitectureError: for a model without attention (Mamba and other
-            state-space models), whose cfg still says "1 head" per layer.
+            state-space models, whose cfg still says "1 head" per layer), a hybrid of
+            attention and other mixers (Jamba, LFM2, Falcon-H1, ...), a mixture of
+            attention heads (JetMoE), or heads whose value width is not their query/key
+            width (multi-head latent attention: DeepSeek-V2/V3); the message names the
+            architecture and the reason.
     """
+    from reuse_lens.arch.support import unsupported_reason
+
     cfg = model.cfg
-    hook_dict = getattr(model, "hook_dict", None)
-    stateful = bool(getattr(cfg, "is_stateful", False))
-    if stateful or (hook_dict is not None and _ATTENTION_HOOK not in hook_dict):
-        raise UnsupportedArchitectureError(
-            f"model architecture {architecture(model)} has no attention heads (its blocks are "
-            "state-space or other mixers, not attention), and reuse_lens's methods analyse "
-            "attention heads and MLPs: patching, attribution, circuits and interventions "
-            "cannot run on it. rl.evaluate(model, task) still scores it; use a transformer "
-            "for circuit discovery."
-        )
+    reason = unsupported_reason(model, architecture(model))
+    if reason is not None:
+        raise UnsupportedArchitectureError(reason)
     return ModelShape(
         n_layers=int(cfg.n_layers),  # type: ignore[attr-defined]
         n_heads=int(cfg.n_heads),  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from reuse_lens.arch.hf import HFAdapter
@@ -49,6 +50,28 @@ class Qwen3(Llama):
 
     family = "qwen3"
     base = dataclasses.replace(_ROTARY_RMS_GATED, family="qwen3", qk_norm="head")
+
+
+class HunYuan(Llama):
+    """HunYuan dense (Tencent): Llama with an RMSNorm on each head's q and k, after the
+    rotary embedding rather than before it."""
+
+    family = "hunyuan"
+    base = dataclasses.replace(
+        _ROTARY_RMS_GATED, family="hunyuan", qk_norm="head", qk_norm_after_rope=True
+    )
+
+
+class Olmo(Llama):
+    """OLMo 1 (Groeneveld et al. 2024): Llama with LayerNorms without weights."""
+
+    family = "olmo"
+    base = dataclasses.replace(_ROTARY_RMS_GATED, family="olmo", norm="ln")
+
+    def spec(self, config: Any) -> ArchSpec:
+        if getattr(config, "clip_qkv", None) is not None:
+            raise Unsupported("olmo with clip_qkv (q, k and v clamped after the projection)")
+        return self.base
 
 
 class Gemma(Llama):
@@ -172,12 +195,56 @@ class Falcon(HFAdapter):
     base = ArchSpec(family="falcon", norm="ln", positions="rotary")
 
     def spec(self, config: Any) -> ArchSpec:
-        if getattr(config, "new_decoder_architecture", False):
-            raise Unsupported("falcon's new decoder architecture (separate ln_attn/ln_mlp)")
         if getattr(config, "alibi", False):
             raise Unsupported("falcon with ALiBi")
+        if getattr(config, "new_decoder_architecture", False):
+            # Falcon-40B's block: parallel, with separate norms for attention and MLP.
+            return dataclasses.replace(self.base, parallel=True, shared_mlp_norm=False)
         parallel = bool(getattr(config, "parallel_attn", True))
         return dataclasses.replace(self.base, parallel=parallel, shared_mlp_norm=parallel)
+
+
+class StarCoder2(HFAdapter):
+    """StarCoder2 (BigCode 2024): LayerNorm, rotary, grouped-query attention, biases and
+    a plain GELU MLP."""
+
+    family = "starcoder2"
+    base = ArchSpec(family="starcoder2", norm="ln", positions="rotary")
+
+
+class Arcee(HFAdapter):
+    """Arcee AFM: Llama with a plain (ungated) MLP of squared ReLU."""
+
+    family = "arcee"
+    base = ArchSpec(family="arcee", norm="rms", positions="rotary")
+
+
+class MPT(HFAdapter):
+    """MPT (MosaicML 2023): GPT-2's block without biases and with ALiBi (Press et al.
+    2022) in place of position embeddings, its slopes from ``alibi_bias_max``."""
+
+    family = "mpt"
+    base = ArchSpec(family="mpt", norm="ln", positions="alibi")
+
+    def spec(self, config: Any) -> ArchSpec:
+        attn = config.attn_config
+        if getattr(attn, "clip_qkv", None) or getattr(attn, "qk_ln", False):
+            raise Unsupported("mpt with clip_qkv or q/k LayerNorms")
+        if not getattr(attn, "alibi", True):
+            raise Unsupported("mpt without ALiBi")
+        return self.base
+
+    def alibi_slopes(self, hf: Any, n_heads: int) -> Tensor:
+        from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+        param = next(hf.parameters())
+        bias_max = hf.config.attn_config.alibi_bias_max
+        # Row 0 of a two-position table is -slope * 1 for every head.
+        table = build_mpt_alibi_tensor(n_heads, 2, bias_max, device=param.device)
+        return (-table[:, 0, 0]).to(param.dtype)
+
+    def attn_scale(self, attn: Any, d_head: int) -> float:
+        return 1.0 / float(attn.softmax_scale)
 
 
 class GPTNeo(HFAdapter):
@@ -216,6 +283,58 @@ class Bloom(HFAdapter):
         return _get_alibi_slopes(n_heads, device).to(next(hf.parameters()).dtype)
 
 
+class Gemma3(Gemma2):
+    """Gemma 3 (Gemma Team 2025): Gemma 2 with an RMSNorm on each head's q and k instead
+    of soft-capping, and local layers that rotate with their own base (one rotary table
+    per layer type, from the model's own module)."""
+
+    family = "gemma3"
+
+    def spec(self, config: Any) -> ArchSpec:
+        return dataclasses.replace(super().spec(config), family=self.family, qk_norm="head")
+
+
+class Olmo3(Olmo2):
+    """OLMo 3: OLMo 2 with sliding-window layers, which rotate with their own table."""
+
+    family = "olmo3"
+    base = dataclasses.replace(Olmo2.base, family="olmo3")
+
+
+class Olmoe(Llama):
+    """OLMoE (Muennighoff et al. 2024): a pre-norm Llama block with OLMo-2's q/k norm over
+    the whole projection, and a sparse mixture-of-experts MLP."""
+
+    family = "olmoe"
+    base = dataclasses.replace(_ROTARY_RMS_GATED, family="olmoe", qk_norm="proj")
+
+    def spec(self, config: Any) -> ArchSpec:
+        if getattr(config, "clip_qkv", None) is not None:
+            raise Unsupported("olmoe with clip_qkv (q, k and v clamped after the q/k norm)")
+        return self.base
+
+
+class SmolLM3(Llama):
+    """SmolLM3 (Hugging Face 2025): Llama with no rotary embedding in every fourth layer
+    (``no_rope_layers``; each layer's attention says ``use_rope``)."""
+
+    family = "smollm3"
+    base = dataclasses.replace(_ROTARY_RMS_GATED, family="smollm3")
+
+
+class GptOss(Llama):
+    """gpt-oss (OpenAI 2025): a Llama-style block with biases, per-head attention sinks,
+    sliding-window attention on alternate layers, YaRN rotary and a mixture of experts.
+    Its rotary module gives half-width cos/sin that rotate the halves of each head."""
+
+    family = "gpt_oss"
+    base = dataclasses.replace(_ROTARY_RMS_GATED, family="gpt_oss")
+
+    def cos_sin(self, out: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        cos, sin = out
+        return torch.cat([cos[0], cos[0]], dim=-1), torch.cat([sin[0], sin[0]], dim=-1)
+
+
 ADAPTERS: dict[str, HFAdapter] = {
     "bloom": Bloom(),
     "llama": Llama(),
@@ -226,6 +345,22 @@ ADAPTERS: dict[str, HFAdapter] = {
     "qwen3": Qwen3(),
     "gemma": Gemma(),
     "gemma2": Gemma2(),
+    "gemma3_text": Gemma3(),
+    "mixtral": Llama(),
+    "qwen2_moe": Llama(),
+    "qwen3_moe": Qwen3(),
+    "olmo3": Olmo3(),
+    "olmoe": Olmoe(),
+    "smollm3": SmolLM3(),
+    "gpt_oss": GptOss(),
+    "granitemoe": Granite(),
+    "phimoe": Llama(),
+    "seed_oss": Llama(),
+    "hunyuan_v1_dense": HunYuan(),
+    "olmo": Olmo(),
+    "starcoder2": StarCoder2(),
+    "arcee": Arcee(),
+    "mpt": MPT(),
     "olmo2": Olmo2(),
     "stablelm": StableLM(),
     "cohere": Cohere(),

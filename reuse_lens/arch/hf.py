@@ -13,6 +13,7 @@ piece (GPT-J's rotary table, GPT-Neo's local layers).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -58,6 +59,16 @@ def _expand(w: Tensor, n_kv: int, n_heads: int) -> Tensor:
     return heads.repeat_interleave(n_heads // n_kv, dim=-2).flatten(-2).contiguous()
 
 
+def _is_moe(mlp: Any) -> bool:
+    """Whether a block's MLP is a sparse mixture of experts (TransformerLens's MoE bridge
+    has no ``in``/``out`` linears; the module it wraps has ``experts``)."""
+    return not hasattr(mlp, "in") and hasattr(original(mlp), "experts")
+
+
+def _no_dense_mlp(x: Tensor) -> Tensor:
+    raise RuntimeError("this model has no dense MLP: its MLPs are mixtures of experts")
+
+
 class HFAdapter:
     """Reads one family of ``transformers`` decoders into ``Weights``.
 
@@ -75,22 +86,50 @@ class HFAdapter:
         """The family's spec for one model config (override for config switches)."""
         return self.base
 
-    def rope_table(self, hf: Any) -> Callable[[int], tuple[Tensor, Tensor]]:
-        """cos/sin ``(n, rotary_dim)`` from the model's own rotary module."""
+    def rope_table(
+        self, hf: Any, layer_type: str | None = None
+    ) -> Callable[[int], tuple[Tensor, Tensor]]:
+        """cos/sin ``(n, rotary_dim)`` from the model's own rotary module; for
+        ``layer_type`` (Gemma-3's and OLMo-3's ``"sliding_attention"``), that type's."""
         rotary = getattr(getattr(hf, "base_model", hf), "rotary_emb", None)
         if rotary is None:
             raise Unsupported(f"{self.family}: no rotary_emb module to take cos/sin from")
         rotary = original(rotary)
         dtype = next(hf.parameters()).dtype
+        typed = () if layer_type is None else (layer_type,)
 
         def table(n: int) -> tuple[Tensor, Tensor]:
             device = next(hf.parameters()).device
             ids = torch.arange(n, device=device).unsqueeze(0)
             with torch.no_grad():
-                out = rotary(torch.zeros(1, device=device, dtype=dtype), ids)
+                out = rotary(torch.zeros(1, device=device, dtype=dtype), ids, *typed)
             return self.cos_sin(out)
 
         return table
+
+    def ropes(self, hf: Any, spec: ArchSpec, n_layers: int) -> tuple[Rope, list[Rope | None]]:
+        """The model's rotary embedding, and each layer's own where it has one.
+
+        A rotary module that takes a layer type (Gemma-3, OLMo-3: local layers rotate
+        with another base) gives one table per type in ``config.layer_types``.
+        """
+        rotary = original(getattr(getattr(hf, "base_model", hf), "rotary_emb", None))
+        types = getattr(hf.config, "layer_types", None)
+        if types is not None and len(types) != n_layers:
+            raise Unsupported(f"{self.family}: {len(types)} layer types for {n_layers} layers")
+        takes_type = (
+            rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+        )
+        if not (takes_type and types):
+            table = self.rope_table(hf)
+            rope = Rope(int(table(1)[0].shape[-1]), spec.rotary_interleaved, table)
+            return rope, [None] * n_layers
+        by_type: dict[str, Rope] = {}
+        for kind in dict.fromkeys(types):
+            table = self.rope_table(hf, kind)
+            by_type[kind] = Rope(int(table(1)[0].shape[-1]), spec.rotary_interleaved, table)
+        per_layer: list[Rope | None] = [by_type[kind] for kind in types]
+        return by_type[types[0]], per_layer
 
     def cos_sin(self, out: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """cos and sin ``(n, rotary_dim)`` from what the rotary module returned for one
@@ -106,6 +145,15 @@ class HFAdapter:
         """The sliding-window width of ``layer`` (None: global attention)."""
         window = getattr(attn, "sliding_window", None)
         return int(window) if window else None
+
+    def sinks(self, attn: Any, n_heads: int) -> Tensor | None:
+        """Per-head attention sinks (GPT-OSS's ``sinks``), one logit per query head."""
+        sinks = getattr(attn, "sinks", None)
+        if sinks is None:
+            return None
+        if tuple(sinks.shape) != (n_heads,):
+            raise Unsupported(f"{self.family}: attention sinks of shape {tuple(sinks.shape)}")
+        return sinks.detach()
 
     def attn_scale(self, attn: Any, d_head: int) -> float:
         """What the attention scores are divided by."""
@@ -140,9 +188,19 @@ class HFAdapter:
         spec = self.spec(config)
         cfg = bridge.cfg
         n_heads, d_head = int(cfg.n_heads), int(cfg.d_head)
+        n_layers = int(cfg.n_layers)
+        rope: Rope | None = None
+        layer_ropes: list[Rope | None] = [None] * n_layers
+        if spec.positions == "rotary":
+            rope, layer_ropes = self.ropes(hf, spec, n_layers)
+            spec = dataclasses.replace(spec, rotary_dim=rope.dim)
         with torch.no_grad():
             layers = [
-                self._layer(bridge, i, spec, n_heads, d_head) for i in range(int(cfg.n_layers))
+                dataclasses.replace(
+                    self._layer(bridge, i, spec, n_heads, d_head),
+                    rope=None if layer_ropes[i] is rope else layer_ropes[i],
+                )
+                for i in range(n_layers)
             ]
             first_attn = original(bridge.blocks[0].attn)
             n_kv = _linear(bridge.blocks[0].attn.k, "blocks.0.attn.k")[0].shape[1] // d_head
@@ -166,13 +224,7 @@ class HFAdapter:
             if spec.logit_scale != 1.0:
                 w_u = w_u * spec.logit_scale
                 b_u = None if b_u is None else b_u * spec.logit_scale
-            rope = None
-            if spec.positions == "rotary":
-                table = self.rope_table(hf)
-                rot_dim = int(table(1)[0].shape[-1])
-                spec = dataclasses.replace(spec, rotary_dim=rot_dim)
-                rope = Rope(rot_dim, spec.rotary_interleaved, table)
-            act = self._act(bridge.blocks[0].mlp)
+            act = self._act(bridge)
             return Weights(
                 w_e=w_e,
                 w_pos=w_pos,
@@ -190,8 +242,13 @@ class HFAdapter:
                 embed_norm=self.norm(getattr(bridge, "embed_ln", None), spec, "embed_ln"),
             )
 
-    def _act(self, mlp: Any) -> Callable[[Tensor], Tensor]:
-        module = original(mlp)
+    def _act(self, bridge: TransformerBridge) -> Callable[[Tensor], Tensor]:
+        """The dense MLPs' activation (the first dense block's); a model whose every MLP
+        is a mixture of experts computes them with its own modules and needs none."""
+        dense = [block.mlp for block in bridge.blocks if not _is_moe(block.mlp)]
+        if not dense:
+            return _no_dense_mlp
+        module = original(dense[0])
         for name in ("act_fn", "act", "activation_fn", "gelu_impl"):
             act = getattr(module, name, None)
             if callable(act):  # the model's own activation module, e.g. ACT2FN["gelu_new"]
@@ -228,17 +285,21 @@ class HFAdapter:
             # repeating every key head equally often, so the weight repeats with them.
             k_norm = dataclasses.replace(k_norm, weight=_expand(k_norm.weight, n_kv, n_heads))
         mlp = block.mlp
-        w_in, b_in = _linear(getattr(mlp, "in"), f"{label}.mlp.in")
-        w_out, b_out = _linear(mlp.out, f"{label}.mlp.out")
-        w_gate, b_gate = (None, None)
-        if spec.gated_mlp:
-            w_gate, b_gate = _linear(mlp.gate, f"{label}.mlp.gate")
-        elif hasattr(mlp, "gate"):
-            raise Unsupported(f"{label}: the MLP is gated but the {self.family} spec says not")
+        w_in = b_in = w_out = b_out = w_gate = b_gate = None
+        moe = _is_moe(mlp)
+        if not moe:
+            w_in, b_in = _linear(getattr(mlp, "in"), f"{label}.mlp.in")
+            w_out, b_out = _linear(mlp.out, f"{label}.mlp.out")
+            if spec.gated_mlp:
+                w_gate, b_gate = _linear(mlp.gate, f"{label}.mlp.gate")
+            elif hasattr(mlp, "gate"):
+                raise Unsupported(f"{label}: the MLP is gated but the {self.family} spec says not")
         r = spec.residual_scale  # Granite scales every sublayer's output
         if r != 1.0:
-            w_o, b_o, w_out = w_o * r, b_o * r, w_out * r
-            b_out = None if b_out is None else b_out * r
+            w_o, b_o = w_o * r, b_o * r
+            if w_out is not None:
+                w_out = w_out * r
+                b_out = None if b_out is None else b_out * r
         ln1 = self.norm(getattr(block, "ln1", None), spec, f"{label}.ln1")
         ln2 = (
             ln1
@@ -272,4 +333,8 @@ class HFAdapter:
             if post
             else None,
             window=self.window(i, original(attn), bridge.original_model.config),
+            mlp_module=original(mlp) if moe else None,
+            mlp_scale=r if moe else 1.0,
+            nope=not getattr(original(attn), "use_rope", True),
+            sinks=self.sinks(original(attn), n_heads),
         )

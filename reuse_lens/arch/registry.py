@@ -14,7 +14,7 @@ from reuse_lens.patching._forward import Unsupported, Weights
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["TL_LAYOUT", "extract", "model_type", "unshared_bytes"]
+__all__ = ["TL_LAYOUT", "extract", "has_adapter", "model_type", "unshared_bytes"]
 
 TL_LAYOUT = ("gpt2", "opt")
 """Read through TransformerLens's ``W_Q``/... properties (``legacy.py``), as are native
@@ -25,6 +25,13 @@ def model_type(model: TransformerBridge) -> str | None:
     """The ``transformers`` ``model_type`` behind a bridge; None for a native bridge."""
     config: Any = getattr(getattr(model, "original_model", None), "config", None)
     return getattr(config, "model_type", None)
+
+
+def has_adapter(model: TransformerBridge) -> bool:
+    """Whether an adapter is registered for the model's family (it may still refuse a
+    variant, or fail the check against the bridge's logits)."""
+    kind = model_type(model)
+    return kind is None or kind in TL_LAYOUT or kind in ADAPTERS
 
 
 def extract(model: TransformerBridge) -> Weights:

@@ -43,6 +43,8 @@ class ArchSpec:
         gated_mlp: ``act(x W_gate) * (x W_in)`` (SwiGLU/GeGLU, Shazeer 2020).
         qk_norm: norms on q and k: per head (Qwen3, Gemma-3) or over the whole
             projection (OLMo-2).
+        qk_norm_after_rope: the q/k norms act after the rotary embedding (HunYuan), not
+            before it.
         attn_softcap: Gemma-2's ``cap * tanh(scores / cap)``.
         final_softcap: the same on the logits.
         sliding_window: local attention width, on the layers the adapter marks.
@@ -67,6 +69,7 @@ class ArchSpec:
     post_norms: bool = False
     gated_mlp: bool = False
     qk_norm: QKNorm = "none"
+    qk_norm_after_rope: bool = False
     attn_softcap: float | None = None
     final_softcap: float | None = None
     sliding_window: int | None = None

@@ -127,6 +127,15 @@ class Layer:
     ``attn_post``/``mlp_post`` are Gemma-2's and OLMo-2's norms on each sublayer's output;
     ``q_norm``/``k_norm`` act per head (Qwen3) or on the whole projection (OLMo-2);
     ``window`` is the sliding-window width of a local-attention layer.
+
+    A few families need more than one block's matrices: ``mlp_module`` computes a sparse
+    mixture-of-experts MLP (router, experts and any shared expert: Mixtral, Qwen-MoE,
+    OLMoE, GPT-OSS, Granite-MoE) with the model's own module, times ``mlp_scale``
+    (Granite-MoE's ``residual_multiplier``), in place of ``w_in``/``w_out``; ``rope``
+    is the layer's own rotary table where it differs from the model's (Gemma-3's and
+    OLMo-3's local layers), and ``nope`` marks a layer without rotary embeddings
+    (SmolLM3); ``sinks`` are GPT-OSS's per-head attention sinks, a logit that every
+    query's softmax includes and that attends to nothing.
     """
 
     ln1: Norm | None
@@ -152,6 +161,11 @@ class Layer:
     attn_post: Norm | None = None
     mlp_post: Norm | None = None
     window: int | None = None
+    mlp_module: Callable[[Tensor], Any] | None = None
+    mlp_scale: float = 1.0
+    rope: Rope | None = None
+    nope: bool = False
+    sinks: Tensor | None = None
 
     @classmethod
     def fused(
@@ -211,14 +225,24 @@ class Weights:
     def _positions(self, x: Tensor, positions: Tensor | None) -> Tensor:
         return torch.arange(x.shape[-2], device=x.device) if positions is None else positions
 
+    def rope_of(self, layer: int) -> Rope | None:
+        """The rotary embedding of ``layer``: its own table, the model's, or none."""
+        w = self.layers[layer]
+        return None if w.nope else (w.rope or self.rope)
+
     def _qk_post(self, layer: int, x: Tensor, norm: Norm | None, positions: Tensor) -> Tensor:
-        """q/k norm, then rotary: (..., pos, head, d_head) -> the same shape."""
+        """q/k norm, then rotary (HunYuan: the other way round): (..., pos, head, d_head)
+        -> the same shape."""
+        rope = self.rope_of(layer)
+        if self.spec.qk_norm_after_rope:
+            x = x if rope is None else rope(x, positions)
+            return x if norm is None else norm(x)
         if norm is not None:
             if self.spec.qk_norm == "proj":  # OLMo-2: one norm over every head's channels
                 x = norm(x.flatten(-2)).unflatten(-1, (self.n_heads, self.d_head))
             else:
                 x = norm(x)
-        return x if self.rope is None else self.rope(x, positions)
+        return x if rope is None else rope(x, positions)
 
     def qkv(
         self, layer: int, resid: Tensor, positions: Tensor | None = None
@@ -268,8 +292,9 @@ class Weights:
         if self.spec.qk_norm == "proj" and w.q_norm is not None and w.k_norm is not None:
             q = project_normed(x_q, w.w_q, w.b_q, w.q_norm)
             k = project_normed(x_k, w.w_k, w.b_k, w.k_norm)
-            if self.rope is not None:
-                q, k = self.rope(q, positions), self.rope(k, positions)
+            rope = self.rope_of(layer)
+            if rope is not None:
+                q, k = rope(q, positions), rope(k, positions)
             return q, k, project(x_v, w.w_v, w.b_v)
         q = self._qk_post(layer, project(x_q, w.w_q, w.b_q), w.q_norm, positions)
         k = self._qk_post(layer, project(x_k, w.w_k, w.b_k), w.k_norm, positions)
@@ -297,6 +322,11 @@ class Weights:
         if window is not None:
             masked = masked | (gap >= window)
         scores = scores.masked_fill(masked.unsqueeze(1), float("-inf"))
+        sinks = None if layer is None else self.layers[layer].sinks
+        if sinks is not None:
+            # GPT-OSS: one more logit per head in every softmax, whose share goes nowhere.
+            sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+            return torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
         return scores.softmax(-1)
 
     @staticmethod
@@ -329,6 +359,8 @@ class Weights:
         (GPT-J, GPT-NeoX, Phi, Falcon, Cohere): see ``mlp_input``.
         """
         w = self.layers[layer]
+        if w.mlp_module is not None:
+            return _norm(self._module_mlp(w, _norm(resid, w.ln2)), w.mlp_post)
         if w.w_in is None:
             return torch.zeros_like(resid)
         assert w.w_out is not None
@@ -340,13 +372,26 @@ class Weights:
             hidden = self.act(hidden)
         return _norm(_affine(hidden, w.w_out, w.b_out), w.mlp_post)
 
+    @staticmethod
+    def _module_mlp(w: Layer, x: Tensor) -> Tensor:
+        """A mixture-of-experts MLP by the model's own module, on any leading shape.
+
+        The modules take ``(batch, pos, d_model)`` and route each row on its own, so every
+        row is one position of a batch of one; some return ``(output, router scores)``.
+        """
+        assert w.mlp_module is not None
+        out = w.mlp_module(x.reshape(1, -1, x.shape[-1]))
+        out = (out[0] if isinstance(out, tuple) else out).view(x.shape)
+        return out if w.mlp_scale == 1.0 else out * w.mlp_scale
+
     def mlp_input(self, resid_pre: Tensor, resid_mid: Tensor) -> Tensor:
         """The residual stream the MLP reads: ``resid_pre`` in a parallel block."""
         return resid_pre if self.spec.parallel else resid_mid
 
     @property
     def has_mlps(self) -> bool:
-        return self.layers[0].w_in is not None
+        first = self.layers[0]
+        return first.w_in is not None or first.mlp_module is not None
 
     def logits(self, final: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_vocab"]:
         out = _affine(_norm(final, self.ln_final), self.w_u, self.b_u)

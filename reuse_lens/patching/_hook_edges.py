@@ -12,7 +12,9 @@ current residual stream plus, for each sender whose edge it drops, that sender's
   block shares between attention and MLP (GPT-J, Phi, Falcon, Cohere) is not moved for the
   heads;
 - every sender's output as a separate term of the residual stream: a head's is
-  ``z @ W_O`` (without ``b_O``, which belongs to no head).
+  ``z @ W_O`` (without ``b_O``, which belongs to no head), times the scalar that the block
+  applies between the attention and the residual stream (Granite's
+  ``residual_multiplier``), which ``head_output_scale`` measures once per model.
 
 ``edge_refusal`` says when one of these does not hold; the engines refuse then, naming the
 architecture and the reason, instead of returning numbers that mean something else.
@@ -29,7 +31,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from reuse_lens.nodes import LOGITS, MLP, architecture, shape_of
-from reuse_lens.patching._hooks import HookSources, hook_name
+from reuse_lens.patching._hook_geometry import head_output_scale, post_ln
+from reuse_lens.patching._hooks import HookSources, hook_name, whole_projection_qk_norm
+from reuse_lens.patching._qk_norm_hooks import normed_hook, own_input_normed
 from reuse_lens.patching.graph import GraphIndex
 
 if TYPE_CHECKING:
@@ -59,19 +63,40 @@ def edge_refusal(model: TransformerBridge) -> str | None:
             f"{arch} model normalises the attention and MLP outputs after the block "
             "(post-norms, as Gemma-2 and OLMo-2), which mixes the senders"
         )
+    if post_ln(model):
+        return (
+            f"edges need each sender's output to reach the residual stream as a sum; this "
+            f"{arch} model normalises the residual stream itself after adding each "
+            "sublayer's output (post-LN, as the original GPT and BERT), so every later "
+            "receiver reads a norm of all senders together"
+        )
     n_kv = getattr(cfg, "n_key_value_heads", None)
     if n_kv is not None and n_kv != cfg.n_heads:
+        from reuse_lens.arch.registry import has_adapter
+
+        way_out = (
+            "the functional engine (engine='auto') gives each query head its own"
+            if has_adapter(model)
+            else "no functional adapter reads this architecture yet (reuse_lens/arch/"
+            "README.md says how to add one), so edges cannot be computed on it; node "
+            "methods, and path_patching into head receivers, work"
+        )
         return (
             f"edges need each query head's own k and v input; this {arch} model shares "
             f"{n_kv} key/value heads among {cfg.n_heads} query heads (grouped-query "
-            "attention), and its hooks hold only the shared ones (the functional engine, "
-            "engine='auto', gives each query head its own)"
+            f"attention), and its hooks hold only the shared ones ({way_out})"
         )
     has_mlps = not getattr(cfg, "attn_only", False)
     if "blocks.0.ln1.hook_in" not in hooks or (has_mlps and "blocks.0.mlp.hook_in" not in hooks):
         return (
             f"edges read the residual entering each block's norms; this {arch} model has "
             "no 'ln1' (or 'mlp') hook points in front of its attention"
+        )
+    if head_output_scale(model) is None:
+        return (
+            f"edges need each head's output z @ W_O to be what reaches the residual stream "
+            f"(up to one scalar); on this {arch} model the attention output (hook_attn_out) "
+            "is not a scalar multiple of the heads' z @ W_O plus b_O"
         )
     return None
 
@@ -106,6 +131,14 @@ def _check_split_inputs(model: TransformerBridge, tokens: Int[Tensor, "1 pos"]) 
     names = [f"blocks.{layer}.{point}" for layer in (0, last) for point in _SPLIT_CHECK]
     with split_qkv_inputs(model):
         _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    silent = [name for name in names if name not in cache.cache_dict]
+    if silent:
+        raise NotImplementedError(
+            f"edges need each head's own q, k and v input; on this {architecture(model)} "
+            "model TransformerLens accepts split q/k/v inputs but its attention never "
+            f"computes them ({silent[0]} does not fire), so edges cannot be read or "
+            "ablated through hooks. Evaluate a node circuit instead."
+        )
     for layer in (0, last):
         residual = cache[f"blocks.{layer}.ln1.hook_in"].unsqueeze(2)
         for part in "qkv":
@@ -143,11 +176,15 @@ class HookEdges:
         self.shape = shape_of(model)
         self.index = GraphIndex(self.shape)
         self.norm = mlp_norm(model)
+        self.whole_norm = whole_projection_qk_norm(model)
         self.sources = HookSources.build(
             model, corrupted, clean, lengths, ablation, "out", extra=(EDGE_INPUT_HOOK,)
         )
+        scale = head_output_scale(model)
+        assert scale is not None  # edge_refusal refused the model otherwise
         with torch.no_grad():
-            self.w_o = model.W_O.detach()  # (layer, head, d_head, d_model)
+            # (layer, head, d_head, d_model), times what the block applies after W_O.
+            self.w_o = model.W_O.detach() * scale
 
     @torch.no_grad()
     def logits(
@@ -184,11 +221,25 @@ class HookEdges:
             n_heads = shape.n_heads
             for i, part in enumerate("qkv"):
                 part_cols = slice(cols.start + i * n_heads, cols.start + (i + 1) * n_heads)
+                key = f"{part}{layer}"
 
-                def move_input(x: Tensor, hook: Any, n: int = n_in, c: slice = part_cols) -> Tensor:
-                    return x + added(n, c).to(x.dtype)
+                def move_input(
+                    x: Tensor, hook: Any, n: int = n_in, c: slice = part_cols, key: str = key
+                ) -> Tensor:
+                    state[key] = x + added(n, c).to(x.dtype)
+                    return state[key]
 
                 hooks.append((f"blocks.{layer}.attn.hook_{part}_input", move_input))
+                if self.whole_norm and part != "v":
+                    # The bridge norms the heads' projections together; each head's
+                    # statistic comes from its own input instead (docs/models.md).
+                    def own_norm(
+                        out: Tensor, hook: Any, layer: int = layer, part: str = part, key: str = key
+                    ) -> Tensor:
+                        normed = own_input_normed(self.model, layer, part, state[key])
+                        return normed.to(out.dtype)
+
+                    hooks.append((normed_hook(layer, part), own_norm))
 
             def record_heads(z: Tensor, hook: Any, layer: int = layer, n: int = n_in) -> None:
                 w_o = self.w_o[layer]

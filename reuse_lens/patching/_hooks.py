@@ -28,8 +28,10 @@ __all__ = [
     "HookSources",
     "PatternEditsDropped",
     "check_pattern_edits",
+    "head_hook_name",
     "hook_logits",
     "hook_name",
+    "whole_projection_qk_norm",
 ]
 
 _HEAD_HOOKS = {
@@ -46,6 +48,29 @@ def hook_name(layer: int, component: str) -> str:
     if component == "mlp":
         return f"blocks.{layer}.hook_mlp_out"
     return f"blocks.{layer}.attn.{_HEAD_HOOKS[component]}"
+
+
+def whole_projection_qk_norm(model: TransformerBridge) -> bool:
+    """Whether q and k are normalised over every head's channels at once (OLMo-2, OLMo-3,
+    OLMoE), not head by head (Qwen3, Gemma-3): the norm's weight spans the projection."""
+    norm = getattr(model.blocks[0].attn, "q_norm", None)
+    weight = getattr(getattr(norm, "original_component", norm), "weight", None)
+    return isinstance(weight, Tensor) and weight.numel() > int(model.cfg.d_head)
+
+
+def head_hook_name(model: TransformerBridge, layer: int, component: str) -> str:
+    """The hook that holds ``component`` of each head of ``layer`` on this model.
+
+    ``hook_name``'s, except for q and k under a q/k norm over the whole projection: there
+    ``hook_q``/``hook_k`` lie in front of the norm, whose one statistic over every head
+    would carry a patch of one head's slice into the others. docs/models.md defines head
+    i's q as the normed projection of head i's own input, read at head i; patching it is
+    patching the normed (and rotated) q, ``hook_rot_q``, position by position. That is
+    the q the functional engine caches.
+    """
+    if component in ("q", "k") and whole_projection_qk_norm(model):
+        return f"blocks.{layer}.attn.hook_rot_{component}"
+    return hook_name(layer, component)
 
 
 class PatternEditsDropped(NotImplementedError):
@@ -165,7 +190,7 @@ def _cached(
 ) -> dict[str, Tensor]:
     """``component`` of every head, every MLP's output and ``extra``, in one run of ``tokens``."""
     n_layers = int(model.cfg.n_layers)
-    names = [hook_name(layer, component) for layer in range(n_layers)]
+    names = [head_hook_name(model, layer, component) for layer in range(n_layers)]
     if not getattr(model.cfg, "attn_only", False):
         names += [hook_name(layer, "mlp") for layer in range(n_layers)]
     names += extra
@@ -193,7 +218,9 @@ def hook_logits(
     positions ``pos0..`` (only ``pos0`` when ``first_only``) by the source value of prompt
     ``prompt[i]``.
     """
-    name = hook_name(layer, component)
+    name = (
+        head_hook_name(model, layer, component) if component != "mlp" else hook_name(layer, "mlp")
+    )
     source = sources.values[name]
     index = torch.zeros_like(prompt) if sources.shared else prompt
     n_heads = int(model.cfg.n_heads)

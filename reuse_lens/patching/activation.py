@@ -148,7 +148,8 @@ def activation_patching(
         TaskError: if the task was built for another vocabulary.
         PatternEditsDropped: for ``component="pattern"`` on architectures where
             TransformerLens drops edits of ``hook_pattern`` (OPT, GPT-J, GPT-Neo).
-        UnsupportedArchitectureError: for a model without attention heads (Mamba).
+        UnsupportedArchitectureError: for a model without fixed attention heads (Mamba,
+            hybrids, a mixture of attention heads, latent attention; `arch.support`).
     """
     check_pair(model, task)  # a spec string or a list is named here, not deep inside
     if component not in _COMPONENTS:

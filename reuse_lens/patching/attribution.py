@@ -51,6 +51,9 @@ from reuse_lens.nodes import (
 from reuse_lens.patching._attribution_functional import attribute_edges, functional_weights
 from reuse_lens.patching._common import ENGINES, Engine
 from reuse_lens.patching._hook_edges import EDGE_INPUT_HOOK, edge_refusal, mlp_norm
+from reuse_lens.patching._hook_geometry import head_output_scale
+from reuse_lens.patching._hooks import whole_projection_qk_norm
+from reuse_lens.patching._qk_norm_hooks import normed_hook, own_input_grads
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.patching.scores import NodeScores
@@ -117,8 +120,10 @@ def attribution_patching(
         ValueError: for an unknown method or level, ``steps < 1``, a bad batch size,
             ``per_position`` with ``level="edge"``, a model in training mode, or EAP with a
             metric measured against the clean run (``kl_div``), whose gradient there is 0.
-        NotImplementedError: at edge level, for models with grouped key/value heads or
-            norms after attention and MLP (Gemma-2, OLMo-2).
+        NotImplementedError: at edge level through hooks (no functional adapter, or
+            ``engine="hooks"``), for grouped key/value heads, norms after attention and
+            MLP (Gemma-2, OLMo-2), post-LN blocks, or an attention output that is not a
+            scalar multiple of the heads' ``z @ W_O`` (``_hook_edges.edge_refusal``).
         TaskError: if the task was built for another vocabulary.
         MetricError: if the metric is NaN or infinite on some prompt.
     """
@@ -357,10 +362,17 @@ class _Weights:
 
     @classmethod
     def of(cls, model: TransformerBridge, edges: bool) -> _Weights:
+        """The weights; for edges, ``W_O`` times the scalar the block applies after it
+        (``head_output_scale``: Granite's ``residual_multiplier``), so that a head's
+        delta is what it adds to the residual stream. Node scores read ``hook_z``, which
+        needs no ``W_O``."""
         with torch.no_grad():
             w_o = model.W_O.detach().float()
             if not edges:
                 return cls(w_o, None, None, None)
+            scale = head_output_scale(model)
+            assert scale is not None  # _check_edge_support refused the model otherwise
+            w_o = w_o * scale
             return cls(
                 w_o,
                 model.W_Q.detach().float(),
@@ -451,6 +463,10 @@ def _attribute_chunk(
     if edges:
         grad_names += names["q"] + names["k"] + names["v"] + names["mlp_in"] + names["final"]
         step_acts = list(dict.fromkeys(names["ln1_in"] + names["mlp_norm_in"]))
+        if whole_projection_qk_norm(model):
+            # q and k in front of the norm, and their gradients after it (_qk_norm_hooks).
+            grad_names += [normed_hook(layer, c) for layer in range(shape.n_layers) for c in "qk"]
+            step_acts += names["q"] + names["k"]
     corrupted_input = corrupted.acts[_INPUT_HOOK]
 
     grad_sums: dict[str, Tensor] = {}
@@ -601,10 +617,19 @@ def _accumulate_edges(
     """Add Δsender · ∂m/∂(receiver input) for every edge of one gradient pass."""
     assert weights.W_Q is not None and weights.W_K is not None and weights.W_V is not None
     device = deltas.device
+    whole_norm = whole_projection_qk_norm(model)
     for layer in range(shape.n_layers):
         block = model.blocks[layer]
         parts = []
         for kind, w in (("q", weights.W_Q), ("k", weights.W_K), ("v", weights.W_V)):
+            if whole_norm and kind != "v":
+                # Head i's statistic from its own input (docs/models.md).
+                projected = run.acts[f"blocks.{layer}.attn.hook_{kind}"].flatten(-2)
+                grad = run.grads[normed_hook(layer, kind)]
+                parts.append(
+                    own_input_grads(model, layer, kind, projected, grad, shape.n_heads).to(device)
+                )
+                continue
             g = run.grads[f"blocks.{layer}.attn.hook_{kind}"].float()
             parts.append(torch.einsum("bphe,hde->bphd", g, w[layer].to(device)))
         # ∂m/∂(LN output) through each head's q, k and v alone, then back through the LN.

@@ -43,7 +43,7 @@ from reuse_lens._validate import check_pair
 from reuse_lens.nodes import MLP, AttentionHead, Node, NodeNameError, parse_nodes, shape_of
 from reuse_lens.patching._common import Engine, Prepared, prepare, rows_per_chunk
 from reuse_lens.patching._forward import RunCache, Weights
-from reuse_lens.patching._hooks import hook_name
+from reuse_lens.patching._hooks import head_hook_name, hook_name
 from reuse_lens.patching.scores import NodeScores
 
 if TYPE_CHECKING:
@@ -411,7 +411,10 @@ def _hook_rows(
     model = prep.model
     n_layers = int(model.cfg.n_layers)
     has_mlps = not getattr(model.cfg, "attn_only", False)
-    final_name = f"blocks.{n_layers - 1}.hook_resid_post"
+    # What the unembedding reads: the final residual stream after any final norm, which
+    # the answer's logits are a function of position by position. (Not the last block's
+    # hook_resid_post: the post-LN original GPT's blocks never fire it.)
+    final_name = "unembed.hook_in"
     tokens, where = prep.clean[part], mask[part].unsqueeze(-1)
     hooks: list[Any] = []
     for layer in range(n_layers):
@@ -429,7 +432,7 @@ def _hook_rows(
                 hooks.append((mlp_name, _setter(mlp_value)))
             elif freeze:
                 hooks.append((mlp_name, _setter(clean[mlp_name][part])))
-    record_names = [hook_name(h.layer, c) for h in recv for c in inputs] or [final_name]
+    record_names = [head_hook_name(model, h.layer, c) for h in recv for c in inputs] or [final_name]
     store: dict[str, Tensor] = {}
     hooks += [(name, _recorder(store, name)) for name in record_names]
     with torch.no_grad():
@@ -442,9 +445,10 @@ def _hook_rows(
             # Only the receivers' slices are replaced; other heads of their layers run
             # on, and see what earlier receivers changed.
             patch_hooks = [
-                (hook_name(h.layer, c), _head_setter(store[hook_name(h.layer, c)], h.head))
+                (name, _head_setter(store[name], h.head))
                 for h in recv
                 for c in inputs
+                for name in [head_hook_name(model, h.layer, c)]
             ]
         out = model.run_with_hooks(tokens, fwd_hooks=patch_hooks)
     rows = torch.arange(len(part), device=part.device)
@@ -474,7 +478,7 @@ def _grouped_receivers(
         here = [h for h in recv if h.layer == layer]
         hooks = list(fixed)
         for c in inputs:
-            name = hook_name(layer, c)
+            name = head_hook_name(model, layer, c)
             slots = sorted({h.head if c == "q" else h.head // group for h in here})
             hooks += [(name, _head_setter(store[name], slot)) for slot in slots]
         z_name = hook_name(layer, "out")

@@ -4,7 +4,9 @@ Each family's tiny random model (``tests/archs.py``) is built once per session. 
 family an adapter covers: its logits equal the bridge's, activation patching equals
 TransformerLens's ``transformer_lens.patching`` and runs on the functional engine, path
 patching equals a slow reference, and node and edge ablation agree. A grouped-query
-model and its multi-head twin get the same scores from every method.
+model and its multi-head twin get the same scores from every method. Every family's
+logits are checked in the default tier; the per-family sweeps of the families that share
+their block with a swept one run in the slow tier (``tests.archs.SWEPT_SLOWLY``).
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from reuse_lens.arch.registry import extract as extract_weights
 from reuse_lens.nodes import edges_of, shape_of
 from reuse_lens.patching._forward import RunCache, Weights
 from reuse_lens.patching.ablation import AblationRunner, NodeMask
-from tests.archs import ARCHS, expand_kv, save_arch
+from tests.archs import FUNCTIONAL, expand_kv, family_params, save_arch
 from tests.circuits.test_faithfulness import _edge_mask_keeping_nodes
 from tests.patching.helpers import random_task
 
 ATOL = 1e-4
 
-COVERED = [name for name in ARCHS if name != "mamba"]
+COVERED = list(FUNCTIONAL)
+SWEPT = family_params(COVERED)
+"""Every family's sweep; those that share their block with another in the slow tier."""
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +114,7 @@ def _tl(model: Any, task: rl.Task, name: str) -> torch.Tensor:
         return fn(model, task.corrupted, clean_cache, metric).detach().float()
 
 
-@pytest.mark.parametrize("name", COVERED)
+@pytest.mark.parametrize("name", SWEPT)
 def test_activation_patching_equals_transformer_lens(load: Any, name: str) -> None:
     model = load(name)
     task = random_task(model, n=3, width=5, seed=1)
@@ -208,7 +212,7 @@ def _replace(recorded: dict[tuple[int, int, str], torch.Tensor], layer: int):
     return edit
 
 
-@pytest.mark.parametrize("name", COVERED)
+@pytest.mark.parametrize("name", SWEPT)
 @pytest.mark.parametrize("inputs", ["q", "k", "v"])
 def test_path_patching_equals_the_reference(load: Any, name: str, inputs: str) -> None:
     model = load(name)
@@ -239,7 +243,7 @@ def _masks(model: Any, count: int, seed: int) -> list[NodeMask]:
     ]
 
 
-@pytest.mark.parametrize("name", COVERED)
+@pytest.mark.parametrize("name", SWEPT)
 def test_node_ablation_equals_hooks_and_edges(load: Any, name: str) -> None:
     model = load(name)
     task = random_task(model, lengths=[5, 4, 6], seed=3)
@@ -300,7 +304,7 @@ def test_grouped_query_model_scores_equal_its_multi_head_twin(load: Any) -> None
 # ---- (e) edges and half precision on every architecture ---------------------------------
 
 
-@pytest.mark.parametrize("name", COVERED)
+@pytest.mark.parametrize("name", SWEPT)
 def test_edges_on_every_architecture(load: Any, name: str) -> None:
     """Keeping every edge is the full model (faithfulness 1), keeping none is everything
     ablated (0); a node's outgoing EAP edge scores add up to its node score. Models whose
@@ -332,9 +336,9 @@ def test_edges_on_every_architecture(load: Any, name: str) -> None:
     torch.testing.assert_close(summed.heads, nodes.heads, atol=1e-5 * scale, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", COVERED)
+@pytest.mark.parametrize("name", SWEPT)
 def test_bfloat16_agrees_with_float32(load: Any, arch_folders: dict[str, Path], name: str) -> None:
-    """Head patching in bfloat16 agrees with float32 within 6% of the scores' scale (the
+    """Head patching in bfloat16 agrees with float32 within 8% of the scores' scale (the
     gap or the largest effect; docs/models.md), on the functional engine."""
     model = load(name)
     task = random_task(model, lengths=[5, 4, 6], seed=6)
@@ -348,4 +352,4 @@ def test_bfloat16_agrees_with_float32(load: Any, arch_folders: dict[str, Path], 
     assert half.settings["engine"] == "functional"
     scale = max(abs(full.clean - full.corrupted), float(full.heads.abs().max()))
     error = float((half.heads - full.heads).abs().max()) / scale
-    assert error <= 0.06
+    assert error <= 0.08
