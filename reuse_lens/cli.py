@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,32 +87,67 @@ def _task_and_spec(text: str) -> tuple[str, str]:
     return task, spec
 
 
+def _task_and_specs(text: str) -> tuple[str, tuple[str, ...]]:
+    task, sep, specs = text.partition("=")
+    points = tuple(s for s in specs.split(",") if s)
+    if not sep or not task or not points:
+        raise argparse.ArgumentTypeError(
+            "must be TASK=SPEC,SPEC,..., a task and the checkpoints of its fine-tuning run "
+            f"(e.g. gendered_pronoun=zoo:wide-ft-gendered_pronoun@40,...), got {text!r}"
+        )
+    return task, points
+
+
 # ---- commands -------------------------------------------------------------------------------
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from reuse_lens import zoo
-    from reuse_lens.study import StudyConfig
+    from reuse_lens.study import StudyConfig, wide_demo_config
 
     if not zoo.available():
         print(zoo.status())
         print("reuse-lens demo needs the zoo's trained models: run `reuse-lens zoo train`.")
         return 1
-    defaults = StudyConfig()
-    tasks = tuple(args.tasks) if args.tasks else defaults.tasks
-    config = StudyConfig(
-        tasks=tasks,
-        # A fine-tuned model is studied on its own task, when that task is in the study.
-        fine_tuned={t: spec for t, spec in defaults.fine_tuned.items() if t in tasks},
-        n_prompts=args.n,
-        seed=args.seed,
-        n_boot=args.n_boot,
-        n_random=args.n_random,
-        edge_overlap=not args.no_edges,
-        memory_budget=args.memory_budget,
-        threads=args.threads,
-    )
-    return _study(args, config, "demo", "reuse_lens demo: circuit reuse in the zoo")
+    options = dict(
+        n_prompts=args.n, seed=args.seed, n_boot=args.n_boot, n_random=args.n_random,
+        edge_overlap=not args.no_edges, memory_budget=args.memory_budget, threads=args.threads,
+    )  # fmt: skip
+    configs: dict[str, StudyConfig] = {}
+    if "base" in args.studies:
+        defaults = StudyConfig()
+        tasks = tuple(args.tasks) if args.tasks else defaults.tasks
+        configs["base"] = StudyConfig(
+            tasks=tasks,
+            # A fine-tuned model is studied on its own task, when that task is in the study.
+            fine_tuned={t: spec for t, spec in defaults.fine_tuned.items() if t in tasks},
+            **options,  # type: ignore[arg-type]
+        )
+    if "wide" in args.studies:
+        configs["wide"] = wide_demo_config(**options)  # type: ignore[arg-type]
+    if len(configs) == 1:
+        (config,) = configs.values()
+        return _study(args, config, "demo", "reuse_lens demo: circuit reuse in the zoo")
+    return _demo_studies(args, configs)
+
+
+def _demo_studies(args: argparse.Namespace, configs: Mapping[str, StudyConfig]) -> int:
+    """Each study into ``out/<name>``, then ``out/report.html`` opening with every answer."""
+    from reuse_lens._validate import check_out_entries, check_out_folder
+    from reuse_lens.report.index import write_index
+
+    out = check_out_folder(args.out)
+    check_out_entries(out, files=("report.html",), folders=tuple(configs))
+    results = {}
+    for name, config in configs.items():
+        titles = {
+            "base": "reuse_lens demo: circuit reuse across seven tasks in zoo:base",
+            "wide": "reuse_lens demo: what fine-tuning teaches zoo:wide",
+        }
+        results[name] = _study(args, config, "demo", titles.get(name), out=out / name)
+    path = write_index(out / "report.html", {n: out / n for n in configs})
+    print(f"report:   {path} (opens with the answer of each study)")
+    return max(results.values())
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -127,6 +162,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         base=args.model,
         tasks=tuple(args.tasks),
         fine_tuned=fine_tuned,
+        checkpoints=dict(args.checkpoints or []),
         methods=tuple(args.methods),
         n_prompts=args.n,
         seed=args.seed,
@@ -141,15 +177,23 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return _study(args, config, "study", None)
 
 
-def _study(args: argparse.Namespace, config: StudyConfig, command: str, title: str | None) -> int:
-    """Run ``config`` into ``args.out``: circuits/, report.html, results.md, summary.json."""
+def _study(
+    args: argparse.Namespace,
+    config: StudyConfig,
+    command: str,
+    title: str | None,
+    *,
+    out: Path | None = None,
+) -> int:
+    """Run ``config`` into ``out`` (``args.out``): circuits/, report.html, results.md,
+    summary.json."""
     from reuse_lens import report
     from reuse_lens._validate import check_out_entries, check_out_folder, folder_lock
     from reuse_lens.report.summary import write_markdown
     from reuse_lens.study import executor_named, run_study, save_summary
 
     # Both are refused before any model is loaded.
-    out = check_out_folder(args.out)
+    out = check_out_folder(args.out if out is None else out)
     check_out_entries(
         out, files=("report.html", "results.md", "summary.json"), folders=("circuits", "work")
     )
@@ -394,7 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job on the zoo: circuits, overlap, report")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    demo.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks (default: all built-in)")
+    demo.add_argument("--tasks", nargs="+", metavar="TASK",
+                      help="tasks of the zoo:base study (default: all built-in)")  # fmt: skip
+    demo.add_argument("--studies", nargs="+", choices=("base", "wide"), default=["base", "wide"],
+                      help="base: reuse across seven tasks in zoo:base and its fine-tunes; "
+                      "wide: zoo:wide and the fine-tunes that teach it new tasks, with "
+                      "their checkpoints (default: both, each in its own folder)")  # fmt: skip
     demo.add_argument("--n", type=_at_least_two, default=64,
                       help="prompt pairs per task, at least 2 (default 64)")  # fmt: skip
     demo.add_argument("--seed", type=_seed, default=0, help="prompt seed (default 0)")
@@ -415,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--fine-tuned", nargs="+", action="extend", type=_task_and_spec,
                        metavar="TASK=SPEC",
                        help="a model fine-tuned on TASK, studied on it (repeatable)")  # fmt: skip
+    study.add_argument("--checkpoints", nargs="+", action="extend", type=_task_and_specs,
+                       metavar="TASK=SPEC,SPEC,...",
+                       help="checkpoints of TASK's fine-tuning run, in training order: the "
+                       "task's circuit is found at each (default: none)")  # fmt: skip
     study.add_argument("--methods", nargs="+", choices=_STUDY_METHODS,
                        default=["activation", "eap-ig"], metavar="METHOD",
                        help="activation, eap, eap-ig; the first is used for overlap "

@@ -16,7 +16,7 @@ JSON as they are found; a study stopped half-way and run again with the same fol
 settings reuses them.
 """
 
-from reuse_lens.study.config import FAITHFUL, StudyConfig
+from reuse_lens.study.config import FAITHFUL, StudyConfig, wide_demo_config
 from reuse_lens.study.executors import (
     Executor,
     LocalExecutor,
@@ -39,4 +39,5 @@ __all__ = [
     "run_study",
     "save_summary",
     "scores_of",
+    "wide_demo_config",
 ]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from reuse_lens._validate import check_count, check_seed
 from reuse_lens.circuits.discovery import Method
 from reuse_lens.nodes import Ablation
 
-__all__ = ["FAITHFUL", "StudyConfig"]
+__all__ = ["FAITHFUL", "WIDE_FINE_TUNES", "WIDE_TASKS", "StudyConfig", "wide_demo_config"]
 
 FAITHFUL = 0.8
 """Circuits below this faithfulness are reported as not faithful."""
@@ -187,3 +188,29 @@ def _repeated(names: tuple[str, ...]) -> str | None:
             return name
         seen.add(name)
     return None
+
+
+WIDE_TASKS = ("ioi", "induction", "sva", "gendered_pronoun", "greater_than")
+"""The wide demo's tasks: zoo:wide's three, and the two its fine-tunes teach it."""
+WIDE_FINE_TUNES = {
+    "gendered_pronoun": "zoo:wide-ft-gendered_pronoun",
+    "greater_than": "zoo:wide-ft-greater_than",
+}
+
+
+def wide_demo_config(**options: Any) -> StudyConfig:
+    """The demo's second study: zoo:wide (48 heads, no scaffold) and the fine-tunes that
+    teach it a task it cannot do, with every checkpoint the zoo keeps of their runs."""
+    from reuse_lens import zoo
+
+    checkpoints = {
+        task: tuple(f"{spec}@{step}" for step in zoo.checkpoints(spec.removeprefix("zoo:")))
+        for task, spec in WIDE_FINE_TUNES.items()
+    }
+    return StudyConfig(
+        base="zoo:wide",
+        tasks=WIDE_TASKS,
+        fine_tuned=dict(WIDE_FINE_TUNES),
+        checkpoints=checkpoints,
+        **options,
+    )
