@@ -8,3 +8,25 @@
 
 Each is re-exported by ``reuse_lens`` itself; this package only groups them.
 """
+
+import sys
+import types
+from typing import Any
+
+
+class _Package(types.ModuleType):
+    """This package, callable as ``rl.compare``.
+
+    ``rl.compare`` is the function ``reuse_lens.compare.overlap.compare``. Importing any
+    module of this package makes Python set ``reuse_lens.compare`` to the package itself,
+    over the function the lazy facade had put there; calling the package calls the
+    function, so ``rl.compare(circuits)`` works whichever came first.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from reuse_lens.compare.overlap import compare
+
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _Package
