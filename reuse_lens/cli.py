@@ -205,8 +205,12 @@ def _cmd_discover(args: argparse.Namespace) -> int:
         )
     write_text_atomic(figure, "<!doctype html><html><body>" + "".join(parts) + "</body></html>")
     faith = circuit.metadata.get("faithfulness", float("nan"))
+    interval = circuit.metadata.get("faithfulness_interval")
+    faith_text = f"{faith:.3f}" + (
+        f" (95% interval {interval[0]:.3f} to {interval[1]:.3f})" if interval else ""
+    )
     print(f"{len(circuit)} nodes ({len(circuit.heads)} heads, {len(circuit.mlps)} MLPs, "
-          f"{len(circuit.edges)} edges), faithfulness {faith:.3f} ({args.ablation} ablation)")  # fmt: skip
+          f"{len(circuit.edges)} edges), faithfulness {faith_text} ({args.ablation} ablation)")  # fmt: skip
     print(f"nodes: {' '.join(circuit.nodes_in_order())}")
     print(f"circuit: {out}\nfigure:  {figure}")
     return 0

@@ -363,7 +363,7 @@ def test_format_cell() -> None:
         "0",
         "–",
         "3",
-        "True",
+        "yes",
     ]
 
 
@@ -526,3 +526,14 @@ def test_a_study_that_could_not_compare_tasks_says_why(tmp_path: Path) -> None:
     assert f"base on {EVIL}: refused, accuracy 0.00, gap" in visible
     assert "Not compared: fewer than two tasks had a circuit" in visible
     assert 'data-figure="jaccard_matrix"' not in text
+
+
+def test_the_comparison_report_shows_faithfulness_and_its_interval(tmp_path: Path) -> None:
+    a = Circuit.from_nodes(["a0.h0"], SHAPE, metadata={"faithfulness": 0.93,
+                                                      "faithfulness_interval": [0.9, 0.95]})  # fmt: skip
+    b = Circuit.from_nodes(["a0.h1"], SHAPE, metadata={"faithfulness": 0.88})
+    text = report.write_comparison(tmp_path / "c.html", compare({"a": a, "b": b}))
+    html_text = text.read_text(encoding="utf-8")
+    assert "<th>95% interval</th>" in html_text and "<td>[0.9, 0.95]</td>" in html_text
+    plain = report.write_comparison(tmp_path / "p.html", compare({"b": b, "c": b}))
+    assert "95% interval" not in plain.read_text(encoding="utf-8")

@@ -137,6 +137,7 @@ def edge_overlap_section(report: HtmlReport, edges: EdgeOverlapReport) -> None:
     report.add_heading("Shared heads read differently", level=3)
     frame = _head_differences(edges)
     cut = len(frame) > _MAX_HEAD_ROWS
+    report.add_folded(f"{len(frame)} (pair, head) cases: each circuit's inputs and senders")
     report.add_table(
         frame.head(_MAX_HEAD_ROWS),
         caption="For each pair and each head both circuits feed but read differently: the "
@@ -148,6 +149,7 @@ def edge_overlap_section(report: HtmlReport, edges: EdgeOverlapReport) -> None:
             else ""
         ),
     )
+    report.end_folded()
 
 
 def _head_differences(edges: EdgeOverlapReport) -> pd.DataFrame:

@@ -47,8 +47,10 @@ nav.toc ol{margin:.2rem 0;padding-left:1.2rem}
 table.data{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem;max-width:100%}
 .table{overflow-x:auto;max-width:100%}
 table.data th,table.data td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;
-font-variant-numeric:tabular-nums;overflow-wrap:anywhere;vertical-align:top}
+font-variant-numeric:tabular-nums;overflow-wrap:break-word;vertical-align:top}
 details{margin:.5rem 0 1rem}
+details table.data{font-size:.78rem}
+details table.data th,details table.data td{padding:.2rem .35rem}
 details>summary{cursor:pointer;color:#2c6fbb}
 .refused{color:#b00020}
 table.data th{background:#f0f0f4}
@@ -558,7 +560,17 @@ def _html_table(df: pd.DataFrame, index: bool, names: Mapping[str, str] | None) 
         na_rep="–",
         formatters=formatters,  # type: ignore[arg-type]
     )
-    return f'<div class="table">{table}</div>'
+    return f'<div class="table">{_break_after(table)}</div>'
+
+
+def _break_after(markup: str) -> str:
+    """Let long names wrap after ``_``, ``/`` and ``.`` (``colored_<wbr>objects``), so
+    that tables narrow to the page without cutting words at random letters."""
+    return re.sub(
+        r">([^<]+)<",
+        lambda m: ">" + re.sub(r"([_/](?=\w)|\.(?=[A-Za-z]))", r"\1<wbr>", m.group(1)) + "<",
+        markup,
+    )
 
 
 def _plain_line(circuit: Circuit, row: Mapping[str, Any] | None) -> str:
@@ -605,20 +617,27 @@ def _rows_by_key(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
 
 
 def _circuit_sizes(circuits: Mapping[str, Circuit]) -> pd.DataFrame:
+    """Each circuit's task, method and size, and its faithfulness (with its interval)
+    where its metadata records them."""
     import pandas as pd
 
-    rows = [
-        {
+    rows = []
+    for name, c in circuits.items():
+        row: dict[str, Any] = {
             "circuit": name,
             "task": str(c.metadata.get("task", "–")),
             "method": str(c.metadata.get("method", "–")),
             "nodes": len(c),
             "heads": len(c.heads),
-            "mlps": len(c.mlps),
+            "MLPs": len(c.mlps),
             "edges": len(c.edges),
         }
-        for name, c in circuits.items()
-    ]
+        if "faithfulness" in c.metadata:
+            row["faithfulness"] = float(c.metadata["faithfulness"])
+        if (interval := c.metadata.get("faithfulness_interval")) is not None:
+            low, high = (_format_cell(float(v)) for v in interval)
+            row["95% interval"] = f"[{low}, {high}]"
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -656,8 +675,10 @@ def _key_value_table(rows: Sequence[tuple[str, str]]) -> str:
 
 
 def _format_cell(value: Any) -> str:
-    """Floats to three significant digits (tiny ones in scientific notation)."""
-    if isinstance(value, bool) or not isinstance(value, float | int):
+    """Floats to three significant digits (tiny ones in scientific notation); yes or no."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if not isinstance(value, float | int):
         return str(value)
     if isinstance(value, int):
         return str(value)
