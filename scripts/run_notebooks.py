@@ -6,8 +6,8 @@ Each notebook runs top to bottom in a fresh kernel of this interpreter, offline,
 thread and from an empty folder, as tests/test_notebooks.py runs it. Plotly figures are
 drawn to PNG images in Chromium (Debian's, which ``make test-browser`` installs), so a
 page that runs no script (GitHub's) shows them; their JSON is dropped to keep the files
-small. The notebook's metadata records what the outputs came from (its code cells and
-the zoo), which tests/test_notebooks.py checks.
+small, and so are stderr's progress bars. The notebook's metadata records what the
+outputs came from (its code cells and the zoo), which tests/test_notebooks.py checks.
 """
 
 from __future__ import annotations
@@ -67,8 +67,14 @@ def run(path: Path) -> Any:
         client.execute()
     for cell in nb.cells:
         cell.metadata.pop("execution", None)  # timestamps: a new diff on every run
+        if cell.cell_type == "code":  # progress bars and their warnings, for a reader
+            cell.outputs = [o for o in cell.outputs if not _is_stderr(o)]
     nb.metadata["reuse_lens"] = provenance(nb)
     return nb
+
+
+def _is_stderr(output: Any) -> bool:
+    return output.output_type == "stream" and output.name == "stderr"
 
 
 def figures_to_png(nb: Any, page: Any) -> int:

@@ -67,15 +67,22 @@ _NUMBER = re.compile(r"[-−+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 
 def stable_outputs(cell: Any) -> list[str]:
     """A code cell's outputs with what may change between machines taken out: numbers
-    (float rounding differs with the CPU) and how a figure is stored (plotly's JSON when
-    run, a PNG image once saved)."""
+    (float rounding differs with the CPU), how a figure is stored (plotly's JSON when
+    run, a PNG image once saved), stderr (progress bars, which are not saved) and where a
+    stream was cut into pieces."""
     out = []
     for output in cell.outputs:
         data = output.get("data", {})
+        if output.output_type == "stream" and output.name == "stderr":
+            continue
         if PLOTLY_MIME in data or "image/png" in data:
             out.append("figure")
         elif output.output_type == "stream":
-            out.append(f"{output.name}: {_NUMBER.sub('#', output.text)}")
+            text = _NUMBER.sub("#", output.text)
+            if out and out[-1].startswith(f"{output.name}: "):  # a stream comes in pieces
+                out[-1] += text
+            else:
+                out.append(f"{output.name}: {text}")
         elif output.output_type == "error":
             out.append(f"error: {output.ename}")
         else:
