@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-slow test-browser demo check lint typecheck format bench clean
+.PHONY: venv test test-slow test-browser notebooks demo check lint typecheck format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-slow: $(STAMP)
 test-browser: $(STAMP)
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
 	REUSE_LENS_REQUIRE_BROWSER=1 $(BIN)/python -m pytest tests/test_report_browser.py -m ""
+
+# The notebooks run and saved with their outputs (figures as PNG, drawn in Chromium).
+notebooks: $(STAMP)
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
+	$(BIN)/python scripts/run_notebooks.py
 
 demo: $(STAMP)
 	$(BIN)/reuse-lens demo --out $(OUT)

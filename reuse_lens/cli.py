@@ -7,6 +7,7 @@ reuse-lens discover --model M --task T --method activation --out C.json
 reuse-lens compare A.json B.json ... --out DIR
 reuse-lens evaluate --model M --task T [--circuit C.json]
 reuse-lens export-mib --model M1 M2 --tasks T1 T2 --out DIR   a MIB leaderboard submission
+reuse-lens tasks                              the built-in tasks, one line each
 reuse-lens zoo list | status | train
 """
 
@@ -27,6 +28,8 @@ __all__ = ["build_parser", "main"]
 _METHODS = ("activation", "path", "eap", "eap-ig")
 _STUDY_METHODS = ("activation", "eap", "eap-ig")  # path circuits are not comparable in a study
 _ABLATIONS = ("mean", "resample", "zero")
+RAY_HINT = 'pip install "ray>=2.40,<3"'
+"""How to get the Ray executor: Ray itself (reuse_lens's ``ray`` extra installs just that)."""
 
 
 def _whole(text: str) -> int:
@@ -189,7 +192,7 @@ def _study(
     summary.json."""
     from reuse_lens import report
     from reuse_lens._validate import check_out_entries, check_out_folder, folder_lock
-    from reuse_lens.report.summary import write_markdown
+    from reuse_lens.report.summary import ANSWER_HEADING, study_answer, write_markdown
     from reuse_lens.study import executor_named, run_study, save_summary
 
     # Both are refused before any model is loaded.
@@ -211,12 +214,28 @@ def _study(
         save_summary(result, out / "summary.json")
         write_markdown(result, out / "results.md", **headings)
         path = report.write(out / "report.html", result, title=title)
-    print(f"circuits: {out / 'circuits'}/ ({_files(result.files, result.other_files)})")
+    # The answer first, the same sentences as the report's; then the rest.
+    print(f"\n{ANSWER_HEADING}")
+    for line in study_answer(result):
+        print(f"  - {line}")
+    if result.refused:
+        print("\nModels that do not do a task (gap [95% interval], effect in spreads):")
+        for key, test in result.refused.items():
+            print(f"  - {key.split('/')[0]} on {test.line()}")
+    print("\nFindings:")
+    for line in result.findings:
+        print(f"  - {line}")
+    print(f"\ncircuits: {out / 'circuits'}/ ({_files(result.files, result.other_files)})")
     print(f"report:   {path}")
     print(f"tables:   {out / 'results.md'} and {out / 'summary.json'}")
     print(f"took {result.seconds:.0f} s")
-    for line in result.findings:
-        print(f"  - {line}")
+    if result.task_overlap is None:
+        print(
+            f"reuse-lens {command}: fewer than two tasks had a circuit, so no tasks were "
+            "compared; the report says which were refused and why",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -226,6 +245,10 @@ def _files(mine: Sequence[str], others: Sequence[str]) -> str:
     if others:
         text += f"; {len(others)} other files there are an earlier study's, not in this report"
     return text
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _cmd_discover(args: argparse.Namespace) -> int:
@@ -254,8 +277,12 @@ def _cmd_discover(args: argparse.Namespace) -> int:
         )
     write_text_atomic(figure, "<!doctype html><html><body>" + "".join(parts) + "</body></html>")
     faith = circuit.metadata.get("faithfulness", float("nan"))
+    interval = circuit.metadata.get("faithfulness_interval")
+    faith_text = f"{faith:.3f}" + (
+        f" (95% interval {interval[0]:.3f} to {interval[1]:.3f})" if interval else ""
+    )
     print(f"{len(circuit)} nodes ({len(circuit.heads)} heads, {len(circuit.mlps)} MLPs, "
-          f"{len(circuit.edges)} edges), faithfulness {faith:.3f} ({args.ablation} ablation)")  # fmt: skip
+          f"{len(circuit.edges)} edges), faithfulness {faith_text} ({args.ablation} ablation)")  # fmt: skip
     print(f"nodes: {' '.join(circuit.nodes_in_order())}")
     print(f"circuit: {out}\nfigure:  {figure}")
     return 0
@@ -366,6 +393,15 @@ def _model_folder_name(spec: str) -> str:
     return spec.rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
 
 
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from reuse_lens import tasks
+
+    width = max(map(len, tasks.names()))
+    for name in tasks.names():
+        print(f"{name:<{width}}  {tasks.describe(name)}")
+    return 0
+
+
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from reuse_lens import zoo
 
@@ -400,8 +436,10 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _task_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="zoo:<name>, a local folder or a hub id")
-    parser.add_argument("--task", required=True, help="a built-in task name (see rl.tasks.names())")
+    parser.add_argument("--model", required=True, metavar="SPEC",
+                        help="zoo:<name>, a local folder (./models/x) or a hub id")  # fmt: skip
+    parser.add_argument("--task", required=True, metavar="TASK",
+                        help="a built-in task (`reuse-lens tasks` lists them)")  # fmt: skip
     parser.add_argument("--n", type=_positive, default=64, help="prompt pairs (default 64)")
     parser.add_argument("--seed", type=_seed, default=0, help="prompt seed (default 0)")
 
@@ -409,7 +447,8 @@ def _task_arguments(parser: argparse.ArgumentParser) -> None:
 def _study_arguments(parser: argparse.ArgumentParser) -> None:
     """What ``demo`` and ``study`` share besides their models and tasks."""
     parser.add_argument("--no-edges", action="store_true",
-                        help="skip the EAP-IG edge circuits and their edge overlap")  # fmt: skip
+                        help="skip the EAP-IG edge circuits and their edge overlap "
+                        "(default: find and compare them)")  # fmt: skip
     parser.add_argument("--memory-budget", metavar="SIZE",
                         help="what each unit's engines chunk their work under, e.g. 8GiB "
                         "(default: REUSE_LENS_MEMORY_BUDGET, else 2GiB on CPU, half a GPU)")  # fmt: skip
@@ -422,8 +461,8 @@ def _study_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _executor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
-                        help="local: this process (default); ray: one Ray task per unit of "
-                        'work (pip install "reuse_lens[ray]")')  # fmt: skip
+                        help="local: this process; ray: one Ray task per unit of work "
+                        f"({RAY_HINT}) (default: local)")  # fmt: skip
     parser.add_argument("--address", metavar="ADDR",
                         help="the Ray cluster (HEAD:6379); default RAY_ADDRESS, else a "
                         "cluster started on this machine")  # fmt: skip
@@ -437,9 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="the main job on the zoo: circuits, overlap, report")
-    demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    demo.add_argument("--out", default="demo_out", metavar="DIR",
+                      help="output folder: one folder per study (circuits/, report.html, "
+                      "results.md, summary.json) and report.html over both (default: demo_out)")  # fmt: skip
     demo.add_argument("--tasks", nargs="+", metavar="TASK",
-                      help="tasks of the zoo:base study (default: all built-in)")  # fmt: skip
+                      help="tasks of the zoo:base study, at least two (`reuse-lens tasks` "
+                      "lists them; default: all seven)")  # fmt: skip
     demo.add_argument("--studies", nargs="+", choices=("base", "wide"), default=["base", "wide"],
                       help="base: reuse across seven tasks in zoo:base and its fine-tunes; "
                       "wide: zoo:wide and the fine-tunes that teach it new tasks, with "
@@ -448,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prompt pairs per task, at least 2 (default 64)")  # fmt: skip
     demo.add_argument("--seed", type=_seed, default=0, help="prompt seed (default 0)")
     demo.add_argument("--n-boot", type=_non_negative, default=5,
-                      help="bootstrap resamples for stability (0 skips it, else at least 2)")  # fmt: skip
+                      help="bootstrap resamples for stability (0 skips it, else at least 2; "
+                      "default 5)")  # fmt: skip
     demo.add_argument("--n-random", type=_at_least_two, default=20,
                       help="random circuits per baseline, at least 2 (default 20)")  # fmt: skip
     _study_arguments(demo)
@@ -460,10 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--model", required=True, metavar="SPEC",
                        help="the base model: zoo:<name>, a local folder or a hub id")  # fmt: skip
     study.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
-                       help="built-in task names (see rl.tasks.names())")  # fmt: skip
+                       help="built-in tasks, at least two (`reuse-lens tasks` lists them)")  # fmt: skip
     study.add_argument("--fine-tuned", nargs="+", action="extend", type=_task_and_spec,
                        metavar="TASK=SPEC",
-                       help="a model fine-tuned on TASK, studied on it (repeatable)")  # fmt: skip
+                       help="a model fine-tuned on TASK, one of --tasks, studied on it "
+                       "(repeatable; default: none)")  # fmt: skip
     study.add_argument("--checkpoints", nargs="+", action="extend", type=_task_and_specs,
                        metavar="TASK=SPEC,SPEC,...",
                        help="checkpoints of TASK's fine-tuning run, in training order: the "
@@ -476,38 +520,58 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt pairs per task, at least 2 (default 64)")  # fmt: skip
     study.add_argument("--seed", type=_seed, default=0, help="prompt seed (default 0)")
     study.add_argument("--n-boot", type=_non_negative, default=5,
-                       help="bootstrap resamples for stability (0 skips it, else at least 2)")  # fmt: skip
+                       help="bootstrap resamples for stability (0 skips it, else at least 2; "
+                       "default 5)")  # fmt: skip
     study.add_argument("--n-random", type=_at_least_two, default=20,
                        help="random circuits per baseline, at least 2 (default 20)")  # fmt: skip
     study.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
-    study.add_argument("--dtype", help="float32 (default), bfloat16, float16")
+    study.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32)")
     _study_arguments(study)
-    study.add_argument("--out", required=True, help="output folder")
+    study.add_argument("--out", required=True, metavar="DIR",
+                       help="output folder: circuits/, report.html, results.md, summary.json")  # fmt: skip
     study.set_defaults(func=_cmd_study)
 
-    discover = sub.add_parser("discover", help="find a task's circuit and save it as JSON")
+    discover = sub.add_parser(
+        "discover",
+        help="find a task's circuit: FILE.json, and its figures in FILE.html",
+        description="Find a task's circuit and write two files: the circuit as --out "
+        "(JSON) and, beside it with the suffix .html, its diagram and patching heatmap.",
+    )
     _task_arguments(discover)
-    discover.add_argument("--method", choices=_METHODS, default="activation")
-    discover.add_argument("--level", choices=("node", "edge"), help="edge: eap/eap-ig only")
-    discover.add_argument("--ablation", choices=_ABLATIONS, default="mean")
+    discover.add_argument("--method", choices=_METHODS, default="activation",
+                          help="how nodes are scored (default: activation)")  # fmt: skip
+    discover.add_argument("--level", choices=("node", "edge"),
+                          help="edge: eap and eap-ig only (default: node)")  # fmt: skip
+    discover.add_argument("--ablation", choices=_ABLATIONS, default="mean",
+                          help="how faithfulness ablates the rest (default: mean)")  # fmt: skip
     rule = discover.add_mutually_exclusive_group()
-    rule.add_argument("--threshold", type=float, help="keep |score| >= this share of the gap")
-    rule.add_argument("--top-k", type=_positive, help="keep this many nodes (edges)")
-    rule.add_argument("--target", type=_fraction, help="faithfulness target of the automatic rule")
-    discover.add_argument("--out", required=True, help="the circuit file to write (.json)")
+    rule.add_argument("--threshold", type=float,
+                      help="keep |score| >= this share of the gap (default: the automatic "
+                      "rule)")  # fmt: skip
+    rule.add_argument("--top-k", type=_positive,
+                      help="keep this many nodes (edges) (default: the automatic rule)")  # fmt: skip
+    rule.add_argument("--target", type=_fraction,
+                      help="faithfulness target of the automatic rule (default 0.9)")  # fmt: skip
+    discover.add_argument("--out", required=True, metavar="FILE.json",
+                          help="the circuit file to write; its figures go to FILE.html "
+                          "beside it")  # fmt: skip
     discover.set_defaults(func=_cmd_discover)
 
     compare = sub.add_parser("compare", help="compare circuit files and write an overlap report")
     compare.add_argument("circuits", nargs="+", metavar="CIRCUIT.json")
-    compare.add_argument("--out", required=True, help="output folder")
+    compare.add_argument("--out", required=True, metavar="DIR",
+                         help="output folder: overlap.json and report.html")  # fmt: skip
     compare.set_defaults(func=_cmd_compare)
 
     evaluate = sub.add_parser(
         "evaluate", help="score a model on a task, and a circuit file's faithfulness"
     )
     _task_arguments(evaluate)
-    evaluate.add_argument("--circuit", help="a circuit JSON file to measure the faithfulness of")
-    evaluate.add_argument("--ablation", choices=_ABLATIONS, default="mean")
+    evaluate.add_argument("--circuit",
+                          help="a circuit JSON file to measure the faithfulness of (default: "
+                          "none)")  # fmt: skip
+    evaluate.add_argument("--ablation", choices=_ABLATIONS, default="mean",
+                          help="how faithfulness ablates the rest (default: mean)")  # fmt: skip
     evaluate.set_defaults(func=_cmd_evaluate)
 
     export = sub.add_parser(
@@ -519,23 +583,31 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model-names", nargs="+", metavar="NAME",
                         help="the models' names in the folder names (default: the spec's last part)")  # fmt: skip
     export.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
-                        help="built-in task names (see rl.tasks.names())")  # fmt: skip
+                        help="built-in tasks (`reuse-lens tasks` lists them)")  # fmt: skip
     export.add_argument("--out", required=True, help="the submission folder to write")
-    export.add_argument("--method", choices=("eap-ig", "eap"), default="eap-ig")
+    export.add_argument("--method", choices=("eap-ig", "eap"), default="eap-ig",
+                        help="how edges are scored (default: eap-ig)")  # fmt: skip
     export.add_argument("--kind", choices=("scores", "circuits"), default="scores",
-                        help="scores: one importances file per folder; circuits: nine at MIB's sizes")  # fmt: skip
-    export.add_argument("--format", choices=("json", "pt"), default="json", help="file format")
+                        help="scores: one importances file per folder; circuits: nine at "
+                        "MIB's sizes (default: scores)")  # fmt: skip
+    export.add_argument("--format", choices=("json", "pt"), default="json",
+                        help="file format (default: json)")  # fmt: skip
     export.add_argument("--steps", type=_positive, default=5, help="EAP-IG steps (default 5)")
     export.add_argument("--n", type=_positive, default=64, help="prompt pairs (default 64)")
     export.add_argument("--seed", type=_seed, default=0, help="prompt seed (default 0)")
     export.set_defaults(func=_cmd_export_mib)
 
+    tasks = sub.add_parser("tasks", help="list the built-in tasks, one line each")
+    tasks.set_defaults(func=_cmd_tasks)
+
     zoo = sub.add_parser("zoo", help="the embedded models: list, status, or retrain them")
     zoo.add_argument("zoo_command", choices=["list", "status", "train"], help="what to do")
     zoo.add_argument("--only", action="append", metavar="NAME",
-                     help="train: only this model (repeatable), e.g. --only base")  # fmt: skip
+                     help="train: only this model (repeatable), e.g. --only base "
+                     "(default: every zoo model)")  # fmt: skip
     zoo.add_argument("--check", action="store_true",
-                     help="train: retrain in a temporary folder and compare with the manifest")  # fmt: skip
+                     help="train: retrain in a temporary folder and compare with the "
+                     "manifest (default: train and write the shipped weights)")  # fmt: skip
     zoo.set_defaults(func=_cmd_zoo)
     return parser
 

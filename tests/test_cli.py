@@ -15,7 +15,7 @@ from reuse_lens.study import units
 
 
 @pytest.mark.parametrize(
-    "command", ["demo", "study", "discover", "compare", "evaluate", "export-mib", "zoo"]
+    "command", ["demo", "study", "discover", "compare", "evaluate", "export-mib", "tasks", "zoo"]
 )
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
@@ -26,8 +26,45 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
 
 def test_top_level_help_lists_the_commands() -> None:
     text = build_parser().format_help()
-    for command in ("discover", "compare", "evaluate", "demo", "study", "zoo"):
+    for command in ("discover", "compare", "evaluate", "demo", "study", "tasks", "zoo"):
         assert command in text
+
+
+def test_every_option_says_its_default() -> None:
+    """An option that is not required says what happens without it."""
+    import argparse
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if not action.option_strings or action.required or action.help == argparse.SUPPRESS:
+                continue
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if "default" not in (action.help or ""):
+                missing.append(f"{name} {action.option_strings[0]}")
+    assert missing == []
+
+
+def test_tasks_lists_every_task_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tasks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == rl.tasks.names()
+    assert lines[0].split(None, 1)[1].startswith("Indirect object identification (Wang et al.")
+    assert all("Metric: " in line for line in lines)
+
+
+def test_discover_says_what_it_writes() -> None:
+    parser = build_parser()
+    help_text = " ".join(
+        next(a for a in parser._actions if a.dest == "command")
+        .choices["discover"]
+        .format_help()
+        .split()  # type: ignore[union-attr]
+    )
+    assert "the circuit as --out (JSON) and, beside it with the suffix .html" in help_text
 
 
 def test_discover_compare_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,11 +127,21 @@ def test_bad_arguments_give_a_clear_error(
 
 
 def test_demo_writes_a_report_and_reuses_finished_circuits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["demo", "--out", str(tmp_path), "--tasks", "ioi", "induction", "--n", "12",
             "--n-boot", "2", "--n-random", "3"]  # fmt: skip
     assert main(argv) == 0
+    # The terminal opens with the report's answer, corrected p-values first; it counts
+    # every circuit file, edge circuits too.
+    out = capsys.readouterr().out.splitlines()
+    start = out.index("Which tasks reuse which heads and MLPs, and is it significant?")
+    assert out[start + 1].startswith("  - Heads: ")
+    assert "corrected p = " in out[start + 1] and out[start + 1].index("corrected p = ") < out[
+        start + 1
+    ].index("uncorrected")
+    assert start < out.index("Findings:")
+    assert any(line.endswith("(8 files)") for line in out)
     files = sorted(p.name for p in (tmp_path / "circuits").iterdir())
     assert files == [
         "base__induction__activation.json", "base__induction__eap-ig.json",
@@ -139,7 +186,7 @@ def test_study_without_ray_says_what_to_install(
         main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.strip().endswith('the ray executor needs Ray: pip install "reuse_lens[ray]"')
+    assert err.strip().endswith('the ray executor needs Ray: pip install "ray>=2.40,<3"')
     assert "Traceback" not in err
 
 

@@ -170,6 +170,22 @@ def test_circuit_diagram_draws_members_by_kind_and_the_rest_faintly() -> None:
     assert layout(fig).title.text.endswith("(A)")
 
 
+def test_a_node_circuit_is_drawn_on_its_layers_without_input_and_logits() -> None:
+    """A node circuit has no edges: input and logits would stand alone, joined to nothing."""
+    fig = plot.circuit_diagram(circuit_a())
+    assert [t.name for t in traces(fig) if t.name == "ends"] == []
+    axis = layout(fig).yaxis
+    assert list(axis.ticktext) == ["0", "1"] and list(axis.range) == [-0.7, 1.7]
+    edges = plot.circuit_diagram(edge_circuit())
+    assert list(layout(edges).yaxis.ticktext) == ["input", "0", "1", "logits"]
+
+
+def test_patching_heatmap_says_what_red_and_blue_mean() -> None:
+    scores = NodeScores(torch.zeros(2, 3), torch.zeros(2), clean=1.0, corrupted=0.0, method="m")
+    title = traces(plot.patching_heatmap(scores))[0].colorbar.title.text
+    assert "red: metric falls" in title and "blue: rises" in title
+
+
 def test_circuit_diagram_edges_by_receiver_input() -> None:
     fig = plot.circuit_diagram(edge_circuit())
     assert list(trace(fig, "into q").customdata) == ["a0.h0->a1.h1<q>"]

@@ -174,7 +174,7 @@ EXPECTED_FIGURES = {
     "circuit_diagram": 4,  # one per circuit
     "faithfulness_curves": 2,  # one per task
     "overlap_grid": 3,  # task overlap, model overlap on ioi, tasks inside ft-ioi
-    "jaccard_matrix": 2,  # the answer's, at the top, and the task overlap section's
+    "jaccard_matrix": 1,  # the answer's, at the top; every figure appears once
     "edge_jaccard_matrix": 1,
     "upset": 1,
     "threshold_sweep": 1,  # both task circuits have node scores
@@ -194,7 +194,7 @@ class Collector(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.starts.append((tag, dict(attrs)))
-        if tag not in {"meta", "br", "link"}:
+        if tag not in {"meta", "br", "link", "wbr"}:  # void elements: no end tag
             self.stack.append(tag)
 
     def handle_endtag(self, tag: str) -> None:
@@ -239,7 +239,8 @@ def test_plotly_js_is_embedded_exactly_once_in_head(written: tuple[Path, str]) -
     plotly_js = get_plotlyjs()
     assert text.count(plotly_js) == 1
     assert text.index(plotly_js) < text.index("</head>")
-    assert text.count("<script") - text.count("Plotly.newPlot(") == 2  # config + library
+    # config, library, and the redraw of figures in folded parts when opened
+    assert text.count("<script") - text.count("Plotly.newPlot(") == 3
 
 
 def test_no_external_resource_is_referenced(written: tuple[Path, str]) -> None:
@@ -302,10 +303,10 @@ def test_edge_overlap_section(written: tuple[Path, str]) -> None:
     _, text = written
     section = text[text.index('id="edge-overlap"') : text.index('id="model-overlap"')]
     assert 'data-figure="edge_jaccard_matrix"' in section
-    for column in ("p_adjusted", "p_adjusted_receivers", "heads_other_inputs"):
+    for column in ("corrected p", "corrected p, senders redrawn", "heads through other inputs"):
         assert f"<th>{column}</th>" in section
     tables = section[section.index('<div class="table">') :]
-    visible = " ".join(re.sub(r"<[^>]+>", " ", tables).split())
+    visible = " ".join(re.sub(r"<[^>]+>", " ", tables.replace("<wbr>", "")).split())
     # Both feed a1.h0: ioi through q from a0.h1, EVIL through k from a0.h1.
     assert "a1.h0 other inputs q: a0.h1 k: a0.h1" in visible
 
@@ -347,7 +348,7 @@ def test_summary_tables_and_flags(written: tuple[Path, str]) -> None:
 def test_pairwise_table_has_p_values_chance_and_ceiling(written: tuple[Path, str]) -> None:
     _, text = written
     section = text[text.index('id="task-overlap"') : text.index('id="model-overlap"')]
-    for column in ("p_value_heads", "expected_jaccard_heads", "stability"):
+    for column in ("corrected p (heads)", "uncorrected p", "by chance", "stability ceiling"):
         assert f"<th>{column}</th>" in section
     # Ceiling = min(0.9, 0.75); ioi {a0.h0, a1.h0, m1} vs EVIL {a0.h0, a1.h2}: Jaccard 1/4.
     cells = re.findall(r"<td>([^<]*)</td>", section)
@@ -362,7 +363,7 @@ def test_format_cell() -> None:
         "0",
         "–",
         "3",
-        "True",
+        "yes",
     ]
 
 
@@ -390,7 +391,7 @@ def test_write_comparison(tmp_path: Path) -> None:
     figures = Counter(a["data-figure"] for t, a in starts if t == "div" and "data-figure" in a)
     assert dict(figures) == {
         "overlap_grid": 1,
-        "jaccard_matrix": 2,
+        "jaccard_matrix": 1,
         "upset": 1,
         "threshold_sweep": 1,
         "circuit_diagram": 2,
@@ -445,3 +446,94 @@ def test_write_comparison_with_edges_leads_with_the_answer(tmp_path: Path) -> No
     assert body.index('<ul class="answer">') < body.index('<nav class="toc">')
     assert "Which circuits reuse which heads and MLPs, and is it significant?" in body
     assert body.count('data-figure="edge_jaccard_matrix"') == 1
+
+
+# --- what a reader sees: names, order, colours, intervals, a partial study ------------------
+
+
+def test_tables_use_human_column_names(written: tuple[Path, str]) -> None:
+    _, text = written
+    # The configuration lists the StudyConfig's own field names; every other table is read.
+    config = text.index("<summary>Configuration</summary>")
+    rest = text[:config] + text[text.index("</details>", config) :]
+    headers = re.findall(r"<th>([^<]*)</th>", rest)
+    assert headers and [h for h in headers if "_" in h] == []
+
+
+def test_long_tables_show_key_columns_and_fold_the_rest(written: tuple[Path, str]) -> None:
+    _, text = written
+    section = text[text.index('id="task-overlap"') : text.index('id="model-overlap"')]
+    short, full = section.split("<details><summary>All ", 1)
+    pair_header = re.findall(r"<th>([^<]*)</th>", short)[-8:]
+    assert pair_header == ["a", "b", "shared nodes", "Jaccard (heads)", "by chance",
+                           "corrected p (heads)", "uncorrected p", "stability ceiling"]  # fmt: skip
+    assert "<th>share of a in b</th>" in full and "<th>share of a in b</th>" not in short
+
+
+def test_comparisons_come_before_the_circuits_which_are_folded(written: tuple[Path, str]) -> None:
+    _, text = written
+    order = [text.index(f'id="{anchor}"') for anchor in
+             ("summary", "model-evaluations", "task-overlap", "model-overlap", "interventions",
+              "circuits", "method-agreement")]  # fmt: skip
+    assert order == sorted(order)
+    circuits = text[text.index('id="circuits"') : text.index('id="method-agreement"')]
+    assert circuits.count("<details><summary>Circuit ") == 4
+    assert 'data-figure="patching_heatmap"' not in text[: text.index('id="circuits"')]
+
+
+def test_every_heatmap_says_what_its_colours_mean(written: tuple[Path, str]) -> None:
+    _, text = written
+    for name in ("patching_heatmap", "faithfulness_matrix", "jaccard_matrix", "overlap_grid",
+                 "edge_jaccard_matrix"):  # fmt: skip
+        for match in re.finditer(f'data-figure="{name}"', text):
+            caption = re.search(r'<p class="caption">([^<]*)</p>', text[match.end() :])
+            assert caption is not None and "olour" in caption.group(1), name
+
+
+def test_faithfulness_intervals_show_where_circuits_have_them(tmp_path: Path) -> None:
+    from reuse_lens.study.result import faithfulness_interval
+
+    study = fake_study()
+    key = "base/ioi/activation"
+    study.circuits[key] = study.circuits[key].with_metadata(faithfulness_interval=[0.9, 0.95])
+    rows = study.circuit_table.to_dict("records")
+    for row in rows:
+        row.update(faithfulness_interval(study.circuits[row["key"]]))
+    study.circuit_table = pd.DataFrame(rows)
+    text = report.write(tmp_path / "r.html", study).read_text(encoding="utf-8")
+    visible = " ".join("".join(parse(text).text).split())
+    assert "faithfulness 0.930 (95% interval 0.900 to 0.950) vs random circuits" in visible
+    assert "<th>95% interval</th>" in text and "<td>[0.9, 0.95]</td>" in text
+    # A circuit without one gets no interval, and a study without any gets no column.
+    assert "faithfulness 0.410 vs random circuits" in visible
+    plain = report.write(tmp_path / "p.html", fake_study()).read_text(encoding="utf-8")
+    circuits = plain[plain.index('id="circuits"') :]
+    assert "95% interval" not in circuits
+
+
+def test_a_study_that_could_not_compare_tasks_says_why(tmp_path: Path) -> None:
+    from reuse_lens.separation import separation
+
+    study = fake_study()
+    refused = separation(torch.tensor([0.1, -0.2, 0.15, 0.0]), torch.tensor([0.0, 0.1, 0.1, 0.05]),
+                         EVIL, accuracy=0.0)  # fmt: skip
+    study.task_overlap, study.edge_overlap = None, None
+    study.interventions = []
+    study.refused = {f"base/{EVIL}": refused}  # type: ignore[attr-defined]
+    text = report.write(tmp_path / "r.html", study).read_text(encoding="utf-8")
+    visible = " ".join("".join(parse(text).text).split())
+    assert "No tasks could be compared: fewer than two tasks had a circuit in zoo:base" in visible
+    assert f"base on {EVIL}: refused, accuracy 0.00, gap" in visible
+    assert "Not compared: fewer than two tasks had a circuit" in visible
+    assert 'data-figure="jaccard_matrix"' not in text
+
+
+def test_the_comparison_report_shows_faithfulness_and_its_interval(tmp_path: Path) -> None:
+    a = Circuit.from_nodes(["a0.h0"], SHAPE, metadata={"faithfulness": 0.93,
+                                                      "faithfulness_interval": [0.9, 0.95]})  # fmt: skip
+    b = Circuit.from_nodes(["a0.h1"], SHAPE, metadata={"faithfulness": 0.88})
+    text = report.write_comparison(tmp_path / "c.html", compare({"a": a, "b": b}))
+    html_text = text.read_text(encoding="utf-8")
+    assert "<th>95% interval</th>" in html_text and "<td>[0.9, 0.95]</td>" in html_text
+    plain = report.write_comparison(tmp_path / "p.html", compare({"b": b, "c": b}))
+    assert "95% interval" not in plain.read_text(encoding="utf-8")

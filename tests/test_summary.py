@@ -27,7 +27,7 @@ def test_results_open_with_the_answer() -> None:
 def test_pair_table_has_corrected_p_and_significance() -> None:
     text = summary.markdown(study())
     header = next(line for line in text.splitlines() if line.startswith("| a | b | shared heads"))
-    assert "| p (heads) | corrected | significant |" in header
+    assert "| corrected | significant | p (heads) |" in header
     row = next(line for line in text.splitlines() if line.startswith(f"| ioi | {EVIL} | a0.h0"))
     assert "| no |" in row  # one pair, p = 0.6: not significant
     assert "after Holm correction over the 1 pairs" in text

@@ -43,6 +43,7 @@ from reuse_lens.patching.attribution import attribution_patching
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.path import path_patching
 from reuse_lens.patching.scores import NodeScores
+from reuse_lens.separation import accuracy_of, check_separation
 from reuse_lens.tasks.metrics import MetricError
 
 if TYPE_CHECKING:
@@ -151,7 +152,12 @@ def discover_circuit(
         model, task, ablation=ablation, metric=metric, memory_budget=memory_budget
     )
     prep = evaluator.runner.prep
-    gap = check_separates(prep.clean_metric, prep.corrupted_metric, task.name)
+    gap = check_separates(
+        prep.clean_metric,
+        prep.corrupted_metric,
+        task.name,
+        accuracy=accuracy_of(prep.clean_logits, prep.inputs),
+    )
     settings: dict[str, Any] = {"level": level, "ablation": ablation}
     if method == "path":
         circuit, rule = _path_circuit(
@@ -194,33 +200,22 @@ def discover_circuit(
 # ---- rules --------------------------------------------------------------------------------
 
 
-MIN_T = 2.0
-"""The paired t statistic of clean − corrupted below which a task is said not to separate."""
-
-
 def check_separates(
-    clean: Float[Tensor, " batch"], corrupted: Float[Tensor, " batch"], task: str
+    clean: Float[Tensor, " batch"],
+    corrupted: Float[Tensor, " batch"],
+    task: str,
+    *,
+    accuracy: float | None = None,
 ) -> float:
-    """The mean clean − corrupted gap, or MetricError if the metric cannot tell them apart.
+    """The mean clean − corrupted gap, or MetricError if the model does not do the task.
 
-    With three or more prompts the gap must be significant and positive (metrics are
-    higher on the right answer): a paired t statistic of at least 2 over prompts. A model
-    that only guesses gives a gap of noise, and every circuit "found" in noise is noise.
-    With fewer prompts, the gap must be at least 1e-6.
+    The test is ``reuse_lens.separation``'s, shared with faithfulness and the study: the
+    gap's bootstrap interval must exclude 0 and the gap must reach ``MIN_EFFECT`` spreads
+    of the metric. A model that only guesses gives a gap of noise, and every circuit
+    "found" in noise is noise. The refusal gives the accuracy (when given), the gap and
+    its interval.
     """
-    diff = (clean - corrupted).double()
-    gap = float(diff.mean())
-    spread = float(diff.std()) if len(diff) >= 3 else 0.0
-    t = math.copysign(math.inf, gap) if spread == 0 else gap / (spread / math.sqrt(len(diff)))
-    if abs(gap) < 1e-6 or t < MIN_T:
-        raise MetricError(
-            f"the metric cannot separate the clean from the corrupted prompts of task "
-            f"{task!r}: clean {float(clean.mean()):.4g}, corrupted {float(corrupted.mean()):.4g} "
-            f"(paired t = {t:.2f} over {len(diff)} prompts, below {MIN_T}). The model does not "
-            "do this task (or the corruption changes nothing), so no circuit can be found: "
-            "check rl.evaluate(model, task), or use more prompts."
-        )
-    return gap
+    return check_separation(clean, corrupted, task, accuracy=accuracy).gap
 
 
 def _check_rule(

@@ -36,6 +36,7 @@ from reuse_lens.patching.ablation import AblationRunner, InputKind, MeanPosition
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.patching.scores import NodeScores
+from reuse_lens.separation import accuracy_of, check_separation
 from reuse_lens.tasks.metrics import MetricError
 
 if TYPE_CHECKING:
@@ -262,6 +263,7 @@ def faithfulness(
     prune: bool = False,
     node_empty: NodeEmpty = "nodes",
     memory_budget: MemoryBudget = None,
+    check_task: bool = True,
 ) -> float:
     """The circuit's share of the task's behaviour: 1.0 = the full model, 0.0 = all ablated.
 
@@ -293,12 +295,19 @@ def faithfulness(
         memory_budget: bytes or a size such as ``"2GiB"`` for the runs and each chunk of
             (circuit, prompt) rows; by default ``REUSE_LENS_MEMORY_BUDGET``, else 2 GiB on
             the CPU and half the free memory of a GPU (docs/scale.md).
+        check_task: refuse a task the model does not do (the default), by
+            ``reuse_lens.separation``'s test on the clean − corrupted gap, as
+            ``discover_circuit`` does: there faithfulness divides noise by noise. False
+            computes the ratio anyway (the engines' exactness tests on random models do).
 
     Raises:
         TypeError: when model, task or circuit is not one (a spec string, a list).
         CircuitError: when the circuit was made for a model of another shape, or its
             nodes are not in this model.
-        MetricError: when the metric cannot separate the full model from the ablated one.
+        MetricError: when the model does not do the task (``reuse_lens.separation``: the
+            clean − corrupted gap's interval includes 0, or the gap is small next to the
+            metric's spread), or the metric cannot separate the full model from the
+            ablated one.
         ValueError: for an empty task or an unknown ablation.
     """
     check_circuit(circuit)  # before the set-up's forward passes
@@ -315,6 +324,12 @@ def faithfulness(
         node_empty=node_empty,
         memory_budget=memory_budget,
     )
+    if check_task:  # a faithfulness of a task the model does not do divides noise by noise
+        prep = evaluator.runner.prep
+        check_separation(
+            prep.clean_metric, prep.corrupted_metric, task.name,
+            accuracy=accuracy_of(prep.clean_logits, prep.inputs),
+        )  # fmt: skip
     return evaluator(circuit, level)
 
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from reuse_lens.compare._sets import sorted_nodes
+from reuse_lens.separation import MIN_EFFECT
 
 if TYPE_CHECKING:
     from reuse_lens.compare.edges import EdgeOverlapReport
     from reuse_lens.compare.overlap import Kind, OverlapReport
+    from reuse_lens.separation import Separation
 
-__all__ = ["CORRECTION_NAMES", "answer", "node_counts"]
+__all__ = ["CORRECTION_NAMES", "answer", "node_counts", "study_answer"]
 
 CORRECTION_NAMES = {
     "holm": "Holm",
@@ -62,6 +65,50 @@ def answer(
     return out
 
 
+def study_answer(
+    overlap: OverlapReport | None,
+    edges: EdgeOverlapReport | None = None,
+    *,
+    refused: Mapping[str, Separation] | None = None,
+    base: str = "the base model",
+    alpha: float = 0.05,
+) -> list[str]:
+    """The answer a study opens with, in its report, its results.md and on the terminal.
+
+    Sentences, most important first: on the tasks (``answer``: which pairs share more
+    heads and MLPs than chance, corrected p-values first, and plainly when no pair
+    survives the correction), or, when fewer than two tasks had a circuit, that no tasks
+    could be compared and why; then the tasks the models do not do, with their numbers.
+
+    Arguments:
+        overlap: the study's task overlap; None when fewer than two tasks had a circuit.
+        edges: the edge overlap of the tasks' edge circuits, when compared.
+        refused: the failed separation tests by ``model/task`` (``StudyResult.refused``).
+        base: the base model's name, for sentences.
+        alpha: the level at which a corrected p-value counts as significant.
+    """
+    refused = dict(refused or {})
+    if overlap is not None:
+        out = answer(overlap, edges, alpha=alpha)
+    else:
+        tasks = [key.split("/", 1)[1] for key in refused if key.startswith("base/")]
+        out = [
+            f"No tasks could be compared: fewer than two tasks had a circuit in {base}"
+            + (f" ({', '.join(tasks)} refused: the model does not do them)." if tasks else ".")
+        ]
+    if refused:
+        listed = "; ".join(
+            f"{test.task} in {key.split('/', 1)[0]} ({test.brief()})"
+            for key, test in refused.items()
+        )
+        out.append(
+            "Refused, because the model does not do the task (the clean − corrupted gap's "
+            f"95% interval must exclude 0 and the gap reach {MIN_EFFECT:g} spread of the "
+            f"metric): {listed}."
+        )
+    return out
+
+
 def node_counts(overlap: OverlapReport) -> dict[str, list[str]]:
     """``{node: [circuits using it]}`` for every node some circuit uses, in forward order."""
     used = sorted_nodes({node for name in overlap.names for node in overlap.nodes(name)})
@@ -95,12 +142,13 @@ def _kind_sentence(overlap: OverlapReport, kind: Kind, alpha: float) -> str:
 
 
 def _pair_detail(overlap: OverlapReport, a: str, b: str, kind: Kind) -> str:
+    """A pair's shared nodes and Jaccard, its corrected p-value first (the one to read)."""
     shared = sorted_nodes(overlap.shared(a, b, kind))
     return (
         f"{a} and {b} (shared {', '.join(shared) or 'none'}; Jaccard "
         f"{overlap.jaccard(a, b, kind):.2f} against {overlap.expected_jaccard(a, b, kind):.2f} "
-        f"by chance; p = {_p(overlap.p_value(a, b, kind))}, corrected "
-        f"{_p(overlap.p_value(a, b, kind, corrected=True))})"
+        f"by chance; corrected p = {_p(overlap.p_value(a, b, kind, corrected=True))}, "
+        f"uncorrected {_p(overlap.p_value(a, b, kind))})"
     )
 
 

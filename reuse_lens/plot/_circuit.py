@@ -57,12 +57,14 @@ def circuit_diagram(
     template: str = "plotly_white",
     title: str | None = None,
 ) -> go.Figure:
-    """Draw a circuit on its model's grid: layers up (input at the bottom, logits on top).
+    """Draw a circuit on its model's grid: layers up, the first at the bottom.
 
     Heads sit at their index across each layer and the MLP to their right, as in
     :func:`patching_heatmap`. Nodes outside the circuit are drawn faintly so that the
     grid, and hence where the circuit lies, stays visible. Edge circuits draw their
-    edges as lines; edges into a head's q, k and v inputs differ in colour and dash.
+    edges as lines, from the input (below layer 0) to the logits (above the last layer);
+    edges into a head's q, k and v inputs differ in colour and dash. Node circuits have
+    no edges, so they draw their nodes on the layers alone, without input and logits.
 
     Arguments:
         circuit: the circuit to draw.
@@ -100,15 +102,18 @@ def circuit_diagram(
     shape = circuit.shape
     fig = go.Figure()
     _add_background(fig, circuit, scores)
-    _add_edges(fig, circuit, shape)
-    _add_ends(fig, shape)
+    # A node circuit has no edges: input and logits would stand apart with nothing
+    # joining them, so only the layers are drawn, bottom (first) to top (last).
+    if circuit.edges:
+        _add_edges(fig, circuit, shape)
+        _add_ends(fig, shape)
     members = [name for row in grid_names(shape) for name in row if name in circuit.nodes]
     if color_by == "score":
         _add_scored_nodes(fig, circuit, members, scores)
     else:
         labels = _labels(circuit, members, color_by, classes or {})
         _add_categories(fig, circuit, members, labels, scores)
-    _layout(fig, shape)
+    _layout(fig, shape, ends=bool(circuit.edges))
     task = circuit.metadata.get("task")
     default = f"{circuit.level}-level circuit: {len(circuit)} nodes" + (
         f", {len(circuit.edges)} edges" if circuit.edges else ""
@@ -303,11 +308,18 @@ def _add_scored_nodes(
     )
 
 
-def _layout(fig: go.Figure, shape: ModelShape) -> None:
+def _layout(fig: go.Figure, shape: ModelShape, *, ends: bool = True) -> None:
+    """Axes: heads (and the MLP column) across, layers up; with ``ends``, the input below
+    layer 0 and the logits above the last layer."""
     columns = list(range(shape.n_heads + (1 if shape.has_mlps else 0)))
     labels = [str(h) for h in range(shape.n_heads)] + ([MLP_LABEL] if shape.has_mlps else [])
-    rows = list(range(-1, shape.n_layers + 1))
-    row_labels = ["input", *map(str, range(shape.n_layers)), "logits"]
+    layers = list(map(str, range(shape.n_layers)))
+    if ends:
+        rows = list(range(-1, shape.n_layers + 1))
+        row_labels = ["input", *layers, "logits"]
+        span = [-1.7, shape.n_layers + 0.7]
+    else:
+        rows, row_labels, span = list(range(shape.n_layers)), layers, [-0.7, shape.n_layers - 0.3]
     fig.update_xaxes(
         title_text="head", tickvals=columns, ticktext=labels, zeroline=False, showgrid=False
     )
@@ -315,8 +327,9 @@ def _layout(fig: go.Figure, shape: ModelShape) -> None:
         title_text="layer",
         tickvals=rows,
         ticktext=row_labels,
-        range=[-1.7, shape.n_layers + 0.7],
+        range=span,
         zeroline=False,
         showgrid=False,
     )
-    fig.update_layout(height=max(400, 45 * (shape.n_layers + 2)), legend={"itemsizing": "constant"})
+    height = 45 * (shape.n_layers + (2 if ends else 0))
+    fig.update_layout(height=max(400, height), legend={"itemsizing": "constant"})

@@ -68,7 +68,8 @@ def patching_heatmap(
             zmid=0.0,
             xgap=1,
             ygap=1,
-            colorbar={"title": {"text": label}},
+            # RdBu runs red (low) to blue (high): say so where the reader looks.
+            colorbar={"title": {"text": f"{label}<br>red: metric falls<br>blue: rises"}},
         )
     )
     grid_axes(fig, shape)

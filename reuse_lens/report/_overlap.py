@@ -7,7 +7,7 @@ Split from ``html.py`` so that each stays short; ``report.write`` and
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from reuse_lens import plot
@@ -21,69 +21,85 @@ if TYPE_CHECKING:
 
 __all__ = ["answer_section", "edge_overlap_section", "model_overlap_section", "overlap_section"]
 
-# Pairwise statistics shown in overlap tables; the full set is in OverlapReport.table().
-_PAIR_COLUMNS = [
-    "a",
-    "b",
-    "size_a_all",
-    "size_b_all",
-    "shared_all",
-    "jaccard_all",
-    "jaccard_heads",
-    "jaccard_mlps",
-    "directional_ab_all",
-    "directional_ba_all",
-    "p_value_heads",
-    "p_adjusted_heads",
-    "expected_jaccard_heads",
-    "edge_iou",
-    "spearman",
-    "stability",
-]
+# Pairwise statistics shown in overlap tables, with the names a reader sees; the full set
+# is in OverlapReport.table(). The short table shows _PAIR_KEY, the rest is folded.
+_PAIR_COLUMNS = {
+    "a": "a",
+    "b": "b",
+    "shared_all": "shared nodes",
+    "jaccard_heads": "Jaccard (heads)",
+    "expected_jaccard_heads": "by chance",
+    "p_adjusted_heads": "corrected p (heads)",
+    "p_value_heads": "uncorrected p",
+    "jaccard_all": "Jaccard (all)",
+    "jaccard_mlps": "Jaccard (MLPs)",
+    "size_a_all": "nodes in a",
+    "size_b_all": "nodes in b",
+    "directional_ab_all": "share of a in b",
+    "directional_ba_all": "share of b in a",
+    "edge_iou": "edge IoU",
+    "spearman": "score correlation",
+    "stability": "stability ceiling",
+}
+_PAIR_KEY = [
+    "a", "b", "shared_all", "jaccard_heads", "expected_jaccard_heads", "p_adjusted_heads",
+    "p_value_heads", "stability",
+]  # fmt: skip
 
-_EDGE_COLUMNS = [
-    "a",
-    "b",
-    "edges_a",
-    "edges_b",
-    "shared",
-    "jaccard",
-    "expected_jaccard",
-    "p_value",
-    "p_adjusted",
-    "p_adjusted_receivers",
-    "heads_same",
+_EDGE_COLUMNS = {
+    "a": "a",
+    "b": "b",
+    "shared": "shared edges",
+    "jaccard": "edge Jaccard",
+    "expected_jaccard": "by chance",
+    "p_adjusted": "corrected p",
+    "p_adjusted_receivers": "corrected p, senders redrawn",
+    "p_value": "uncorrected p",
+    "edges_a": "edges in a",
+    "edges_b": "edges in b",
+    "heads_same": "heads read alike",
+    "heads_other_inputs": "heads through other inputs",
+    "heads_other_senders": "heads from other senders",
+}
+_EDGE_KEY = [
+    "a", "b", "shared", "jaccard", "expected_jaccard", "p_adjusted", "p_adjusted_receivers",
     "heads_other_inputs",
-    "heads_other_senders",
-]
+]  # fmt: skip
+_SWEEP_PAIRS = 4  # pairs drawn in the top-k sweep: a line and its chance line each
 _MAX_HEAD_ROWS = 120  # rows of the "shared heads read differently" table before it is cut
 
 
 def answer_section(
     report: HtmlReport,
-    overlap: OverlapReport,
+    overlap: OverlapReport | None,
     edges: EdgeOverlapReport | None,
     *,
     what: str,
-    extra: Sequence[str] = (),
+    sentences: list[str] | None = None,
 ) -> None:
-    """The answer first: the generated sentences (``extra``: the fine-tunes'), then the
-    marked Jaccard matrix."""
+    """The answer first: the generated sentences, then the marked Jaccard matrix.
+
+    ``sentences`` replaces ``answer(overlap, edges)`` (a study's answer says more); the
+    matrix is drawn here only, once, when there are two circuits or more.
+    """
     from reuse_lens.compare.answer import answer
 
     report.add_heading(f"Which {what} reuse which heads and MLPs, and is it significant?")
-    sentences = [*answer(overlap, edges), *extra]
+    if sentences is None:
+        sentences = answer(overlap, edges) if overlap is not None else []
     rows = "".join(f"<li>{html.escape(line)}</li>" for line in sentences)
     report.add_raw(f'<ul class="answer">{rows}</ul>')
-    if len(overlap.names) < 2:
+    if overlap is None or len(overlap.names) < 2:
         return
     kinds = ("heads", "mlps") if overlap.shape.has_mlps else ("heads",)
     report.add_figure(
         plot.jaccard_matrix(overlap, kinds=kinds, title=_answer_title(overlap, what)),
         name="jaccard_matrix",
         key=f"answer/{what}",
-        caption="Jaccard index of every pair; * marks the pairs whose p-value (hypergeometric, "
-        "P(X ≥ shared)) survives the correction for testing every pair. Hover for the p-values.",
+        caption="Colour: the Jaccard index of every pair, darker blue where more is shared "
+        "(0: nothing, 1: the same nodes); * marks the pairs whose p-value "
+        "(hypergeometric, P(X ≥ shared)) survives the correction for testing every pair. "
+        "Hover for the p-values.",
     )
 
 
@@ -103,18 +119,25 @@ def edge_overlap_section(report: HtmlReport, edges: EdgeOverlapReport) -> None:
     if len(edges.names) < 2:
         report.add_text("Only one edge circuit: there is no pair to compare.", css_class="empty")
         return
-    report.add_figure(plot.edge_jaccard_matrix(edges), name="edge_jaccard_matrix", key="edges")
+    report.add_figure(
+        plot.edge_jaccard_matrix(edges), name="edge_jaccard_matrix", key="edges",
+        caption="Colour: the edge Jaccard of every pair of edge circuits, darker blue where "
+        "more edges are shared.",
+    )  # fmt: skip
     table = edges.table()
     report.add_table(
         table.reindex(columns=[c for c in _EDGE_COLUMNS if c in table.columns]),
-        caption="Pairwise edge overlap. expected_jaccard and p_value: B's edges drawn at random "
-        "from the model's edge graph (hypergeometric); p_adjusted_receivers: only the senders "
-        "of each input both circuits read are redrawn. heads_*: heads both circuits feed, "
-        "read the same way, through other q/k/v inputs, or from other senders.",
+        names=_EDGE_COLUMNS,
+        key=_EDGE_KEY,
+        caption="Pairwise edge overlap. By chance and p: b's edges drawn at random from the "
+        "model's edge graph (hypergeometric), corrected over the pairs; senders redrawn: only "
+        "the senders of each input both circuits read are redrawn. Heads: the heads both "
+        "circuits feed, read the same way, through other q/k/v inputs, or from other senders.",
     )
     report.add_heading("Shared heads read differently", level=3)
     frame = _head_differences(edges)
     cut = len(frame) > _MAX_HEAD_ROWS
+    report.add_folded(f"{len(frame)} (pair, head) cases: each circuit's inputs and senders")
     report.add_table(
         frame.head(_MAX_HEAD_ROWS),
         caption="For each pair and each head both circuits feed but read differently: the "
@@ -126,6 +149,7 @@ def edge_overlap_section(report: HtmlReport, edges: EdgeOverlapReport) -> None:
             else ""
         ),
     )
+    report.end_folded()
 
 
 def _head_differences(edges: EdgeOverlapReport) -> pd.DataFrame:
@@ -158,22 +182,62 @@ def _uses(edges: EdgeOverlapReport, name: str, head: str) -> str:
 
 
 def overlap_section(report: HtmlReport, overlap: OverlapReport, *, key: str) -> None:
-    """Headline grid first, then the matrices, UpSet, sweep and pairwise table."""
+    """Headline grid first, then UpSet, the top-k sweep and the pairwise table.
+
+    The Jaccard matrix is the answer's (``answer_section``), drawn once at the top.
+    """
     if len(overlap.names) < 2:
         report.add_text("Only one circuit: there is no pair to compare.", css_class="empty")
         return
-    report.add_figure(plot.overlap_grid(overlap), name="overlap_grid", key=key)
-    kinds = ("heads", "mlps") if overlap.shape.has_mlps else ("heads",)
-    report.add_figure(plot.jaccard_matrix(overlap, kinds=kinds), name="jaccard_matrix", key=key)
+    report.add_figure(
+        plot.overlap_grid(overlap), name="overlap_grid", key=key, caption=_grid_caption(overlap)
+    )
     report.add_figure(plot.upset(overlap), name="upset", key=key)
     if all(c.node_scores for c in overlap.circuits.values()):
-        report.add_figure(plot.threshold_sweep(overlap), name="threshold_sweep", key=key)
+        pairs = _sweep_pairs(overlap)
+        n_pairs = len(overlap.names) * (len(overlap.names) - 1) // 2
+        which = (
+            "the pair"
+            if n_pairs == 1
+            else f"the {len(pairs)} pairs with the lowest corrected p-values for heads, of {n_pairs}"
+        )
+        report.add_figure(
+            plot.threshold_sweep(overlap, pairs, title=f"Overlap of the top-k nodes: {which}"),
+            name="threshold_sweep",
+            key=key,
+            caption=f"Jaccard of the top-k nodes by |score| of {which}, as k grows; dashed, "
+            "the same pair by chance. OverlapReport.sweep(a, b) gives any pair.",
+        )
     report.add_table(
         _pair_table(overlap),
-        caption="Pairwise overlap: p-value of the head overlap under a hypergeometric null "
-        f"(P(X ≥ shared)) and corrected over the pairs ({overlap.correction}), the Jaccard "
-        "expected by chance, and the stability ceiling (the lower within-task Jaccard of "
-        "the two).",
+        names=_PAIR_COLUMNS,
+        key=_PAIR_KEY,
+        caption="Pairwise overlap: the corrected p-value of the head overlap under a "
+        f"hypergeometric null (P(X ≥ shared)), {overlap.correction} over the pairs, then "
+        "uncorrected; the Jaccard expected by chance; and the stability ceiling (the lower "
+        "within-task Jaccard of the two).",
+    )
+
+
+def _sweep_pairs(overlap: OverlapReport) -> list[tuple[str, str]]:
+    """The pairs the sweep draws: the lowest corrected p-values for heads, then Jaccard."""
+    import itertools
+    import math
+
+    def order(pair: tuple[str, str]) -> tuple[float, float]:
+        p = overlap.p_value(*pair, "heads", corrected=True)
+        return (1.0 if math.isnan(p) else p, -overlap.jaccard(*pair, "heads"))
+
+    pairs = sorted(itertools.combinations(overlap.names, 2), key=order)
+    return pairs[:_SWEEP_PAIRS]
+
+
+def _grid_caption(overlap: OverlapReport) -> str:
+    if len(overlap.names) == 2:
+        return "Colour: which of the two circuits holds each head (columns) and MLP (last column) of each layer (rows)."
+    return (
+        "Colour: how many of the circuits hold each head (columns) and MLP (last column) of "
+        "each layer (rows); darker is more. Hover a cell for which circuits."
     )
 
 
@@ -192,8 +256,11 @@ def model_overlap_section(
         if len(overlap.names) < 2:
             report.add_text("Only one model's circuit: nothing to compare.", css_class="empty")
             continue
-        report.add_figure(plot.overlap_grid(overlap), name="overlap_grid", key=f"models/{task}")
-        report.add_table(_pair_table(overlap))
+        report.add_figure(
+            plot.overlap_grid(overlap), name="overlap_grid", key=f"models/{task}",
+            caption=_grid_caption(overlap),
+        )  # fmt: skip
+        report.add_table(_pair_table(overlap), names=_PAIR_COLUMNS, key=_PAIR_KEY)
 
 
 def _pair_table(overlap: OverlapReport) -> pd.DataFrame:

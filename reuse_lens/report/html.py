@@ -45,10 +45,15 @@ h1{border-bottom:2px solid #ddd;padding-bottom:.3rem}
 h2{margin-top:2.5rem;border-bottom:1px solid #eee}
 nav.toc{background:#f7f7f9;border:1px solid #e3e3e8;padding:.5rem 1.5rem;margin:1rem 0}
 nav.toc ol{margin:.2rem 0;padding-left:1.2rem}
-table.data{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}
+table.data{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem;max-width:100%}
 .table{overflow-x:auto;max-width:100%}
 table.data th,table.data td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;
-font-variant-numeric:tabular-nums}
+font-variant-numeric:tabular-nums;overflow-wrap:break-word;vertical-align:top}
+details{margin:.5rem 0 1rem}
+details table.data{font-size:.78rem}
+details table.data th,details table.data td{padding:.2rem .35rem}
+details>summary{cursor:pointer;color:#2c6fbb}
+.refused{color:#b00020}
 table.data th{background:#f0f0f4}
 .figure{margin:1rem 0;min-height:300px}
 .caption{color:#555;font-size:.9rem}
@@ -58,6 +63,16 @@ table.data th{background:#f0f0f4}
 ul.answer{font-size:1.05rem;background:#f3f7fc;border-left:4px solid #2c6fbb;
 padding:.6rem 1rem .6rem 2rem}
 """
+
+
+# A figure drawn inside a closed <details> has no width; redraw it to the page's when the
+# reader opens it.
+_RESIZE_OPENED = (
+    "document.addEventListener('toggle', function (e) {"
+    " if (!e.target.open) return;"
+    " e.target.querySelectorAll('.js-plotly-plot').forEach(function (div) {"
+    " Plotly.Plots.resize(div); }); }, true);"
+)
 
 
 class StudyLike(Protocol):
@@ -80,7 +95,7 @@ class StudyLike(Protocol):
     @property
     def method_agreement(self) -> pd.DataFrame: ...
     @property
-    def task_overlap(self) -> OverlapReport: ...
+    def task_overlap(self) -> OverlapReport | None: ...
     @property
     def model_overlap(self) -> Mapping[str, OverlapReport]: ...
     @property
@@ -136,27 +151,50 @@ class HtmlReport:
         self._body.append(f"<ul>{rows}</ul>")
 
     def add_table(
-        self, df: pd.DataFrame, *, caption: str | None = None, index: bool = False
+        self,
+        df: pd.DataFrame,
+        *,
+        caption: str | None = None,
+        index: bool = False,
+        names: Mapping[str, str] | None = None,
+        key: Sequence[str] | None = None,
     ) -> None:
         """Add a DataFrame as a table: cells escaped, floats to three significant digits.
 
         Values under 1e-3 keep scientific notation, since a p-value of 1e-9 and one of
-        1e-4 say different things.
+        1e-4 say different things. Long cells wrap, so a table fits the page's column.
+
+        Arguments:
+            df: the table.
+            caption: a line above it.
+            index: show the index as a first column.
+            names: column names as a reader sees them, by the frame's names (columns
+                not named keep theirs).
+            key: the columns (the frame's names) of a short table shown first; the whole
+                table then follows, folded, under "All columns". None: the whole table.
         """
         cap = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""
         if df.empty:
             self._body.append(f'{cap}<p class="empty">No rows.</p>')
             return
-        formatters: dict[Any, Callable[[Any], str]] = {col: _format_cell for col in df.columns}
-        table = df.to_html(
-            escape=True,
-            index=index,
-            border=0,
-            classes="data",
-            na_rep="–",
-            formatters=formatters,  # type: ignore[arg-type]
-        )
-        self._body.append(f'{cap}<div class="table">{table}</div>')
+        short = [c for c in key if c in df.columns] if key is not None else []
+        if short and len(short) < len(df.columns):
+            full = _html_table(df, index, names)
+            self._body.append(
+                f"{cap}{_html_table(df.loc[:, short], index, names)}<details><summary>All "
+                f"{len(df.columns)} columns</summary>{full}</details>"
+            )
+            return
+        self._body.append(cap + _html_table(df, index, names))
+
+    def add_folded(self, summary: str) -> None:
+        """Open a folded part (``<details>``) whose line reads ``summary``; what is added
+        next is inside it until :meth:`end_folded`. Figures inside are drawn when opened."""
+        self._body.append(f"<details><summary>{html.escape(summary)}</summary>")
+
+    def end_folded(self) -> None:
+        """Close the folded part :meth:`add_folded` opened."""
+        self._body.append("</details>")
 
     def add_figure(
         self, fig: go.Figure, *, name: str, key: str | None = None, caption: str | None = None
@@ -206,6 +244,7 @@ class HtmlReport:
                 # MathJax stays off: plotly would otherwise look for it on a CDN.
                 "<script>window.PlotlyConfig = {MathJaxConfig: 'local'};</script>",
                 f'<script type="text/javascript">{get_plotlyjs()}</script>',
+                f"<script>{_RESIZE_OPENED}</script>",
                 "</head>",
                 "<body>",
                 f"<h1>{title}</h1>",
@@ -257,14 +296,18 @@ def write(
 ) -> Path:
     """Write the report of a study as one self-contained HTML file.
 
-    The report opens with the answer: which tasks reuse which heads and MLPs and whether
-    that survives the correction for testing every pair (``reuse_lens.compare.answer``), and the
-    Jaccard matrix of the tasks with the significant pairs marked. The contents list
-    follows, then: summary, model evaluations, each circuit (size, faithfulness against
-    the random baseline, patching heatmap, diagram), faithfulness curves, method agreement,
-    task overlap, edge overlap (when the study has ``edge_overlap``, an
-    ``EdgeOverlapReport``), model overlap per task, cross-task / cross-model /
-    cross-ablation matrices and interventions.
+    The report opens with the answer (``reuse_lens.report.summary.study_answer``, the
+    same sentences as results.md and the terminal): which tasks reuse which heads and
+    MLPs, whether that survives the correction for testing every pair, and which tasks
+    the models do not do; then the Jaccard matrix of the tasks with the significant
+    pairs marked. The contents list follows, then: summary and findings, whether each
+    model does each task, the comparisons (task overlap, edge overlap when the study has
+    ``edge_overlap``, model overlap per task, tasks inside each fine-tune, cross-task /
+    cross-model / cross-ablation matrices, interventions), and last the circuits: their
+    table, faithfulness curves, and each circuit's heatmap and diagram, folded.
+
+    A study whose ``task_overlap`` is None (fewer than two tasks had a circuit) gets
+    every section it has data for, and says why the tasks were not compared.
 
     Arguments:
         path: the file to write; missing parent folders are created.
@@ -274,29 +317,35 @@ def write(
     Returns:
         The path written.
     """
+    from reuse_lens.report.summary import study_answer
+
     path = _check_target(path)
     base = str(getattr(study.config, "base", "") or study.models.get("base", "model"))
     report = HtmlReport(title or f"reuse_lens study of {base}")
     edges: EdgeOverlapReport | None = getattr(study, "edge_overlap", None)
     analyses = getattr(study, "fine_tuning", None) or {}
     claims = getattr(study, "claims", None) or []
-    sections.answer_section(
-        report, study.task_overlap, edges, what="tasks",
-        extra=finetune.answer_sentences(analyses, claims),
-    )  # fmt: skip
+    overlap = study.task_overlap
+    sections.answer_section(report, overlap, edges, what="tasks", sentences=study_answer(study))
     report.add_contents()
     if analyses:
         finetune.fine_tuning_section(report, analyses, claims)
     _summary(report, study, base)
-    report.add_heading("Model evaluations")
-    report.add_table(study.evaluations, caption="Accuracy and logit difference of each model.")
-    _circuits(report, study)
-    _curves(report, study.curves)
-    report.add_heading("Method agreement")
-    report.add_table(study.method_agreement, caption="Jaccard of circuits found by two methods.")
+    _evaluations(report, study)
     report.add_heading("Task overlap")
-    sections.overlap_section(report, study.task_overlap, key="tasks")
-    report.add_table(study.stability, caption="Within-task stability (bootstrap Jaccard).")
+    if overlap is None:
+        report.add_text(
+            "Not compared: fewer than two tasks had a circuit in the base model (see "
+            "Model evaluations for why).",
+            css_class="empty",
+        )
+    else:
+        sections.overlap_section(report, overlap, key="tasks")
+    report.add_table(
+        study.stability, names=_STABILITY_NAMES,
+        caption="Within-task stability: the mean Jaccard of circuits found on bootstrap "
+        "resamples of a task's prompts, the ceiling for its overlap with other tasks.",
+    )  # fmt: skip
     if edges is not None:
         sections.edge_overlap_section(report, edges)
     sections.model_overlap_section(report, study.model_overlap)
@@ -307,7 +356,17 @@ def write(
         )  # fmt: skip
     _matrices(report, study)
     report.add_heading("Interventions")
-    report.add_table(_interventions(study.interventions), caption="Targeted ablations.")
+    report.add_table(
+        _interventions(study.interventions), names=_INTERVENTION_NAMES,
+        key=["name", "task", "heads", "accuracy_before", "accuracy_after"],
+        caption="Targeted ablations.",
+    )  # fmt: skip
+    _circuits(report, study)
+    report.add_heading("Method agreement")
+    report.add_table(
+        study.method_agreement, names=_AGREEMENT_NAMES,
+        caption="Jaccard of circuits found by two methods.",
+    )  # fmt: skip
     return report.write(path)
 
 
@@ -361,29 +420,83 @@ def _summary(report: HtmlReport, study: StudyLike, base: str) -> None:
         report.add_list(list(study.findings))
     else:
         report.add_text("No findings were recorded.", css_class="empty")
-    report.add_heading("Configuration", level=3)
+    report.add_folded("Configuration")
     report.add_raw(_key_value_table(_config_items(study.config)))
+    report.end_folded()
+
+
+def _evaluations(report: HtmlReport, study: StudyLike) -> None:
+    """Every model on every task, whether it does the task, and why refused tasks were."""
+    import pandas as pd
+
+    from reuse_lens.report.summary import evaluation_rows
+
+    report.add_heading("Model evaluations")
+    refused = getattr(study, "refused", None) or {}
+    if refused:
+        report.add_text(
+            "No circuit was looked for where the model does not do the task: the clean − "
+            "corrupted gap's 95% interval must exclude 0 and the gap reach 1 standard "
+            "deviation of the metric over prompts.",
+            css_class="refused",
+        )
+        report.add_list([f"{key.split('/')[0]} on {test.line()}" for key, test in refused.items()])
+    rows = pd.DataFrame(evaluation_rows(study.evaluations))
+    report.add_table(
+        rows,
+        key=["model", "task", "accuracy", "gap (clean − corrupted metric)", "95% interval",
+             "effect (spreads)", "does the task"],
+        caption="Accuracy (the answer is the top-1 token) and logit difference of each "
+        "model on each task; gap: the task's metric on clean minus corrupted prompts, with "
+        "its 95% bootstrap interval; effect: the gap in standard deviations of the metric.",
+    )  # fmt: skip
 
 
 def _circuits(report: HtmlReport, study: StudyLike) -> None:
+    import pandas as pd
+
+    from reuse_lens.report.summary import circuit_rows
+
     report.add_heading("Circuits")
     if not study.circuits:
         report.add_text("The study found no circuits.", css_class="empty")
         return
-    report.add_table(study.circuit_table, caption="Every circuit, its size and faithfulness.")
+    table = pd.DataFrame(circuit_rows(study.circuit_table))
+    interval = " (with its 95% interval over prompts)" if "95% interval" in table.columns else ""
+    report.add_table(
+        table,
+        caption=f"Every circuit, its size and faithfulness{interval}, against random "
+        "circuits of the same size.",
+    )
+    _curves(report, study.curves)
+    report.add_heading("Each circuit", level=3)
+    report.add_text(
+        "Each circuit's patching heatmap and diagram, folded: click a circuit to open it.",
+        css_class="caption",
+    )
     rows = _rows_by_key(study.circuit_table)
     for key, circuit in study.circuits.items():
-        report.add_heading(f"Circuit {key}", level=3)
+        report.add_folded(f"Circuit {key}: {_plain_line(circuit, rows.get(key))}")
         report.add_raw(_circuit_line(circuit, rows.get(key)))
         if key in study.scores:
             report.add_figure(
-                plot.patching_heatmap(study.scores[key]), name="patching_heatmap", key=key
-            )
+                plot.patching_heatmap(study.scores[key]), name="patching_heatmap", key=key,
+                caption=HEATMAP_CAPTION,
+            )  # fmt: skip
         report.add_figure(plot.circuit_diagram(circuit), name="circuit_diagram", key=key)
+        report.end_folded()
+
+
+HEATMAP_CAPTION = (
+    "Colour: each node's patching effect, the metric with the node patched minus without. "
+    "Red: patching it lowers the metric (the task needs the node); blue: raises it; "
+    "white: no effect."
+)
+"""What the colours of a patching heatmap mean, under every one in the report."""
 
 
 def _curves(report: HtmlReport, curves: Mapping[str, plot.CurveLike]) -> None:
-    report.add_heading("Faithfulness curves")
+    report.add_heading("Faithfulness curves", level=3)
     if not curves:
         report.add_text("No faithfulness curves were computed.", css_class="empty")
         return
@@ -413,10 +526,65 @@ def _matrices(report: HtmlReport, study: StudyLike) -> None:
             continue
         named = df.rename_axis(index=df.index.name or rows, columns=df.columns.name or columns)
         fig = plot.faithfulness_matrix(named, title=titles[key], value_name=value_name)
-        report.add_figure(fig, name="faithfulness_matrix", key=key)
+        report.add_figure(fig, name="faithfulness_matrix", key=key, caption=_MATRIX_CAPTIONS[key])
+
+
+_MATRIX_CAPTIONS = {
+    "cross_task": "Colour: darker blue is a higher faithfulness; 1 = the row's circuit "
+    "alone does all of the column's task, 0 = no more than with everything ablated.",
+    "cross_model": "Colour: darker blue is a higher faithfulness of the base circuit inside "
+    "the column's model; 1 = it does all of the task there.",
+    "cross_ablation": "Colour: darker blue is more damage; 0 = ablating the row's circuit "
+    "leaves the column's task intact, 1 = as bad as ablating every node.",
+}
+
+_STABILITY_NAMES = {"mean_jaccard": "mean Jaccard", "std_jaccard": "std", "n_boot": "resamples"}
+_AGREEMENT_NAMES = {
+    "method_a": "method a", "method_b": "method b", "jaccard": "Jaccard",
+    "jaccard_heads": "Jaccard heads", "jaccard_mlps": "Jaccard MLPs",
+}  # fmt: skip
+_INTERVENTION_NAMES = {
+    "accuracy_before": "accuracy before", "accuracy_after": "accuracy after",
+    "metric_before": "metric before", "metric_after": "metric after",
+    "random_metric": "random heads' metric", "random_metric_std": "random std",
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------- helpers
+
+
+def _html_table(df: pd.DataFrame, index: bool, names: Mapping[str, str] | None) -> str:
+    if names:
+        df = df.rename(columns={c: names[c] for c in df.columns if c in names})
+    formatters: dict[Any, Callable[[Any], str]] = {col: _format_cell for col in df.columns}
+    table = df.to_html(
+        escape=True,
+        index=index,
+        border=0,
+        classes="data",
+        na_rep="–",
+        formatters=formatters,  # type: ignore[arg-type]
+    )
+    return f'<div class="table">{_break_after(table)}</div>'
+
+
+def _break_after(markup: str) -> str:
+    """Let long names wrap after ``_``, ``/`` and ``.`` (``colored_<wbr>objects``), so
+    that tables narrow to the page without cutting words at random letters."""
+    return re.sub(
+        r">([^<]+)<",
+        lambda m: ">" + re.sub(r"([_/](?=\w)|\.(?=[A-Za-z]))", r"\1<wbr>", m.group(1)) + "<",
+        markup,
+    )
+
+
+def _plain_line(circuit: Circuit, row: Mapping[str, Any] | None) -> str:
+    """The folded circuit's one line: its size and faithfulness, as plain text."""
+    text = f"{_count(len(circuit), 'node')}"
+    faith = _float(row.get("faithfulness")) if row else math.nan
+    if not math.isnan(faith):
+        text += f", faithfulness {faith:.2f}" + (" (below 0.8)" if faith < FAITHFUL else "")
+    return text
 
 
 def _circuit_line(circuit: Circuit, row: Mapping[str, Any] | None) -> str:
@@ -430,8 +598,12 @@ def _circuit_line(circuit: Circuit, row: Mapping[str, Any] | None) -> str:
     if not math.isnan(faith):
         mean = _float(row.get("random_mean")) if row else math.nan
         std = _float(row.get("random_std")) if row else math.nan
+        low = _float(row.get("faithfulness_low")) if row else math.nan
+        high = _float(row.get("faithfulness_high")) if row else math.nan
+        interval = "" if math.isnan(low) else f" (95% interval {low:.3f} to {high:.3f})"
         text = (
-            f"faithfulness {faith:.3f} vs random circuits of the same size {mean:.3f} ± {std:.3f}"
+            f"faithfulness {faith:.3f}{interval} vs random circuits of the same size "
+            f"{mean:.3f} ± {std:.3f}"
         )
         if faith < FAITHFUL:
             parts.append(
@@ -450,20 +622,27 @@ def _rows_by_key(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
 
 
 def _circuit_sizes(circuits: Mapping[str, Circuit]) -> pd.DataFrame:
+    """Each circuit's task, method and size, and its faithfulness (with its interval)
+    where its metadata records them."""
     import pandas as pd
 
-    rows = [
-        {
+    rows = []
+    for name, c in circuits.items():
+        row: dict[str, Any] = {
             "circuit": name,
             "task": str(c.metadata.get("task", "–")),
             "method": str(c.metadata.get("method", "–")),
             "nodes": len(c),
             "heads": len(c.heads),
-            "mlps": len(c.mlps),
+            "MLPs": len(c.mlps),
             "edges": len(c.edges),
         }
-        for name, c in circuits.items()
-    ]
+        if "faithfulness" in c.metadata:
+            row["faithfulness"] = float(c.metadata["faithfulness"])
+        if (interval := c.metadata.get("faithfulness_interval")) is not None:
+            low, high = (_format_cell(float(v)) for v in interval)
+            row["95% interval"] = f"[{low}, {high}]"
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -501,8 +680,10 @@ def _key_value_table(rows: Sequence[tuple[str, str]]) -> str:
 
 
 def _format_cell(value: Any) -> str:
-    """Floats to three significant digits (tiny ones in scientific notation)."""
-    if isinstance(value, bool) or not isinstance(value, float | int):
+    """Floats to three significant digits (tiny ones in scientific notation); yes or no."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if not isinstance(value, float | int):
         return str(value)
     if isinstance(value, int):
         return str(value)

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.circuits.measure import FaithfulnessCurve
 from reuse_lens.patching.scores import NodeScores
+from reuse_lens.separation import Separation
 from reuse_lens.study.config import FAITHFUL, StudyConfig
 from reuse_lens.study.finetune import analyse_fine_tunes, claims
-from reuse_lens.study.result import StudyResult
-from reuse_lens.tasks.metrics import MetricError
+from reuse_lens.study.result import StudyResult, refused_pairs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,6 +40,7 @@ class StudyRun:
     ``stability`` holds, per base task, the Stability of its resampled circuits, or None
     when the model did not separate the task on one of its resamples. ``edge_circuits``
     holds each base task's EAP-IG edge circuit, when the study compares edges.
+    ``separations`` holds, by ``model/task``, whether each model does each task.
     """
 
     config: StudyConfig
@@ -55,6 +56,7 @@ class StudyRun:
     stability: dict[str, Stability | None]
     start: float
     edge_circuits: dict[str, Circuit] = field(default_factory=dict)
+    separations: dict[str, Separation] = field(default_factory=dict)
 
     def circuit(self, model: str, task: str) -> Circuit | None:
         """The primary method's circuit, if one was found."""
@@ -115,14 +117,12 @@ def compare_circuits(run: StudyRun) -> StudyResult:
 
     config, base = run.config, run.models["base"]
     base_circuits = {t: c for t in config.tasks if (c := run.circuit("base", t)) is not None}
-    if len(base_circuits) < 2:
-        raise MetricError(
-            f"only {len(base_circuits)} task(s) had a circuit in {config.base} "
-            f"({'; '.join(run.skipped.values()) or 'none skipped'}): overlap needs two"
-        )
+    # With fewer than two tasks there is no overlap of tasks: the study still reports
+    # what it found (the evaluations, why tasks were refused, the circuits, and what the
+    # fine-tunes did with them).
     stability = _stability(run, list(base_circuits))
-    task_overlap = compare(base_circuits)
-    if len(stability):
+    task_overlap = compare(base_circuits) if len(base_circuits) >= 2 else None
+    if task_overlap is not None and len(stability):
         ceilings = {
             t: v
             for t, v in zip(stability["task"], stability["mean_jaccard"], strict=True)
@@ -144,23 +144,35 @@ def compare_circuits(run: StudyRun) -> StudyResult:
     budget = config.memory_budget
     cross_task = cross_task_faithfulness(
         base, base_circuits, base_tasks, ablation=ablation, memory_budget=budget
-    )
+    ) if base_circuits else pd.DataFrame()  # fmt: skip
     tuned = {t: base_circuits[t] for t in config.fine_tuned if t in base_circuits}
     cross_model = cross_model_faithfulness(
         tuned, run.models, {t: run.tasks[t] for t in tuned}, ablation=ablation,
         memory_budget=budget,
-    )  # fmt: skip
+    ) if tuned else pd.DataFrame()  # fmt: skip
     cross_ablation = cross_task_ablation(
         base, base_circuits, base_tasks, ablation=ablation, memory_budget=budget
+    ) if base_circuits else pd.DataFrame()  # fmt: skip
+    interventions = (
+        _interventions(config, base, run.tasks, task_overlap) if task_overlap is not None else []
     )
-    interventions = _interventions(config, base, run.tasks, task_overlap)
     interventions += _within_model_interventions(run, within_model)
     circuit_table = pd.DataFrame(run.rows)
     edges = {t: run.edge_circuits[t] for t in base_circuits if t in run.edge_circuits}
     edge_overlap = compare_edges(edges) if len(edges) >= 2 else None
-    # The answer on overlap (reuse_lens.compare.answer) opens the report and results.md on its own;
-    # the findings are what follows it.
-    findings = [f"No circuit for {key}: {why}." for key, why in run.skipped.items()]
+    # The answer (reuse_lens.compare.answer.study_answer) opens the report and results.md
+    # on its own; the findings are what follows it. A task a model does not do is one
+    # line with its numbers, however many circuits it would have had.
+    findings = [
+        f"No circuit of {pair.split('/')[1]} in {pair.split('/')[0]}: the model does not do "
+        f"the task: {test.reason()} ({test.brief()})."
+        for pair, test in refused_pairs(run.skipped, run.separations).items()
+    ]
+    findings += [
+        f"No circuit for {key}: {why}."
+        for key, why in run.skipped.items()
+        if "does not do the task" not in why
+    ]
     findings += _findings(circuit_table, task_overlap, model_overlap, cross_model, interventions)
     findings += _within_findings(within_model)
     fine_tuning = analyse_fine_tunes(run, base_circuits) if config.fine_tuning else {}
@@ -174,6 +186,7 @@ def compare_circuits(run: StudyRun) -> StudyResult:
         findings=findings, seconds=time.perf_counter() - run.start, skipped=run.skipped,
         edge_overlap=edge_overlap, fine_tuning=fine_tuning,
         claims=claims(fine_tuning, base_circuits) if fine_tuning else [],
+        separations=dict(run.separations), edge_circuits=dict(run.edge_circuits),
     )  # fmt: skip
 
 
@@ -264,11 +277,12 @@ def _sharing(overlap: OverlapReport, a: str, b: str) -> str:
 
     shared = sorted(overlap.shared(a, b, "heads"))
     corrected = overlap.p_value(a, b, "heads", corrected=True)
+    how = CORRECTION_NAMES[overlap.correction]
     return (
         f"{a} and {b} share {len(shared)} heads ({', '.join(shared) or 'none'}): head Jaccard "
         f"{overlap.jaccard(a, b, 'heads'):.2f}, chance "
-        f"{overlap.expected_jaccard(a, b, 'heads'):.2f}, p = {overlap.p_value(a, b, 'heads'):.3g}"
-        f" ({CORRECTION_NAMES[overlap.correction]} over the pairs: {corrected:.3g})."
+        f"{overlap.expected_jaccard(a, b, 'heads'):.2f}, corrected p = {corrected:.3g} "
+        f"({how} over the pairs; uncorrected {overlap.p_value(a, b, 'heads'):.3g})."
     )
 
 
@@ -283,7 +297,7 @@ def _result_fields(result: Any) -> dict[str, Any]:
 
 def _findings(
     circuits: pd.DataFrame,
-    overlap: OverlapReport,
+    overlap: OverlapReport | None,
     model_overlap: Mapping[str, OverlapReport],
     cross_model: pd.DataFrame,
     interventions: list[dict[str, Any]],
@@ -294,11 +308,13 @@ def _findings(
     if weak:
         listed = ", ".join(f"{r['key']} ({r['faithfulness']:.2f})" for r in weak)
         out.append(f"Below faithfulness {FAITHFUL}: {listed}. Read their overlap with care.")
-    pairs = []
-    for a, b in itertools.combinations(overlap.names, 2):
-        pairs.append((overlap.jaccard(a, b, "heads"), a, b))
-    pairs.sort(key=lambda p: -1 if p[0] != p[0] else -p[0])
-    out += [_sharing(overlap, a, b) for _, a, b in pairs[:3]]
+    if overlap is not None:
+        pairs = [
+            (overlap.jaccard(a, b, "heads"), a, b)
+            for a, b in itertools.combinations(overlap.names, 2)
+        ]
+        pairs.sort(key=lambda p: -1 if p[0] != p[0] else -p[0])
+        out += [_sharing(overlap, a, b) for _, a, b in pairs[:3]]
     for task_name, report in model_overlap.items():
         a, b = report.names
         out.append(

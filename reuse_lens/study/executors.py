@@ -28,7 +28,9 @@ __all__ = [
     "executor_named",
 ]
 
-RAY_HINT = 'pip install "reuse_lens[ray]"'
+RAY_HINT = 'pip install "ray>=2.40,<3"'
+"""How to get Ray (all that reuse_lens's ``ray`` extra installs; reuse_lens itself is
+installed from its repository, not from a package index). cli.py repeats it."""
 
 
 class MissingExtraError(ImportError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,14 +18,21 @@ if TYPE_CHECKING:
     from reuse_lens.circuits.measure import FaithfulnessCurve
     from reuse_lens.compare.edges import EdgeOverlapReport
     from reuse_lens.compare.overlap import OverlapReport
+    from reuse_lens.separation import Separation
     from reuse_lens.study.finetune import FineTuneAnalysis
 
-__all__ = ["StudyResult", "save_summary", "scores_of"]
+__all__ = ["StudyResult", "faithfulness_interval", "refused_pairs", "save_summary", "scores_of"]
 
 
 @dataclass
 class StudyResult:
-    """Everything a study found; ``reuse_lens.report.html.write`` renders it."""
+    """Everything a study found; ``reuse_lens.report.html.write`` renders it.
+
+    ``task_overlap`` is None when fewer than two tasks had a circuit in the base model:
+    the study then reports what it could (the evaluations, the reasons each task was
+    refused, the circuits it found and their comparisons across models) and no overlap.
+    ``separations`` holds, by ``model/task``, whether each model does each task.
+    """
 
     config: StudyConfig
     models: dict[str, str]
@@ -34,7 +42,7 @@ class StudyResult:
     curves: dict[str, FaithfulnessCurve]
     circuit_table: pd.DataFrame
     method_agreement: pd.DataFrame
-    task_overlap: OverlapReport
+    task_overlap: OverlapReport | None
     model_overlap: dict[str, OverlapReport]
     within_model: dict[str, OverlapReport]
     stability: pd.DataFrame
@@ -54,6 +62,46 @@ class StudyResult:
     """The circuit files of this study in ``out/circuits`` (node and edge circuits)."""
     other_files: tuple[str, ...] = ()
     """Circuit files in ``out/circuits`` that are not this study's (an earlier study's)."""
+    separations: dict[str, Separation] = field(default_factory=dict)
+    edge_circuits: dict[str, Circuit] = field(default_factory=dict)
+
+    @property
+    def refused(self) -> dict[str, Separation]:
+        """The ``model/task`` pairs the study wanted a circuit of and whose separation
+        test failed: the model does not do the task, so no circuit was looked for."""
+        return refused_pairs(self.skipped, self.separations)
+
+    @property
+    def n_circuit_files(self) -> int:
+        """How many circuit files the study has under ``circuits/``: node and edge circuits."""
+        return len(self.circuits) + len(self.edge_circuits)
+
+
+def refused_pairs(
+    skipped: Mapping[str, str], separations: Mapping[str, Separation]
+) -> dict[str, Separation]:
+    """The failed separation tests, by ``model/task``, of the circuits in ``skipped``
+    (keys ``model/task/method``, or ``edges/task`` for the base model's edge circuit)."""
+    pairs = []
+    for key in skipped:
+        first, second, *_ = key.split("/")
+        pairs.append(f"base/{second}" if first == "edges" else f"{first}/{second}")
+    return {
+        pair: separations[pair]
+        for pair in dict.fromkeys(pairs)
+        if pair in separations and not separations[pair].separates
+    }
+
+
+def faithfulness_interval(circuit: Circuit) -> dict[str, float]:
+    """``{"faithfulness_low": ..., "faithfulness_high": ...}`` from the circuit's
+    ``metadata["faithfulness_interval"]`` (its bootstrap interval over prompts), or ``{}``
+    when it has none, so that tables show an interval exactly where one was measured."""
+    interval = circuit.metadata.get("faithfulness_interval")
+    if interval is None:
+        return {}
+    low, high = interval
+    return {"faithfulness_low": float(low), "faithfulness_high": float(high)}
 
 
 def scores_of(circuit: Circuit) -> NodeScores:
@@ -83,7 +131,10 @@ def save_summary(result: StudyResult, path: str | Path) -> None:
         "circuits": result.circuit_table.to_dict(orient="records"),
         "method_agreement": result.method_agreement.to_dict(orient="records"),
         "stability": result.stability.to_dict(orient="records"),
-        "task_overlap": json.loads(result.task_overlap.to_json()),
+        "task_overlap": (
+            None if result.task_overlap is None else json.loads(result.task_overlap.to_json())
+        ),
+        "refused": {key: test.line() for key, test in result.refused.items()},
         "within_model": {k: json.loads(r.to_json()) for k, r in result.within_model.items()},
         "cross_task": result.cross_task.to_dict(),
         "cross_model": result.cross_model.to_dict(),

@@ -25,10 +25,11 @@ from reuse_lens._io import remove_stale_temporaries
 from reuse_lens._progress import hidden_bars
 from reuse_lens._validate import check_out_entries, check_out_folder, folder_lock
 from reuse_lens.circuits.circuit import Circuit
+from reuse_lens.separation import Separation
 from reuse_lens.study.compare import StudyRun, compare_circuits
 from reuse_lens.study.config import FAITHFUL, StudyConfig
 from reuse_lens.study.executors import Executor, executor_named
-from reuse_lens.study.result import StudyResult, scores_of
+from reuse_lens.study.result import StudyResult, faithfulness_interval, scores_of
 from reuse_lens.study.store import CIRCUITS, WORK, Store
 from reuse_lens.study.units import (
     Discover,
@@ -138,7 +139,7 @@ def _run_study(
             curves={key: measured[key].curve for key in circuits},
             rows=[_row(key, c, measured[key]) for key, c in circuits.items()],
             stability=_stability(config, boot, found), start=start,
-            edge_circuits=edge_circuits,
+            edge_circuits=edge_circuits, separations=driver.separations,
         )  # fmt: skip
         with hidden_bars():
             result = compare_circuits(run)
@@ -189,8 +190,17 @@ class _Driver:
         bar.set_postfix_str("evaluating models")
         with hidden_bars():
             self.tasks = {name: self.here.task(spec) for name, spec in self.task_specs.items()}
-            self.evaluations = _evaluations(self.models, self.tasks)
+            self.evaluations, self.separations = _evaluations(self.models, self.tasks)
         bar.update()
+
+    def refused(self, model_label: str, task_name: str) -> Separation | None:
+        """The separation test that ``model_label`` failed on ``task_name``, if it did.
+
+        A discovery would refuse the task with the same test on the same numbers: its
+        units, and the resamples of a refused base task, are never run.
+        """
+        found = self.separations.get(f"{model_label}/{task_name}")
+        return None if found is None or found.separates else found
 
     def find(
         self, jobs: Sequence[str], boot: Sequence[str]
@@ -199,8 +209,13 @@ class _Driver:
         config = self.config
         circuits: dict[str, Circuit] = {}
         units: list[Unit] = []
+        refused: list[str] = []
         for key in jobs:
             model_label, task_name, method, level = _parts(key)
+            if self.refused(model_label, task_name) is not None:
+                refused.append(key)
+                self.bar.total -= 2 if level == "node" else 1  # no discovery, no measurement
+                continue
             if (circuit := self._saved(key)) is not None:
                 circuits[key] = circuit
                 self.bar.update()
@@ -208,7 +223,10 @@ class _Driver:
             units.append(Discover(key, self.loads[model_label], self.task_specs[task_name],
                                   method, config.ablation, level,
                                   config.memory_budget))  # fmt: skip
-        for task_name, index in itertools.product(boot, range(config.n_boot)):
+        resampled = [t for t in boot if self.refused("base", t) is None]
+        self.bar.total -= (len(boot) - len(resampled)) * config.n_boot
+        self.bar.refresh()
+        for task_name, index in itertools.product(resampled, range(config.n_boot)):
             units.append(Resample(f"stability/{task_name}/{index}", self.loads["base"],
                                   self.task_specs[task_name], config.methods[0],
                                   config.ablation, index, config.memory_budget))  # fmt: skip
@@ -230,11 +248,16 @@ class _Driver:
                 self.bar.refresh()
         skipped: dict[str, str] = {}
         for key in jobs:  # the study's order, whatever the order units finished in
+            model_label, task_name, _, level = _parts(key)
+            where = f"{model_label} on {task_name}" + (" (edges)" if level == "edge" else "")
+            if key in refused:
+                test = self.refused(model_label, task_name)
+                assert test is not None
+                skipped[key] = f"{where} does not do the task: {test.reason()}"
+                continue
             result = found.get(key)
             if result is not None and result.skipped is not None:
-                model_label, task_name, _, level = _parts(key)
-                task_name += " (edges)" if level == "edge" else ""
-                skipped[key] = f"{result.skipped} ({model_label} on {task_name})"
+                skipped[key] = f"{result.skipped} ({where})"
         return {key: circuits[key] for key in jobs if key in circuits}, skipped, found
 
     def _saved(self, key: str) -> Circuit | None:
@@ -362,13 +385,14 @@ def _jobs(config: StudyConfig) -> list[str]:
 def _row(key: str, circuit: Circuit, measured: Measured) -> dict[str, Any]:
     model_label, task_name, method = key.split("/")
     faith = float(circuit.metadata["faithfulness"])
-    return {
+    row = {
         "key": key, "model": model_label, "task": task_name, "method": method,
         "n_nodes": len(circuit), "n_heads": len(circuit.heads),
         "n_mlps": len(circuit.mlps), "n_edges": len(circuit.edges),
         "faithfulness": faith, "random_mean": measured.random_mean,
         "random_std": measured.random_std, "faithful": faith >= FAITHFUL,
     }  # fmt: skip
+    return row | faithfulness_interval(circuit)
 
 
 def _stability(
@@ -379,6 +403,9 @@ def _stability(
 
     out: dict[str, Stability | None] = {}
     for task_name in boot:
+        if f"stability/{task_name}/0" not in found:  # a refused task: never resampled
+            out[task_name] = None
+            continue
         results = [found[f"stability/{task_name}/{i}"] for i in range(config.n_boot)]
         texts = [r.circuit for r in results]
         if any(text is None for text in texts):
@@ -389,14 +416,20 @@ def _stability(
     return out
 
 
-def _evaluations(models: Mapping[str, Any], tasks: Mapping[str, Task]) -> pd.DataFrame:
+def _evaluations(
+    models: Mapping[str, Any], tasks: Mapping[str, Task]
+) -> tuple[pd.DataFrame, dict[str, Separation]]:
+    """Every model on every task: the table, and each pair's separation test by
+    ``model/task``."""
     import pandas as pd
 
     from reuse_lens.evaluation import evaluate
 
-    rows = []
+    rows, separations = [], {}
     for (label, model), (name, task) in itertools.product(models.items(), tasks.items()):
         scores = evaluate(model, task)
+        test = Separation.of_scores(name, scores)
+        separations[f"{label}/{name}"] = test
         rows.append(
             {
                 "model": label, "task": name, "accuracy": scores["accuracy"],
@@ -405,9 +438,11 @@ def _evaluations(models: Mapping[str, Any], tasks: Mapping[str, Task]) -> pd.Dat
                 "corrupted_logit_diff": scores["corrupted_logit_diff"],
                 "clean_metric": scores["clean_metric"],
                 "corrupted_metric": scores["corrupted_metric"],
+                "gap": test.gap, "gap_low": test.low, "gap_high": test.high,
+                "effect": test.effect, "does_task": test.separates,
             }
         )  # fmt: skip
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), separations
 
 
 def _corrupted(evaluations: pd.DataFrame, model: str, task: str) -> float:

@@ -131,7 +131,7 @@ class Found:
     Attributes:
         key: the unit's key.
         circuit: the circuit as ``Circuit.to_json`` writes it; None when skipped.
-        skipped: the MetricError's first clause when the model does not do the task.
+        skipped: the MetricError's first sentence (what failed, with its numbers).
         weights: the weights digest of the model it was found in.
     """
 
@@ -258,7 +258,9 @@ def _discover(
             memory_budget=memory_budget,
         )  # fmt: skip
     except MetricError as error:  # the model does not do this task: say so, go on
-        return Found(key, None, str(error).split(":")[0], models.digest(load))
+        # The first sentence: what failed, with its numbers; the advice that follows is
+        # the same for every key.
+        return Found(key, None, str(error).split(". ")[0], models.digest(load))
     return Found(key, circuit.to_json(), None, models.digest(load))
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "TaskSpec",
     "TaskWarning",
     "VocabSignature",
+    "describe",
     "generate",
     "get_metric",
     "load",
@@ -77,6 +78,20 @@ _SPECS: dict[str, TaskSpec] = {
 def names() -> list[str]:
     """The names of the built-in tasks."""
     return list(_SPECS)
+
+
+def describe(name: str) -> str:
+    """One line on built-in task ``name``: what it is, its source and its metric.
+
+    >>> rl.tasks.describe("ioi")
+    'Indirect object identification (Wang et al. 2022, "Interpretability in the Wild"). Metric: logit_diff.'
+    """
+    import sys
+
+    found = spec(name)
+    doc = sys.modules[found.sampler.__module__].__doc__ or name
+    first = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    return f"{first} Metric: {found.metric}."
 
 
 def spec(name: str) -> TaskSpec:

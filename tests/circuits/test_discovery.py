@@ -116,7 +116,7 @@ def test_a_task_the_model_only_guesses_at_is_refused() -> None:
     task = random_task(model, n=8, seed=5)
     gaps = rl.evaluate(model, task)
     assert abs(gaps["clean_metric"] - gaps["corrupted_metric"]) > 1e-3  # not exactly equal
-    with pytest.raises(rl.tasks.MetricError, match="paired t"):
+    with pytest.raises(rl.tasks.MetricError, match="interval does not exclude 0 .accuracy 0.00"):
         discover_circuit(model, task)
 
 
@@ -193,7 +193,8 @@ def test_path_top_k_keeps_that_many_senders_per_stage(handbuilt: tuple[Any, rl.T
         ([3.0, 2.0, 4.0, 3.5], [0.0, 0.5, -1.0, 0.2], True),
         ([0.1, -0.2, 0.15, 0.0], [0.0, 0.1, 0.1, 0.05], False),  # noise
         ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], False),  # the wrong answer wins every time
-        ([1.0, 1.0], [0.0, 0.0], True),  # too few prompts for a t test: the gap decides
+        ([1.0, 1.0], [0.0, 0.0], True),  # two prompts, both clearly apart
+        ([1.0], [0.0], False),  # one prompt gives no interval
     ],
 )
 def test_check_separates(clean: list[float], corrupted: list[float], ok: bool) -> None:
