@@ -50,3 +50,11 @@ def test_bench_attribution_agrees_with_transformer_lens() -> None:
     match = re.search(r"largest \|ours - TL\| over node scores: (\S+)", out)
     assert match is not None, out
     assert float(match.group(1)) < 1e-6
+
+
+def test_bench_cross_model_agrees_with_the_hook_loop() -> None:
+    out = _run("bench_cross_model.py", "--quick", "--cases", "zoo", "gpt2")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("zoo", "gpt2"))]
+    assert [row[0] for row in rows] == ["zoo", "gpt2"], out
+    for row in rows:
+        assert float(row[-1]) < 1e-4, row  # max |functional - hooks|

@@ -29,7 +29,7 @@ ul.answer li{margin:.3rem 0}
 
 def study_answer(summary: Mapping[str, Any]) -> list[str]:
     """The sentences a study's report opens with, from its ``summary.json``."""
-    return [*summary.get("answer", []), *summary.get("fine_tuning_answer", [])]
+    return list(summary.get("answer", []))
 
 
 def write_index(path: str | os.PathLike[str], studies: Mapping[str, Path]) -> Path:

@@ -147,6 +147,10 @@ def save_summary(result: StudyResult, path: str | Path) -> None:
     if result.fine_tuning:
         doc["fine_tuning"] = {k: a.to_dict() for k, a in result.fine_tuning.items()}
         doc["claims"] = result.claims
+    from reuse_lens.report.summary import study_answer
+
+    # The sentences the report opens with: the demo's index page reads them from here.
+    doc["answer"] = study_answer(result)
     from reuse_lens._io import write_text_atomic
 
     write_text_atomic(path, json.dumps(doc, indent=2, default=float))
