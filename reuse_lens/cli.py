@@ -104,6 +104,12 @@ def _task_and_specs(text: str) -> tuple[str, tuple[str, ...]]:
 # ---- commands -------------------------------------------------------------------------------
 
 
+_DEMO_TITLES = {
+    "base": "reuse_lens demo: circuit reuse across seven tasks in zoo:base",
+    "wide": "reuse_lens demo: what fine-tuning teaches zoo:wide",
+}
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from reuse_lens import zoo
     from reuse_lens.study import StudyConfig, wide_demo_config
@@ -129,28 +135,56 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if "wide" in args.studies:
         configs["wide"] = wide_demo_config(**options)  # type: ignore[arg-type]
     if len(configs) == 1:
-        (config,) = configs.values()
-        return _study(args, config, "demo", "reuse_lens demo: circuit reuse in the zoo")
+        ((name, config),) = configs.items()
+        return _study(args, config, "demo", _DEMO_TITLES[name])
     return _demo_studies(args, configs)
 
 
 def _demo_studies(args: argparse.Namespace, configs: Mapping[str, StudyConfig]) -> int:
-    """Each study into ``out/<name>``, then ``out/report.html`` opening with every answer."""
+    """Each study into ``out/<name>``, then ``out/report.html`` opening with every answer.
+
+    On a machine with a core per study (and the local executor), the studies after the
+    first run at the same time in child processes, each on one torch thread: the demo's
+    two studies then take the time of the longer one. Their terminal output follows the
+    first study's.
+    """
+    import os
+    import subprocess
+
     from reuse_lens._validate import check_out_entries, check_out_folder
     from reuse_lens.report.index import write_index
 
     out = check_out_folder(args.out)
     check_out_entries(out, files=("report.html",), folders=tuple(configs))
-    results = {}
-    for name, config in configs.items():
-        titles = {
-            "base": "reuse_lens demo: circuit reuse across seven tasks in zoo:base",
-            "wide": "reuse_lens demo: what fine-tuning teaches zoo:wide",
-        }
-        results[name] = _study(args, config, "demo", titles.get(name), out=out / name)
+    names = list(configs)
+    parallel = args.executor == "local" and (os.cpu_count() or 1) >= len(names)
+    children = {}
+    if parallel:
+        threads = ["--threads", str(args.threads or 1)]
+        for name in names[1:]:
+            command = [
+                sys.executable, "-m", "reuse_lens.cli", "demo", "--studies", name,
+                "--out", str(out / name), "--n", str(args.n), "--seed", str(args.seed),
+                "--n-boot", str(args.n_boot), "--n-random", str(args.n_random), *threads,
+                *(["--no-edges"] if args.no_edges else []),
+                *(["--memory-budget", str(args.memory_budget)] if args.memory_budget else []),
+            ]  # fmt: skip
+            children[name] = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            )
+        args = argparse.Namespace(**{**vars(args), "threads": args.threads or 1})
+    codes = []
+    for name in names[:1] if parallel else names:
+        codes.append(_study(args, configs[name], "demo", _DEMO_TITLES[name], out=out / name))
+    for child in children.values():
+        text, _ = child.communicate()
+        print(text, end="")
+        codes.append(child.returncode)
+    if any(code != 0 for code in codes):
+        return max(codes)
     path = write_index(out / "report.html", {n: out / n for n in configs})
     print(f"report:   {path} (opens with the answer of each study)")
-    return max(results.values())
+    return 0
 
 
 def _cmd_study(args: argparse.Namespace) -> int:

@@ -99,7 +99,17 @@ def _one(report: HtmlReport, label: str, analysis: FineTuneAnalysis) -> None:
             "recovers when patched into the base (blue: towards the fine-tune; red: away). Red "
             "squares: the fine-tune's circuit.",
         )
-    elif analysis.cmap_reason:
+    if analysis.cmap_reverse is not None:
+        report.add_figure(
+            plot.cmap_grid(analysis.cmap_reverse, circuit=analysis.circuit or ()),
+            name="cmap_grid",
+            key=f"{label}/reverse",
+            caption="The other direction: each node's base output patched into the fine-tune, as "
+            "a share of the gap (negative: reverting the node takes that share of the gain "
+            "away). It shows which nodes the fine-tune's new computation runs through, even "
+            "where the gain is read out by weights no node holds.",
+        )
+    if analysis.cmap_reason:
         report.add_text(f"Cross-model patching: {analysis.cmap_reason}", css_class="empty")
     report.add_table(
         _named(

@@ -63,9 +63,14 @@ class FineTuneAnalysis:
         label / task: the fine-tune's label in the study (``ft-<task>``) and its task.
         accuracy_before / accuracy_after: held-out accuracy on the task, base and fine-tune.
         drift: per-node weight and output change on the task (``component_drift``).
-        cmap: each node's share of the gain (cross-model patching), or None with
-            ``cmap_reason`` when there is no gain beyond chance to share.
+        cmap: each node's share of the gain (cross-model patching, its fine-tuned output
+            into the base), or None with ``cmap_reason`` when there is no gain beyond
+            chance to share.
+        cmap_reverse: each node's base output into the fine-tune: the share of the gain
+            its reverting takes away (what the fine-tune's readout needs of the node).
         circuit_recovery: the share of the gain the fine-tune's circuit carries at once.
+        all_recovery: the share every head and MLP carries at once; what it leaves is in
+            the weights no node holds (embeddings, unembedding, norms).
         reuse: one row per base task with a circuit: the heads the fine-tune's circuit
             shares with it, head Jaccard, its chance level, p-value and Holm-adjusted p.
         survival: faithfulness of each base task's circuit in the base and inside the
@@ -87,6 +92,8 @@ class FineTuneAnalysis:
     reuse: pd.DataFrame
     survival: pd.DataFrame
     trajectory: pd.DataFrame | None = None
+    cmap_reverse: NodeScores | None = None
+    all_recovery: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -134,9 +141,15 @@ class FineTuneAnalysis:
                 )
                 + f" heads (Holm p = {test.p_adjusted:.2g})"
             )
-        if self.circuit_recovery is not None:
+        if self.circuit_recovery is not None and self.all_recovery is not None:
             parts.append(
-                f"its circuit carries {self.circuit_recovery:.0%} of the gain (cross-model patching)"
+                f"patched into the base, its circuit carries {self.circuit_recovery:.0%} of "
+                f"the gain and every head and MLP together {self.all_recovery:.0%}"
+                + (
+                    " (the rest lies in the embeddings, unembedding and norms)"
+                    if self.all_recovery < 0.5
+                    else ""
+                )
             )
         return head + ("; " + "; ".join(parts) if parts else "") + "."
 
@@ -188,14 +201,7 @@ class FineTuneAnalysis:
             )
         out.append(where + ".")
         if self.cmap is not None:
-            ranked = sorted(self.cmap.as_dict().items(), key=lambda kv: -kv[1])[:3]
-            text = "Patched one at a time from the fine-tune into the base, " + ", ".join(
-                f"{n} recovers {v:.0%}" for n, v in ranked
-            )
-            text += " of the gain"
-            if self.circuit_recovery is not None:
-                text += f"; its whole circuit at once recovers {self.circuit_recovery:.0%}"
-            out.append(text + ".")
+            out.append(self._cmap_sentence())
         elif self.cmap_reason:
             out.append(f"Cross-model patching: {self.cmap_reason}")
         if len(self.survival):
@@ -209,6 +215,36 @@ class FineTuneAnalysis:
                     "The base tasks' circuits keep faithfulness inside it: " + ", ".join(kept) + "."
                 )
         return out
+
+    def _cmap_sentence(self) -> str:
+        assert self.cmap is not None
+        ranked = sorted(self.cmap.as_dict().items(), key=lambda kv: -kv[1])[:3]
+        text = "Patched one at a time from the fine-tune into the base, " + ", ".join(
+            f"{n} recovers {v:.0%}" for n, v in ranked
+        )
+        text += " of the gain"
+        if self.circuit_recovery is not None:
+            text += f"; its whole circuit at once {self.circuit_recovery:.0%}"
+        if self.all_recovery is not None:
+            text += f"; every head and MLP at once {self.all_recovery:.0%}"
+            embed = self.drift.model.get("embed", math.nan)
+            if self.all_recovery < 0.5 and math.isfinite(embed):
+                heads = max(
+                    (float(r["weight"]) for r in self.drift.rows if r["kind"] == "head"),
+                    default=math.nan,
+                )
+                text += (
+                    f", so most of the gain lies in weights no node holds: the token "
+                    f"embeddings changed {embed:.1%} (the most changed head {heads:.1%})"
+                )
+        if self.cmap_reverse is not None:
+            lost = sorted(self.cmap_reverse.as_dict().items(), key=lambda kv: kv[1])[:3]
+            text += (
+                ". Reverted one at a time to the base inside the fine-tune, "
+                + ", ".join(f"{n} takes away {-v:.0%}" for n, v in lost)
+                + " of the gain"
+            )
+        return text + "."
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types for summary.json."""
@@ -226,6 +262,8 @@ class FineTuneAnalysis:
                 "cmap_reason": self.cmap_reason,
                 "circuit": None if self.circuit is None else sorted(self.circuit),
                 "circuit_recovery": self.circuit_recovery,
+                "all_recovery": self.all_recovery,
+                "cmap_reverse": None if self.cmap_reverse is None else self.cmap_reverse.as_dict(),
                 "reuse": self.reuse.to_dict(orient="records"),
                 "survival": self.survival.to_dict(orient="records"),
                 "trajectory": None
@@ -267,12 +305,18 @@ def _analyse(
     drift = component_drift(
         base, tuned, run.tasks[task], circuit=circuit, seed=config.seed, memory_budget=budget
     )
-    cmap = reason = recovery = None
+    cmap = reverse = reason = recovery = every = None
+    task_obj = run.tasks[task]
     try:
-        cmap = cross_model_patching(base, tuned, run.tasks[task], memory_budget=budget)
+        cmap = cross_model_patching(base, tuned, task_obj, memory_budget=budget)
+        reverse = cross_model_patching(
+            base, tuned, task_obj, direction="base_into_tuned", memory_budget=budget
+        )
+        nodes = [node.name for node in drift.shape.nodes()]
+        every = cross_model_recovery(base, tuned, task_obj, nodes, memory_budget=budget)
         if circuit is not None:
             recovery = cross_model_recovery(
-                base, tuned, run.tasks[task], sorted(circuit.nodes), memory_budget=budget
+                base, tuned, task_obj, sorted(circuit.nodes), memory_budget=budget
             )
     except MetricError as error:
         reason = str(error)
@@ -287,6 +331,8 @@ def _analyse(
         cmap_reason=reason,
         circuit=None if circuit is None else frozenset(circuit.nodes),
         circuit_recovery=recovery,
+        cmap_reverse=reverse,
+        all_recovery=every,
         reuse=_reuse(circuit, others),
         survival=_survival(run, label, base_circuits),
         trajectory=_trajectory(run, label, task, circuit, others),

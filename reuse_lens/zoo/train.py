@@ -155,9 +155,11 @@ _WIDE = Arch(n_layer=6, n_head=8, n_embd=64, n_inner=256)
 _MIX_WIDE = {"ioi": 2.0, "induction": 3.0, "sva": 1.0, FILLER: 0.5}
 
 
-def _new_skill(task: str, seed: int, steps: int, checkpoints: tuple[float, ...]) -> ZooSpec:
-    # A task the wide base cannot do, with 0.3 of its own mixture against forgetting and a
-    # low learning rate, so that the checkpoints catch the new circuit forming.
+def _new_skill(
+    task: str, seed: int, steps: int, lr: float, checkpoints: tuple[float, ...]
+) -> ZooSpec:
+    # A task the wide base cannot do, with 0.3 of its own mixture against forgetting; the
+    # checkpoints are placed where the task's circuit forms (docs/zoo.md).
     return ZooSpec(
         name=f"wide-ft-{task}",
         mix={k: 0.3 * v for k, v in _MIX_WIDE.items()} | {task: 3.0},
@@ -165,7 +167,7 @@ def _new_skill(task: str, seed: int, steps: int, checkpoints: tuple[float, ...])
         seed=seed,
         arch=_WIDE,
         parent="wide",
-        lr=3e-4,
+        lr=lr,
         batch_size=48,
         warmup=50,
         task=task,
@@ -220,10 +222,12 @@ SPECS: dict[str, ZooSpec] = {
             batch_size=48,
             warmup=200,
         ),
-        # Gendered pronouns are learnt within a few hundred steps; greater-than's accuracy
-        # jumps within 40, so its checkpoints start earlier.
-        _new_skill("gendered_pronoun", 6, 800, (0.05, 0.1, 0.25, 0.5)),
-        _new_skill("greater_than", 7, 2000, (0.005, 0.02, 0.1, 0.4)),
+        # Gendered pronouns are learnt within a few hundred steps. Greater-than's accuracy
+        # (any year above the start) is 1.00 within 100 steps, but the comparison itself,
+        # what separates clean from corrupted prompts, forms only after 1000: its
+        # checkpoints straddle that.
+        _new_skill("gendered_pronoun", 6, 800, 3e-4, (0.05, 0.25, 0.4, 0.6)),
+        _new_skill("greater_than", 7, 2000, 1e-3, (0.02, 0.5, 0.7, 0.85)),
     )
 }
 """Every shipped zoo model, in training order (a parent before its fine-tunes)."""

@@ -223,11 +223,11 @@ def test_new_skill_fine_tunes_keep_checkpoints_that_load(name: str) -> None:
 
 
 def test_unknown_checkpoints_and_revisions_are_refused() -> None:
-    with pytest.raises(zoo.ZooError, match="keeps zoo:wide-ft-greater_than@10"):
-        rl.load_model("zoo:wide-ft-greater_than@11")
+    with pytest.raises(zoo.ZooError, match="keeps zoo:wide-ft-greater_than@40"):
+        rl.load_model("zoo:wide-ft-greater_than@41")
     with pytest.raises(zoo.ZooError, match="keeps none"):
         rl.load_model("zoo:base@5")
     with pytest.raises(rl.ModelLoadError, match="already names a checkpoint"):
-        rl.load_model("zoo:wide-ft-greater_than@10", revision="40")
+        rl.load_model("zoo:wide-ft-greater_than@40", revision="1000")
     with pytest.raises(rl.ModelLoadError, match="applies to hub ids and zoo fine-tunes"):
         rl.load_model(_folder("base"), revision="step1")

@@ -1,0 +1,101 @@
+"""A study's fine-tuning analysis on the zoo's wide base and a fine-tune that teaches it a task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reuse_lens import study
+from reuse_lens.report import write
+from reuse_lens.report.summary import study_answer
+from reuse_lens.study.finetune import checkpoint_label
+
+FT = "zoo:wide-ft-gendered_pronoun"
+
+
+@pytest.fixture(scope="module")
+def result() -> Any:
+    from reuse_lens import zoo
+
+    steps = zoo.checkpoints(FT.removeprefix("zoo:"))
+    config = study.StudyConfig(
+        base="zoo:wide",
+        tasks=("ioi", "sva", "gendered_pronoun"),
+        fine_tuned={"gendered_pronoun": FT},
+        # The first checkpoint does not do the task yet; the last does.
+        checkpoints={"gendered_pronoun": (f"{FT}@{steps[0]}", f"{FT}@{steps[-1]}")},
+        methods=("eap-ig",),
+        n_prompts=16,
+        n_boot=0,
+        n_random=2,
+        edge_overlap=False,
+    )
+    return study.run_study(config, progress=False)
+
+
+def test_the_new_skill_is_refused_in_the_base_and_found_in_the_fine_tune(result: Any) -> None:
+    assert "base/gendered_pronoun/eap-ig" not in result.circuits
+    assert "ft-gendered_pronoun/gendered_pronoun/eap-ig" in result.circuits
+    analysis = result.fine_tuning["ft-gendered_pronoun"]
+    assert analysis.new_skill and analysis.accuracy_before < 0.6 <= 0.9 <= analysis.accuracy_after
+    assert analysis.circuit == frozenset(
+        result.circuits["ft-gendered_pronoun/gendered_pronoun/eap-ig"].nodes
+    )
+
+
+def test_the_analysis_holds_drift_cmap_reuse_survival_and_trajectory(result: Any) -> None:
+    analysis = result.fine_tuning["ft-gendered_pronoun"]
+    table = analysis.drift.table()
+    assert len(table) == 6 * 8 + 6 and (table["weight"] > 0).all()
+    assert table["in_circuit"].sum() == len(analysis.circuit)
+    assert {t.name for t in analysis.drift.tests} == {"mlps_vs_heads", "circuit_vs_rest"}
+    assert analysis.cmap is not None and analysis.cmap.method == "cmap"
+    assert analysis.cmap_reverse is not None
+    assert analysis.all_recovery is not None and analysis.circuit_recovery is not None
+    # The reuse table compares the new circuit with each base task's circuit, Holm over them.
+    assert list(analysis.reuse["base_task"]) == ["ioi", "sva"]
+    assert (analysis.reuse["p_adjusted"] >= analysis.reuse["p_value"]).all()
+    assert list(analysis.survival["task"]) == ["ioi", "sva"]
+    trajectory = analysis.trajectory
+    assert trajectory is not None
+    assert (
+        next(iter(trajectory["point"])) == "base"
+        and list(trajectory["point"])[-1] == "ft-gendered_pronoun"
+    )
+    first = checkpoint_label(
+        "gendered_pronoun", result.config.checkpoints["gendered_pronoun"][0], 1
+    )
+    row = trajectory.set_index("point").loc[first]
+    assert row["accuracy"] < 0.6 and row["n_nodes"] != row["n_nodes"]  # no circuit yet: NaN
+    assert trajectory.set_index("point").loc["ft-gendered_pronoun", "jaccard_final"] == 1.0
+    assert len(result.claims) == 2 and "Heads are reused more than MLPs" in result.claims[0]
+
+
+def test_the_answer_report_and_summary_carry_the_fine_tune(result: Any, tmp_path: Path) -> None:
+    answer = study_answer(result)
+    assert any(s.startswith("ft-gendered_pronoun learnt gendered_pronoun") for s in answer)
+    path = write(tmp_path / "report.html", result)
+    text = path.read_text()
+    assert text.index("ft-gendered_pronoun learnt") < text.index("What fine-tuning changed")
+    for figure in ("drift_grid", "cmap_grid", "circuit_trajectory"):
+        assert f'data-figure="{figure}"' in text
+    study.save_summary(result, tmp_path / "summary.json")
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["fine_tuning"]["ft-gendered_pronoun"]["new_skill"] is True
+    assert saved["answer"] == answer
+    assert saved["config"]["checkpoints"]["gendered_pronoun"] == list(
+        result.config.checkpoints["gendered_pronoun"]
+    )
+
+
+def test_checkpoints_of_a_task_without_a_fine_tune_are_refused() -> None:
+    with pytest.raises(ValueError, match="no fine-tuned model"):
+        study.StudyConfig(
+            base="zoo:wide",
+            tasks=("ioi", "sva"),
+            fine_tuned={},
+            checkpoints={"sva": ("zoo:wide",)},
+        )
