@@ -48,10 +48,25 @@ if TYPE_CHECKING:
     from reuse_lens.tasks.metrics import Metric
     from reuse_lens.tasks.task import Task
 
-__all__ = ["DIRECTIONS", "CrossModelDirection", "cross_model_patching", "cross_model_recovery"]
+__all__ = [
+    "DIRECTIONS",
+    "SWAPPABLE",
+    "CrossModelDirection",
+    "Swappable",
+    "cross_model_patching",
+    "cross_model_recovery",
+]
 
 CrossModelDirection = Literal["tuned_into_base", "base_into_tuned"]
 """Which model's node outputs go into which model's run."""
+
+Swappable = Literal["embed", "unembed", "norms"]
+"""Weights no node holds, which ``cross_model_recovery`` can also take from the source:
+``embed`` the token and position embeddings (the input side of tied embeddings);
+``unembed`` the unembedding and its bias (the readout side); ``norms`` every norm and each
+layer's attention output bias."""
+
+SWAPPABLE: tuple[str, ...] = ("embed", "unembed", "norms")
 
 DIRECTIONS: tuple[str, ...] = ("tuned_into_base", "base_into_tuned")
 _BOOTSTRAP = 2000
@@ -158,6 +173,7 @@ def cross_model_recovery(
     task: Task,
     nodes: Sequence[str | Node],
     *,
+    weights: Sequence[Swappable] = (),
     direction: CrossModelDirection = "tuned_into_base",
     metric: str | Metric | None = None,
     engine: Engine = "auto",
@@ -167,23 +183,35 @@ def cross_model_recovery(
 
     Arguments are those of ``cross_model_patching``; ``nodes`` is a list of node names
     (e.g. ``sorted(circuit.nodes)``). Each patched node takes its output from the source
-    model's own run; every other node recomputes in the target.
+    model's own run; every other node recomputes in the target. ``weights`` also takes
+    weights that no node holds from the source (``Swappable``): with every node and all
+    three, the target computes exactly what the source does (recovery 1); with none and
+    ``("unembed",)``, the share of the gain that the source's readout alone carries.
 
     Returns:
         (m(target with the nodes from source) − m(target)) / (m(source) − m(target)).
     """
+    if isinstance(weights, str) or any(w not in SWAPPABLE for w in weights):
+        raise ValueError(f"weights must be a list of {SWAPPABLE}, got {weights!r}")
     target, _, prep_t, prep_s, _ = _prepare(
         base, tuned, task, direction, metric, engine, memory_budget
     )
     heads, mlps = select_nodes(target, list(nodes), "out")
     gap, _ = _gap(prep_t, prep_s, task.name, need=True)
     functional = prep_t.weights is not None and prep_s.weights is not None
+    if weights and not functional:
+        raise ValueError(
+            f"weights={list(weights)!r} needs the functional engine, which does not cover "
+            f"this model ({prep_t.fallback_reason or prep_s.fallback_reason}); patch nodes only"
+        )
     spans = prep_t.spans() if len(prep_t.spans()) >= len(prep_s.spans()) else prep_s.spans()
     total = 0.0
     for span in spans:
         part_t, part_s = _part(prep_t, span), _part(prep_s, span)
-        patcher = _Functional(part_t, part_s) if functional else _Hooks(part_t, part_s)
-        total += float(patcher.joint(heads, mlps).sum())
+        if functional:
+            total += float(_Functional(part_t, part_s).joint(heads, mlps, weights).sum())
+        else:
+            total += float(_Hooks(part_t, part_s).joint(heads, mlps).sum())
         part_t.runs.clear()
         part_s.runs.clear()
     return total / (prep_t.n * gap)
@@ -350,9 +378,12 @@ class _Functional:
         return self.prep.score(w.logits(final), prompts) - self.base_metric[prompts]
 
     @torch.no_grad()
-    def joint(self, heads: list[AttentionHead], mlps: list[MLP]) -> Float[Tensor, " batch"]:
-        """metric − metric(target) of each prompt with every node of the set patched."""
-        w, src = self.w, self.src
+    def joint(
+        self, heads: list[AttentionHead], mlps: list[MLP], weights: Sequence[str] = ()
+    ) -> Float[Tensor, " batch"]:
+        """metric − metric(target) of each prompt with every node of the set patched, and
+        the ``weights`` (``Swappable``) taken from the source."""
+        w, src = _swapped(self.w, self.ws, weights), self.src
         every = torch.arange(self.prep.n, device=self.prep.clean.device)
         resid = w.embed(self.prep.clean)
         for layer in range(w.n_layers):
@@ -372,6 +403,27 @@ class _Functional:
             resid = resid_mid + mlp
         final = resid[every, self.prep.answer_pos]
         return self.prep.score(w.logits(final), every) - self.base_metric
+
+
+def _swapped(w: Weights, source: Weights, names: Sequence[str]) -> Weights:
+    """The target's weights with the source's embeddings, unembedding or norms."""
+    import dataclasses
+
+    out = w
+    if "embed" in names:
+        out = dataclasses.replace(
+            out, w_e=source.w_e, w_pos=source.w_pos, embed_norm=source.embed_norm
+        )
+    if "unembed" in names:
+        out = dataclasses.replace(out, w_u=source.w_u, b_u=source.b_u)
+    if "norms" in names:
+        fields = ("ln1", "ln2", "attn_post", "mlp_post", "q_norm", "k_norm", "b_o")
+        layers = [
+            dataclasses.replace(mine, **{f: getattr(theirs, f) for f in fields})
+            for mine, theirs in zip(out.layers, source.layers, strict=True)
+        ]
+        out = dataclasses.replace(out, layers=layers, ln_final=source.ln_final)
+    return out
 
 
 def _one_head_out(w: Weights, layer: int, z: Tensor, head: int) -> Tensor:

@@ -71,6 +71,9 @@ class FineTuneAnalysis:
         circuit_recovery: the share of the gain the fine-tune's circuit carries at once.
         all_recovery: the share every head and MLP carries at once; what it leaves is in
             the weights no node holds (embeddings, unembedding, norms).
+        weight_recovery: the share each of those (``"embed"``, ``"unembed"``, ``"norms"``)
+            carries alone, the fine-tune's copy swapped into the base; ``"nodes+unembed"``:
+            every head and MLP together with the unembedding (the gain may need both).
         reuse: one row per base task with a circuit: the heads the fine-tune's circuit
             shares with it, head Jaccard, its chance level, p-value and Holm-adjusted p.
         survival: faithfulness of each base task's circuit in the base and inside the
@@ -94,6 +97,7 @@ class FineTuneAnalysis:
     trajectory: pd.DataFrame | None = None
     cmap_reverse: NodeScores | None = None
     all_recovery: float | None = None
+    weight_recovery: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -146,8 +150,10 @@ class FineTuneAnalysis:
                 f"patched into the base, its circuit carries {self.circuit_recovery:.0%} of "
                 f"the gain and every head and MLP together {self.all_recovery:.0%}"
                 + (
-                    " (the rest lies in the embeddings, unembedding and norms)"
-                    if self.all_recovery < 0.5
+                    f"; the gain needs both its new node outputs and its new unembedding "
+                    f"(the unembedding alone {self.weight_recovery['unembed']:.0%}, with every "
+                    f"head and MLP {self.weight_recovery['nodes+unembed']:.0%})"
+                    if self.all_recovery < 0.5 and "nodes+unembed" in self.weight_recovery
                     else ""
                 )
             )
@@ -237,6 +243,14 @@ class FineTuneAnalysis:
                     f", so most of the gain lies in weights no node holds: the token "
                     f"embeddings changed {embed:.1%} (the most changed head {heads:.1%})"
                 )
+        if self.weight_recovery:
+            names = {"unembed": "unembedding", "embed": "token embeddings", "norms": "norms"}
+            text += "; swapped into the base alone, the fine-tune's " + ", ".join(
+                f"{names[k]} recover {v:.0%}" for k, v in self.weight_recovery.items() if k in names
+            )
+            both = self.weight_recovery.get("nodes+unembed")
+            if both is not None:
+                text += f"; every head and MLP with the unembedding recover {both:.0%}"
         if self.cmap_reverse is not None:
             lost = sorted(self.cmap_reverse.as_dict().items(), key=lambda kv: kv[1])[:3]
             text += (
@@ -263,6 +277,7 @@ class FineTuneAnalysis:
                 "circuit": None if self.circuit is None else sorted(self.circuit),
                 "circuit_recovery": self.circuit_recovery,
                 "all_recovery": self.all_recovery,
+                "weight_recovery": self.weight_recovery,
                 "cmap_reverse": None if self.cmap_reverse is None else self.cmap_reverse.as_dict(),
                 "reuse": self.reuse.to_dict(orient="records"),
                 "survival": self.survival.to_dict(orient="records"),
@@ -306,6 +321,7 @@ def _analyse(
         base, tuned, run.tasks[task], circuit=circuit, seed=config.seed, memory_budget=budget
     )
     cmap = reverse = reason = recovery = every = None
+    swapped: dict[str, float] = {}
     task_obj = run.tasks[task]
     try:
         cmap = cross_model_patching(base, tuned, task_obj, memory_budget=budget)
@@ -314,6 +330,12 @@ def _analyse(
         )
         nodes = [node.name for node in drift.shape.nodes()]
         every = cross_model_recovery(base, tuned, task_obj, nodes, memory_budget=budget)
+        swapped = {
+            name: cross_model_recovery(
+                base, tuned, task_obj, [], weights=[name], memory_budget=budget
+            )
+            for name in ("unembed", "embed", "norms")
+        }
         if circuit is not None:
             recovery = cross_model_recovery(
                 base, tuned, task_obj, sorted(circuit.nodes), memory_budget=budget
@@ -333,6 +355,7 @@ def _analyse(
         circuit_recovery=recovery,
         cmap_reverse=reverse,
         all_recovery=every,
+        weight_recovery=swapped,
         reuse=_reuse(circuit, others),
         survival=_survival(run, label, base_circuits),
         trajectory=_trajectory(run, label, task, circuit, others),

@@ -223,3 +223,29 @@ def test_bad_pairs_are_refused(pairs: Any, tmp_path: Path, word_tokenizer: Any) 
     zoo_task = rl.tasks.load("ioi", rl.load_model("zoo:base"), n=4)
     with pytest.raises(Exception, match="vocabulary|tokenizer"):
         rl.cross_model_patching(base, base, zoo_task, normalize=False)
+
+
+def _noise_on_everything(hf: Any) -> None:
+    gen = torch.Generator().manual_seed(11)
+    for p in hf.parameters():
+        p.add_(torch.randn(p.shape, generator=gen) * (p.std() if p.numel() > 1 else 0.1) * 0.2)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_every_node_and_every_other_weight_make_the_source_exactly(
+    tmp_path_factory: pytest.TempPathFactory, word_tokenizer: Any, family: str
+) -> None:
+    folder = save_arch(family, tmp_path_factory.mktemp("swap") / family, word_tokenizer)
+    base, tuned = rl.load_model(folder), edited(folder, _noise_on_everything)
+    task = _separating(base, tuned)
+    every = [n.name for n in rl.nodes_of(base)]
+    # Norms, embeddings and biases changed too: nodes alone do not make the source ...
+    nodes_only = rl.cross_model_recovery(base, tuned, task, every)
+    assert abs(nodes_only - 1.0) > 1e-3
+    # ... with every weight no node holds, the target computes exactly what the source does.
+    whole = rl.cross_model_recovery(base, tuned, task, every, weights=["embed", "unembed", "norms"])
+    assert whole == pytest.approx(1.0, abs=1e-4)
+    readout = rl.cross_model_recovery(base, tuned, task, [], weights=["unembed"])
+    assert -10 < readout < 10  # a share, finite
+    with pytest.raises(ValueError, match="weights must be"):
+        rl.cross_model_recovery(base, tuned, task, [], weights=["heads"])  # type: ignore[list-item]
