@@ -7,7 +7,7 @@ import re
 import secrets
 from pathlib import Path
 
-__all__ = ["remove_stale_temporaries", "write_text_atomic"]
+__all__ = ["remove_stale_temporaries", "sha256_file", "write_text_atomic"]
 
 # ``.{name}.{pid}.{hex}.tmp``: the writer's pid tells a live writer from a dead one.
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
@@ -79,3 +79,14 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True  # it exists, under another user: leave its files alone
     return True
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of a file, read a megabyte at a time."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -11,11 +11,12 @@ not the one that was trained.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from reuse_lens._io import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -119,14 +120,6 @@ def non_finite_message(label: str, bad: Sequence[tuple[str, int]]) -> str:
 _ZOO_HASH_LIMIT = 64 << 20  # zoo weights are about a megabyte; larger files are no zoo copy
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_zoo_config(folder: Path, config: Any) -> str | None:
     """A sentence when ``folder`` holds a zoo model's weights under another config.
 
@@ -144,7 +137,7 @@ def check_zoo_config(folder: Path, config: Any) -> str | None:
     entries = zoo.manifest().get("models", {})
     if not entries:
         return None
-    found = _sha256(weights)
+    found = sha256_file(weights)
     for name, entry in entries.items():
         if entry.get("sha256") != found:
             continue

@@ -411,31 +411,37 @@ def _mlp_parts(layer: Layer) -> dict[str, tuple[Tensor | None, Tensor | None]]:
 
 def _weight_rows(base: Weights, tuned: Weights, shape: ModelShape) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    nan = math.nan
     for index, (a, b) in enumerate(zip(base.layers, tuned.layers, strict=True)):
         for head in range(shape.n_heads):
             sa, sb = _head_slices(a, head, base.d_head), _head_slices(b, head, tuned.d_head)
-            row: dict[str, Any] = {c: nan for c in _COLUMNS}
-            row.update(node=AttentionHead(index, head).name, kind="head", layer=index, head=head)
-            every = []
-            for key in HEAD_WEIGHTS:
-                pairs = list(zip(sa[key], sb[key], strict=True))
-                row[f"weight_{key}"] = _relative(pairs)
-                every += pairs
-            row["weight"] = _relative(every)
-            rows.append(row)
+            node = AttentionHead(index, head).name
+            rows.append(_row(node, "head", index, head, sa, sb, HEAD_WEIGHTS))
         if shape.has_mlps:
-            pa, pb = _mlp_parts(a), _mlp_parts(b)
-            row = {c: nan for c in _COLUMNS}
-            row.update(node=MLP(index).name, kind="mlp", layer=index, head=None)
-            every = []
-            for key in MLP_WEIGHTS:
-                pairs = list(zip(pa[key], pb[key], strict=True))
-                row[f"weight_{key}"] = _relative(pairs)
-                every += pairs
-            row["weight"] = _relative(every)
-            rows.append(row)
+            rows.append(
+                _row(MLP(index).name, "mlp", index, None, _mlp_parts(a), _mlp_parts(b), MLP_WEIGHTS)
+            )
     return rows
+
+
+def _row(
+    node: str,
+    kind: str,
+    layer: int,
+    head: int | None,
+    parts_a: Mapping[str, tuple[Tensor | None, Tensor | None]],
+    parts_b: Mapping[str, tuple[Tensor | None, Tensor | None]],
+    keys: Sequence[str],
+) -> dict[str, Any]:
+    """One node's row: each part's relative change (``weight_<part>``), and all together."""
+    row: dict[str, Any] = dict.fromkeys(_COLUMNS, math.nan)
+    row.update(node=node, kind=kind, layer=layer, head=head)
+    every = []
+    for key in keys:
+        pairs = list(zip(parts_a[key], parts_b[key], strict=True))
+        row[f"weight_{key}"] = _relative(pairs)
+        every += pairs
+    row["weight"] = _relative(every)
+    return row
 
 
 def _norm_pairs(norm: Any) -> list[Tensor | None]:

@@ -10,7 +10,6 @@ Rebuild the zoo with ``reuse_lens.zoo.train`` (``reuse-lens zoo train``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,8 @@ from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any
+
+from reuse_lens._io import sha256_file
 
 __all__ = [
     "ZooError",
@@ -121,19 +122,11 @@ def _entry(name: str) -> dict[str, Any]:
     return points[step]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify(folder: Path, entry: dict[str, Any], *, label: str) -> None:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise ZooError(f"zoo model {label!r} has no weights file {str(weights)!r}")
-    found, expected = _sha256(weights), entry["sha256"]
+    found, expected = sha256_file(weights), entry["sha256"]
     if found != expected:
         raise ZooError(
             f"zoo model {label!r} fails its checksum: {str(weights)!r} has sha256 {found}, "

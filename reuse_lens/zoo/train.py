@@ -8,7 +8,6 @@ manifest within ``TOLERANCE`` instead of replacing the shipped weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -27,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
+from reuse_lens._io import sha256_file as sha256
 from reuse_lens.tasks import names as task_names
 from reuse_lens.zoo.hints import AttentionHint, HintTargets, hint_loss, hint_targets
 from reuse_lens.zoo.language import FILLER, LM_WEIGHT, encode, mixture, zoo_tokenizer
@@ -231,15 +231,6 @@ SPECS: dict[str, ZooSpec] = {
     )
 }
 """Every shipped zoo model, in training order (a parent before its fine-tunes)."""
-
-
-def sha256(path: Path) -> str:
-    """The hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
