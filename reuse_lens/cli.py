@@ -148,14 +148,22 @@ def _demo_studies(args: argparse.Namespace, configs: Mapping[str, StudyConfig]) 
     two studies then take the time of the longer one. Their terminal output follows the
     first study's.
     """
-    import os
-    import subprocess
-
-    from reuse_lens._validate import check_out_entries, check_out_folder
-    from reuse_lens.report.index import write_index
+    from reuse_lens._validate import check_out_entries, check_out_folder, folder_lock
 
     out = check_out_folder(args.out)
     check_out_entries(out, files=("report.html",), folders=tuple(configs))
+    with folder_lock(out):  # refused at once when another run writes there
+        return _run_demo_studies(args, configs, out)
+
+
+def _run_demo_studies(
+    args: argparse.Namespace, configs: Mapping[str, StudyConfig], out: Path
+) -> int:
+    import os
+    import subprocess
+
+    from reuse_lens.report.index import write_index
+
     names = list(configs)
     parallel = args.executor == "local" and (os.cpu_count() or 1) >= len(names)
     children = {}
@@ -174,12 +182,14 @@ def _demo_studies(args: argparse.Namespace, configs: Mapping[str, StudyConfig]) 
             )
         args = argparse.Namespace(**{**vars(args), "threads": args.threads or 1})
     codes = []
-    for name in names[:1] if parallel else names:
-        codes.append(_study(args, configs[name], "demo", _DEMO_TITLES[name], out=out / name))
-    for child in children.values():
-        text, _ = child.communicate()
-        print(text, end="")
-        codes.append(child.returncode)
+    try:
+        for name in names[:1] if parallel else names:
+            codes.append(_study(args, configs[name], "demo", _DEMO_TITLES[name], out=out / name))
+    finally:
+        for child in children.values():
+            text, _ = child.communicate()
+            print(text, end="")
+            codes.append(child.returncode)
     if any(code != 0 for code in codes):
         return max(codes)
     path = write_index(out / "report.html", {n: out / n for n in configs})

@@ -129,8 +129,8 @@ def test_bad_arguments_give_a_clear_error(
 def test_demo_writes_a_report_and_reuses_finished_circuits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["demo", "--out", str(tmp_path), "--tasks", "ioi", "induction", "--n", "12",
-            "--n-boot", "2", "--n-random", "3"]  # fmt: skip
+    argv = ["demo", "--studies", "base", "--out", str(tmp_path), "--tasks", "ioi", "induction",
+            "--n", "12", "--n-boot", "2", "--n-random", "3"]  # fmt: skip
     assert main(argv) == 0
     # The terminal opens with the report's answer, corrected p-values first; it counts
     # every circuit file, edge circuits too.
@@ -141,7 +141,7 @@ def test_demo_writes_a_report_and_reuses_finished_circuits(
         start + 1
     ].index("uncorrected")
     assert start < out.index("Findings:")
-    assert any(line.endswith("(8 files)") for line in out)
+    assert any(line.endswith("(8 files of this study)") for line in out)
     files = sorted(p.name for p in (tmp_path / "circuits").iterdir())
     assert files == [
         "base__induction__activation.json", "base__induction__eap-ig.json",
@@ -302,3 +302,24 @@ def test_export_mib_refuses_names_that_collide(tmp_path: Path) -> None:
               "--n", "4", "--out", str(tmp_path)])  # fmt: skip
     assert info.value.code == 2
     assert not list(tmp_path.iterdir())  # refused before any model is run
+
+
+def test_demo_runs_both_studies_side_by_side_and_opens_with_both_answers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["demo", "--out", str(tmp_path), "--tasks", "ioi", "induction", "--n", "8",
+            "--n-boot", "0", "--n-random", "2", "--no-edges"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    # The wide study ran in a child process; its terminal output follows the first's.
+    assert "5 tasks in zoo:wide" in out and out.index("zoo:base") < out.index("zoo:wide")
+    for name in ("base", "wide"):
+        assert (tmp_path / name / "report.html").is_file()
+        assert (tmp_path / name / "summary.json").is_file()
+    index = (tmp_path / "report.html").read_text()
+    wide = json.loads((tmp_path / "wide" / "summary.json").read_text())
+    assert "fine_tuning" in wide and wide["config"]["checkpoints"]
+    # The page opens with each study's answer, the wide one's fine-tune sentences included.
+    assert any("learnt gendered_pronoun" in line for line in wide["answer"])
+    assert index.index("zoo:base") < index.index("zoo:wide")
+    assert 'href="wide/report.html"' in index and "learnt gendered_pronoun" in index

@@ -72,7 +72,9 @@ def test_edge_circuits_through_hooks_equal_the_functional_engine(granite: Any) -
     node = rl.Circuit.from_nodes(
         [n.name for n in rl.nodes_of(granite) if n.name != "a0.h3"], shape_of(granite)
     )
-    by_node = rl.faithfulness(granite, task, node, ablation="resample", engine="hooks")
+    by_node = rl.faithfulness(
+        granite, task, node, ablation="resample", engine="hooks", check_task=False
+    )
     edges = [e.name for e in edges_of(granite) if not e.name.startswith("a0.h3->")]
     by_edges = rl.faithfulness(
         granite,
@@ -80,5 +82,6 @@ def test_edge_circuits_through_hooks_equal_the_functional_engine(granite: Any) -
         rl.Circuit.from_edges(edges, shape_of(granite)),
         ablation="resample",
         engine="hooks",
+        check_task=False,  # a random model: the ratio is compared, not trusted
     )
     assert by_edges == pytest.approx(by_node, abs=1e-4)
