@@ -1,0 +1,221 @@
+"""The functional forward of many ablated circuits at once, sharing what they share.
+
+Node circuits: circuit ``c`` keeps some heads and MLPs and ablates the others. The
+residual stream entering block ``l`` depends only on which nodes of the layers before
+``l`` it keeps, so circuits that agree there have the same stream and the block before it
+need only run once for all of them. ``node_forward`` runs every block once per *class*
+of circuits that agree on layers ``0..l`` (a prefix tree over layers): many circuits of
+one ranking, such as the prefixes that the automatic size rule or a faithfulness curve
+evaluates, share most of their early blocks. Each class's block is the same computation
+as the circuit's own, so the values do not depend on how circuits are grouped beyond the
+float rounding of a batched matmul. In the last block only the answer position is
+computed: nothing else reaches the logits.
+
+Edge circuits: ``DroppedEdges`` is the edge graph's ``Receivers`` for a stack of circuits,
+each with its own (sender, receiver) drop matrix: every receiver input reads the current
+stream plus, for every sender whose edge it drops, that sender's (ablated − current)
+output (Hanna et al. 2024; MIB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from reuse_lens.nodes import LOGITS, MLP
+from reuse_lens.patching._edge_forward import Receivers
+from reuse_lens.patching._forward import Norm, Weights
+from reuse_lens.patching.graph import GraphIndex
+
+__all__ = ["DroppedEdges", "Sources", "node_forward"]
+
+
+@dataclass
+class Sources:
+    """The ablated output of every sender, batch-first (a batch of one is shared).
+
+    ``input`` is what replaces the ``input`` sender (edge circuits only); ``z`` per layer
+    ``(src, pos, head, d_head)``; ``mlp_out`` per layer ``(src, pos, d_model)``.
+    """
+
+    input: Float[Tensor, "src pos d_model"]
+    z: list[Tensor]
+    mlp_out: list[Tensor]
+
+    @property
+    def shared(self) -> bool:
+        return self.input.shape[0] == 1
+
+
+def node_forward(
+    w: Weights,
+    tokens: Int[Tensor, "prompt pos"],
+    answer: Int[Tensor, " prompt"],
+    src: Sources,
+    src_rows: Int[Tensor, " prompt"],
+    keep_h: Bool[Tensor, "circuit layer head_index"],
+    keep_m: Bool[Tensor, "circuit layer"] | None,
+) -> Float[Tensor, "circuit prompt d_vocab"]:
+    """The answer logits of every circuit on every prompt, blocks shared between circuits
+    that keep the same nodes up to them.
+
+    Arguments:
+        w: the model's weights.
+        tokens: the prompts.
+        answer: each prompt's answer position.
+        src: the ablated outputs; prompt ``p`` reads row ``src_rows[p]`` of them.
+        keep_h: per circuit, the heads kept (True) or ablated (False).
+        keep_m: per circuit, the MLPs kept; None for a model without MLPs.
+
+    Returns:
+        Logits at each prompt's answer position, per circuit.
+    """
+    n_prompts, n_circuits = tokens.shape[0], keep_h.shape[0]
+    state = w.embed(tokens)  # one class: every circuit shares the embedding
+    classes = torch.zeros(n_circuits, dtype=torch.long, device=keep_h.device)
+    n_classes = 1
+    last = w.n_layers - 1
+    for layer in range(w.n_layers):
+        key = [classes.unsqueeze(1), keep_h[:, layer].long()]
+        if keep_m is not None:
+            key.append(keep_m[:, layer : layer + 1].long())
+        # Sorted and deterministic: the classes of layer ``layer`` and their parents.
+        unique, inverse = torch.unique(torch.cat(key, 1), dim=0, return_inverse=True)
+        parent, k = unique[:, 0], len(unique)
+        if k == n_classes and torch.equal(parent, torch.arange(k, device=parent.device)):
+            resid = state
+        else:
+            resid = state.unflatten(0, (n_classes, n_prompts))[parent].flatten(0, 1)
+        heads = unique[:, 1 : 1 + w.n_heads].bool()
+        mlps = unique[:, -1].bool() if keep_m is not None else None
+        at = answer if layer == last else None
+        z_src = _source(src.z[layer], src, src_rows, at)
+        edit_mlp = None
+        if mlps is not None:
+            mlp_src = _source(src.mlp_out[layer], src, src_rows, at)
+            edit_mlp = _keep_or(mlps.view(k, 1, 1, 1), mlp_src)
+        state = w.block(
+            layer,
+            resid,
+            answer=None if at is None else at.repeat(k),
+            edit_z=_keep_or(heads.view(k, 1, 1, -1, 1), z_src),
+            edit_mlp=edit_mlp,
+        )
+        classes, n_classes = inverse, k
+    logits = w.logits(state[:, 0])  # the last block returned the answer position alone
+    return logits.unflatten(0, (n_classes, n_prompts))[classes]
+
+
+def _source(x: Tensor, src: Sources, rows: Tensor, answer: Tensor | None) -> Tensor:
+    """A sender's ablated output, ``(1, prompt or 1, pos or 1, ...)``, for every class."""
+    if answer is not None:  # the last block: the answer position of each prompt only
+        picked = x[torch.zeros_like(rows) if src.shared else rows, answer]
+        return picked.unsqueeze(0).unsqueeze(2)
+    return x.unsqueeze(0) if src.shared else x[rows].unsqueeze(0)
+
+
+def _keep_or(keep: Tensor, ablated: Tensor) -> Callable[[Tensor], Tensor]:
+    """An edit that keeps an output where ``keep`` (per class) and ablates it elsewhere."""
+
+    def edit(out: Tensor) -> Tensor:
+        by_class = out.unflatten(0, (keep.shape[0], -1))
+        return torch.where(keep, by_class, ablated).flatten(0, 1)
+
+    return edit
+
+
+class DroppedEdges(Receivers):
+    """Receivers of a stack of edge circuits, circuit-major (rows ``c * prompts + p``):
+    each reads the current residual stream plus, for every sender whose edge circuit ``c``
+    drops, that sender's (ablated − current) output.
+
+    What a layer's receivers add is a batched matmul of each circuit's (receiver,
+    sender) drop matrix with each position's (sender, d_model) deltas: it lands in the
+    row-major ``(row, pos, receiver, d_model)`` layout the receivers read, and neither
+    the deltas nor the result is copied into another layout.
+
+    The heads of a layer with a post-norm (Gemma-2) reach the stream only through
+    ``N(Σ_h out_h + b_O)``: their slots in ``deltas`` stay zero, and a receiver gets
+    ``N(sum with its dropped heads' outputs ablated) − N(sum)`` for that layer instead.
+    """
+
+    def __init__(
+        self,
+        w: Weights,
+        index: GraphIndex,
+        drop: Float[Tensor, "circuit sender receiver"],
+        resid: Float[Tensor, "row pos d_model"],
+        input_delta: Float[Tensor, "row pos d_model"],
+        ablated_z: list[Tensor],
+        ablated_mlp: list[Tensor],
+    ) -> None:
+        """``resid``, ``input_delta``: per (circuit, prompt) row; ``ablated_z`` and
+        ``ablated_mlp``: per layer, one row per prompt (or one shared by every prompt)."""
+        self.w, self.index, self.drop = w, index, drop
+        self.n_circuits = drop.shape[0]
+        self.deltas = resid.new_zeros(*resid.shape[:2], index.n_senders, resid.shape[-1])
+        self.deltas[:, :, 0] = input_delta
+        self.ablated_z = ablated_z
+        self.ablated_mlp = ablated_mlp
+        # Per post-normed layer: its first head's sender slot, the heads' sum, their deltas.
+        self.normed: list[tuple[int, Tensor, Tensor, Norm]] = []
+
+    def _by_circuit(self, x: Tensor) -> Tensor:
+        return x.unflatten(0, (self.n_circuits, -1))
+
+    def _minus(self, ablated: Tensor, out: Tensor) -> Tensor:
+        """``ablated − out`` per row: ``ablated`` has a row per prompt (or one shared),
+        ``out`` a row per (circuit, prompt)."""
+        return (ablated.unsqueeze(0) - self._by_circuit(out)).flatten(0, 1)
+
+    def _read(self, n: int, columns: slice | int, resid: Tensor) -> Tensor:
+        """What the receivers in ``columns`` read: ``resid`` plus, over the first ``n``
+        senders, the deltas of the dropped ones; ``(row, pos, receiver, d_model)``, with
+        no receiver axis for a single column."""
+        single = isinstance(columns, int)
+        span = slice(columns, columns + 1) if isinstance(columns, int) else columns
+        drop = self.drop[:, :n, span].transpose(1, 2)  # (circuit, receiver, sender)
+        deltas = self._by_circuit(self.deltas[:, :, :n])  # (circuit, prompt, pos, sender, d)
+        # Per position, (receiver, sender) @ (sender, d_model): the result is row-major.
+        read = torch.matmul(drop.unsqueeze(1).unsqueeze(1), deltas).flatten(0, 1)
+        read.add_(resid.unsqueeze(2))
+        read = read[:, :, 0] if single else read
+        for first, raw, delta, norm in self.normed:
+            if first >= n:
+                break
+            heads = slice(first, first + delta.shape[2])
+            moved = torch.einsum(
+                "cbphd,ch...->cbp...d", self._by_circuit(delta), self.drop[:, heads, columns]
+            ).flatten(0, 1)
+            base = raw if isinstance(columns, int) else raw.unsqueeze(2)
+            read = read + norm(base + moved) - norm(base)
+        return read
+
+    def heads(self, layer: int, resid: Tensor, n_heads: int) -> Tensor:
+        n = self.index.senders_before_heads(layer)
+        return self._read(n, self.index.heads_columns(layer), resid)
+
+    def mlp(self, layer: int, resid: Tensor) -> Tensor:
+        n = self.index.senders_before_mlp(layer)
+        return self._read(n, self.index.receiver[MLP(layer).name], resid)
+
+    def final(self, resid: Tensor) -> Tensor:
+        return self._read(self.index.n_senders, self.index.receiver[LOGITS.name], resid)
+
+    def head_outputs(self, layer: int, out: Tensor, raw: Tensor) -> None:
+        w_o = self.w.layers[layer].w_o.view(self.w.n_heads, self.w.d_head, -1)
+        ablated = torch.einsum("bphe,hed->bphd", self.ablated_z[layer], w_o)
+        first = self.index.sender[f"a{layer}.h0"]
+        post = self.w.layers[layer].attn_post
+        if post is not None:
+            self.normed.append((first, raw, self._minus(ablated, out), post))
+            return
+        self.deltas[:, :, first : first + out.shape[2]] = self._minus(ablated, out)
+
+    def mlp_output(self, layer: int, out: Tensor) -> None:
+        slot = self.index.sender[MLP(layer).name]
+        self.deltas[:, :, slot] = self._minus(self.ablated_mlp[layer], out)
