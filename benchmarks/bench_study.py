@@ -175,20 +175,18 @@ def embed_zoo(folder: Path) -> Path:
     from reuse_lens.zoo import shipped_folder
 
     source = shipped_folder("base")
-    small = GPT2LMHeadModel.from_pretrained(source).eval()
+    small: Any = GPT2LMHeadModel.from_pretrained(source).eval()
     cfg = small.config
     d, heads, d_mlp, layers = cfg.n_embd, cfg.n_head, cfg.n_inner, cfg.n_layer
     copies = GPT2_SMALL["n_embd"] // d
     d_head, big_head = d // heads, GPT2_SMALL["n_embd"] // GPT2_SMALL["n_head"]
-    config = GPT2Config(
-        **{k: v for k, v in cfg.to_dict().items() if k in ("vocab_size", "n_positions",
-           "activation_function", "layer_norm_epsilon", "bos_token_id", "eos_token_id",
-           "pad_token_id")},
-        **GPT2_SMALL,
-        tie_word_embeddings=False,
-        attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0,
-    )  # fmt: skip
-    big = GPT2LMHeadModel(config).eval()
+    kept = ("vocab_size", "n_positions", "activation_function", "layer_norm_epsilon",
+            "bos_token_id", "eos_token_id", "pad_token_id")  # fmt: skip
+    fields: dict[str, Any] = {k: v for k, v in cfg.to_dict().items() if k in kept}
+    fields |= dict(GPT2_SMALL, tie_word_embeddings=False, attn_pdrop=0.0, embd_pdrop=0.0,
+                   resid_pdrop=0.0)  # fmt: skip
+    config = GPT2Config(**fields)
+    big: Any = GPT2LMHeadModel(config).eval()
     width = GPT2_SMALL["n_embd"]
     place = {i * (GPT2_SMALL["n_layer"] // layers): i for i in range(layers)}
 
