@@ -166,9 +166,11 @@ def instrument(stages: Stages) -> None:
 GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, n_inner=3072)
 
 
-def embed_zoo(folder: Path) -> Path:
-    """Save the zoo's base model embedded in GPT-2 small's shape (see the module's
-    docstring) with the zoo's tokenizer, as a folder ``reuse-lens study`` loads."""
+def embed_zoo(folder: Path, shape: dict[str, int] = GPT2_SMALL) -> Path:
+    """Save the zoo's base model embedded in a larger GPT-2 shape (GPT-2 small's by
+    default; see the module's docstring) with the zoo's tokenizer, as a folder
+    ``reuse-lens study`` loads. ``shape`` gives ``n_layer``, ``n_head``, ``n_embd`` and
+    ``n_inner``, at least the zoo's, ``n_embd`` a multiple of its width."""
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -178,17 +180,17 @@ def embed_zoo(folder: Path) -> Path:
     small: Any = GPT2LMHeadModel.from_pretrained(source).eval()
     cfg = small.config
     d, heads, d_mlp, layers = cfg.n_embd, cfg.n_head, cfg.n_inner, cfg.n_layer
-    copies = GPT2_SMALL["n_embd"] // d
-    d_head, big_head = d // heads, GPT2_SMALL["n_embd"] // GPT2_SMALL["n_head"]
+    copies = shape["n_embd"] // d
+    d_head, big_head = d // heads, shape["n_embd"] // shape["n_head"]
     kept = ("vocab_size", "n_positions", "activation_function", "layer_norm_epsilon",
             "bos_token_id", "eos_token_id", "pad_token_id")  # fmt: skip
     fields: dict[str, Any] = {k: v for k, v in cfg.to_dict().items() if k in kept}
-    fields |= dict(GPT2_SMALL, tie_word_embeddings=False, attn_pdrop=0.0, embd_pdrop=0.0,
+    fields |= dict(shape, tie_word_embeddings=False, attn_pdrop=0.0, embd_pdrop=0.0,
                    resid_pdrop=0.0)  # fmt: skip
     config = GPT2Config(**fields)
     big: Any = GPT2LMHeadModel(config).eval()
-    width = GPT2_SMALL["n_embd"]
-    place = {i * (GPT2_SMALL["n_layer"] // layers): i for i in range(layers)}
+    width = shape["n_embd"]
+    place = {i * (shape["n_layer"] // layers): i for i in range(layers)}
 
     def tile(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return torch.cat([x] * copies, dim=dim)

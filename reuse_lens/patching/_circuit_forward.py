@@ -28,10 +28,16 @@ from torch import Tensor
 
 from reuse_lens.nodes import LOGITS, MLP
 from reuse_lens.patching._edge_forward import Receivers
-from reuse_lens.patching._forward import Norm, Weights
+from reuse_lens.patching._forward import Norm, Weights, _norm
 from reuse_lens.patching.graph import GraphIndex
 
-__all__ = ["DroppedEdges", "Sources", "node_forward"]
+__all__ = [
+    "DroppedEdges",
+    "Sources",
+    "node_forward",
+    "sparse_edge_logits",
+    "sparse_edges_supported",
+]
 
 
 @dataclass
@@ -219,3 +225,130 @@ class DroppedEdges(Receivers):
     def mlp_output(self, layer: int, out: Tensor) -> None:
         slot = self.index.sender[MLP(layer).name]
         self.deltas[:, :, slot] = self._minus(self.ablated_mlp[layer], out)
+
+
+def sparse_edges_supported(w: Weights) -> str | None:
+    """Why ``sparse_edge_logits`` cannot run this model (the dense edge forward can), or
+    None: a norm after the attention (Gemma-2) joins the heads before the stream, so a
+    head's share is not its own; ALiBi and a q/k norm over every head's channels (OLMo-2)
+    tie the heads of a layer together too."""
+    if any(layer.attn_post is not None for layer in w.layers):
+        return "a norm after the attention"
+    if w.alibi is not None:
+        return "ALiBi"
+    if w.spec.qk_norm == "proj":
+        return "a q/k norm over all heads"
+    return None
+
+
+def sparse_edge_logits(
+    w: Weights,
+    index: GraphIndex,
+    keep: Bool[Tensor, "circuit sender receiver"],
+    resid: Float[Tensor, "prompt pos d_model"],
+    current_input: Float[Tensor, "prompt pos d_model"],
+    src: Sources,
+    src_rows: Int[Tensor, " prompt"],
+    answer: Int[Tensor, " prompt"],
+) -> Float[Tensor, "row d_vocab"]:
+    """Answer logits of a stack of edge circuits (rows ``c * prompts + p``), computing
+    only the senders that some circuit keeps an edge out of.
+
+    A receiver reads ``Z + Σ_s keep[s, r] (current_s − ablated_s)``, where ``Z`` is the
+    stream with every sender ablated (the ablated embedding, every ablated head and MLP
+    output, the biases): the same for every circuit. A sender none of whose edges is kept
+    adds only its ablated output, which ``Z`` holds already, so its current output is
+    never needed: a circuit of a few hundred of GPT-2 small's 32,000 edges runs a few heads
+    and MLPs, not the model. The same values as the dense edge forward (``DroppedEdges``),
+    which the tests check.
+
+    Arguments:
+        w: the model's weights (``sparse_edges_supported`` says which it takes).
+        index: the edge graph's rows and columns.
+        keep: per circuit, the (sender, receiver) edges kept.
+        resid: the embedding of each prompt (``Weights.embed``).
+        current_input: what the ``input`` sender outputs (the embedding, or the token
+            embedding alone).
+        src: the ablated outputs; prompt ``p`` reads row ``src_rows[p]`` (or a shared row).
+        answer: each prompt's answer position.
+    """
+    n_circuits, n_prompts, width = keep.shape[0], resid.shape[0], resid.shape[1]
+    n_heads, d_head = w.n_heads, w.d_head
+    keep = keep.to(resid.dtype)
+    active = keep.amax(dim=(0, 2)) > 0  # senders some circuit keeps an edge out of
+    slots = torch.nonzero(active).flatten().tolist()
+    column = {s: i for i, s in enumerate(slots)}
+    # (circuit, prompt, pos, active sender, d_model): current − ablated of each one computed.
+    deltas = resid.new_zeros(n_circuits, n_prompts, width, len(slots), resid.shape[-1])
+
+    def shared(x: Tensor) -> Tensor:
+        return x if src.shared else x[src_rows]
+
+    ablated_input = shared(src.input)
+    z = resid - current_input + ablated_input  # every sender ablated, before block 0
+    if 0 in column:
+        deltas[..., column[0], :] = current_input - ablated_input
+
+    def read(base: Tensor, columns: list[int], visible: int) -> Tensor:
+        """What receivers ``columns`` read: ``base`` plus their kept senders' deltas,
+        ``(circuit, prompt, pos, receiver, d_model)``."""
+        seen = sum(1 for s in slots if s < visible)
+        out = base.unsqueeze(-2).expand(n_circuits, n_prompts, width, len(columns), -1)
+        if seen == 0:
+            return out
+        kept = keep[:, slots[:seen]][:, :, columns]  # (circuit, sender, receiver)
+        added = torch.matmul(kept.transpose(1, 2)[:, None, None], deltas[..., :seen, :])
+        return added.add_(base.unsqueeze(-2))
+
+    positions = torch.arange(width, device=resid.device)
+    for layer in range(w.n_layers):
+        weights = w.layers[layer]
+        first = index.sender[f"a{layer}.h0"]
+        heads = [h for h in range(n_heads) if first + h in column]
+        ablated_z = shared(src.z[layer])
+        if heads:
+            picked = torch.tensor(heads, device=resid.device)
+            start = index.heads_columns(layer).start
+            columns = [start + part * n_heads + h for part in range(3) for h in heads]
+            inputs = read(z, columns, index.senders_before_heads(layer)).flatten(0, 1)
+            x_q, x_k, x_v = inputs.unflatten(2, (3, len(heads))).unbind(2)
+
+            q = _project(w, layer, x_q, "q", picked)
+            k = _project(w, layer, x_k, "k", picked)
+            v = _project(w, layer, x_v, "v", picked)
+            q = w._qk_post(layer, q, weights.q_norm, positions)
+            k = w._qk_post(layer, k, weights.k_norm, positions)
+            mixed = w.mix(w.pattern(q, k, positions, layer), v)
+            w_o = weights.w_o.view(n_heads, d_head, -1)[picked]
+            current = torch.einsum("bphe,hed->bphd", mixed, w_o)
+            ablated = torch.einsum("bphe,hed->bphd", ablated_z[:, :, picked], w_o)
+            moved = current.unflatten(0, (n_circuits, n_prompts)) - ablated.unsqueeze(0)
+            for i, h in enumerate(heads):
+                deltas[..., column[first + h], :] = moved[..., i, :]
+        mid = z + w.attn_out(layer, ablated_z)  # every head ablated, b_O kept
+        if w.has_mlps:
+            ablated_mlp = shared(src.mlp_out[layer])
+            slot = index.sender[MLP(layer).name]
+            if slot in column:
+                receiver = index.receiver[MLP(layer).name]
+                base = w.mlp_input(z, mid)
+                x = read(base, [receiver], index.senders_before_mlp(layer))[..., 0, :]
+                current = w.mlp_out(layer, x.flatten(0, 1)).unflatten(0, (n_circuits, n_prompts))
+                deltas[..., column[slot], :] = current - ablated_mlp.unsqueeze(0)
+            mid = mid + ablated_mlp
+        z = mid
+    rows = torch.arange(n_prompts, device=resid.device)
+    final = read(z, [index.receiver[LOGITS.name]], index.n_senders)[:, rows, answer, 0]
+    return w.logits(final.flatten(0, 1))
+
+
+def _project(
+    w: Weights, layer: int, x: Tensor, part: str, heads: Int[Tensor, " head"]
+) -> Float[Tensor, "batch pos head d_head"]:
+    """The ``part`` (q, k or v) projection of ``heads``, each from its own input
+    ``(batch, pos, head, d_model)``, before any q/k norm or rotary."""
+    weights = w.layers[layer]
+    w_flat, b_flat = getattr(weights, f"w_{part}"), getattr(weights, f"b_{part}")
+    per_head = w_flat.view(-1, w.n_heads, w.d_head)[:, heads].permute(1, 0, 2)
+    bias = b_flat.view(w.n_heads, w.d_head)[heads]
+    return torch.einsum("bphd,hde->bphe", _norm(x, weights.ln1), per_head) + bias

@@ -40,7 +40,13 @@ from reuse_lens._memory import (
 )
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import ModelShape, shape_of
-from reuse_lens.patching._circuit_forward import DroppedEdges, Sources, node_forward
+from reuse_lens.patching._circuit_forward import (
+    DroppedEdges,
+    Sources,
+    node_forward,
+    sparse_edge_logits,
+    sparse_edges_supported,
+)
 from reuse_lens.patching._common import (
     Engine,
     Prepared,
@@ -151,6 +157,9 @@ class AblationRunner:
                 "'padded' (padding averaged in, as EAP-IG's mean-positional ablation)"
             )
         self.input_node: InputKind = input_node
+        # Edge circuits run only the senders they keep an edge of, where the model allows
+        # it (``_circuit_forward.sparse_edge_logits``); False: every sender, always.
+        self.sparse_edges = True
         self.mean_positions: MeanPositions = mean_positions
         model, task = check_pair(model, task)
         if len(task) == 0:
@@ -448,6 +457,10 @@ class AblationRunner:
         resid = w.embed(tokens)
         # The input sender's current output: the whole embedding, or the token part alone.
         current = resid if self.input_node == "embeddings" else w.w_e[tokens]
+        if self.sparse_edges and sparse_edges_supported(w) is None:
+            keep = drop == 0
+            answer = self.prep.answer_pos[prompt]
+            return sparse_edge_logits(w, index, keep, resid, current, src, src_rows, answer)
         input_delta = (src.input[src_rows] - current).repeat(k, 1, 1)
         ablated_z = [z if src.shared else z[src_rows] for z in src.z]
         ablated_mlp = [m if src.shared else m[src_rows] for m in src.mlp_out]

@@ -178,7 +178,7 @@ def test_circuits_sharing_blocks_get_their_own_values(
     assert torch.equal(fast.nodes(masks), together.mean(1))
 
 
-@pytest.mark.parametrize("name", ["gpt_neox", "gemma2", "llama_gqa"])
+@pytest.mark.parametrize("name", ["gpt_neox", "gemma2", "llama_gqa", "qwen3", "gptj"])
 def test_batched_circuits_on_other_architectures(
     name: str, tmp_path_factory: pytest.TempPathFactory, word_tokenizer: Any
 ) -> None:
@@ -200,26 +200,47 @@ def test_batched_circuits_on_other_architectures(
     )
     index = GraphIndex(shape)
     gen = torch.Generator().manual_seed(0)
-    keep = torch.rand(3, index.n_senders, index.n_receivers, generator=gen) < 0.6
+    keep = torch.rand(4, index.n_senders, index.n_receivers, generator=gen) < 0.6
+    keep[2:] &= torch.rand(2, index.n_senders, index.n_receivers, generator=gen) < 0.05
+    stacked = runner.edge_values(keep)
     torch.testing.assert_close(
-        runner.edge_values(keep),
-        torch.cat([runner.edge_values(k.unsqueeze(0)) for k in keep]),
-        atol=ATOL,
-        rtol=0,
+        stacked, torch.cat([runner.edge_values(k.unsqueeze(0)) for k in keep]), atol=ATOL, rtol=0
     )
+    runner.sparse_edges = False  # every sender computed: the same values
+    torch.testing.assert_close(runner.edge_values(keep), stacked, atol=ATOL, rtol=0)
 
 
-def test_stacked_edge_circuits_equal_each_alone(model: Any, task: rl.Task) -> None:
+@pytest.mark.parametrize("input_node", ["embeddings", "tokens"])
+def test_stacked_edge_circuits_equal_each_alone(model: Any, task: rl.Task, input_node: str) -> None:
+    """Stacked, sparse (only the senders a circuit keeps an edge of) and dense, alone and
+    in chunks: one value per circuit and prompt. The masks mark edges outside the graph
+    too, which every engine ignores."""
     index = GraphIndex(shape_of(model))
     gen = torch.Generator().manual_seed(4)
-    keep = torch.rand(5, index.n_senders, index.n_receivers, generator=gen) < 0.5
-    for ablation in ("mean", "resample"):
-        runner = AblationRunner(model, task, ablation=ablation)  # type: ignore[arg-type]
+    keep = torch.rand(6, index.n_senders, index.n_receivers, generator=gen) < 0.5
+    keep[3:] &= torch.rand(3, index.n_senders, index.n_receivers, generator=gen) < 0.05
+    keep[5] = False  # the empty circuit: every edge ablated
+    for ablation in ("mean", "resample", "zero"):
+        runner = AblationRunner(
+            model,
+            task,
+            ablation=ablation,  # type: ignore[arg-type]
+            input_node=input_node,  # type: ignore[arg-type]
+        )
         stacked = runner.edge_values(keep)
         alone = torch.cat([runner.edge_values(k.unsqueeze(0)) for k in keep])
         torch.testing.assert_close(stacked, alone, atol=ATOL, rtol=0)
+        runner.sparse_edges = False
+        torch.testing.assert_close(runner.edge_values(keep), stacked, atol=ATOL, rtol=0)
+        runner.sparse_edges = True
         assert runner.edges(keep[0]) == pytest.approx(float(alone[0].mean()), abs=1e-6)
-        small = AblationRunner(model, task, ablation=ablation, batch_size=2)  # type: ignore[arg-type]
+        small = AblationRunner(
+            model,
+            task,
+            ablation=ablation,  # type: ignore[arg-type]
+            input_node=input_node,  # type: ignore[arg-type]
+            batch_size=2,
+        )
         torch.testing.assert_close(small.edge_values(keep), stacked, atol=ATOL, rtol=0)
 
 
