@@ -142,7 +142,11 @@ def instrument(stages: Stages) -> None:
     import reuse_lens.study as study
     import reuse_lens.study.run as run
     import reuse_lens.study.units as units
-    from reuse_lens.circuits.evaluator import CircuitEvaluator
+
+    try:  # where the evaluator lives since the size rule's batching
+        from reuse_lens.circuits.evaluator import CircuitEvaluator
+    except ImportError:  # the library before it (for a before/after comparison)
+        from reuse_lens.circuits.measure import CircuitEvaluator
 
     stages.wrap(models, "load_model", "load")
     stages.wrap(run, "_evaluations", "evaluation")
@@ -151,7 +155,8 @@ def instrument(stages: Stages) -> None:
     stages.wrap(discovery, "_score", "scoring")
     stages.wrap(discovery, "path_patching", "scoring")
     stages.wrap(discovery, "select_prefix", "size rule")
-    stages.wrap_method(CircuitEvaluator, "interval", "faithfulness")
+    faithfulness = "interval" if hasattr(CircuitEvaluator, "interval") else "__call__"
+    stages.wrap_method(CircuitEvaluator, faithfulness, "faithfulness")
     stages.wrap(measure, "faithfulness_curve", "curves and baselines")
     stages.wrap(measure, "random_baseline", "curves and baselines")
     stages.wrap_method(units.Resample, "run", "resamples")

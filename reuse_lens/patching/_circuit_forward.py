@@ -28,7 +28,7 @@ from torch import Tensor
 
 from reuse_lens.nodes import LOGITS, MLP
 from reuse_lens.patching._edge_forward import Receivers
-from reuse_lens.patching._forward import Norm, Weights, _norm
+from reuse_lens.patching._forward import Norm, Weights, _affine, _norm
 from reuse_lens.patching.graph import GraphIndex
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "node_forward",
     "sparse_edge_logits",
     "sparse_edges_supported",
+    "sparse_nodes_supported",
 ]
 
 
@@ -65,9 +66,13 @@ def node_forward(
     src_rows: Int[Tensor, " prompt"],
     keep_h: Bool[Tensor, "circuit layer head_index"],
     keep_m: Bool[Tensor, "circuit layer"] | None,
+    *,
+    sparse: bool = True,
 ) -> Float[Tensor, "circuit prompt d_vocab"]:
     """The answer logits of every circuit on every prompt, blocks shared between circuits
-    that keep the same nodes up to them.
+    that keep the same nodes up to them, and in each block only the heads and MLPs that
+    some circuit keeps computed (``_kept_block``; ``sparse=False``: every one, through
+    ``Weights.block``).
 
     Arguments:
         w: the model's weights.
@@ -100,20 +105,93 @@ def node_forward(
         mlps = unique[:, -1].bool() if keep_m is not None else None
         at = answer if layer == last else None
         z_src = _source(src.z[layer], src, src_rows, at)
-        edit_mlp = None
-        if mlps is not None:
-            mlp_src = _source(src.mlp_out[layer], src, src_rows, at)
-            edit_mlp = _keep_or(mlps.view(k, 1, 1, 1), mlp_src)
-        state = w.block(
-            layer,
-            resid,
-            answer=None if at is None else at.repeat(k),
-            edit_z=_keep_or(heads.view(k, 1, 1, -1, 1), z_src),
-            edit_mlp=edit_mlp,
-        )
+        mlp_src = None if mlps is None else _source(src.mlp_out[layer], src, src_rows, at)
+        if sparse and sparse_nodes_supported(w) is None:
+            state = _kept_block(w, layer, resid, heads, mlps, z_src, mlp_src, at)
+        else:
+            state = w.block(
+                layer,
+                resid,
+                answer=None if at is None else at.repeat(k),
+                edit_z=_keep_or(heads.view(k, 1, 1, -1, 1), z_src),
+                edit_mlp=None if mlps is None else _keep_or(mlps.view(k, 1, 1, 1), mlp_src),
+            )
         classes, n_classes = inverse, k
     logits = w.logits(state[:, 0])  # the last block returned the answer position alone
     return logits.unflatten(0, (n_classes, n_prompts))[classes]
+
+
+def sparse_nodes_supported(w: Weights) -> str | None:
+    """Why ``node_forward`` must compute every head of a layer (``Weights.block``) rather
+    than those a circuit keeps, or None: ALiBi and a q/k norm over every head's channels
+    (OLMo-2) tie a layer's heads together."""
+    if w.alibi is not None:
+        return "ALiBi"
+    if w.spec.qk_norm == "proj":
+        return "a q/k norm over all heads"
+    return None
+
+
+def _kept_block(
+    w: Weights,
+    layer: int,
+    resid: Float[Tensor, "row pos d_model"],
+    heads: Bool[Tensor, "class head_index"],
+    mlps: Bool[Tensor, " class"] | None,
+    z_src: Tensor,
+    mlp_src: Tensor | None,
+    answer: Int[Tensor, " prompt"] | None,
+) -> Float[Tensor, "row pos d_model"]:
+    """Block ``layer`` for rows ``class * prompts + p``, computing only what some class
+    keeps: the q, k, v and attention of the heads some class keeps, and the MLP for the
+    classes that keep it. An ablated head's z and an ablated MLP's output are their
+    sources (``_source``), whatever the block would compute, so a small circuit costs a
+    few heads and MLPs per layer, not the layer. With ``answer`` (the last block), only
+    each prompt's answer position is returned, ``(row, 1, d_model)``, as ``Weights.block``.
+    """
+    weights = w.layers[layer]
+    n_classes, width = heads.shape[0], resid.shape[1]
+    positions = torch.arange(width, device=resid.device)
+    rows = torch.arange(resid.shape[0], device=resid.device)
+    at = None if answer is None else answer.repeat(n_classes)
+    resid_pre = resid if at is None else resid[rows, at].unsqueeze(1)
+    q_pos = positions if at is None else at.unsqueeze(-1)
+    n_q, n_prompts = resid_pre.shape[1], resid.shape[0] // n_classes
+    z = z_src.expand(n_classes, n_prompts, n_q, -1, -1)
+    kept = torch.nonzero(heads.any(0)).flatten()
+    if len(kept):
+        x = _norm(resid, weights.ln1)
+        q = _project_flat(w, layer, x if at is None else x[rows, at].unsqueeze(1), "q", kept)
+        k = w._qk_post(layer, _project_flat(w, layer, x, "k", kept), weights.k_norm, positions)
+        v = _project_flat(w, layer, x, "v", kept)
+        q = w._qk_post(layer, q, weights.q_norm, q_pos)
+        mixed = w.mix(w.pattern(q, k, q_pos, layer), v).unflatten(0, (n_classes, -1))
+        z = z.clone()
+        keep = heads[:, kept].view(n_classes, 1, 1, -1, 1)
+        z[..., kept, :] = torch.where(keep, mixed, z[..., kept, :])
+    resid_mid = resid_pre + w.attn_out(layer, z.reshape(-1, n_q, w.n_heads, w.d_head))
+    if mlps is None:
+        return resid_mid
+    assert mlp_src is not None
+    out = mlp_src.expand(n_classes, n_prompts, n_q, -1)
+    computed = torch.nonzero(mlps).flatten()
+    if len(computed):
+        by_class = w.mlp_input(resid_pre, resid_mid).unflatten(0, (n_classes, -1))
+        picked = by_class[computed].flatten(0, 1)
+        out = out.clone()
+        out[computed] = w.mlp_out(layer, picked).unflatten(0, (len(computed), -1))
+    return resid_mid + out.reshape(resid_mid.shape)
+
+
+def _project_flat(
+    w: Weights, layer: int, x: Tensor, part: str, heads: Int[Tensor, " head"]
+) -> Float[Tensor, "batch pos head d_head"]:
+    """The ``part`` (q, k or v) projection of ``heads`` from one input ``x`` (normed)."""
+    weights = w.layers[layer]
+    w_flat, b_flat = getattr(weights, f"w_{part}"), getattr(weights, f"b_{part}")
+    matrix = w_flat.view(-1, w.n_heads, w.d_head)[:, heads].flatten(1)
+    bias = b_flat.view(w.n_heads, w.d_head)[heads].flatten()
+    return _affine(x, matrix, bias).unflatten(-1, (len(heads), w.d_head))
 
 
 def _source(x: Tensor, src: Sources, rows: Tensor, answer: Tensor | None) -> Tensor:

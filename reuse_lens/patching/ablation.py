@@ -157,8 +157,10 @@ class AblationRunner:
                 "'padded' (padding averaged in, as EAP-IG's mean-positional ablation)"
             )
         self.input_node: InputKind = input_node
-        # Edge circuits run only the senders they keep an edge of, where the model allows
-        # it (``_circuit_forward.sparse_edge_logits``); False: every sender, always.
+        # Circuits compute only the heads and MLPs they keep (node circuits) or keep an
+        # edge of (edge circuits), where the model allows it (``_circuit_forward``);
+        # False: every one, always (the tests compare the two).
+        self.sparse_nodes = True
         self.sparse_edges = True
         self.mean_positions: MeanPositions = mean_positions
         model, task = check_pair(model, task)
@@ -257,6 +259,7 @@ class AblationRunner:
                     src_rows,
                     heads[circuits],
                     None if mlps is None else mlps[circuits],
+                    sparse=self.sparse_nodes,
                 )
                 k = logits.shape[0]
                 scored = self.prep.score(logits.flatten(0, 1), prompt.repeat(k))

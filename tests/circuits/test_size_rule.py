@@ -161,6 +161,9 @@ def test_circuits_sharing_blocks_get_their_own_values(
     together = fast.node_values(masks)
     alone = torch.cat([fast.node_values([m]) for m in masks])
     torch.testing.assert_close(together, alone, atol=ATOL, rtol=0)
+    fast.sparse_nodes = False  # every head and MLP computed: the same values
+    torch.testing.assert_close(fast.node_values(masks), together, atol=ATOL, rtol=0)
+    fast.sparse_nodes = True
     torch.testing.assert_close(together, slow.node_values(masks), atol=ATOL, rtol=0)
     # Chunked one prompt per pass, and two circuits per pass: the same values.
     torch.testing.assert_close(
@@ -178,7 +181,7 @@ def test_circuits_sharing_blocks_get_their_own_values(
     assert torch.equal(fast.nodes(masks), together.mean(1))
 
 
-@pytest.mark.parametrize("name", ["gpt_neox", "gemma2", "llama_gqa", "qwen3", "gptj"])
+@pytest.mark.parametrize("name", ["gpt_neox", "gemma2", "llama_gqa", "qwen3", "gptj", "bloom"])
 def test_batched_circuits_on_other_architectures(
     name: str, tmp_path_factory: pytest.TempPathFactory, word_tokenizer: Any
 ) -> None:
@@ -192,12 +195,11 @@ def test_batched_circuits_on_other_architectures(
     order = [n.name for n in nodes_of(arch)]
     random.Random(1).shuffle(order)
     masks = _prefix_masks(arch, order)
-    torch.testing.assert_close(
-        runner.node_values(masks),
-        torch.cat([runner.node_values([m]) for m in masks]),
-        atol=ATOL,
-        rtol=0,
-    )
+    together = runner.node_values(masks)
+    alone = torch.cat([runner.node_values([m]) for m in masks])
+    torch.testing.assert_close(together, alone, atol=ATOL, rtol=0)
+    runner.sparse_nodes = False
+    torch.testing.assert_close(runner.node_values(masks), together, atol=ATOL, rtol=0)
     index = GraphIndex(shape)
     gen = torch.Generator().manual_seed(0)
     keep = torch.rand(4, index.n_senders, index.n_receivers, generator=gen) < 0.6
