@@ -157,7 +157,12 @@ def _kept_block(
     resid_pre = resid if at is None else resid[rows, at].unsqueeze(1)
     q_pos = positions if at is None else at.unsqueeze(-1)
     n_q, n_prompts = resid_pre.shape[1], resid.shape[0] // n_classes
-    z = z_src.expand(n_classes, n_prompts, n_q, -1, -1)
+    w_o = weights.w_o.view(w.n_heads, w.d_head, -1)
+    # The ablated heads' share of the attention output, from their sources: each head's
+    # source through W_O once (per prompt, or once for all), then summed per class.
+    per_head = torch.einsum("xpqhe,hed->pqhd", z_src, w_o)
+    ablated = (~heads).to(per_head.dtype)
+    attn = torch.einsum("ch,pqhd->cpqd", ablated, per_head) + weights.b_o
     kept = torch.nonzero(heads.any(0)).flatten()
     if len(kept):
         x = _norm(resid, weights.ln1)
@@ -166,10 +171,10 @@ def _kept_block(
         v = _project_flat(w, layer, x, "v", kept)
         q = w._qk_post(layer, q, weights.q_norm, q_pos)
         mixed = w.mix(w.pattern(q, k, q_pos, layer), v).unflatten(0, (n_classes, -1))
-        z = z.clone()
-        keep = heads[:, kept].view(n_classes, 1, 1, -1, 1)
-        z[..., kept, :] = torch.where(keep, mixed, z[..., kept, :])
-    resid_mid = resid_pre + w.attn_out(layer, z.reshape(-1, n_q, w.n_heads, w.d_head))
+        mixed = mixed * heads[:, kept].view(n_classes, 1, 1, -1, 1).to(mixed.dtype)
+        attn = attn + _affine(mixed.flatten(-2), w_o[kept].flatten(0, 1), None)
+    attn = attn.expand(n_classes, n_prompts, n_q, -1).flatten(0, 1)
+    resid_mid = resid_pre + _norm(attn, weights.attn_post)
     if mlps is None:
         return resid_mid
     assert mlp_src is not None
