@@ -87,8 +87,8 @@ _TOLERANCE = 1e-6
 """How far below the target a lower bound may fall and still reach it: the full circuit's
 every draw is 1.0 up to float rounding."""
 
-_FIRST_BATCH = 4
-"""Sizes in the size rule's first batch; each later batch is twice as large."""
+_FIRST_BATCH = 8
+"""Sizes in the size rule's first batch (``select_prefix``)."""
 
 EDGE_SIZES_EXACT = 32
 """Edge circuits up to this size are considered at every size (``prefix_sizes``)."""
@@ -339,7 +339,8 @@ def _select(
         lows = prefix_lower_bounds(evaluator, order, level)
         most = evaluator.runner.circuits_per_pass(level)
         sizes = prefix_sizes(len(order), level)
-        size = select_prefix(len(order), lows, goal - _TOLERANCE, sizes=sizes, most=most)
+        grow = 1 if evaluator.runner.prep.clean.device.type == "cpu" else 2
+        size = select_prefix(len(order), lows, goal - _TOLERANCE, sizes=sizes, grow=grow, most=most)
         kept = order[:size]
         rule = {"rule": "auto", "target_faithfulness": goal}
     node_scores = (
@@ -408,6 +409,7 @@ def select_prefix(
     *,
     sizes: Sequence[int] | None = None,
     first: int = _FIRST_BATCH,
+    grow: int = 2,
     most: int | None = None,
 ) -> int:
     """The smallest prefix size whose value reaches ``target``, else ``n``.
@@ -431,6 +433,7 @@ def select_prefix(
         target: the value to reach.
         sizes: the sizes to consider, ascending, ending at ``n`` (``prefix_sizes``).
         first: sizes in the first batch.
+        grow: each batch is this many times the last (1: all alike).
         most: the largest batch.
 
     Returns:
@@ -450,7 +453,7 @@ def select_prefix(
         if hit is not None:
             return hit
         start += len(chunk)
-        batch = 2 * batch if most is None else min(2 * batch, max(1, most))
+        batch = grow * batch if most is None else min(grow * batch, max(1, most))
     return n
 
 

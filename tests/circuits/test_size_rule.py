@@ -75,9 +75,10 @@ def test_select_prefix_equals_the_exhaustive_scan_on_curves_that_are_not_monoton
     n = rng.choice([1, 2, 7, 20, 64, 156, 300])
     values = _wiggly(rng, n)
     target = rng.choice([0.3, 0.5, 0.9, 1.0])
-    first, most = rng.choice([1, 4]), rng.choice([None, 1, 3, 16])
+    first, most = rng.choice([1, 4, 8]), rng.choice([None, 1, 3, 16])
+    grow = rng.choice([1, 2, 3])
     curve = Curve(values)
-    got = select_prefix(n, curve, target, first=first, most=most)
+    got = select_prefix(n, curve, target, first=first, grow=grow, most=most)
     assert got == exhaustive(values, target)
     asked = [k for batch in curve.asked for k in batch]
     assert asked == list(range(1, len(asked) + 1))  # ascending, none skipped or repeated
@@ -100,6 +101,9 @@ def test_select_prefix_evaluates_little_past_the_answer() -> None:
     curve = Curve([0.0] * 9 + [1.0] * 4991)
     assert select_prefix(5000, curve, 0.9, first=4, most=64) == 10
     assert sum(map(len, curve.asked)) == 12  # batches of 4 and 8: sizes 1..12
+    alike = Curve(curve.values)
+    assert select_prefix(5000, alike, 0.9, first=4, grow=1) == 10
+    assert [len(batch) for batch in alike.asked] == [4, 4, 4]  # sizes 1..12 again
     assert select_prefix(3, Curve([0.0, 0.0, 0.5]), 0.9) == 3  # none reaches: n
 
 
