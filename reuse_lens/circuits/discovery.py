@@ -417,14 +417,15 @@ def select_prefix(
     It returns exactly what scanning every size of ``sizes`` (by default 1..n) from the
     smallest up returns, without evaluating the sizes above the answer: ``values(batch)``
     evaluates a batch of sizes at once, and the batches go up from the smallest size,
-    ``first`` sizes, then twice as many each time (at most ``most``, where given: what
-    one pass of the engine holds), until a batch holds a size that reaches the target.
+    ``first`` sizes, then ``grow`` times as many each time (at most ``most``, where given:
+    what one pass of the engine holds), until a batch holds a size that reaches the target.
     No size is skipped, because faithfulness need not grow with the circuit: a prefix
     that adds a node working against the task falls, so a size below a bisection's
     bracket can reach the target when the sizes around it do not, and only a scan of
-    every size below the answer rules that out. Batching is what makes it cheap: the
-    circuits of one batch share the runs of their common early blocks
-    (``patching._circuit_forward``), and at most one batch is evaluated past the answer.
+    every size below the answer rules that out. The engine is what makes it cheap: the
+    circuits of one batch share the runs of their common early blocks, and each computes
+    only the heads and MLPs (senders) it keeps (``patching._circuit_forward``); at most
+    one batch is evaluated past the answer.
 
     Arguments:
         n: how many nodes (edges) the ranking has; size ``n`` keeps all of them.

@@ -16,7 +16,10 @@ residual stream before the first block; with ``"tokens"`` the token embedding al
 EAP-IG and MIB's evaluation define it, and the position embedding is never ablated.
 
 Both engines run on the functional forward of ``_forward`` (many circuits and prompts
-stacked along the batch). A model that the functional forward cannot reproduce runs them
+stacked along the batch; ``_circuit_forward``): node circuits that keep the same nodes up
+to a block share the blocks before it, and a circuit computes only the heads and MLPs it
+keeps (node circuits) or keeps an edge out of (edge circuits), an ablated one's output
+being its source. A model that the functional forward cannot reproduce runs them
 through hooks on the bridge (``_hook_edges`` for edges, which refuses, with the reason,
 a model whose hooks cannot give each head its own inputs).
 """
