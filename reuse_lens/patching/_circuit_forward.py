@@ -109,12 +109,15 @@ def node_forward(
         if sparse and sparse_nodes_supported(w) is None:
             state = _kept_block(w, layer, resid, heads, mlps, z_src, mlp_src, at)
         else:
+            edit_mlp = None
+            if mlps is not None and mlp_src is not None:
+                edit_mlp = _keep_or(mlps.view(k, 1, 1, 1), mlp_src)
             state = w.block(
                 layer,
                 resid,
                 answer=None if at is None else at.repeat(k),
                 edit_z=_keep_or(heads.view(k, 1, 1, -1, 1), z_src),
-                edit_mlp=None if mlps is None else _keep_or(mlps.view(k, 1, 1, 1), mlp_src),
+                edit_mlp=edit_mlp,
             )
         classes, n_classes = inverse, k
     logits = w.logits(state[:, 0])  # the last block returned the answer position alone
