@@ -161,11 +161,15 @@ def _kept_block(
     q_pos = positions if at is None else at.unsqueeze(-1)
     n_q, n_prompts = resid_pre.shape[1], resid.shape[0] // n_classes
     w_o = weights.w_o.view(w.n_heads, w.d_head, -1)
-    # The ablated heads' share of the attention output, from their sources: each head's
-    # source through W_O once (per prompt, or once for all), then summed per class.
-    per_head = torch.einsum("xpqhe,hed->pqhd", z_src, w_o)
-    ablated = (~heads).to(per_head.dtype)
-    attn = torch.einsum("ch,pqhd->cpqd", ablated, per_head) + weights.b_o
+    ablated = (~heads).to(z_src.dtype)
+    if z_src.shape[1] == 1:
+        # Sources shared by every prompt (mean, zero): each head's through W_O once, then
+        # the ablated ones summed per class.
+        per_head = torch.einsum("xpqhe,hed->pqhd", z_src, w_o)
+        attn = torch.einsum("ch,pqhd->cpqd", ablated, per_head) + weights.b_o
+    else:  # a source per prompt (resample): the ablated heads' z of each class, through W_O
+        masked = z_src * ablated.view(n_classes, 1, 1, -1, 1)
+        attn = _affine(masked.flatten(-2), weights.w_o, weights.b_o)
     kept = torch.nonzero(heads.any(0)).flatten()
     if len(kept):
         x = _norm(resid, weights.ln1)
