@@ -9,9 +9,9 @@ Each row is one automatic-rule discovery (``target_faithfulness`` 0.9, mean abla
 the IOI task, timed by stage as ``bench_study.py`` times a study: **set-up** (the
 faithfulness evaluator's unablated runs and sources), **scoring** (the patching pass the
 circuit is cut from), **size rule** (``select_prefix``), **faithfulness** (the circuit's
-own, with its interval), **other**. The ratio is the whole call over its scoring pass:
-what the issue of scale asks to keep near 1.5. The row also gives the number of prefix
-sizes the rule evaluated and the size it chose.
+own, with its interval), **other**. The ratio is the whole call over its scoring pass (the
+aim: about 1.5 at most). The row also gives the number of prefix sizes the rule evaluated
+and the size it chose.
 
 Models: ``zoo`` is ``zoo:base`` (4 layers x 4 heads, d_model 64); ``8x8`` (8 layers x 8
 heads of 32, d_model 256, MLP 1024) and ``gpt2-small`` (12 x 12 of 64, d_model 768, MLP
