@@ -67,6 +67,17 @@ def test_bench_study_times_every_stage_of_a_study() -> None:
         assert float(rows[busy]) > 0, out
 
 
+def test_bench_discovery_times_each_stage_of_a_discovery() -> None:
+    out = _run("bench_discovery.py", "--quick")
+    rows = [line for line in out.splitlines() if line.startswith(("| activation", "| eap-ig"))]
+    assert [row.split("|")[1:3] for row in rows] == [
+        [" activation ", " node "], [" eap-ig ", " node "], [" eap-ig ", " edge "]
+    ], out  # fmt: skip
+    for row in rows:
+        chosen, of = re.search(r"\| (\d+) of (\d+) \|$", row).groups()  # type: ignore[union-attr]
+        assert 0 < int(chosen) <= int(of), row
+
+
 @pytest.mark.slow
 def test_the_zoo_at_gpt2_small_shape_computes_what_the_zoo_computes(tmp_path: Path) -> None:
     """bench_study's GPT-2-small-shaped model: the zoo's base model, embedded."""
