@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_archs.py                 # gpt2, llama_gqa, gpt_neox, gemma2
     .venv/bin/python benchmarks/bench_archs.py --archs gemma3 mixtral qwen3_moe   # others
+    .venv/bin/python benchmarks/bench_archs.py --archs qwen3 phi3 gptj   # other families
 
 Each family is a random ``transformers`` model (``tests/archs.py``'s configs) resized
 to 4 layers, d_model 256, 8 query heads of 32 (2 key/value heads where the family has
@@ -13,13 +14,15 @@ check of the functional logits against the bridge's); TransformerLens runs
 effect plus the corrupted baseline; the max abs diff compares the two.
 
 Each side runs in a fresh process on one torch thread, so its peak resident set size
-(minus the size after loading the model) is that side's own peak memory. The call is timed
-``--repeat`` times (default 5) and the fastest is kept: the first call also pays one-time
-costs (lazy imports, rotary tables, allocator warm-up) that are not part of the sweep. The
-ratios use the process's CPU time (``time.process_time``; one thread, so it is the time the
-process actually ran), not wall-clock time, which on a shared machine also counts the time
-other jobs held the core and moved the ratio by up to 1.6x between runs; both are kept in
-the JSON.
+(minus the size after loading the model) is that side's own peak memory. One untimed call
+pays the one-time costs (lazy imports, rotary tables, allocator warm-up) that are not part
+of the sweep; then the call is timed ``--repeat`` times (default 5) and the **median** is
+kept, with the spread (the fastest and slowest call) beside it. The ratios use the
+process's CPU time (``time.process_time``; one thread, so it is the time the process
+actually ran), not wall-clock time, which on a shared machine also counts the time other
+jobs held the core and moved the ratio by up to 1.6x between runs; both are kept in the
+JSON. The ratio's spread is the slowest TransformerLens call over our fastest, and the
+fastest over our slowest.
 
 FLOPs: after the timed calls, in the same process, the same call runs once more (on a fresh
 ``Task`` with the same tokens, so that nothing cached on the task is reused) under
@@ -43,6 +46,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,6 +126,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             num_experts_per_tok=2,
         ),
     ),
+    "phi3": ("Phi3Config", dict(**_ROTARY, num_key_value_heads=_KV)),
     "gptj": ("GPTJConfig", dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_MLP, rotary_dim=16)),
 }
 """Family -> (``transformers`` config class, fields), as in ``tests/archs.py`` at this size."""
@@ -208,6 +213,7 @@ def child(folder: Path, engine: str, repeat: int) -> dict[str, Any]:
 
     task = make_task()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run(task)  # one-time costs, untimed
     times, cpu_times = [], []
     for _ in range(repeat):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -238,9 +244,9 @@ def child(folder: Path, engine: str, repeat: int) -> dict[str, Any]:
     )
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return {
-        "seconds": min(cpu_times),
+        "seconds": statistics.median(cpu_times),
         "all_seconds": cpu_times,
-        "wall_seconds": min(times),
+        "wall_seconds": statistics.median(times),
         "all_wall_seconds": times,
         "peak_mib": peak,
         "values": values,
@@ -264,10 +270,16 @@ def run_child(folder: Path, engine: str, repeat: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _spread(side: dict[str, Any]) -> str:
+    """The median and, in brackets, the fastest and slowest call."""
+    times = side["all_seconds"]
+    return f"{side['seconds']:5.2f} ({min(times):.2f}-{max(times):.2f})"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS), choices=list(CONFIGS))
-    parser.add_argument("--repeat", type=int, default=5, help="timed calls per side (min kept)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed calls per side (median kept)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -279,9 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"all-position head activation patching, {SIZE['n_layers']} layers, d_model "
         f"{SIZE['d_model']}, {N_PROMPTS} prompts x {WIDTH} tokens, 1 CPU thread, "
-        f"torch {torch.__version__}, best of {args.repeat}, CPU seconds"
+        f"torch {torch.__version__}, median of {args.repeat} (min-max), CPU seconds"
     )
-    print(f"{'arch':12s} {'engine':10s} {'ours s':>7s} {'TL s':>7s} {'speed-up':>8s} "
+    print(f"{'arch':12s} {'engine':10s} {'ours s':>17s} {'TL s':>17s} {'speed-up':>18s} "
           f"{'max|diff|':>9s} {'peak MiB ours/TL':>17s} {'GFLOP ours/TL':>15s} "
           f"{'FLOP ratio':>10s} {'efficiency':>10s}  uncounted")  # fmt: skip
     results: dict[str, Any] = {
@@ -302,12 +314,16 @@ def main(argv: list[str] | None = None) -> None:
                 (torch.tensor(ours["values"]) - torch.tensor(theirs["values"])).abs().max()
             )
             time_ratio = theirs["seconds"] / ours["seconds"]
+            ratio_spread = (
+                min(theirs["all_seconds"]) / max(ours["all_seconds"]),
+                max(theirs["all_seconds"]) / min(ours["all_seconds"]),
+            )
             flop_ratio = theirs["flops"] / ours["flops"]
             efficiency = time_ratio / flop_ratio
             uncounted = sorted(set(ours["uncounted"]) | set(theirs["uncounted"]))
             print(
-                f"{name:12s} {ours['engine']:10s} {ours['seconds']:7.2f} {theirs['seconds']:7.2f} "
-                f"{time_ratio:7.2f}x {diff:9.1e} "
+                f"{name:12s} {ours['engine']:10s} {_spread(ours)} {_spread(theirs)} "
+                f"{time_ratio:5.2f}x ({ratio_spread[0]:.2f}-{ratio_spread[1]:.2f}) {diff:9.1e} "
                 f"{ours['peak_mib']:8.0f} / {theirs['peak_mib']:<6.0f} "
                 f"{ours['flops'] / 1e9:6.1f} / {theirs['flops'] / 1e9:<6.1f} "
                 f"{flop_ratio:9.2f}x {efficiency:9.0%}  {', '.join(uncounted) or '-'}",
@@ -317,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                 "engine": ours["engine"],
                 "max_abs_diff": diff,
                 "time_ratio": time_ratio,
+                "time_ratio_spread": ratio_spread,
                 "flop_ratio": flop_ratio,
                 "efficiency": efficiency,
                 "uncounted_ops": uncounted,

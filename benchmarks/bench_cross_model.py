@@ -111,7 +111,7 @@ def _side(case: str, folder: Path, engine: str, repeat: int, quick: bool) -> dic
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=["zoo", "gpt2", "llama_gqa"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat")

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from reuse_lens.circuits.discovery import discover_circuit
     from reuse_lens.circuits.measure import (
         FaithfulnessCurve,
+        FaithfulnessInterval,
         faithfulness,
         faithfulness_curve,
         random_baseline,
@@ -66,6 +67,7 @@ __all__ = [
     "EdgeOverlapReport",
     "EdgeScores",
     "FaithfulnessCurve",
+    "FaithfulnessInterval",
     "ModelLoadError",
     "NodeScores",
     "OverlapReport",
@@ -132,6 +134,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "faithfulness_curve": ("reuse_lens.circuits.measure", "faithfulness_curve"),
     "random_baseline": ("reuse_lens.circuits.measure", "random_baseline"),
     "FaithfulnessCurve": ("reuse_lens.circuits.measure", "FaithfulnessCurve"),
+    "FaithfulnessInterval": ("reuse_lens.circuits.interval", "FaithfulnessInterval"),
     "compare": ("reuse_lens.compare.overlap", "compare"),
     "OverlapReport": ("reuse_lens.compare.overlap", "OverlapReport"),
     "circuits": ("reuse_lens.circuits", None),

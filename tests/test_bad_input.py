@@ -342,9 +342,16 @@ def test_discovery_refuses_a_circuit_below_its_target(
     model: Any, task: rl.Task, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The full circuit always reaches the target unless the metric is broken; simulate that.
-    monkeypatch.setattr(measure.CircuitEvaluator, "nodes", lambda self, sets: [0.5] * len(sets))
-    monkeypatch.setattr(measure.CircuitEvaluator, "__call__", lambda self, c, level=None: 0.5)
-    with pytest.raises(MetricError, match=r"reaches the faithfulness target 0\.9.*give 0\.500"):
+    from reuse_lens.circuits.interval import FaithfulnessInterval
+
+    half = FaithfulnessInterval(0.5, 0.45, 0.55, 0.95, 1000, 0)
+    monkeypatch.setattr(
+        measure.CircuitEvaluator, "node_intervals", lambda self, sets, r: [half] * len(sets)
+    )
+    monkeypatch.setattr(measure.CircuitEvaluator, "interval", lambda self, c, *a, **k: half)
+    with pytest.raises(
+        MetricError, match=r"reaches the faithfulness target 0\.9.*give 0\.500 \[0\.450, 0\.550\]"
+    ):
         rl.discover_circuit(model, task, method="eap")
 
 

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,3 +60,47 @@ def test_bench_cross_model_agrees_with_the_hook_loop() -> None:
     assert [row[0] for row in rows] == ["zoo", "gpt2"], out
     for row in rows:
         assert float(row[-1]) < 1e-4, row  # max |functional - hooks|
+
+
+def test_bench_study_times_every_stage_of_a_study() -> None:
+    out = _run("bench_study.py", "--quick")
+    rows = dict(re.findall(r"^\| (\w[\w -]*) \| ([\d.]+) \|", out, flags=re.MULTILINE))
+    stages = ("load", "evaluation", "set-up", "scoring", "size rule", "faithfulness",
+              "curves and baselines", "resamples", "comparison", "report", "other")  # fmt: skip
+    assert set(stages) <= set(rows), out
+    total = float(re.search(r"\*\*total\*\* \| \*\*([\d.]+)\*\*", out).group(1))  # type: ignore[union-attr]
+    # Each stage's own time: together they are the whole run (rounded to 0.1 s each).
+    assert abs(sum(float(rows[s]) for s in stages) - total) <= 0.1 * len(stages), out
+    for busy in ("load", "scoring", "size rule", "resamples", "report"):
+        assert float(rows[busy]) > 0, out
+
+
+def test_bench_discovery_times_each_stage_of_a_discovery() -> None:
+    out = _run("bench_discovery.py", "--quick")
+    rows = [line for line in out.splitlines() if line.startswith(("| activation", "| eap-ig"))]
+    assert [row.split("|")[1:3] for row in rows] == [
+        [" activation ", " node "], [" eap-ig ", " node "], [" eap-ig ", " edge "]
+    ], out  # fmt: skip
+    for row in rows:
+        chosen, of = re.search(r"\| (\d+) of (\d+) \|$", row).groups()  # type: ignore[union-attr]
+        assert 0 < int(chosen) <= int(of), row
+
+
+@pytest.mark.slow
+def test_the_zoo_at_gpt2_small_shape_computes_what_the_zoo_computes(tmp_path: Path) -> None:
+    """bench_study's GPT-2-small-shaped model: the zoo's base model, embedded."""
+    import torch
+
+    import reuse_lens as rl
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_study import GPT2_SMALL, embed_zoo
+
+    big = rl.load_model(embed_zoo(tmp_path / "big"))
+    zoo = rl.load_model("zoo:base")
+    assert (big.cfg.n_layers, big.cfg.n_heads, big.cfg.d_model, big.cfg.d_mlp) == (
+        GPT2_SMALL["n_layer"], GPT2_SMALL["n_head"], GPT2_SMALL["n_embd"], GPT2_SMALL["n_inner"]
+    )  # fmt: skip
+    task = rl.tasks.load("ioi", zoo, n=8, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(big(task.clean), zoo(task.clean), atol=1e-4, rtol=1e-4)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from reuse_lens.arch.spec import ArchSpec
-from reuse_lens.patching._forward import Layer, Norm, Rope, Unsupported, Weights
+from reuse_lens.patching._forward import Layer, Norm, Rope, Unsupported, Weights, repeat_kv
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -45,18 +45,6 @@ def _linear(component: Any, label: str) -> tuple[Tensor, Tensor | None]:
     w = weight if type(module).__name__ == "Conv1D" else weight.T
     bias = getattr(module, "bias", None)
     return w.detach(), None if bias is None else bias.detach()
-
-
-def _expand(w: Tensor, n_kv: int, n_heads: int) -> Tensor:
-    """Repeat each key/value head's columns for the query heads that share it.
-
-    ``transformers`` assigns query head ``h`` to key/value head ``h // (n_heads/n_kv)``
-    (``repeat_kv``); the last axis of ``w`` is laid out head-major.
-    """
-    if n_kv == n_heads:
-        return w
-    heads = w.unflatten(-1, (n_kv, -1))
-    return heads.repeat_interleave(n_heads // n_kv, dim=-2).flatten(-2).contiguous()
 
 
 def _is_moe(mlp: Any) -> bool:
@@ -273,17 +261,23 @@ class HFAdapter:
             return w_q.new_zeros(width) if b is None else b  # GPT-Neo, Llama: no biases
 
         width = n_heads * d_head
-        w_k, w_v = _expand(w_k, n_kv, n_heads), _expand(w_v, n_kv, n_heads)
         b_q = bias(b_q, width)
-        b_k = bias(None if b_k is None else _expand(b_k, n_kv, n_heads), width)
-        b_v = bias(None if b_v is None else _expand(b_v, n_kv, n_heads), width)
         b_o = bias(b_o, w_o.shape[1])
         q_norm = self.norm(getattr(attn, "q_norm", None), spec, f"{label}.attn.q_norm")
         k_norm = self.norm(getattr(attn, "k_norm", None), spec, f"{label}.attn.k_norm")
+        # Grouped-query attention: the forward projects each key/value head once
+        # (``Layer.fused``), except under a norm over the whole key projection.
+        grouped = n_kv < n_heads and spec.qk_norm != "proj"
+        if grouped:
+            b_k, b_v = bias(b_k, n_kv * d_head), bias(b_v, n_kv * d_head)
+        else:
+            w_k, w_v = repeat_kv(w_k, n_kv, n_heads), repeat_kv(w_v, n_kv, n_heads)
+            b_k = bias(None if b_k is None else repeat_kv(b_k, n_kv, n_heads), width)
+            b_v = bias(None if b_v is None else repeat_kv(b_v, n_kv, n_heads), width)
         if k_norm is not None and k_norm.weight is not None and spec.qk_norm == "proj":
             # OLMo-2 normalises the whole key projection; its RMS is unchanged by
             # repeating every key head equally often, so the weight repeats with them.
-            k_norm = dataclasses.replace(k_norm, weight=_expand(k_norm.weight, n_kv, n_heads))
+            k_norm = dataclasses.replace(k_norm, weight=repeat_kv(k_norm.weight, n_kv, n_heads))
         mlp = block.mlp
         w_in = b_in = w_out = b_out = w_gate = b_gate = None
         moe = _is_moe(mlp)
@@ -337,4 +331,5 @@ class HFAdapter:
             mlp_scale=r if moe else 1.0,
             nope=not getattr(original(attn), "use_rope", True),
             sinks=self.sinks(original(attn), n_heads),
+            n_heads=n_heads if grouped else None,
         )

@@ -8,10 +8,13 @@ keeps the important ones. How many it keeps is decided by one of three rules:
   clean − corrupted gap of the metric (scores are compared normalised);
 - the automatic rule, when neither is given: order by |score| and keep the smallest prefix
   whose faithfulness, measured by really ablating everything else, reaches
-  ``target_faithfulness`` (0.9 by default). The full prefix has faithfulness 1.0, so the
-  rule always ends. Up to 256 candidates every prefix is tried; above that, a geometric
-  grid of sizes finds the first that reaches the target, and bisection between it and the
-  grid point before finds the smallest size, taking faithfulness as monotone there.
+  ``target_faithfulness`` (0.9 by default) with the lower end of its 95% bootstrap
+  interval over prompts (``interval.py``): a circuit is kept only when the prompts
+  support it, not when one lucky draw of them does. The full prefix keeps every node
+  (edge), so every draw gives it 1.0 and the rule always ends. ``select_prefix`` finds
+  that prefix in a few batched passes and returns what scanning every size would; edge
+  circuits, thousands of candidates, are sized on a grid of 5% steps above 32 edges
+  (``prefix_sizes``).
 
 Edge circuits from EAP / EAP-IG can also be grown greedily (``selection="greedy"``,
 Hanna et al. 2024): starting from the logits, repeatedly add the best-scoring edge whose
@@ -26,16 +29,17 @@ records the stage it was found at, and each edge the input it enters by.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from jaxtyping import Float
 from torch import Tensor
 
 from reuse_lens._memory import MemoryBudget, resolve_budget
 from reuse_lens._validate import check_pair
 from reuse_lens.circuits.circuit import Circuit
+from reuse_lens.circuits.interval import DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, FaithfulnessInterval
 from reuse_lens.circuits.measure import CircuitEvaluator, ranked
 from reuse_lens.nodes import AttentionHead, parse_node, shape_of
 from reuse_lens.patching.activation import activation_patching
@@ -55,7 +59,15 @@ if TYPE_CHECKING:
     from reuse_lens.tasks.metrics import Metric
     from reuse_lens.tasks.task import Task
 
-__all__ = ["METHODS", "check_separates", "discover_circuit", "select_prefix"]
+__all__ = [
+    "METHODS",
+    "check_separates",
+    "discover_circuit",
+    "prefix_intervals",
+    "prefix_lower_bounds",
+    "prefix_sizes",
+    "select_prefix",
+]
 
 Method = Literal["activation", "path", "eap", "eap-ig"]
 Level = Literal["node", "edge"]
@@ -69,7 +81,21 @@ DEFAULT_TARGET = 0.9
 DEFAULT_PATH_THRESHOLD = 0.05
 """Path patching keeps a sender whose normalised path effect reaches 5% of the gap."""
 
-_SCAN_ALL = 256
+BOOTSTRAP_SEED = 0
+"""The seed of the bootstrap draws behind every interval that discovery records."""
+
+_TOLERANCE = 1e-6
+"""How far below the target a lower bound may fall and still reach it: the full circuit's
+every draw is 1.0 up to float rounding."""
+
+_FIRST_BATCH = 8
+"""Sizes in the size rule's first batch (``select_prefix``)."""
+
+EDGE_SIZES_EXACT = 32
+"""Edge circuits up to this size are considered at every size (``prefix_sizes``)."""
+
+EDGE_SIZE_STEP = 0.05
+"""Above ``EDGE_SIZES_EXACT`` edges, each size the rule considers is 5% above the last."""
 
 
 def discover_circuit(
@@ -118,8 +144,9 @@ def discover_circuit(
 
     Returns:
         A Circuit with the scores of every scored node (and edge), path stages, and
-        metadata: model, task, method, settings, rule, seed, library version and the
-        circuit's faithfulness under ``ablation``.
+        metadata: model, task, method, settings, rule, seed, library version, the
+        circuit's faithfulness under ``ablation`` and its 95% bootstrap interval over
+        prompts (``faithfulness_interval``, ``[low, high]``; docs/circuit_format.md).
 
     Raises:
         ValueError: for an unknown method, level or ablation, conflicting rules, an
@@ -173,14 +200,16 @@ def discover_circuit(
         )
         settings.update(rule)
     circuit = circuit.with_metadata(level="node" if method == "path" else level)
-    faith = evaluator(circuit)
+    faith = evaluator.interval(circuit, seed=BOOTSTRAP_SEED)
+    settings.update(confidence=faith.confidence, n_boot=faith.n_boot, bootstrap_seed=faith.seed)
     goal = settings.get("target_faithfulness")
-    if settings.get("rule") == "auto" and goal is not None and not faith >= goal - 1e-6:
+    if settings.get("rule") == "auto" and goal is not None and not faith.low >= goal - _TOLERANCE:
         raise MetricError(
             f"no circuit of task {task.name!r} reaches the faithfulness target {goal}: even "
-            f"all {len(circuit)} scored {level}s give {faith:.3f} under {ablation!r} ablation, "
-            "so the metric does not measure what the circuit does. Check that the model does "
-            "the task (rl.evaluate(model, task)), use more prompts, or another ablation."
+            f"all {len(circuit)} scored {level}s give {faith} (the {faith.confidence:.0%} "
+            f"interval over {len(task)} prompts) under {ablation!r} ablation, so the metric "
+            "does not measure what the circuit does. Check that the model does the task "
+            "(rl.evaluate(model, task)), use more prompts, or another ablation."
         )
     return circuit.with_metadata(
         model=_spec(model),
@@ -191,7 +220,8 @@ def discover_circuit(
         task_seed=task.seed,
         method=method,
         settings=settings,
-        faithfulness=faith,
+        faithfulness=faith.value,
+        faithfulness_interval=faith.bounds,
         clean_metric=evaluator.full,
         library_version=_version(),
     )
@@ -300,15 +330,12 @@ def _select(
         rule = {"rule": "threshold", "threshold": threshold}
     else:
         goal = DEFAULT_TARGET if target is None else target
-        keyed: list[Any] = list(order)
-        if isinstance(scores, EdgeScores):
-            size = select_prefix(
-                len(keyed), lambda ks: [evaluator.edges(keyed[:k]) for k in ks], goal
-            )
-        else:
-            size = select_prefix(
-                len(keyed), lambda ks: evaluator.nodes([keyed[:k] for k in ks]), goal
-            )
+        level: Level = "edge" if isinstance(scores, EdgeScores) else "node"
+        lows = prefix_lower_bounds(evaluator, order, level)
+        most = evaluator.runner.circuits_per_pass(level)
+        sizes = prefix_sizes(len(order), level)
+        grow = 1 if evaluator.runner.prep.clean.device.type == "cpu" else 2
+        size = select_prefix(len(order), lows, goal - _TOLERANCE, sizes=sizes, grow=grow, most=most)
         kept = order[:size]
         rule = {"rule": "auto", "target_faithfulness": goal}
     node_scores = (
@@ -324,32 +351,106 @@ def _select(
     return circuit, rule
 
 
-def select_prefix(
-    n: int, faithfulness: Callable[[list[int]], Sequence[float]], target: float
-) -> int:
-    """The smallest prefix size in 1..n whose faithfulness reaches ``target``.
+def prefix_intervals(
+    evaluator: CircuitEvaluator,
+    order: Sequence[str] | Sequence[tuple[str, str]],
+    level: Literal["node", "edge"],
+    sizes: Sequence[int],
+) -> list[FaithfulnessInterval]:
+    """The faithfulness and interval of the first ``k`` of ``order`` for each ``k`` in
+    ``sizes``, evaluated in one batch (draws seeded with ``BOOTSTRAP_SEED``)."""
+    resamples = evaluator.resamples(
+        confidence=DEFAULT_CONFIDENCE, n_boot=DEFAULT_N_BOOT, seed=BOOTSTRAP_SEED
+    )
+    prefixes = [order[:k] for k in sizes]
+    if level == "edge":
+        return evaluator.edge_intervals(prefixes, resamples)  # type: ignore[arg-type]
+    return evaluator.node_intervals(prefixes, resamples)  # type: ignore[arg-type]
 
-    ``faithfulness(sizes)`` evaluates several sizes at once. Up to 256 candidates every size
-    is tried; above, a geometric grid and then bisection (faithfulness taken as monotone
-    between two grid points). Size ``n`` keeps everything (faithfulness 1.0) and ends it.
+
+def prefix_lower_bounds(
+    evaluator: CircuitEvaluator,
+    order: Sequence[str] | Sequence[tuple[str, str]],
+    level: Literal["node", "edge"],
+) -> Callable[[list[int]], list[float]]:
+    """The automatic rule's criterion, a function of prefix sizes: the lower end of each
+    prefix's bootstrap interval."""
+    return lambda sizes: [iv.low for iv in prefix_intervals(evaluator, order, level, sizes)]
+
+
+def prefix_sizes(n: int, level: Literal["node", "edge"] = "node") -> list[int]:
+    """The prefix sizes the automatic rule considers for a ranking of ``n``, ascending.
+
+    Nodes: every size from 1 to ``n``. Edges, whose counts run into the thousands: every
+    size up to ``EDGE_SIZES_EXACT`` (32), then sizes each ``EDGE_SIZE_STEP`` (5%) larger
+    than the last (rounded up), and ``n``: an edge circuit is sized to within 5%, and
+    the rule evaluates about 20 sizes per tenfold of the circuit's size instead of every
+    one of them.
     """
     if n < 1:
         raise ValueError("there is nothing to select: no node or edge was scored")
-    if n <= _SCAN_ALL:
-        sizes = list(range(1, n + 1))
-        values = faithfulness(sizes)
-        return next((k for k, f in zip(sizes, values, strict=True) if f >= target), n)
-    grid = sorted({round(x) for x in np.geomspace(1, n, 40)} | {n})
-    values = faithfulness(grid)
-    hit = next((i for i, f in enumerate(values) if f >= target), len(grid) - 1)
-    low, high = (grid[hit - 1] if hit > 0 else 0), grid[hit]
-    while high - low > 1:  # invariant: f(high) >= target, f(low) < target (or low = 0)
-        mid = (low + high) // 2
-        if faithfulness([mid])[0] >= target:
-            high = mid
-        else:
-            low = mid
-    return high
+    if level == "node" or n <= EDGE_SIZES_EXACT:
+        return list(range(1, n + 1))
+    sizes = list(range(1, EDGE_SIZES_EXACT + 1))
+    while sizes[-1] < n:
+        sizes.append(min(n, max(sizes[-1] + 1, math.ceil(sizes[-1] * (1 + EDGE_SIZE_STEP)))))
+    return sizes
+
+
+def select_prefix(
+    n: int,
+    values: Callable[[list[int]], Sequence[float]],
+    target: float,
+    *,
+    sizes: Sequence[int] | None = None,
+    first: int = _FIRST_BATCH,
+    grow: int = 2,
+    most: int | None = None,
+) -> int:
+    """The smallest prefix size whose value reaches ``target``, else ``n``.
+
+    It returns exactly what scanning every size of ``sizes`` (by default 1..n) from the
+    smallest up returns, without evaluating the sizes above the answer: ``values(batch)``
+    evaluates a batch of sizes at once, and the batches go up from the smallest size,
+    ``first`` sizes, then ``grow`` times as many each time (at most ``most``, where given:
+    what one pass of the engine holds), until a batch holds a size that reaches the target.
+    No size is skipped, because faithfulness need not grow with the circuit: a prefix
+    that adds a node working against the task falls, so a size below a bisection's
+    bracket can reach the target when the sizes around it do not, and only a scan of
+    every size below the answer rules that out. The engine is what makes it cheap: the
+    circuits of one batch share the runs of their common early blocks, and each computes
+    only the heads and MLPs (senders) it keeps (``patching._circuit_forward``); at most
+    one batch is evaluated past the answer.
+
+    Arguments:
+        n: how many nodes (edges) the ranking has; size ``n`` keeps all of them.
+        values: the value of each prefix size in a list (for the automatic rule, the lower
+            end of its faithfulness interval).
+        target: the value to reach.
+        sizes: the sizes to consider, ascending, ending at ``n`` (``prefix_sizes``).
+        first: sizes in the first batch.
+        grow: each batch is this many times the last (1: all alike).
+        most: the largest batch.
+
+    Returns:
+        The smallest size whose value is at least ``target``, or ``n`` when none is.
+    """
+    candidates = list(range(1, n + 1)) if sizes is None else list(sizes)
+    if n < 1 or not candidates:
+        raise ValueError("there is nothing to select: no node or edge was scored")
+    if candidates[-1] != n or any(b <= a for a, b in itertools.pairwise(candidates)):
+        raise ValueError(f"sizes must rise strictly and end at n = {n}")
+    batch = max(1, first if most is None else min(first, most))
+    start = 0
+    while start < len(candidates):
+        chunk = candidates[start : start + batch]
+        found = values(chunk)
+        hit = next((k for k, v in zip(chunk, found, strict=True) if v >= target), None)
+        if hit is not None:
+            return hit
+        start += len(chunk)
+        batch = grow * batch if most is None else min(grow * batch, max(1, most))
+    return n
 
 
 def _greedy(edge_scores: dict[tuple[str, str], float], k: int) -> list[tuple[str, str]]:

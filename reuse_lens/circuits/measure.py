@@ -21,26 +21,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
 import torch
-from jaxtyping import Bool
-from torch import Tensor
 
 from reuse_lens._memory import MemoryBudget
-from reuse_lens._validate import check_circuit, check_count, check_fits, check_seed
-from reuse_lens.nodes import MLP, AttentionHead, ModelShape, edges_of, parse_node
+from reuse_lens._validate import check_circuit, check_count, check_seed
+from reuse_lens.circuits.evaluator import (
+    CircuitEvaluator,
+    Level,
+    NodeEmpty,
+    ablation_level,
+    node_mask,
+)
+from reuse_lens.circuits.interval import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_N_BOOT,
+    FaithfulnessInterval,
+    check_confidence,
+)
+from reuse_lens.nodes import MLP, AttentionHead, edges_of
 from reuse_lens.patching._common import Engine
-from reuse_lens.patching.ablation import AblationRunner, InputKind, MeanPositions, NodeMask
+from reuse_lens.patching.ablation import InputKind, MeanPositions
 from reuse_lens.patching.edges import EdgeScores
-from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.patching.scores import NodeScores
 from reuse_lens.separation import accuracy_of, check_separation
-from reuse_lens.tasks.metrics import MetricError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Sequence
 
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -53,6 +62,9 @@ __all__ = [
     "MIB_FRACTIONS",
     "CircuitEvaluator",
     "FaithfulnessCurve",
+    "FaithfulnessInterval",
+    "Level",
+    "NodeEmpty",
     "RandomBaseline",
     "ablation_level",
     "faithfulness",
@@ -64,188 +76,57 @@ __all__ = [
 MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """The circuit sizes of MIB's faithfulness curve, as fractions of all nodes or edges."""
 
-_MIN_GAP = 1e-6
-"""The smallest full − empty gap in absolute terms, for metrics near zero."""
-
-_MIN_RELATIVE_GAP = 1e-3
-"""The smallest full − empty gap relative to the metric's scale (max |full|, |empty|).
-
-Below it the gap is float noise (float32 forward passes agree to about 1e-6 of the
-logits' scale), and dividing by it would turn noise into any faithfulness at all.
-"""
-
-Level = Literal["node", "edge"]
-
-NodeEmpty = Literal["nodes", "edges"]
-"""What "everything ablated" is when a node circuit's faithfulness is normalized:
-``nodes`` (the default), every head and MLP output with the embedding kept, the empty
-node circuit; ``edges``, every edge, ``input`` included, as MIB's evaluation normalizes
-node circuits too (so there the empty node circuit scores the input-to-logits edge's
-share, not 0)."""
-
 CurveSizes = Literal["round", "mib"]
 """How ``faithfulness_curve`` turns a fraction ``p`` of ``N`` into a count: ``round``,
 ``max(1, round(p · N))``; ``mib``, ``int(p · N)`` as MIB's evaluation (0 is allowed)."""
 
 
-class CircuitEvaluator:
-    """Faithfulness of many circuits on one (model, task, ablation), sharing the set-up.
-
-    Attributes:
-        full: the metric of the unablated model.
-        runner: the ablation engine (``reuse_lens.patching.ablation``).
-    """
-
-    def __init__(
-        self,
-        model: TransformerBridge,
-        task: Task,
-        *,
-        ablation: Ablation = "mean",
-        metric: str | Metric | None = None,
-        batch_size: int | None = None,
-        input_node: InputKind = "embeddings",
-        engine: Engine = "auto",
-        mean_positions: MeanPositions = "real",
-        prune: bool = False,
-        node_empty: NodeEmpty = "nodes",
-        memory_budget: MemoryBudget = None,
-    ) -> None:
-        if node_empty not in ("nodes", "edges"):
-            raise ValueError(
-                f"unknown node_empty {node_empty!r}: choose 'nodes' (the default) or 'edges'"
-            )
-        self.runner = AblationRunner(
-            model,
-            task,
-            ablation=ablation,
-            metric=metric,
-            batch_size=batch_size,
-            input_node=input_node,
-            engine=engine,
-            mean_positions=mean_positions,
-            memory_budget=memory_budget,
-        )
-        self.prune = bool(prune)
-        self.node_empty: NodeEmpty = node_empty
-        self.model = model
-        self.task = task
-        self.ablation = ablation
-        self.shape = self.runner.shape
-        self.full = self.runner.full
-        self._empty: dict[Level, float] = {}
-        self._index = GraphIndex(self.shape)
-
-    def empty(self, level: Level) -> float:
-        """The metric with everything ablated at ``level``."""
-        if level not in self._empty:
-            if level == "node":
-                value = float(self.runner.nodes(NodeMask.full(self.shape, keep=False))[0])
-            else:
-                keep = torch.zeros(self._index.n_senders, self._index.n_receivers, dtype=torch.bool)
-                value = self.runner.edges(keep)
-            gap = self.full - value
-            scale = max(abs(self.full), abs(value))
-            if abs(gap) < max(_MIN_GAP, _MIN_RELATIVE_GAP * scale):
-                hint = (
-                    f" With mean ablation over {len(self.task)} prompt(s), the mean activation "
-                    "is (nearly) each prompt's own, so ablating changes nothing: use more "
-                    "prompts, or resample ablation."
-                    if self.ablation == "mean" and len(self.task) < 4
-                    else ""
-                )
-                raise MetricError(
-                    f"the metric cannot separate the full model ({self.full:.6g}) from the "
-                    f"model with every {level} ablated ({value:.6g}) on task "
-                    f"{self.task.name!r} with {self.ablation!r} ablation: their gap is below "
-                    f"{_MIN_RELATIVE_GAP:g} of the metric's scale, so faithfulness is "
-                    f"undefined.{hint} Use a task the model solves, or another ablation/metric."
-                )
-            self._empty[level] = value
-        return self._empty[level]
-
-    def normalize(self, value: float | Tensor, level: Level) -> float | Tensor:
-        empty = self.empty("edge" if self.node_empty == "edges" else level)
-        return (value - empty) / (self.full - empty)
-
-    def check(self, circuit: object, arg: str = "circuit") -> Circuit:
-        """The circuit, if it is one and was made for a model of this model's shape."""
-        checked = check_circuit(circuit, arg)
-        checked.check(self.shape)  # names the nodes a smaller model lacks
-        check_fits(checked, self.shape, arg)
-        return checked
-
-    # ---- node circuits --------------------------------------------------------------
-
-    def node_mask(self, nodes: Iterable[str]) -> NodeMask:
-        return node_mask(self.shape, nodes)
-
-    def nodes(self, node_sets: Sequence[Iterable[str]]) -> list[float]:
-        """Faithfulness of each node set (batched through the engine)."""
-        if not node_sets:
-            return []
-        values = self.runner.nodes([self.node_mask(s) for s in node_sets])
-        return [float(v) for v in self.normalize(values, "node")]  # type: ignore[union-attr]
-
-    # ---- edge circuits --------------------------------------------------------------
-
-    def edge_mask(self, edges: Iterable[tuple[str, str]]) -> Bool[Tensor, "sender receiver"]:
-        keep = torch.zeros(self._index.n_senders, self._index.n_receivers, dtype=torch.bool)
-        for sender, receiver in edges:
-            try:
-                keep[self._index.sender[sender], self._index.receiver[receiver]] = True
-            except KeyError as error:
-                raise ValueError(
-                    f"edge {sender}->{receiver} is not in this model's graph "
-                    f"({self.shape.n_layers} layers, {self.shape.n_heads} heads)"
-                ) from error
-        return keep
-
-    def edges(self, edges: Iterable[tuple[str, str]]) -> float:
-        if self.prune:
-            from reuse_lens.circuits.mib import prune_edges
-
-            edges = prune_edges(edges)
-        value = self.runner.edges(self.edge_mask(edges))
-        return float(self.normalize(value, "edge"))
-
-    # ---- circuits -------------------------------------------------------------------
-
-    def __call__(self, circuit: Circuit, level: Level | None = None) -> float:
-        self.check(circuit)
-        if ablation_level(circuit, level) == "edge":
-            return self.edges(circuit.edges)
-        return self.nodes([circuit.nodes])[0]
+@overload
+def faithfulness(
+    model: TransformerBridge,
+    task: Task,
+    circuit: Circuit,
+    *,
+    ablation: Ablation = "mean",
+    metric: str | Metric | None = None,
+    batch_size: int | None = None,
+    level: Level | None = None,
+    input_node: InputKind = "embeddings",
+    engine: Engine = "auto",
+    mean_positions: MeanPositions = "real",
+    prune: bool = False,
+    node_empty: NodeEmpty = "nodes",
+    memory_budget: MemoryBudget = None,
+    check_task: bool = True,
+    interval: Literal[False] = False,
+    confidence: float = DEFAULT_CONFIDENCE,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
+) -> float: ...
 
 
-def node_mask(shape: ModelShape, nodes: Iterable[str]) -> NodeMask:
-    """The keep-mask of a node circuit: True for the named heads and MLPs."""
-    mask = NodeMask.full(shape, keep=False)
-    for name in nodes:
-        node = parse_node(name)
-        shape.check(node)
-        if isinstance(node, AttentionHead):
-            mask.heads[node.layer, node.head] = True
-        elif isinstance(node, MLP) and mask.mlps is not None:
-            mask.mlps[node.layer] = True
-    return mask
-
-
-def ablation_level(circuit: Circuit, level: Level | None = None) -> Level:
-    """How a circuit is ablated: ``level`` if given, else the circuit's own.
-
-    A circuit's own level is ``metadata["level"]`` when set (path-patching circuits set
-    ``node``: their edges name the input each sender was found through, and a sender may
-    reach it through MLPs, so they are paths, not a complete edge graph), else ``edge``
-    when it has edges and ``node`` when not.
-    """
-    if level is None:
-        level = circuit.level
-    if level not in ("node", "edge"):
-        raise ValueError(f"unknown level {level!r}: choose 'node' or 'edge'")
-    if level == "edge" and not circuit.edges:
-        raise ValueError("level='edge' needs a circuit with edges; this one has only nodes")
-    return level
+@overload
+def faithfulness(
+    model: TransformerBridge,
+    task: Task,
+    circuit: Circuit,
+    *,
+    ablation: Ablation = "mean",
+    metric: str | Metric | None = None,
+    batch_size: int | None = None,
+    level: Level | None = None,
+    input_node: InputKind = "embeddings",
+    engine: Engine = "auto",
+    mean_positions: MeanPositions = "real",
+    prune: bool = False,
+    node_empty: NodeEmpty = "nodes",
+    memory_budget: MemoryBudget = None,
+    check_task: bool = True,
+    interval: Literal[True],
+    confidence: float = DEFAULT_CONFIDENCE,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
+) -> FaithfulnessInterval: ...
 
 
 def faithfulness(
@@ -264,7 +145,11 @@ def faithfulness(
     node_empty: NodeEmpty = "nodes",
     memory_budget: MemoryBudget = None,
     check_task: bool = True,
-) -> float:
+    interval: bool = False,
+    confidence: float = DEFAULT_CONFIDENCE,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
+) -> float | FaithfulnessInterval:
     """The circuit's share of the task's behaviour: 1.0 = the full model, 0.0 = all ablated.
 
     Arguments:
@@ -299,6 +184,16 @@ def faithfulness(
             ``reuse_lens.separation``'s test on the clean − corrupted gap, as
             ``discover_circuit`` does: there faithfulness divides noise by noise. False
             computes the ratio anyway (the engines' exactness tests on random models do).
+        interval: also return the bootstrap interval over prompts (a
+            ``FaithfulnessInterval``; ``reuse_lens.circuits.interval``).
+        confidence: the interval's coverage, in (0, 1).
+        n_boot: the interval's bootstrap draws.
+        seed: the draws' seed: the same seed gives the same interval.
+
+    Returns:
+        The faithfulness, a float; with ``interval=True`` a ``FaithfulnessInterval``
+        (``value``, ``low``, ``high``, ``confidence``, ``n_boot``, ``seed``) whose
+        ``value`` is that same float.
 
     Raises:
         TypeError: when model, task or circuit is not one (a spec string, a list).
@@ -308,9 +203,12 @@ def faithfulness(
             clean − corrupted gap's interval includes 0, or the gap is small next to the
             metric's spread), or the metric cannot separate the full model from the
             ablated one.
-        ValueError: for an empty task or an unknown ablation.
+        ValueError: for an empty task, an unknown ablation, or a confidence outside
+            (0, 1) or n_boot below 1.
     """
     check_circuit(circuit)  # before the set-up's forward passes
+    confidence, n_boot = check_confidence(confidence), check_count(n_boot, "n_boot")
+    seed = check_seed(seed)
     evaluator = CircuitEvaluator(
         model,
         task,
@@ -330,6 +228,8 @@ def faithfulness(
             prep.clean_metric, prep.corrupted_metric, task.name,
             accuracy=accuracy_of(prep.clean_logits, prep.inputs),
         )  # fmt: skip
+    if interval:
+        return evaluator.interval(circuit, level, confidence=confidence, n_boot=n_boot, seed=seed)
     return evaluator(circuit, level)
 
 

@@ -11,10 +11,11 @@ What varies between architecture families (pre-, post- or no norms, LayerNorm or
 RMSNorm, learned or rotary positions, parallel attention and MLP, gated MLPs, q/k norms,
 soft caps, sliding windows) is described by an ``ArchSpec`` and read by one ``block``
 function; ``reuse_lens.arch`` holds one adapter per family that reads a bridge's
-weights into ``Weights``. Grouped-query models are stored with their key/value heads
-repeated per query head (TransformerLens's ``ungroup_grouped_query_attention``), so each
-query head has its own k and v input: the semantics that per-head path patching and edge
-ablation need. A model no adapter covers raises ``Unsupported`` and the callers fall back
+weights into ``Weights``. Grouped-query models give each query head its own k and v
+(TransformerLens's ``ungroup_grouped_query_attention``): the semantics that per-head path
+patching and edge ablation need. The per-head matrices hold the key/value heads repeated
+per query head; the fused q/k/v projection holds each once and repeats k and v after
+projecting, so the plain forward does not pay for the repetition. A model no adapter covers raises ``Unsupported`` and the callers fall back
 to hooks; ``_common.prepare`` also compares the logits with the bridge's own, so an
 architecture that only looks supported is never patched silently wrong.
 """
@@ -36,7 +37,7 @@ from reuse_lens.arch.spec import ArchSpec
 if TYPE_CHECKING:
     pass
 
-__all__ = ["Layer", "Norm", "Rope", "RunCache", "Unsupported", "Weights"]
+__all__ = ["Layer", "Norm", "Rope", "RunCache", "Unsupported", "Weights", "repeat_kv"]
 
 QKVEdit = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
@@ -166,11 +167,14 @@ class Layer:
     rope: Rope | None = None
     nope: bool = False
     sinks: Tensor | None = None
+    kv_heads: int | None = None
+    """Set under grouped-query attention: ``w_qkv``/``b_qkv`` then hold each key/value
+    head once, and ``w_k``... repeated per query head (see ``fused``)."""
 
     @classmethod
     def fused(
         cls, *, w_q: Tensor, b_q: Tensor, w_k: Tensor, b_k: Tensor, w_v: Tensor, b_v: Tensor,
-        **rest: Any,
+        n_heads: int | None = None, **rest: Any,
     ) -> Layer:  # fmt: skip
         """A layer whose ``w_qkv``/``b_qkv`` fuse q, k and v into one new tensor, with
         ``w_q``... views into it; ``rest`` are the other fields.
@@ -179,12 +183,40 @@ class Layer:
         matmul makes q, k and v); every other matrix an adapter reads is a view of the
         model's own parameters, so the forward costs a quarter of the attention's weights
         and not another model.
+
+        Grouped-query attention (``n_heads`` given and k/v narrower than q, Ainslie et al.
+        2023): the fused matrix keeps each key/value head once, so the forward projects
+        ``n_kv`` of them and repeats them per query head only after (``Weights.qkv``), as
+        ``transformers``' ``repeat_kv`` does; ``w_k``/``w_v`` are copies repeated per query
+        head (query head ``h`` reads key/value head ``h // (n_heads / n_kv)``), for the
+        engines that give every query head its own k and v input.
         """
-        w_qkv, b_qkv = torch.cat([w_q, w_k, w_v], 1), torch.cat([b_q, b_k, b_v])
         widths = [w_q.shape[1], w_k.shape[1], w_v.shape[1]]
+        w_qkv, b_qkv = torch.cat([w_q, w_k, w_v], 1), torch.cat([b_q, b_k, b_v])
         q, k, v = w_qkv.split(widths, dim=1)
         bq, bk, bv = b_qkv.split(widths)
-        return cls(w_q=q, b_q=bq, w_k=k, b_k=bk, w_v=v, b_v=bv, w_qkv=w_qkv, b_qkv=b_qkv, **rest)
+        if n_heads is None or w_k.shape[1] == w_q.shape[1]:
+            return cls(
+                w_q=q, b_q=bq, w_k=k, b_k=bk, w_v=v, b_v=bv, w_qkv=w_qkv, b_qkv=b_qkv, **rest
+            )
+        kv_heads = w_k.shape[1] * n_heads // w_q.shape[1]
+        k, bk, v, bv = (repeat_kv(x, kv_heads, n_heads) for x in (w_k, b_k, w_v, b_v))
+        return cls(
+            w_q=q, b_q=bq, w_k=k, b_k=bk, w_v=v, b_v=bv, w_qkv=w_qkv, b_qkv=b_qkv,
+            kv_heads=kv_heads, **rest,
+        )  # fmt: skip
+
+
+def repeat_kv(w: Tensor, n_kv: int, n_heads: int) -> Tensor:
+    """Repeat each key/value head's columns for the query heads that share it.
+
+    ``transformers`` assigns query head ``h`` to key/value head ``h // (n_heads/n_kv)``
+    (``repeat_kv``); the last axis of ``w`` is laid out head-major.
+    """
+    if n_kv == n_heads:
+        return w
+    heads = w.unflatten(-1, (n_kv, -1))
+    return heads.repeat_interleave(n_heads // n_kv, dim=-2).flatten(-2).contiguous()
 
 
 @dataclass(frozen=True)
@@ -254,9 +286,24 @@ class Weights:
         """
         w = self.layers[layer]
         fused = _affine(_norm(resid, w.ln1), w.w_qkv, w.b_qkv)
-        q, k, v = fused.unflatten(-1, (3, self.n_heads, self.d_head)).unbind(-3)
         pos = self._positions(resid, positions)
-        return self._qk_post(layer, q, w.q_norm, pos), self._qk_post(layer, k, w.k_norm, pos), v
+        if w.kv_heads is None:
+            q, k, v = fused.unflatten(-1, (3, self.n_heads, self.d_head)).unbind(-3)
+            return self._qk_post(layer, q, w.q_norm, pos), self._qk_post(layer, k, w.k_norm, pos), v
+        q, kv = fused.split([self.n_heads * self.d_head, 2 * w.kv_heads * self.d_head], -1)
+        q = self._qk_post(layer, q.unflatten(-1, (self.n_heads, self.d_head)), w.q_norm, pos)
+        return (q, *self._grouped_kv(layer, kv, pos))
+
+    def _grouped_kv(self, layer: int, kv: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """k and v per query head from the projection of the key/value heads ``(..., pos,
+        2 * kv_heads * d_head)``: the k norm and rotary run on the key/value heads, before
+        they are repeated."""
+        w = self.layers[layer]
+        assert w.kv_heads is not None
+        k, v = kv.unflatten(-1, (2, w.kv_heads, self.d_head)).unbind(-3)
+        k = self._qk_post(layer, k, w.k_norm, positions)
+        group = self.n_heads // w.kv_heads
+        return k.repeat_interleave(group, dim=-2), v.repeat_interleave(group, dim=-2)
 
     def q_only(self, layer: int, resid: Tensor, positions: Tensor | None = None) -> Tensor:
         w = self.layers[layer]
@@ -269,8 +316,11 @@ class Weights:
         w = self.layers[layer]
         width = self.n_heads * self.d_head
         kv = _affine(_norm(resid, w.ln1), w.w_qkv[:, width:], w.b_qkv[width:])
+        pos = self._positions(resid, positions)
+        if w.kv_heads is not None:
+            return self._grouped_kv(layer, kv, pos)
         k, v = kv.unflatten(-1, (2, self.n_heads, self.d_head)).unbind(-3)
-        return self._qk_post(layer, k, w.k_norm, self._positions(resid, positions)), v
+        return self._qk_post(layer, k, w.k_norm, pos), v
 
     def qkv_per_head(
         self, layer: int, x_q: Tensor, x_k: Tensor, x_v: Tensor, positions: Tensor

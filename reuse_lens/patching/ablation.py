@@ -16,7 +16,10 @@ residual stream before the first block; with ``"tokens"`` the token embedding al
 EAP-IG and MIB's evaluation define it, and the position embedding is never ablated.
 
 Both engines run on the functional forward of ``_forward`` (many circuits and prompts
-stacked along the batch). A model that the functional forward cannot reproduce runs them
+stacked along the batch; ``_circuit_forward``): node circuits that keep the same nodes up
+to a block share the blocks before it, and a circuit computes only the heads and MLPs it
+keeps (node circuits) or keeps an edge out of (edge circuits), an ablated one's output
+being its source. A model that the functional forward cannot reproduce runs them
 through hooks on the bridge (``_hook_edges`` for edges, which refuses, with the reason,
 a model whose hooks cannot give each head its own inputs).
 """
@@ -39,7 +42,14 @@ from reuse_lens._memory import (
     resolve_budget,
 )
 from reuse_lens._validate import check_pair
-from reuse_lens.nodes import LOGITS, MLP, ModelShape, shape_of
+from reuse_lens.nodes import ModelShape, shape_of
+from reuse_lens.patching._circuit_forward import (
+    DroppedEdges,
+    Sources,
+    node_forward,
+    sparse_edge_logits,
+    sparse_edges_supported,
+)
 from reuse_lens.patching._common import (
     Engine,
     Prepared,
@@ -48,8 +58,8 @@ from reuse_lens.patching._common import (
     rows_per_chunk,
     zero_cache,
 )
-from reuse_lens.patching._edge_forward import Receivers, run_edges
-from reuse_lens.patching._forward import Norm, Weights
+from reuse_lens.patching._edge_forward import run_edges
+from reuse_lens.patching._forward import Weights
 from reuse_lens.patching._hook_edges import HookEdges
 from reuse_lens.patching._hooks import HookSources, hook_name
 from reuse_lens.patching.graph import GraphIndex
@@ -110,81 +120,6 @@ class NodeMask:
         return cls(heads, torch.full((shape.n_layers,), keep) if shape.has_mlps else None)
 
 
-class _DroppedEdges(Receivers):
-    """Receivers that read the current residual stream plus, for every sender whose edge
-    they drop, that sender's (ablated − current) output (``deltas[:, :, s]``).
-
-    The heads of a layer with a post-norm (Gemma-2) reach the stream only through
-    ``N(Σ_h out_h + b_O)``: their slots in ``deltas`` stay zero, and a receiver gets
-    ``N(sum with its dropped heads' outputs ablated) − N(sum)`` for that layer instead.
-    """
-
-    def __init__(
-        self,
-        w: Weights,
-        index: GraphIndex,
-        drop: Float[Tensor, "sender receiver"],
-        resid: Tensor,
-        input_delta: Tensor,
-    ) -> None:
-        self.w, self.index, self.drop = w, index, drop
-        self.deltas = resid.new_zeros(*resid.shape[:2], index.n_senders, resid.shape[-1])
-        self.deltas[:, :, 0] = input_delta
-        self.ablated_z: list[Tensor] = []
-        self.ablated_mlp: list[Tensor] = []
-        # Per post-normed layer: its first head's sender slot, the heads' sum, their deltas.
-        self.normed: list[tuple[int, Tensor, Tensor, Norm]] = []
-
-    def _added(self, n: int, columns: slice | int) -> Tensor:
-        added = torch.einsum("bpsd,s...->bp...d", self.deltas[:, :, :n], self.drop[:n, columns])
-        for first, raw, delta, norm in self.normed:
-            if first >= n:
-                break
-            heads = slice(first, first + delta.shape[2])
-            moved = torch.einsum("bphd,h...->bp...d", delta, self.drop[heads, columns])
-            base = raw if isinstance(columns, int) else raw.unsqueeze(2)
-            added = added + norm(base + moved) - norm(base)
-        return added
-
-    def heads(self, layer: int, resid: Tensor, n_heads: int) -> Tensor:
-        n = self.index.senders_before_heads(layer)
-        return resid.unsqueeze(2) + self._added(n, self.index.heads_columns(layer))
-
-    def mlp(self, layer: int, resid: Tensor) -> Tensor:
-        n = self.index.senders_before_mlp(layer)
-        return resid + self._added(n, self.index.receiver[MLP(layer).name])
-
-    def final(self, resid: Tensor) -> Tensor:
-        return resid + self._added(self.index.n_senders, self.index.receiver[LOGITS.name])
-
-    def head_outputs(self, layer: int, out: Tensor, raw: Tensor) -> None:
-        w_o = self.w.layers[layer].w_o.view(self.w.n_heads, self.w.d_head, -1)
-        ablated = torch.einsum("bphe,hed->bphd", self.ablated_z[layer], w_o)
-        first = self.index.sender[f"a{layer}.h0"]
-        post = self.w.layers[layer].attn_post
-        if post is not None:
-            self.normed.append((first, raw, ablated.expand_as(out) - out, post))
-            return
-        self.deltas[:, :, first : first + out.shape[2]] = ablated.expand_as(out) - out
-
-    def mlp_output(self, layer: int, out: Tensor) -> None:
-        slot = self.index.sender[MLP(layer).name]
-        self.deltas[:, :, slot] = self.ablated_mlp[layer] - out
-
-
-@dataclass
-class _Sources:
-    """The ablated output of every sender, batch-first (a batch of one is shared)."""
-
-    input: Float[Tensor, "src pos d_model"]
-    z: list[Tensor]  # per layer (src, pos, head, d_head)
-    mlp_out: list[Tensor]  # per layer (src, pos, d_model)
-
-    @property
-    def shared(self) -> bool:
-        return self.input.shape[0] == 1
-
-
 class AblationRunner:
     """The task metric of a model with everything outside a circuit ablated.
 
@@ -225,6 +160,11 @@ class AblationRunner:
                 "'padded' (padding averaged in, as EAP-IG's mean-positional ablation)"
             )
         self.input_node: InputKind = input_node
+        # Circuits compute only the heads and MLPs they keep (node circuits) or keep an
+        # edge of (edge circuits), where the model allows it (``_circuit_forward``);
+        # False: every one, always (the tests compare the two).
+        self.sparse_nodes = True
+        self.sparse_edges = True
         self.mean_positions: MeanPositions = mean_positions
         model, task = check_pair(model, task)
         if len(task) == 0:
@@ -244,7 +184,7 @@ class AblationRunner:
             else torch.full_like(self.prep.answer_pos, self._width)
         )
         self.full = float(self.prep.clean_metric.mean())
-        self._sources: _Sources | None = None
+        self._sources: Sources | None = None
         self._hook_sources: HookSources | None = None
         self._edges_by_hooks: HookEdges | None = None
         with torch.no_grad():
@@ -263,39 +203,92 @@ class AblationRunner:
     def engine(self) -> str:
         return "functional" if self.prep.weights is not None else "hooks"
 
+    def circuits_per_pass(self, level: Literal["node", "edge"]) -> int:
+        """How many circuits one pass of the engine evaluates on every prompt (at least 1)."""
+        if level == "edge":
+            per_pass = self._edge_prompts_per_chunk(self.prep.weights)
+        else:
+            shapes = Shapes.of(self.prep.model, self._width)
+            per_pass = self._per_chunk(shapes.forward_row(), "row of a forward pass")
+        return max(1, per_pass // self.prep.n)
+
     # ---- node circuits --------------------------------------------------------------
 
-    @torch.no_grad()
     def nodes(self, masks: NodeMask | list[NodeMask]) -> Float[Tensor, " circuit"]:
         """The mean metric of each node circuit (a tensor with one value per mask)."""
+        return self.node_values(masks).mean(1)
+
+    @torch.no_grad()
+    def node_values(self, masks: NodeMask | list[NodeMask]) -> Float[Tensor, "circuit prompt"]:
+        """The metric of each node circuit on each prompt.
+
+        Circuits and prompts are stacked along the batch, as many (circuit, prompt) rows
+        per pass as the budget holds; in the functional engine, circuits that keep the
+        same nodes up to a block share that block's run (``_circuit_forward.node_forward``).
+        """
         batch = [masks] if isinstance(masks, NodeMask) else masks
         for mask in batch:
             self._check_node_mask(mask)
         n = self.prep.n
+        values = torch.empty(len(batch), n)
+        if not batch:
+            return values
         heads = torch.stack([m.heads for m in batch]).to(self.prep.clean.device)
         mlps = (
             torch.stack([m.mlps for m in batch]).to(self.prep.clean.device)  # type: ignore[misc]
             if self.shape.has_mlps
             else None
         )
-        total = len(batch) * n
+        shapes = Shapes.of(self.prep.model, self._width)
+        step = self._per_chunk(shapes.forward_row(), "row of a forward pass")
+        w = self.prep.weights
+        if w is None:
+            self._node_values_hooks(heads, mlps, step, values)
+            return values
+        # A pass holds whole circuits on every prompt when they fit, else one circuit on
+        # as many prompts as fit.
+        per_pass, prompts_per = max(1, step // n), min(n, step)
+        device = self.prep.clean.device
+        for first in range(0, len(batch), per_pass):
+            circuits = slice(first, min(first + per_pass, len(batch)))
+            for start in range(0, n, prompts_per):
+                prompt = torch.arange(start, min(start + prompts_per, n), device=device)
+                src, src_rows = self._sources_of(w, prompt)
+                logits = node_forward(
+                    w,
+                    self.prep.clean[prompt],
+                    self.prep.answer_pos[prompt],
+                    src,
+                    src_rows,
+                    heads[circuits],
+                    None if mlps is None else mlps[circuits],
+                    sparse=self.sparse_nodes,
+                )
+                k = logits.shape[0]
+                scored = self.prep.score(logits.flatten(0, 1), prompt.repeat(k))
+                values[circuits, start : start + len(prompt)] = scored.view(k, -1).cpu()
+        return values
+
+    def _node_values_hooks(
+        self,
+        heads: Bool[Tensor, "circuit layer head_index"],
+        mlps: Bool[Tensor, "circuit layer"] | None,
+        step: int,
+        values: Float[Tensor, "circuit prompt"],
+    ) -> None:
+        """``node_values`` through hooks on the bridge, ``step`` rows a pass."""
+        n = self.prep.n
+        total = heads.shape[0] * n
         # Row r evaluates circuit r // n on prompt r % n.
         circuit_of = torch.arange(total, device=heads.device) // n
         prompt_of = torch.arange(total, device=heads.device) % n
-        values = torch.empty(total)
-        shapes = Shapes.of(self.prep.model, self._width)
-        step = self._per_chunk(shapes.forward_row(), "row of a forward pass")
+        flat = values.view(-1)
         for start in range(0, total, step):
             rows = slice(start, min(start + step, total))
             prompt, circuit = prompt_of[rows], circuit_of[rows]
-            keep_h = heads[circuit]
             keep_m = None if mlps is None else mlps[circuit]
-            if self.prep.weights is not None:
-                logits = self._node_logits_functional(self.prep.weights, prompt, keep_h, keep_m)
-            else:
-                logits = self._node_logits_hooks(prompt, keep_h, keep_m)
-            values[rows] = self.prep.score(logits, prompt).cpu()
-        return values.view(len(batch), n).mean(1)
+            logits = self._node_logits_hooks(prompt, heads[circuit], keep_m)
+            flat[rows] = self.prep.score(logits, prompt).cpu()
 
     def _check_node_mask(self, mask: NodeMask) -> None:
         expected = (self.shape.n_layers, self.shape.n_heads)
@@ -305,33 +298,6 @@ class AblationRunner:
             )
         if (mask.mlps is None) != (not self.shape.has_mlps):
             raise ValueError("an MLP mask must be given exactly when the model has MLPs")
-
-    def _node_logits_functional(
-        self,
-        w: Weights,
-        prompt: Int[Tensor, " rows"],
-        keep_h: Bool[Tensor, "rows layer head_index"],
-        keep_m: Bool[Tensor, "rows layer"] | None,
-    ) -> Float[Tensor, "rows d_vocab"]:
-        src, src_rows = self._sources_of(w, prompt)
-        tokens = self.prep.clean[prompt]
-        resid = w.embed(tokens)
-        for layer in range(w.n_layers):
-            keep = keep_h[:, layer].view(-1, 1, w.n_heads, 1)
-            z_src = src.z[layer][src_rows]
-            edit_mlp = None
-            if keep_m is not None:
-                kept = keep_m[:, layer].view(-1, 1, 1)
-                mlp_src = src.mlp_out[layer][src_rows]
-                edit_mlp = lambda out, k=kept, s=mlp_src: torch.where(k, out, s)  # noqa: E731
-            resid = w.block(
-                layer,
-                resid,
-                edit_z=lambda z, k=keep, s=z_src: torch.where(k, z, s),
-                edit_mlp=edit_mlp,
-            )
-        rows = torch.arange(len(prompt), device=prompt.device)
-        return w.logits(resid[rows, self.prep.answer_pos[prompt]])
 
     def _node_logits_hooks(
         self,
@@ -374,9 +340,19 @@ class AblationRunner:
 
     # ---- edge circuits --------------------------------------------------------------
 
-    @torch.no_grad()
     def edges(self, keep: Bool[Tensor, "sender receiver"]) -> float:
         """The mean metric of one edge circuit, given as a keep-mask in ``GraphIndex`` order."""
+        return float(self.edge_values(keep.unsqueeze(0))[0].mean())
+
+    @torch.no_grad()
+    def edge_values(
+        self, keep: Bool[Tensor, "circuit sender receiver"]
+    ) -> Float[Tensor, "circuit prompt"]:
+        """The metric of each edge circuit (keep-masks in ``GraphIndex`` order) on each prompt.
+
+        The functional engine stacks circuits and prompts along the batch, as many
+        (circuit, prompt) rows a pass as the budget holds; hooks run one circuit a pass.
+        """
         w = self.prep.weights
         if w is not None and (why := w.spec.edge_unsupported()) is not None:
             raise NotImplementedError(
@@ -384,27 +360,35 @@ class AblationRunner:
                 "circuit instead (Circuit.from_nodes(circuit.nodes, ...))."
             )
         index = GraphIndex(self.shape)
-        if tuple(keep.shape) != (index.n_senders, index.n_receivers):
+        if keep.dim() != 3 or tuple(keep.shape[1:]) != (index.n_senders, index.n_receivers):
             raise ValueError(
                 f"an edge mask must have shape {(index.n_senders, index.n_receivers)}, "
-                f"got {tuple(keep.shape)}"
+                f"got {tuple(keep.shape[1:]) if keep.dim() == 3 else tuple(keep.shape)}"
             )
-        n = self.prep.n
+        n, device = self.prep.n, self.prep.clean.device
         dtype = w.w_u.dtype if w is not None else self.prep.model.W_O.dtype
-        drop = (~keep.bool()).to(dtype).to(self.prep.clean.device)
-        hooks = self._hook_edges() if w is None else None
+        drop = (~keep.bool()).to(dtype).to(device)
+        values = torch.empty(len(keep), n)
         step = self._edge_prompts_per_chunk(w)
-        values = torch.empty(n)
-        for start in range(0, n, step):
-            prompt = torch.arange(start, min(start + step, n), device=self.prep.clean.device)
-            if hooks is not None:
-                tokens, answer = self.prep.clean[prompt], self.prep.answer_pos[prompt]
-                logits = hooks.logits(tokens, prompt, answer, drop)
-            else:
-                assert w is not None
-                logits = self._edge_logits(w, index, prompt, drop)
-            values[start : start + len(prompt)] = self.prep.score(logits, prompt).cpu()
-        return float(values.mean())
+        if w is None:
+            hooks = self._hook_edges()
+            for c in range(len(keep)):
+                for start in range(0, n, step):
+                    prompt = torch.arange(start, min(start + step, n), device=device)
+                    tokens, answer = self.prep.clean[prompt], self.prep.answer_pos[prompt]
+                    logits = hooks.logits(tokens, prompt, answer, drop[c])
+                    values[c, start : start + len(prompt)] = self.prep.score(logits, prompt).cpu()
+            return values
+        per_pass, prompts_per = max(1, step // n), min(n, step)
+        for first in range(0, len(keep), per_pass):
+            circuits = slice(first, min(first + per_pass, len(keep)))
+            for start in range(0, n, prompts_per):
+                prompt = torch.arange(start, min(start + prompts_per, n), device=device)
+                logits = self._edge_logits(w, index, prompt, drop[circuits])
+                k = drop[circuits].shape[0]
+                scored = self.prep.score(logits, prompt.repeat(k))
+                values[circuits, start : start + len(prompt)] = scored.view(k, -1).cpu()
+        return values
 
     def _edge_prompts_per_chunk(self, w: Weights | None) -> int:
         """Prompts per edge-circuit pass: ``batch_size``, else as many as the budget holds.
@@ -468,19 +452,27 @@ class AblationRunner:
         self,
         w: Weights,
         index: GraphIndex,
-        prompt: Int[Tensor, " rows"],
-        drop: Float[Tensor, "sender receiver"],
-    ) -> Float[Tensor, "rows d_vocab"]:
-        """Answer logits with every receiver input = kept senders' outputs + dropped ones' ablations."""
+        prompt: Int[Tensor, " prompt"],
+        drop: Float[Tensor, "circuit sender receiver"],
+    ) -> Float[Tensor, "row d_vocab"]:
+        """Answer logits, circuit-major, with every receiver input = kept senders' outputs
+        + dropped ones' ablations."""
         src, src_rows = self._sources_of(w, prompt)
+        k = drop.shape[0]
         tokens = self.prep.clean[prompt]
         resid = w.embed(tokens)
         # The input sender's current output: the whole embedding, or the token part alone.
         current = resid if self.input_node == "embeddings" else w.w_e[tokens]
-        dropped = _DroppedEdges(w, index, drop, resid, src.input[src_rows] - current)
-        dropped.ablated_z = [z[src_rows] for z in src.z]
-        dropped.ablated_mlp = [m[src_rows] for m in src.mlp_out]
-        return run_edges(w, resid, self.prep.answer_pos[prompt], dropped)
+        if self.sparse_edges and sparse_edges_supported(w) is None:
+            keep = drop == 0
+            answer = self.prep.answer_pos[prompt]
+            return sparse_edge_logits(w, index, keep, resid, current, src, src_rows, answer)
+        input_delta = (src.input[src_rows] - current).repeat(k, 1, 1)
+        ablated_z = [z if src.shared else z[src_rows] for z in src.z]
+        ablated_mlp = [m if src.shared else m[src_rows] for m in src.mlp_out]
+        resid = resid.repeat(k, 1, 1)
+        dropped = DroppedEdges(w, index, drop, resid, input_delta, ablated_z, ablated_mlp)
+        return run_edges(w, resid, self.prep.answer_pos[prompt].repeat(k), dropped)
 
     # ---- sources --------------------------------------------------------------------
 
@@ -502,7 +494,7 @@ class AblationRunner:
 
     def _sources_of(
         self, w: Weights, prompt: Int[Tensor, " rows"]
-    ) -> tuple[_Sources, Int[Tensor, " rows"]]:
+    ) -> tuple[Sources, Int[Tensor, " rows"]]:
         """The sources for a chunk's prompts, and the row of them each prompt reads."""
         if self._sources is not None:
             src = self._sources
@@ -511,9 +503,9 @@ class AblationRunner:
         tokens = self.prep.corrupted[distinct]
         run = w.run(tokens)
         source_input = run.resid_pre[0] if self.input_node == "embeddings" else w.w_e[tokens]
-        return _Sources(input=source_input, z=run.z, mlp_out=run.mlp_out), rows
+        return Sources(input=source_input, z=run.z, mlp_out=run.mlp_out), rows
 
-    def _functional_sources(self, w: Weights) -> _Sources:
+    def _functional_sources(self, w: Weights) -> Sources:
         """What replaces each sender's output: the corrupted runs' (of every prompt,
         gathered part by part), their mean over every prompt, or zero."""
         prep = self.prep
@@ -536,7 +528,7 @@ class AblationRunner:
             source_input, z, mlp_out = cache.resid_pre[0], cache.z, cache.mlp_out
         if self.input_node == "tokens":
             source_input = self._token_embedding_source(w)
-        return _Sources(input=source_input, z=z, mlp_out=mlp_out)
+        return Sources(input=source_input, z=z, mlp_out=mlp_out)
 
     def _token_embedding_source(self, w: Weights) -> Float[Tensor, "src pos d_model"]:
         """The ablated token embedding, for ``input_node="tokens"`` (MIB's ``input``)."""

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import reuse_lens as rl
-from reuse_lens.circuits.discovery import discover_circuit, select_prefix
+from reuse_lens.circuits.discovery import discover_circuit
 from tests.conftest import native_config
 from tests.patching.handbuilt import DECOYS, PLANTED, build_model, build_task
 from tests.patching.helpers import random_task
@@ -118,22 +118,6 @@ def test_a_task_the_model_only_guesses_at_is_refused() -> None:
     assert abs(gaps["clean_metric"] - gaps["corrupted_metric"]) > 1e-3  # not exactly equal
     with pytest.raises(rl.tasks.MetricError, match="interval does not exclude 0 .accuracy 0.00"):
         discover_circuit(model, task)
-
-
-def test_select_prefix_scans_small_and_bisects_large() -> None:
-    calls: list[list[int]] = []
-
-    def step_at(threshold: int):
-        def f(sizes: list[int]) -> list[float]:
-            calls.append(list(sizes))
-            return [1.0 if k >= threshold else 0.0 for k in sizes]
-
-        return f
-
-    assert select_prefix(10, step_at(7), 0.9) == 7
-    assert select_prefix(5000, step_at(1234), 0.9) == 1234
-    assert sum(len(c) for c in calls[1:]) < 80  # a grid and a bisection, not 5000 sizes
-    assert select_prefix(3, step_at(99), 0.9) == 3
 
 
 @pytest.mark.parametrize(
