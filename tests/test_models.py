@@ -157,3 +157,13 @@ def test_a_nonsense_device_is_refused() -> None:
 def test_an_integer_dtype_is_refused() -> None:
     with pytest.raises(ModelLoadError, match="not a floating-point dtype"):
         rl.load_model(native_config(), dtype="int8")
+
+
+def test_a_hub_revision_that_is_not_cached_is_a_clear_error_offline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(rl.ModelLoadError, match="revision 'step1000' of 'EleutherAI/pythia-160m'"):
+        rl.load_model("EleutherAI/pythia-160m", revision="step1000")
+    with pytest.raises(rl.ModelLoadError, match="revision must be a non-empty string"):
+        rl.load_model("EleutherAI/pythia-160m", revision="")

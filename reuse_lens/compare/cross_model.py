@@ -24,6 +24,7 @@ or every head and MLP (which recovers the whole gain when only heads and MLPs ch
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -246,8 +247,8 @@ def _prepare(
         prep_t = prepare(target, task, metric, engine="hooks", budget=budget // 2)
         prep_s = prepare(source, task, metric, engine="hooks", budget=budget // 2)
     if prep_t.weights is None:
-        _check_hook_sum(target)
-        _check_hook_sum(source)
+        sum_hook(target)
+        sum_hook(source)
     return target, source, prep_t, prep_s, shape
 
 
@@ -438,8 +439,9 @@ def _one_head_out(w: Weights, layer: int, z: Tensor, head: int) -> Tensor:
 class _Hooks:
     """Patches through hooks on the target bridge, for models the functional forward lacks.
 
-    A head's patch adds z_src,h · W_O,src,h − z_tgt,h · W_O,tgt,h to ``hook_attn_out``,
-    which ``_check_hook_sum`` verified to be the heads' plain sum on this architecture.
+    A head's patch adds z_src,h · W_O,src,h − z_tgt,h · W_O,tgt,h to the hook that holds
+    the heads' plain sum on this architecture (``sum_hook``: the output projection's own
+    hook, before any post-norm or scale, or else ``hook_attn_out``).
     """
 
     def __init__(self, target: Prepared, source: Prepared) -> None:
@@ -450,6 +452,7 @@ class _Hooks:
         self.w_o_t = _w_o(target.model)
         self.w_o_s = _w_o(source.model)
         self.base_metric = target.clean_metric
+        self.sum_hook = sum_hook(target.model)
 
     def _delta(self, layer: int, head: int, prompts: Tensor) -> Tensor:
         z_s = self.source[f"blocks.{layer}.attn.hook_z"][prompts, :, head]
@@ -468,7 +471,7 @@ class _Hooks:
             name = f"blocks.{layer}.hook_mlp_out"
             new = self.source[name][prompts]
         else:
-            name = f"blocks.{layer}.hook_attn_out"
+            name = self.sum_hook.format(layer=layer)
             new = self.target[name][prompts] + self._delta(layer, head, prompts)
 
         def patch(act: Tensor, hook: object) -> Tensor:
@@ -506,7 +509,7 @@ class _Hooks:
 
                 hooks += [
                     (f"blocks.{layer}.attn.hook_z", keep_z),
-                    (f"blocks.{layer}.hook_attn_out", attn),
+                    (self.sum_hook.format(layer=layer), attn),
                 ]
             if any(m.layer == layer for m in mlps):
                 name = f"blocks.{layer}.hook_mlp_out"
@@ -521,7 +524,7 @@ def _hook_cache(prep: Prepared) -> dict[str, Tensor]:
     model = prep.model
     names = set()
     for layer in range(int(model.cfg.n_layers)):
-        names |= {f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out"}
+        names |= {f"blocks.{layer}.attn.hook_z", sum_hook(model).format(layer=layer)}
         if not getattr(model.cfg, "attn_only", False):
             names.add(f"blocks.{layer}.hook_mlp_out")
     with torch.no_grad():
@@ -534,14 +537,21 @@ def _w_o(model: TransformerBridge) -> list[Float[Tensor, "head d_head d_model"]]
 
 
 _HOOK_SUM_ATOL = 1e-4
+_SUM_HOOKS = ("blocks.{layer}.attn.o.hook_out", "blocks.{layer}.hook_attn_out")
+"""Where the heads' outputs are summed, in order of preference: the output projection's
+own hook (before Gemma-2's post-norm or Granite's residual multiplier), else the block's."""
+_SUM_HOOK_OF: weakref.WeakKeyDictionary[TransformerBridge, str] = weakref.WeakKeyDictionary()
 
 
-def _check_hook_sum(model: TransformerBridge) -> None:
-    """Refuse, with the reason, an architecture whose ``hook_attn_out`` is not the plain sum
-    of the heads' z_h · W_O,h plus the output bias (a post-norm or a residual multiplier
-    between them), on which a head's output cannot be swapped through that hook."""
+def sum_hook(model: TransformerBridge) -> str:
+    """The hook name (with ``{layer}``) that holds Σ_h z_h · W_O,h + b_O on this model,
+    checked once per model on a short run; ModelPairError, with the reason, where none
+    does (a head's output cannot then be swapped through hooks)."""
+    if model in _SUM_HOOK_OF:
+        return _SUM_HOOK_OF[model]
     tokens = torch.zeros(1, 4, dtype=torch.long, device=model.cfg.device)
-    names = {"blocks.0.attn.hook_z", "blocks.0.hook_attn_out"}
+    candidates = [h for h in _SUM_HOOKS if h.format(layer=0) in model.hook_dict]
+    names = {"blocks.0.attn.hook_z", *(h.format(layer=0) for h in candidates)}
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
         attn = model.blocks[0].attn  # type: ignore[index]
@@ -549,13 +559,18 @@ def _check_hook_sum(model: TransformerBridge) -> None:
         bias = getattr(attn, "b_O", None)
         if bias is not None:
             total = total + bias
-    error = float((total - cache["blocks.0.hook_attn_out"]).abs().max())
-    scale = float(cache["blocks.0.hook_attn_out"].abs().max()) or 1.0
-    if not math.isfinite(error) or error > _HOOK_SUM_ATOL * max(1.0, scale):
-        raise ModelPairError(
-            f"cross-model patching cannot run on {label(model)}: no architecture adapter "
-            "covers it, and through hooks its attention output is not the plain sum of its "
-            f"heads' outputs (off by {error:.3g}: a post-norm or a scale sits between them), "
-            "so one head's output cannot be swapped there. An adapter in reuse_lens/arch "
-            "makes it run on the functional engine."
-        )
+    errors = []
+    for hook in candidates:
+        found = cache[hook.format(layer=0)]
+        error = float((total - found).abs().max())
+        if math.isfinite(error) and error <= _HOOK_SUM_ATOL * max(1.0, float(found.abs().max())):
+            _SUM_HOOK_OF[model] = hook
+            return hook
+        errors.append(f"{hook.format(layer=0)} off by {error:.3g}")
+    raise ModelPairError(
+        f"cross-model patching cannot run on {label(model)}: no architecture adapter covers "
+        "it, and no hook holds the plain sum of its heads' outputs "
+        f"({'; '.join(errors) or 'none of ' + ', '.join(_SUM_HOOKS)}), so one head's output "
+        "cannot be swapped through hooks. An adapter in reuse_lens/arch makes it run on the "
+        "functional engine."
+    )
