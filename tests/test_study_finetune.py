@@ -55,6 +55,12 @@ def test_the_analysis_holds_drift_cmap_reuse_survival_and_trajectory(result: Any
     assert analysis.cmap is not None and analysis.cmap.method == "cmap"
     assert analysis.cmap_reverse is not None
     assert analysis.all_recovery is not None and analysis.circuit_recovery is not None
+    assert set(analysis.weight_recovery) == {"unembed", "embed", "norms", "nodes+unembed"}
+    # zoo:wide never saw " he" or " she": neither the fine-tune's nodes alone nor its
+    # unembedding alone carry the gain into the base; together they do.
+    assert analysis.all_recovery < 0.2 and analysis.weight_recovery["unembed"] < 0.2
+    assert analysis.weight_recovery["nodes+unembed"] > 0.8
+    assert "needs both its new node outputs and its new unembedding" in analysis.headline()
     # The reuse table compares the new circuit with each base task's circuit, Holm over them.
     assert list(analysis.reuse["base_task"]) == ["ioi", "sva"]
     assert (analysis.reuse["p_adjusted"] >= analysis.reuse["p_value"]).all()

@@ -330,12 +330,18 @@ def _analyse(
         )
         nodes = [node.name for node in drift.shape.nodes()]
         every = cross_model_recovery(base, tuned, task_obj, nodes, memory_budget=budget)
-        swapped = {
-            name: cross_model_recovery(
-                base, tuned, task_obj, [], weights=[name], memory_budget=budget
+        if cmap.settings["engine"] == "functional":
+            # Weights no node holds can be swapped on the functional engine only; the gain
+            # may need the fine-tune's nodes and its readout together.
+            swapped = {
+                name: cross_model_recovery(
+                    base, tuned, task_obj, [], weights=[name], memory_budget=budget
+                )
+                for name in ("unembed", "embed", "norms")
+            }
+            swapped["nodes+unembed"] = cross_model_recovery(
+                base, tuned, task_obj, nodes, weights=["unembed"], memory_budget=budget
             )
-            for name in ("unembed", "embed", "norms")
-        }
         if circuit is not None:
             recovery = cross_model_recovery(
                 base, tuned, task_obj, sorted(circuit.nodes), memory_budget=budget
