@@ -177,7 +177,7 @@ def _kept_block(
         k = w._qk_post(layer, _project_flat(w, layer, x, "k", kept), weights.k_norm, positions)
         v = _project_flat(w, layer, x, "v", kept)
         q = w._qk_post(layer, q, weights.q_norm, q_pos)
-        mixed = w.mix(w.pattern(q, k, q_pos, layer), v).unflatten(0, (n_classes, -1))
+        mixed = w.mix(w.pattern(q, k, q_pos, layer, kept), v).unflatten(0, (n_classes, -1))
         mixed = mixed * heads[:, kept].view(n_classes, 1, 1, -1, 1).to(mixed.dtype)
         attn = attn + _affine(mixed.flatten(-2), w_o[kept].flatten(0, 1), None)
     attn = attn.expand(n_classes, n_prompts, n_q, -1).flatten(0, 1)
@@ -408,7 +408,7 @@ def sparse_edge_logits(
             v = _project(w, layer, x_v, "v", picked)
             q = w._qk_post(layer, q, weights.q_norm, positions)
             k = w._qk_post(layer, k, weights.k_norm, positions)
-            mixed = w.mix(w.pattern(q, k, positions, layer), v)
+            mixed = w.mix(w.pattern(q, k, positions, layer, picked), v)
             w_o = weights.w_o.view(n_heads, d_head, -1)[picked]
             current = torch.einsum("bphe,hed->bphd", mixed, w_o)
             ablated = torch.einsum("bphe,hed->bphd", ablated_z[:, :, picked], w_o)

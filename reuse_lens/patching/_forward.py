@@ -350,12 +350,21 @@ class Weights:
         k = self._qk_post(layer, project(x_k, w.w_k, w.b_k), w.k_norm, positions)
         return q, k, project(x_v, w.w_v, w.b_v)
 
-    def pattern(self, q: Tensor, k: Tensor, q_pos: Tensor, layer: int | None = None) -> Tensor:
+    def pattern(
+        self,
+        q: Tensor,
+        k: Tensor,
+        q_pos: Tensor,
+        layer: int | None = None,
+        heads: Tensor | None = None,
+    ) -> Tensor:
         """Attention pattern ``(batch, head, q_pos, k_pos)`` for queries at absolute ``q_pos``.
 
         ``q_pos`` is ``(batch, n_queries)`` or ``(n_queries,)``; key ``j`` is visible to a
         query at position ``i`` when ``j <= i`` (causal) and, in a sliding-window layer
         of width ``W`` (Mistral, Gemma-2, GPT-Neo local layers), ``i - j < W``.
+        ``heads``: which of the layer's heads ``q`` and ``k`` hold, when not all of them
+        (their per-head ALiBi slopes and sinks are taken).
         """
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / self.scale
         cap = self.spec.attn_softcap
@@ -363,7 +372,8 @@ class Weights:
             scores = torch.tanh(scores / cap) * cap
         k_idx = torch.arange(k.shape[1], device=k.device)
         if self.alibi is not None:  # Press et al. 2022 (BLOOM): a linear bias per head
-            scores = scores + self.alibi.view(1, -1, 1, 1) * k_idx.to(scores.dtype)
+            slopes = self.alibi if heads is None else self.alibi[heads]
+            scores = scores + slopes.view(1, -1, 1, 1) * k_idx.to(scores.dtype)
         if q_pos.dim() == 1:
             q_pos = q_pos.unsqueeze(0)
         gap = q_pos.unsqueeze(-1) - k_idx.view(1, 1, -1)  # (b or 1, q, k)
@@ -373,6 +383,8 @@ class Weights:
             masked = masked | (gap >= window)
         scores = scores.masked_fill(masked.unsqueeze(1), float("-inf"))
         sinks = None if layer is None else self.layers[layer].sinks
+        if sinks is not None and heads is not None:
+            sinks = sinks[heads]
         if sinks is not None:
             # GPT-OSS: one more logit per head in every softmax, whose share goes nowhere.
             sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
