@@ -10,7 +10,7 @@ import pytest
 
 from reuse_lens import study
 from reuse_lens.report import write
-from reuse_lens.report.summary import study_answer
+from reuse_lens.report.summary import markdown, study_answer
 from reuse_lens.study.finetune import checkpoint_label
 
 FT = "zoo:wide-ft-gendered_pronoun"
@@ -31,7 +31,7 @@ def result() -> Any:
         n_prompts=16,
         n_boot=0,
         n_random=2,
-        edge_overlap=False,
+        edge_overlap=True,
     )
     return study.run_study(config, progress=False)
 
@@ -77,6 +77,23 @@ def test_the_analysis_holds_drift_cmap_reuse_survival_and_trajectory(result: Any
     row = trajectory.set_index("point").loc[first]
     assert row["accuracy"] < 0.6 and row["n_nodes"] != row["n_nodes"]  # no circuit yet: NaN
     assert trajectory.set_index("point").loc["ft-gendered_pronoun", "jaccard_final"] == 1.0
+    # Edge circuits along the run too: none where the task is not done yet, the final one
+    # against itself, and each point against the base tasks' edge circuits.
+    last = checkpoint_label("gendered_pronoun", result.config.checkpoints["gendered_pronoun"][1], 2)
+    assert set(result.point_edges) == {
+        f"{last}/gendered_pronoun",
+        "ft-gendered_pronoun/gendered_pronoun",
+    }
+    assert (
+        row["n_edges"] != row["n_edges"] and row["edge_jaccard_final"] != row["edge_jaccard_final"]
+    )
+    final = trajectory.set_index("point").loc["ft-gendered_pronoun"]
+    assert final["edge_jaccard_final"] == 1.0
+    assert final["n_edges"] == len(result.point_edges["ft-gendered_pronoun/gendered_pronoun"].edges)
+    ioi_edges = set(result.edge_circuits["ioi"].edges)
+    gp_edges = set(result.point_edges["ft-gendered_pronoun/gendered_pronoun"].edges)
+    assert final["edges_jaccard_ioi"] == len(ioi_edges & gp_edges) / len(ioi_edges | gp_edges)
+    assert f"{first}/gendered_pronoun" in result.refused  # its edge circuit was never looked for
     assert len(result.claims) == 2 and "Heads are reused more than MLPs" in result.claims[0]
 
 
@@ -88,6 +105,11 @@ def test_the_answer_report_and_summary_carry_the_fine_tune(result: Any, tmp_path
     assert text.index("ft-gendered_pronoun learnt") < text.index("What fine-tuning changed")
     for figure in ("drift_grid", "cmap_grid", "circuit_trajectory"):
         assert f'data-figure="{figure}"' in text
+    # results.md carries the same analysis as tables, the trajectory's edge columns included.
+    md = markdown(result)
+    section = md[md.index("## What fine-tuning changed") :]
+    assert "### ft-gendered_pronoun" in section and "edge J. with final" in section
+    assert "Holm p" in section and "inside ft-gendered_pronoun" in section
     study.save_summary(result, tmp_path / "summary.json")
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["fine_tuning"]["ft-gendered_pronoun"]["new_skill"] is True

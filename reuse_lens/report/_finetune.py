@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from reuse_lens.report.html import HtmlReport
     from reuse_lens.study.finetune import FineTuneAnalysis
 
-__all__ = ["answer_sentences", "fine_tuning_section"]
+__all__ = ["answer_sentences", "fine_tuning_section", "tables"]
 
 
 def answer_sentences(analyses: Mapping[str, FineTuneAnalysis], claims: Sequence[str]) -> list[str]:
@@ -58,38 +58,8 @@ def _one(report: HtmlReport, label: str, analysis: FineTuneAnalysis) -> None:
         caption="Relative weight change of each head (its W_Q, W_K, W_V, W_O together) and "
         "MLP; darker is more. Red squares: the fine-tune's circuit.",
     )
-    table = analysis.drift.table()
-    top = table.sort_values("weight", ascending=False).head(8)
-    report.add_table(
-        _named(
-            top[
-                [
-                    "node",
-                    "weight",
-                    "weight_q",
-                    "weight_k",
-                    "weight_v",
-                    "weight_o",
-                    "act_l2_answer",
-                    "in_circuit",
-                ]
-            ],
-            {
-                "weight": "weight change",
-                "weight_q": "W_Q",
-                "weight_k": "W_K",
-                "weight_v": "W_V",
-                "weight_o": "W_O",
-                "act_l2_answer": "output change at answer",
-                "in_circuit": "in circuit",
-            },
-        ),
-        caption="The nodes whose weights changed most (relative Frobenius change; NaN where a "
-        "part does not apply, such as W_Q of an MLP).",
-    )
     if analysis.drift.notes:
         report.add_list(list(analysis.drift.notes))
-    report.add_table(_tests(analysis), caption=_tests_caption(analysis))
     if analysis.cmap is not None:
         report.add_figure(
             plot.cmap_grid(analysis.cmap, circuit=analysis.circuit or ()),
@@ -111,39 +81,75 @@ def _one(report: HtmlReport, label: str, analysis: FineTuneAnalysis) -> None:
         )
     if analysis.cmap_reason:
         report.add_text(f"Cross-model patching: {analysis.cmap_reason}", css_class="empty")
-    report.add_table(
-        _named(
-            analysis.reuse,
-            {
-                "base_task": "base task",
-                "shared": "shared heads",
-                "heads": "which",
-                "jaccard": "head Jaccard",
-                "expected_jaccard": "chance Jaccard",
-                "p_value": "p",
-                "p_adjusted": "Holm p",
-            },
-        ),
-        caption=f"Does {label}'s {analysis.task} circuit reuse the heads of the base's circuits? "
-        "Hypergeometric P(X ≥ shared) over the model's heads, Holm-corrected over these pairs.",
-    )
-    report.add_table(
-        _named(analysis.survival, {"base": "in the base", "inside": f"inside {label}"}),
-        caption="Faithfulness of each base task's circuit, in the base and inside the fine-tune "
-        "(Prakash et al. 2024: does the mechanism survive fine-tuning?).",
-    )
+    for caption, frame in tables(label, analysis):
+        report.add_table(frame, caption=caption)
     if analysis.trajectory is not None:
-        report.add_table(
-            _trajectory_table(analysis.trajectory),
-            caption="The task's circuit along the fine-tuning run: accuracy, circuit size and "
-            "faithfulness, node Jaccard with the final circuit and head Jaccard with each base "
-            "task's circuit (– where the model did not do the task: no circuit).",
-        )
         report.add_figure(
             _trajectory_figure(analysis.trajectory, analysis.task),
             name="circuit_trajectory",
             key=label,
         )
+
+
+def tables(label: str, analysis: FineTuneAnalysis) -> list[tuple[str, pd.DataFrame]]:
+    """(caption, table) of one fine-tune's analysis, for the report and for results.md: the
+    nodes that changed most, the drift tests, the reuse of the base's circuits, their
+    survival inside the fine-tune, and the task's circuit along the run."""
+    top = analysis.drift.table().sort_values("weight", ascending=False).head(8)
+    columns = ["node", "weight", "weight_q", "weight_k", "weight_v", "weight_o"]
+    columns += ["act_l2_answer", "in_circuit"]
+    out = [
+        (
+            "The nodes whose weights changed most (relative Frobenius change; NaN where a part "
+            "does not apply, such as W_Q of an MLP).",
+            _named(
+                top[columns],
+                {
+                    "weight": "weight change",
+                    "weight_q": "W_Q",
+                    "weight_k": "W_K",
+                    "weight_v": "W_V",
+                    "weight_o": "W_O",
+                    "act_l2_answer": "output change at answer",
+                    "in_circuit": "in circuit",
+                },
+            ),
+        ),
+        (_tests_caption(analysis), _tests(analysis)),
+        (
+            f"Does {label}'s {analysis.task} circuit reuse the heads of the base's circuits? "
+            "Hypergeometric P(X ≥ shared) over the model's heads, Holm-corrected over these "
+            "pairs.",
+            _named(
+                analysis.reuse,
+                {
+                    "base_task": "base task",
+                    "shared": "shared heads",
+                    "heads": "which",
+                    "jaccard": "head Jaccard",
+                    "expected_jaccard": "chance Jaccard",
+                    "p_value": "p",
+                    "p_adjusted": "Holm p",
+                },
+            ),
+        ),
+        (
+            "Faithfulness of each base task's circuit, in the base and inside the fine-tune "
+            "(Prakash et al. 2024: does the mechanism survive fine-tuning?).",
+            _named(analysis.survival, {"base": "in the base", "inside": f"inside {label}"}),
+        ),
+    ]
+    if analysis.trajectory is not None:
+        out.append(
+            (
+                "The task's circuit along the fine-tuning run: accuracy, circuit size and "
+                "faithfulness, node Jaccard with the final circuit and head Jaccard with each "
+                "base task's circuit; where the study finds edge circuits, the same for the "
+                "EAP-IG edge circuits (– where the model did not do the task: no circuit).",
+                _trajectory_table(analysis.trajectory),
+            )
+        )
+    return out
 
 
 def _named(table: Any, names: Mapping[str, str]) -> pd.DataFrame:
@@ -174,8 +180,16 @@ def _tests_caption(analysis: FineTuneAnalysis) -> str:
 
 
 def _trajectory_table(trajectory: pd.DataFrame) -> pd.DataFrame:
-    renamed = {c: c.replace("heads_jaccard_", "heads J. ") for c in trajectory.columns}
-    renamed |= {"jaccard_final": "J. with final", "n_nodes": "nodes"}
+    renamed = {
+        c: c.replace("heads_jaccard_", "heads J. ").replace("edges_jaccard_", "edges J. ")
+        for c in trajectory.columns
+    }
+    renamed |= {
+        "jaccard_final": "J. with final",
+        "n_nodes": "nodes",
+        "n_edges": "edges",
+        "edge_jaccard_final": "edge J. with final",
+    }
     return trajectory.rename(columns=renamed)
 
 
@@ -183,6 +197,8 @@ def _trajectory_figure(trajectory: pd.DataFrame, task: str) -> go.Figure:
     fig = go.Figure()
     x = list(trajectory["point"])
     series = [("accuracy", "accuracy"), ("jaccard_final", "Jaccard with the final circuit")]
+    if "edge_jaccard_final" in trajectory.columns:
+        series.append(("edge_jaccard_final", "edge Jaccard with the final edge circuit"))
     series += [
         (c, f"head Jaccard with base {c.removeprefix('heads_jaccard_')}")
         for c in trajectory.columns

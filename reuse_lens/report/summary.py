@@ -236,6 +236,9 @@ def markdown(
                 for label, r in result.within_model.items()
             ]
         ),
+    ]
+    parts += _fine_tuning_parts(result)
+    parts += [
         "\n## Cross-task faithfulness (base circuit of the row's task, on the column's task)\n",
         _matrix(result.cross_task, "circuit"),
         "\n## Cross-model faithfulness (base circuit, inside each model, on its own task)\n",
@@ -278,6 +281,23 @@ def markdown(
         table([{"circuit": k, "nodes": c.nodes_in_order()} for k, c in result.circuits.items()]),
     ]
     return "\n".join(parts)
+
+
+def _fine_tuning_parts(result: StudyResult) -> list[str]:
+    """Each fine-tune's analysis (the report's "What fine-tuning changed"), as text and tables."""
+    from reuse_lens.report import _finetune
+
+    analyses = getattr(result, "fine_tuning", None) or {}
+    if not analyses:
+        return []
+    parts = ["\n## What fine-tuning changed\n"]
+    if result.claims:
+        parts.append("\n".join(f"- {claim}" for claim in result.claims) + "\n")
+    for label, analysis in analyses.items():
+        parts += [f"\n### {label}\n", "\n".join(f"- {s}" for s in analysis.sentences()) + "\n"]
+        for caption, frame in _finetune.tables(label, analysis):
+            parts += [f"{caption}\n", table(frame.to_dict(orient="records")), ""]
+    return parts
 
 
 _AGREEMENT = {

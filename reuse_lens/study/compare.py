@@ -39,7 +39,9 @@ class StudyRun:
 
     ``stability`` holds, per base task, the Stability of its resampled circuits, or None
     when the model did not separate the task on one of its resamples. ``edge_circuits``
-    holds each base task's EAP-IG edge circuit, when the study compares edges.
+    holds each base task's EAP-IG edge circuit, when the study compares edges, and
+    ``point_edges`` the edge circuit of a task with checkpoints at each point of its run,
+    by ``model/task``.
     ``separations`` holds, by ``model/task``, whether each model does each task.
     """
 
@@ -56,6 +58,7 @@ class StudyRun:
     stability: dict[str, Stability | None]
     start: float
     edge_circuits: dict[str, Circuit] = field(default_factory=dict)
+    point_edges: dict[str, Circuit] = field(default_factory=dict)
     separations: dict[str, Separation] = field(default_factory=dict)
 
     def circuit(self, model: str, task: str) -> Circuit | None:
@@ -187,6 +190,7 @@ def compare_circuits(run: StudyRun) -> StudyResult:
         edge_overlap=edge_overlap, fine_tuning=fine_tuning,
         claims=claims(fine_tuning, base_circuits) if fine_tuning else [],
         separations=dict(run.separations), edge_circuits=dict(run.edge_circuits),
+        point_edges=dict(run.point_edges),
     )  # fmt: skip
 
 

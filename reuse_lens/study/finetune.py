@@ -109,6 +109,14 @@ class FineTuneAnalysis:
         top = self.drift.most_changed(k)
         return top, [n for n in top if self.circuit is not None and n in self.circuit]
 
+    def _needs_both(self) -> bool:
+        """Whether neither the nodes' outputs nor the unembedding carry the gain alone, but
+        together they do (a skill whose answer tokens the base never had to predict)."""
+        both = self.weight_recovery.get("nodes+unembed")
+        if both is None or self.all_recovery is None:
+            return False
+        return max(self.all_recovery, self.weight_recovery.get("unembed", 0.0)) < 0.5 <= both
+
     def headline(self) -> str:
         """One sentence for the report's opening answer."""
         if self.new_skill:
@@ -153,7 +161,7 @@ class FineTuneAnalysis:
                     f"; the gain needs both its new node outputs and its new unembedding "
                     f"(the unembedding alone {self.weight_recovery['unembed']:.0%}, with every "
                     f"head and MLP {self.weight_recovery['nodes+unembed']:.0%})"
-                    if self.all_recovery < 0.5 and "nodes+unembed" in self.weight_recovery
+                    if self._needs_both()
                     else ""
                 )
             )
@@ -233,24 +241,28 @@ class FineTuneAnalysis:
             text += f"; its whole circuit at once {self.circuit_recovery:.0%}"
         if self.all_recovery is not None:
             text += f"; every head and MLP at once {self.all_recovery:.0%}"
-            embed = self.drift.model.get("embed", math.nan)
-            if self.all_recovery < 0.5 and math.isfinite(embed):
-                heads = max(
-                    (float(r["weight"]) for r in self.drift.rows if r["kind"] == "head"),
-                    default=math.nan,
-                )
-                text += (
-                    f", so most of the gain lies in weights no node holds: the token "
-                    f"embeddings changed {embed:.1%} (the most changed head {heads:.1%})"
-                )
         if self.weight_recovery:
             names = {"unembed": "unembedding", "embed": "token embeddings", "norms": "norms"}
-            text += "; swapped into the base alone, the fine-tune's " + ", ".join(
-                f"{names[k]} recover {v:.0%}" for k, v in self.weight_recovery.items() if k in names
+            text += "; swapped into the base alone, its " + ", its ".join(
+                f"{names[k]} {v:.0%}" for k, v in self.weight_recovery.items() if k in names
             )
             both = self.weight_recovery.get("nodes+unembed")
             if both is not None:
-                text += f"; every head and MLP with the unembedding recover {both:.0%}"
+                text += f"; every head and MLP together with its unembedding {both:.0%}"
+                if self._needs_both():
+                    text += " (the gain needs the new node outputs and the new readout together)"
+        elif self.all_recovery is not None and self.all_recovery < 0.5:
+            # On the hook engine no weight can be swapped: say where the change is instead.
+            embed = self.drift.model.get("embed", math.nan)
+            heads = max(
+                (float(r["weight"]) for r in self.drift.rows if r["kind"] == "head"),
+                default=math.nan,
+            )
+            if math.isfinite(embed):
+                text += (
+                    ", so most of the gain lies in weights no node holds (the token "
+                    f"embeddings changed {embed:.1%}, the most changed head {heads:.1%})"
+                )
         if self.cmap_reverse is not None:
             lost = sorted(self.cmap_reverse.as_dict().items(), key=lambda kv: kv[1])[:3]
             text += (
@@ -431,7 +443,7 @@ def _survival(run: StudyRun, label: str, base_circuits: Mapping[str, Circuit]) -
     )
 
 
-def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+def _jaccard(a: frozenset[Any], b: frozenset[Any]) -> float:
     union = a | b
     return len(a & b) / len(union) if union else math.nan
 
@@ -454,6 +466,8 @@ def _trajectory(
     ]
     points.append((label, run.config.fine_tuned[task]))
     final_nodes = None if final is None else frozenset(final.nodes)
+    final_edges = _edges(run.point_edges.get(f"{label}/{task}"))
+    base_edges = {t: _edges(c) for t, c in run.edge_circuits.items() if t in base_circuits}
     rows = []
     faith = {row["key"]: row["faithfulness"] for row in run.rows}
     for point, spec in points:
@@ -466,16 +480,29 @@ def _trajectory(
             "accuracy": _accuracy(run, point, task),
             "n_nodes": math.nan if nodes is None else len(nodes),
             "faithfulness": faith.get(f"{point}/{task}/{run.config.methods[0]}", math.nan),
-            "jaccard_final": math.nan
-            if nodes is None or final_nodes is None
-            else _jaccard(nodes, final_nodes),
+            "jaccard_final": _jaccard_or_nan(nodes, final_nodes),
         }
         for name, other in base_circuits.items():
-            row[f"heads_jaccard_{name}"] = (
-                math.nan if heads is None else _jaccard(heads, frozenset(other.heads))
-            )
+            row[f"heads_jaccard_{name}"] = _jaccard_or_nan(heads, frozenset(other.heads))
+        if run.config.edge_overlap:
+            # Edge circuits (EAP-IG) of the same points, against the final one and the
+            # base tasks' edge circuits: a shared head can be wired in differently.
+            edges = _edges(run.point_edges.get(f"{point}/{task}"))
+            row["n_edges"] = math.nan if edges is None else len(edges)
+            row["edge_jaccard_final"] = _jaccard_or_nan(edges, final_edges)
+            for name, other_edges in base_edges.items():
+                row[f"edges_jaccard_{name}"] = _jaccard_or_nan(edges, other_edges)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _edges(circuit: Circuit | None) -> frozenset[Any] | None:
+    return None if circuit is None else frozenset(circuit.edges)
+
+
+def _jaccard_or_nan(a: frozenset[Any] | None, b: frozenset[Any] | None) -> float:
+    """Jaccard of two sets; NaN where either point had no circuit (it did not do the task)."""
+    return math.nan if a is None or b is None else _jaccard(a, b)
 
 
 def claims(

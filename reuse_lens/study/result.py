@@ -64,6 +64,10 @@ class StudyResult:
     """Circuit files in ``out/circuits`` that are not this study's (an earlier study's)."""
     separations: dict[str, Separation] = field(default_factory=dict)
     edge_circuits: dict[str, Circuit] = field(default_factory=dict)
+    """Each base task's EAP-IG edge circuit, by task (``StudyConfig.edge_overlap``)."""
+    point_edges: dict[str, Circuit] = field(default_factory=dict)
+    """The edge circuit of a task with checkpoints at each point of its fine-tuning run
+    (checkpoints and fine-tune), by ``model/task``."""
 
     @property
     def refused(self) -> dict[str, Separation]:
@@ -74,18 +78,22 @@ class StudyResult:
     @property
     def n_circuit_files(self) -> int:
         """How many circuit files the study has under ``circuits/``: node and edge circuits."""
-        return len(self.circuits) + len(self.edge_circuits)
+        return len(self.circuits) + len(self.edge_circuits) + len(self.point_edges)
 
 
 def refused_pairs(
     skipped: Mapping[str, str], separations: Mapping[str, Separation]
 ) -> dict[str, Separation]:
     """The failed separation tests, by ``model/task``, of the circuits in ``skipped``
-    (keys ``model/task/method``, or ``edges/task`` for the base model's edge circuit)."""
+    (keys ``model/task/method``, or ``edges/task[/model]`` for an edge circuit, of the base
+    model when no model is named)."""
     pairs = []
     for key in skipped:
-        first, second, *_ = key.split("/")
-        pairs.append(f"base/{second}" if first == "edges" else f"{first}/{second}")
+        first, second, *rest = key.split("/")
+        if first == "edges":
+            pairs.append(f"{rest[0] if rest else 'base'}/{second}")
+        else:
+            pairs.append(f"{first}/{second}")
     return {
         pair: separations[pair]
         for pair in dict.fromkeys(pairs)

@@ -120,7 +120,7 @@ def _run_study(
     start = time.perf_counter()
     jobs = _jobs(config)
     boot = config.tasks if config.n_boot >= 2 else ()
-    edge_jobs = [f"{EDGES}/{t}" for t in config.tasks] if config.edge_overlap else []
+    edge_jobs = _edge_jobs(config)
     # One bar for the study: loading and evaluating, each discovery, resample and
     # measurement, and the comparisons. A skipped discovery takes its measurement off.
     total = 2 + 2 * len(jobs) + len(edge_jobs) + len(boot) * config.n_boot
@@ -128,8 +128,15 @@ def _run_study(
     with bar:
         driver = _Driver(config, Store(out), executor, bar)
         circuits, skipped, found = driver.find([*jobs, *edge_jobs], boot)
-        edge_circuits = {key.split("/")[1]: circuits.pop(key) for key in edge_jobs
-                         if key in circuits}  # fmt: skip
+        edge_circuits: dict[str, Circuit] = {}
+        point_edges: dict[str, Circuit] = {}
+        for key in edge_jobs:
+            if key in circuits:
+                model_label, task_name, _, _ = _parts(key)
+                if model_label == "base":
+                    edge_circuits[task_name] = circuits.pop(key)
+                else:
+                    point_edges[f"{model_label}/{task_name}"] = circuits.pop(key)
         measured = driver.measure(circuits)
         bar.set_postfix_str("comparing circuits")
         run = StudyRun(
@@ -139,7 +146,8 @@ def _run_study(
             curves={key: measured[key].curve for key in circuits},
             rows=[_row(key, c, measured[key]) for key, c in circuits.items()],
             stability=_stability(config, boot, found), start=start,
-            edge_circuits=edge_circuits, separations=driver.separations,
+            edge_circuits=edge_circuits, point_edges=point_edges,
+            separations=driver.separations,
         )  # fmt: skip
         with hidden_bars():
             result = compare_circuits(run)
@@ -322,8 +330,24 @@ class _Driver:
 
 
 EDGES = "edges"
-"""The first part of an edge circuit's key, ``edges/<task>``: each base task's EAP-IG edge
-circuit, which the study compares edge by edge (``StudyConfig.edge_overlap``)."""
+"""The first part of an edge circuit's key: ``edges/<task>`` for each base task's EAP-IG edge
+circuit, which the study compares edge by edge (``StudyConfig.edge_overlap``), and
+``edges/<task>/<model>`` for the task's edge circuit at a point of its fine-tuning run."""
+
+
+def _edge_jobs(config: StudyConfig) -> list[str]:
+    """The key of every edge circuit the study finds: each base task's and, for a task with
+    checkpoints, the task's at each checkpoint and in its fine-tune (Wang et al. 2025 follow
+    node and edge overlap along the run)."""
+    if not config.edge_overlap:
+        return []
+    from reuse_lens.study.finetune import checkpoint_label
+
+    jobs = [f"{EDGES}/{t}" for t in config.tasks]
+    for task, specs in config.checkpoints.items():
+        points = [checkpoint_label(task, spec, i) for i, spec in enumerate(specs, 1)]
+        jobs += [f"{EDGES}/{task}/{label}" for label in [*points, f"ft-{task}"]]
+    return jobs
 
 
 def _check_shapes(config: StudyConfig, models: Mapping[str, TransformerBridge]) -> None:
@@ -359,7 +383,7 @@ def _parts(key: str) -> tuple[str, str, str, str]:
     """A discovery's (model label, task, method, level) from its key."""
     first, *rest = key.split("/")
     if first == EDGES:
-        return "base", rest[0], "eap-ig", "edge"
+        return (rest[1] if len(rest) > 1 else "base"), rest[0], "eap-ig", "edge"
     return first, rest[0], rest[1], "node"
 
 
