@@ -61,6 +61,12 @@ def test_the_analysis_holds_drift_cmap_reuse_survival_and_trajectory(result: Any
     assert analysis.all_recovery < 0.2 and analysis.weight_recovery["unembed"] < 0.2
     assert analysis.weight_recovery["nodes+unembed"] > 0.8
     assert "needs both its new node outputs and its new unembedding" in analysis.headline()
+    # Reverting a node to the base inside the fine-tune: a positive share is gain taken
+    # away, so the sentence names the nodes with the largest shares, not the smallest.
+    reverse = analysis.cmap_reverse.as_dict()
+    most = max(reverse, key=lambda n: reverse[n])
+    assert reverse[most] > 0.1
+    assert f"inside the fine-tune, {most} takes away {reverse[most]:.0%}" in analysis.sentences()[2]
     # The reuse table compares the new circuit with each base task's circuit, Holm over them.
     assert list(analysis.reuse["base_task"]) == ["ioi", "sva"]
     assert (analysis.reuse["p_adjusted"] >= analysis.reuse["p_value"]).all()

@@ -75,9 +75,10 @@ def _one(report: HtmlReport, label: str, analysis: FineTuneAnalysis) -> None:
             name="cmap_grid",
             key=f"{label}/reverse",
             caption="The other direction: each node's base output patched into the fine-tune, as "
-            "a share of the gap (negative: reverting the node takes that share of the gain "
-            "away). It shows which nodes the fine-tune's new computation runs through, even "
-            "where the gain is read out by weights no node holds.",
+            "a share of the gap between them (blue: reverting the node takes that share of the "
+            "gain away; red: reverting it raises the fine-tune's metric). It shows which nodes "
+            "the fine-tune's new computation runs through, even where the gain is read out by "
+            "weights no node holds.",
         )
     if analysis.cmap_reason:
         report.add_text(f"Cross-model patching: {analysis.cmap_reason}", css_class="empty")

@@ -264,10 +264,12 @@ class FineTuneAnalysis:
                     f"embeddings changed {embed:.1%}, the most changed head {heads:.1%})"
                 )
         if self.cmap_reverse is not None:
-            lost = sorted(self.cmap_reverse.as_dict().items(), key=lambda kv: kv[1])[:3]
+            # base_into_tuned: a positive share moves the fine-tune back towards the base,
+            # so the largest shares are the nodes whose change carries the gain.
+            lost = sorted(self.cmap_reverse.as_dict().items(), key=lambda kv: -kv[1])[:3]
             text += (
                 ". Reverted one at a time to the base inside the fine-tune, "
-                + ", ".join(f"{n} takes away {-v:.0%}" for n, v in lost)
+                + ", ".join(f"{n} takes away {v:.0%}" for n, v in lost)
                 + " of the gain"
             )
         return text + "."
