@@ -37,7 +37,9 @@ from torch import Tensor
 from reuse_lens._io import write_text_atomic
 from reuse_lens._memory import MemoryBudget, resolve_budget
 from reuse_lens.compare._drift_stats import DriftTest, drift_tests
-from reuse_lens.compare._model_pair import check_pair_of_models, label, read_weights
+from reuse_lens.compare._drift_weights import NORMS as _NORMS
+from reuse_lens.compare._drift_weights import LayerParts, NodeWeights, node_weights
+from reuse_lens.compare._model_pair import check_pair_of_models, label
 from reuse_lens.compare._stats import CORRECTIONS, Correction, adjust_p_values, plain
 from reuse_lens.nodes import MLP, AttentionHead, ModelShape, parse_node
 
@@ -46,8 +48,7 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
     from reuse_lens.circuits.circuit import Circuit
-    from reuse_lens.patching._common import Prepared
-    from reuse_lens.patching._forward import Layer, Weights
+    from reuse_lens.patching._common import Engine, Prepared
     from reuse_lens.tasks.task import Task
 
 __all__ = [
@@ -78,7 +79,6 @@ _COLUMNS = (
     "in_circuit",
 )
 N_PERMUTATIONS = 10_000
-_NORMS = ("ln1", "ln2", "attn_post", "mlp_post", "q_norm", "k_norm")
 
 
 @dataclass(frozen=True, eq=False)
@@ -270,6 +270,7 @@ def component_drift(
     correction: Correction = "holm",
     n_permutations: int = N_PERMUTATIONS,
     seed: int = 0,
+    engine: Engine = "auto",
     memory_budget: MemoryBudget = None,
 ) -> DriftReport:
     """How much each head and MLP of ``tuned`` differs from ``base``.
@@ -285,6 +286,10 @@ def component_drift(
             ``"bh"``, ``"bonferroni"`` or ``"none"``).
         n_permutations: permutations of each test.
         seed: the permutations' seed; the same seed gives the same p-values.
+        engine: ``"auto"`` reads the weights through the model's architecture adapter and
+            runs the functional forward where they reproduce the model, and otherwise the
+            bridge's per-head weights and hooks; ``"functional"`` or ``"hooks"`` forces
+            one. The two agree (a test compares them).
         memory_budget: bytes (or ``"2GiB"``) the two models' runs may hold at once; the
             prompts are taken in parts when they do not fit (docs/scale.md).
 
@@ -294,7 +299,8 @@ def component_drift(
     Raises:
         ModelPairError: for models of different architecture, shape or size.
         TaskError: for a task built for another vocabulary.
-        UnsupportedArchitectureError: for an architecture whose weights no adapter reads.
+        UnsupportedArchitectureError: for an architecture whose weights neither an adapter
+            nor the bridge reads per head and MLP (``engine="functional"``: no adapter).
     """
     base_model, tuned_model, shape = check_pair_of_models(base, tuned)
     if correction not in CORRECTIONS:
@@ -305,25 +311,44 @@ def component_drift(
         or n_permutations < 1
     ):
         raise ValueError(f"n_permutations must be a positive int, got {n_permutations!r}")
+    if engine not in ("auto", "functional", "hooks"):
+        raise ValueError(f"unknown engine {engine!r}: choose 'auto', 'functional' or 'hooks'")
     members = _circuit_nodes(circuit, shape)
+    via = {"auto": "auto", "functional": "adapter", "hooks": "bridge"}[engine]
     with torch.no_grad():
-        w_base, w_tuned = read_weights(base_model), read_weights(tuned_model)
+        w_base, w_tuned = node_weights(base_model, via=via), node_weights(tuned_model, via=via)
         rows = _weight_rows(w_base, w_tuned, shape)
         layers = [_layer_norms(a, b) for a, b in zip(w_base.layers, w_tuned.layers, strict=True)]
-        model_row = _model_row(w_base, w_tuned)
+        model_row = {
+            name: _relative(list(zip(w_base.model[name], w_tuned.model[name], strict=True)))
+            for name in w_base.model
+        }
         if task is not None:
-            _add_activations(rows, base_model, tuned_model, task, shape, memory_budget)
+            # The bridge's weights go with the hook engine; an adapter's with "auto", which
+            # still falls back to hooks where its forward does not reproduce the model.
+            run_on = "hooks" if w_base.source == "bridge" else engine
+            _add_activations(rows, base_model, tuned_model, task, shape, run_on, memory_budget)
     for row in rows:
         row["in_circuit"] = None if members is None else row["node"] in members
     tests = drift_tests(rows, members, shape, n_permutations, seed, has_task=task is not None)
     adjusted = adjust_p_values([t.p_value for t in tests], correction)
     tests = [_with(t, p_adjusted=p) for t, p in zip(tests, adjusted, strict=True)]
     notes = []
-    if w_base.spec.n_kv_heads is not None and w_base.spec.n_kv_heads < shape.n_heads:
+    if w_base.n_kv_heads is not None and w_base.n_kv_heads < shape.n_heads:
         notes.append(
-            f"Grouped-query attention ({w_base.spec.n_kv_heads} key/value heads for "
+            f"Grouped-query attention ({w_base.n_kv_heads} key/value heads for "
             f"{shape.n_heads} query heads): each head's W_K and W_V change is its group's, "
             "shared by every query head of the group."
+        )
+    if any("experts" in layer.mlp for layer in w_base.layers):
+        notes.append(
+            "Mixture-of-experts MLPs: an MLP's weight change is that of its router and every "
+            "expert together; its in, gate and out columns are empty."
+        )
+    if w_base.source == "bridge":
+        notes.append(
+            "No architecture adapter reads this family: the weights are TransformerLens's "
+            "per-head matrices and the outputs are read through hooks."
         )
     return DriftReport(
         base=label(base_model),
@@ -337,7 +362,7 @@ def component_drift(
         tests=tuple(tests),
         correction=correction,
         notes=tuple(notes),
-        settings={"n_permutations": n_permutations, "seed": seed},
+        settings={"n_permutations": n_permutations, "seed": seed, "weights": w_base.source},
     )
 
 
@@ -391,35 +416,14 @@ def _relative(pairs: Sequence[tuple[Tensor | None, Tensor | None]]) -> float:
     return math.inf if size == 0 else math.sqrt(change / size)
 
 
-def _head_slices(layer: Layer, head: int, d_head: int) -> dict[str, tuple[Tensor, Tensor | None]]:
-    cols = slice(head * d_head, (head + 1) * d_head)
-    return {
-        "q": (layer.w_q[:, cols], layer.b_q[cols]),
-        "k": (layer.w_k[:, cols], layer.b_k[cols]),
-        "v": (layer.w_v[:, cols], layer.b_v[cols]),
-        "o": (layer.w_o[cols, :], None),
-    }
-
-
-def _mlp_parts(layer: Layer) -> dict[str, tuple[Tensor | None, Tensor | None]]:
-    return {
-        "in": (layer.w_in, layer.b_in),
-        "gate": (layer.w_gate, layer.b_gate),
-        "out": (layer.w_out, layer.b_out),
-    }
-
-
-def _weight_rows(base: Weights, tuned: Weights, shape: ModelShape) -> list[dict[str, Any]]:
+def _weight_rows(base: NodeWeights, tuned: NodeWeights, shape: ModelShape) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for index, (a, b) in enumerate(zip(base.layers, tuned.layers, strict=True)):
         for head in range(shape.n_heads):
-            sa, sb = _head_slices(a, head, base.d_head), _head_slices(b, head, tuned.d_head)
             node = AttentionHead(index, head).name
-            rows.append(_row(node, "head", index, head, sa, sb, HEAD_WEIGHTS))
+            rows.append(_row(node, "head", index, head, a.heads[head], b.heads[head], HEAD_WEIGHTS))
         if shape.has_mlps:
-            rows.append(
-                _row(MLP(index).name, "mlp", index, None, _mlp_parts(a), _mlp_parts(b), MLP_WEIGHTS)
-            )
+            rows.append(_row(MLP(index).name, "mlp", index, None, a.mlp, b.mlp, MLP_WEIGHTS))
     return rows
 
 
@@ -428,46 +432,28 @@ def _row(
     kind: str,
     layer: int,
     head: int | None,
-    parts_a: Mapping[str, tuple[Tensor | None, Tensor | None]],
-    parts_b: Mapping[str, tuple[Tensor | None, Tensor | None]],
+    parts_a: Mapping[str, tuple[Tensor | None, ...]],
+    parts_b: Mapping[str, tuple[Tensor | None, ...]],
     keys: Sequence[str],
 ) -> dict[str, Any]:
-    """One node's row: each part's relative change (``weight_<part>``), and all together."""
+    """One node's row: each part's relative change (``weight_<part>``), and all its parts
+    together (a mixture of experts' router and experts too, which have no column)."""
     row: dict[str, Any] = dict.fromkeys(_COLUMNS, math.nan)
     row.update(node=node, kind=kind, layer=layer, head=head)
     every = []
-    for key in keys:
-        pairs = list(zip(parts_a[key], parts_b[key], strict=True))
-        row[f"weight_{key}"] = _relative(pairs)
+    for key, part in parts_a.items():
+        pairs = list(zip(part, parts_b[key], strict=True))
+        if key in keys:
+            row[f"weight_{key}"] = _relative(pairs)
         every += pairs
     row["weight"] = _relative(every)
     return row
 
 
-def _norm_pairs(norm: Any) -> list[Tensor | None]:
-    return [None, None] if norm is None else [norm.weight, norm.bias]
-
-
-def _layer_norms(a: Layer, b: Layer) -> dict[str, float]:
-    out = {
-        name: _relative(
-            list(zip(_norm_pairs(getattr(a, name)), _norm_pairs(getattr(b, name)), strict=True))
-        )
-        for name in _NORMS
-    }
+def _layer_norms(a: LayerParts, b: LayerParts) -> dict[str, float]:
+    out = {name: _relative(list(zip(a.norms[name], b.norms[name], strict=True))) for name in _NORMS}
     out["b_o"] = _relative([(a.b_o, b.b_o)])
     return out
-
-
-def _model_row(a: Weights, b: Weights) -> dict[str, float]:
-    return {
-        "embed": _relative([(a.w_e, b.w_e)]),
-        "positions": _relative([(a.w_pos, b.w_pos)]),
-        "final_norm": _relative(
-            list(zip(_norm_pairs(a.ln_final), _norm_pairs(b.ln_final), strict=True))
-        ),
-        "unembed": _relative([(a.w_u, b.w_u), (a.b_u, b.b_u)]),
-    }
 
 
 # ---- activations -----------------------------------------------------------------------------
@@ -479,6 +465,7 @@ def _add_activations(
     tuned: TransformerBridge,
     task: Task,
     shape: ModelShape,
+    engine: Engine,
     memory_budget: MemoryBudget,
 ) -> None:
     """Fill the activation columns of ``rows``: sums over prompts part by part, then means."""
@@ -486,8 +473,9 @@ def _add_activations(
 
     budget = resolve_budget(memory_budget, base.cfg.device)
     # Each model's part holds its own runs; two models share the budget.
-    prep_b = prepare(base, task, None, engine="functional", budget=budget // 2)
-    prep_t = prepare(tuned, task, None, engine="functional", budget=budget // 2)
+    prep_b = prepare(base, task, None, engine=engine, budget=budget // 2)
+    prep_t = prepare(tuned, task, None, engine=engine, budget=budget // 2)
+    functional = prep_b.weights is not None and prep_t.weights is not None
     spans = prep_b.spans() if len(prep_b.spans()) >= len(prep_t.spans()) else prep_t.spans()
     n_layers, n_heads = shape.n_layers, shape.n_heads
     totals = {
@@ -498,25 +486,18 @@ def _add_activations(
     n_positions = 0
     for span in spans:
         part_b, part_t = _part(prep_b, span), _part(prep_t, span)
-        run_b, run_t = part_b.run("clean"), part_t.run("clean")
-        assert part_b.weights is not None and part_t.weights is not None
         answer = part_b.answer_pos
         real = _real_positions(answer, int(part_b.clean.shape[1]))
         n_positions += int(real.sum())
-        for layer in range(n_layers):
-            out_b = part_b.weights.head_out(layer, run_b.z[layer])
-            out_t = part_t.weights.head_out(layer, run_t.z[layer])
-            totals["head"][:4, layer] += _change_sums(out_b, out_t, answer, real)
-            totals["head"][4, layer] += _pattern_tv_sum(
-                run_b.pattern[layer], run_t.pattern[layer], real
-            )
-            if shape.has_mlps:
-                stats = _change_sums(
-                    run_b.mlp_out[layer].unsqueeze(2),
-                    run_t.mlp_out[layer].unsqueeze(2),
-                    answer,
-                    real,
-                )
+        outs_b = _node_outputs(part_b, functional, shape)
+        outs_t = _node_outputs(part_t, functional, shape)
+        for layer, ((head_b, pat_b, mlp_b), (head_t, pat_t, mlp_t)) in enumerate(
+            zip(outs_b, outs_t, strict=True)
+        ):
+            totals["head"][:4, layer] += _change_sums(head_b, head_t, answer, real)
+            totals["head"][4, layer] += _pattern_tv_sum(pat_b, pat_t, real)
+            if mlp_b is not None and mlp_t is not None:
+                stats = _change_sums(mlp_b.unsqueeze(2), mlp_t.unsqueeze(2), answer, real)
                 totals["mlp"][:, layer] += stats[:, 0]
         part_b.runs.clear()
         part_t.runs.clear()
@@ -530,6 +511,42 @@ def _add_activations(
             values = totals["mlp"][:, layer]
         for i, (column, count) in enumerate(zip(ACTIVATIONS, denominators, strict=True)):
             row[column] = float(values[i]) / count
+
+
+Outputs = list[tuple[Tensor, Tensor, Tensor | None]]
+"""Per layer: each head's output (batch, pos, head, d_model), the attention pattern
+(batch, head, q, k) and the MLP's output (batch, pos, d_model), None without MLPs."""
+
+
+def _node_outputs(part: Prepared, functional: bool, shape: ModelShape) -> Outputs:
+    """Each node's output on a part's clean prompts: from the functional forward's run, or
+    from the bridge's hooks (a head's is its ``hook_z`` slice times its ``W_O``, read before
+    any post-norm or scale, as the functional engine reads it)."""
+    if functional:
+        assert part.weights is not None
+        run = part.run("clean")
+        return [
+            (
+                part.weights.head_out(layer, run.z[layer]),
+                run.pattern[layer],
+                run.mlp_out[layer] if shape.has_mlps else None,
+            )
+            for layer in range(shape.n_layers)
+        ]
+    model = part.model
+    names = set()
+    for layer in range(shape.n_layers):
+        names |= {f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.attn.hook_pattern"}
+        if shape.has_mlps:
+            names.add(f"blocks.{layer}.hook_mlp_out")
+    _, cache = model.run_with_cache(part.clean, names_filter=lambda n: n in names)
+    out: Outputs = []
+    for layer, block in enumerate(model.blocks):  # type: ignore[arg-type]
+        z = cache[f"blocks.{layer}.attn.hook_z"]
+        heads = torch.einsum("bphd,hdm->bphm", z, block.attn.W_O.detach().to(z.dtype))
+        mlp = cache[f"blocks.{layer}.hook_mlp_out"] if shape.has_mlps else None
+        out.append((heads, cache[f"blocks.{layer}.attn.hook_pattern"], mlp))
+    return out
 
 
 def _part(prep: Prepared, span: slice) -> Prepared:

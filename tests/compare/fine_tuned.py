@@ -40,14 +40,20 @@ def module(hf: Any, path: str) -> Any:
     return out
 
 
+_NOT_IN_A_NODE = ("embed", "wte", "wpe", "lm_head", "position", "shared")
+"""Parameter names of the embeddings and the unembedding: matrices no head or MLP holds."""
+
+
 def noise_everywhere(scale: float, seed: int) -> Callable[[Any], None]:
     """An edit that adds Gaussian noise of relative size ``scale`` to every head and MLP
-    matrix (attention projections and MLP weights), nothing else."""
+    matrix (every matrix of the decoder layers, whatever the family calls it: ``c_attn``,
+    ``fc1``, ``dense_h_to_4h``, an expert's stacked weights), nothing else: norms and
+    biases are vectors, and the embeddings and unembedding are left alone."""
 
     def edit(hf: Any) -> None:
         gen = torch.Generator().manual_seed(seed)
         for name, p in hf.named_parameters():
-            if p.dim() == 2 and any(k in name for k in ("attn", "attention", "mlp")):
+            if p.dim() >= 2 and not any(k in name for k in _NOT_IN_A_NODE):
                 noise = torch.randn(p.shape, generator=gen) * p.std() * scale
                 p.add_(noise)
 

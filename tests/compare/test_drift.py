@@ -12,7 +12,7 @@ import torch
 
 import reuse_lens as rl
 from reuse_lens.compare._model_pair import ModelPairError
-from tests.archs import ARCHS, expand_kv, save_arch
+from tests.archs import FUNCTIONAL, HOOKS_ONLY, REFUSED, expand_kv, save_arch
 from tests.compare.fine_tuned import edited, module, noise_everywhere
 from tests.patching.helpers import random_task
 
@@ -178,18 +178,84 @@ def test_models_of_another_shape_or_vocabulary_are_refused(
         rl.component_drift("gpt2", base)  # type: ignore[arg-type]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in ARCHS if n != "mamba"])
-def test_drift_runs_on_every_family(tmp_path: Path, word_tokenizer: Any, name: str) -> None:
-    folder = save_arch(name, tmp_path / name, word_tokenizer)
+def _drift_both_ways(folder: Path, seed: int = 1) -> tuple[Any, Any]:
+    """One planted fine-tune's report through the adapter and the functional forward, and
+    through the bridge's weights and hooks."""
+    base = rl.load_model(folder)
+    tuned = edited(folder, noise_everywhere(0.1, seed))
+    task = random_task(base, n=3, width=5)
+    reports = [
+        rl.component_drift(base, tuned, task, circuit=["a0.h1", "m1"], engine=engine)
+        for engine in ("functional", "hooks")
+    ]
+    return reports[0], reports[1]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gpt_neox"])
+def test_the_bridge_reader_and_hooks_equal_the_adapter_and_functional_forward(
+    tmp_path: Path, word_tokenizer: Any, name: str
+) -> None:
+    # Families no adapter reads go through the bridge's per-head weights and hooks; where
+    # both paths exist they must give the same report, weights exactly.
+    fast, slow = _drift_both_ways(save_arch(name, tmp_path / name, word_tokenizer))
+    assert fast.settings["weights"] == "adapter" and slow.settings["weights"] == "bridge"
+    a, b = fast.table(), slow.table()
+    weights = [c for c in a.columns if c.startswith("weight")]
+    np.testing.assert_allclose(a[weights].to_numpy(float), b[weights].to_numpy(float), rtol=1e-6)
+    activations = ["act_cos_answer", "act_l2_answer", "act_cos_all", "act_l2_all", "attn_tv"]
+    np.testing.assert_allclose(
+        a[activations].to_numpy(float), b[activations].to_numpy(float), rtol=1e-4, atol=1e-6
+    )
+    # An adapter holds an absent attention output bias as zeros (0.0: unchanged), the
+    # bridge has none (NaN); every norm must agree.
+    norms = [c for c in fast.layer_table().columns if c != "b_o"]
+    np.testing.assert_allclose(
+        fast.layer_table()[norms].to_numpy(float),
+        slow.layer_table()[norms].to_numpy(float),
+        rtol=1e-6,
+    )
+    assert dict(fast.model) == pytest.approx(dict(slow.model), rel=1e-6, nan_ok=True)
+    assert (
+        fast.notes == slow.notes[: len(fast.notes)] and "No architecture adapter" in slow.notes[-1]
+    )
+
+
+def _runs_and_is_zero_on_itself(folder: Path) -> None:
     base = rl.load_model(folder)
     tuned = edited(folder, noise_everywhere(0.1, 1))
     task = random_task(base, n=3, width=5)
-    report = rl.component_drift(base, tuned, task)
-    table = report.table()
+    table = rl.component_drift(base, tuned, task).table()
     assert (table["weight"] > 0).all() and np.isfinite(table["act_l2_answer"]).all()
-    same = rl.component_drift(base, base, task).table()["weight"]
-    assert (same == 0).all()
+    assert (table["act_l2_answer"] > 0).all()
+    same = rl.component_drift(base, base, task).table()
+    assert (same["weight"] == 0).all() and (same["act_l2_answer"] == 0).all()
+
+
+def test_drift_runs_through_the_bridge_on_a_family_no_adapter_reads(
+    tmp_path: Path, word_tokenizer: Any
+) -> None:
+    folder = save_arch("glm", tmp_path / "glm", word_tokenizer)
+    _runs_and_is_zero_on_itself(folder)
+    base = rl.load_model(folder)
+    with pytest.raises(rl.UnsupportedArchitectureError, match="adapter"):
+        rl.component_drift(base, base, engine="functional")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*FUNCTIONAL, *HOOKS_ONLY])
+def test_drift_runs_on_every_family(tmp_path: Path, word_tokenizer: Any, name: str) -> None:
+    _runs_and_is_zero_on_itself(save_arch(name, tmp_path / name, word_tokenizer))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_drift_refuses_what_no_method_covers(
+    tmp_path: Path, word_tokenizer: Any, name: str
+) -> None:
+    folder = save_arch(name, tmp_path / name, word_tokenizer)
+    base = rl.load_model(folder)
+    with pytest.raises(rl.UnsupportedArchitectureError):
+        rl.component_drift(base, base)
 
 
 def test_zoo_fine_tune_drifts_little_and_uniformly() -> None:
