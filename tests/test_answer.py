@@ -61,3 +61,36 @@ def test_one_circuit_and_edges() -> None:
         "other q/k/v inputs and 1 through the same inputs from other senders, e.g. a1.h0 in "
         "A (q) and B (k)."
     )
+
+
+def test_says_whether_a_pair_survives_without_layer_0() -> None:
+    first = [f"a0.h{head}" for head in range(8)]
+    far = Circuit.from_nodes([f"a3.h{head}" for head in range(8)], SHAPE)
+    # x and y share all of layer 0 and nothing after it: the later layers carry no reuse.
+    rep = compare(
+        {
+            "x": Circuit.from_nodes([*first, "a1.h0", "a2.h0"], SHAPE),
+            "y": Circuit.from_nodes([*first, "a1.h1", "a2.h1"], SHAPE),
+            "z": far,
+        }
+    )
+    lines = answer(rep)
+    assert lines[0].startswith("Heads: of the 3 pairs, one pair shares more than chance")
+    assert lines[1].startswith(
+        "Most heads those pairs share are in layer 0 (8 of 8). Over the heads of layers 1 to 3 "
+        "only, none still does; the strongest is x and y (shared none;"
+    )
+    # Six shared heads after layer 0 survive on their own.
+    later = [f"a1.h{head}" for head in range(6)]
+    both = Circuit.from_nodes([*first, *later], SHAPE)
+    lines = answer(compare({"x": both, "y": both}))
+    assert lines[1].startswith(
+        "Most heads those pairs share are in layer 0 (8 of 14). Over the heads of layers 1 to 3 "
+        "only, it still does: x and y (shared a1.h0, a1.h1, a1.h2, a1.h3, a1.h4, a1.h5;"
+    )
+    # Shared heads mostly after layer 0: no sentence.
+    only_later = Circuit.from_nodes(later, SHAPE)
+    assert not any(
+        line.startswith("Most heads")
+        for line in answer(compare({"x": only_later, "y": only_later}))
+    )

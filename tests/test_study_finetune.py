@@ -70,6 +70,15 @@ def test_the_analysis_holds_drift_cmap_reuse_survival_and_trajectory(result: Any
     # The reuse table compares the new circuit with each base task's circuit, Holm over them.
     assert list(analysis.reuse["base_task"]) == ["ioi", "sva"]
     assert (analysis.reuse["p_adjusted"] >= analysis.reuse["p_value"]).all()
+    # The same test over the heads after layer 0, which many circuits hold whatever the task.
+    reuse = analysis.reuse.set_index("base_task")
+    assert (reuse["p_later_adjusted"] >= reuse["p_later"]).all()
+    assert (reuse["shared_later"] <= reuse["shared"]).all()
+    for task, row in reuse.iterrows():
+        later = [
+            h for h in row["heads"].split(", ") if h.startswith("a") and not h.startswith("a0.")
+        ]
+        assert row["shared_later"] == len(later), task
     assert list(analysis.survival["task"]) == ["ioi", "sva"]
     trajectory = analysis.trajectory
     assert trajectory is not None

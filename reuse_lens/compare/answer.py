@@ -56,6 +56,8 @@ def answer(
     if n < 2:
         return [f"Only one circuit ({', '.join(overlap.names)}): there is no pair to compare."]
     out = [_kind_sentence(overlap, "heads", alpha)]
+    if beyond := _beyond_first_layer(overlap, alpha):
+        out.append(beyond)
     if overlap.shape.has_mlps:
         out.append(_kind_sentence(overlap, "mlps", alpha))
     if most := _most_used(overlap):
@@ -139,6 +141,45 @@ def _kind_sentence(overlap: OverlapReport, kind: Kind, alpha: float) -> str:
         f"{label}: no pair of circuits shares more {word} than chance {how}, "
         f"across {pairs}. The strongest is {_pair_detail(overlap, a, b, kind)}."
     )
+
+
+def _beyond_first_layer(overlap: OverlapReport, alpha: float) -> str | None:
+    """Where pairs share more heads than chance and most of their shared heads are in layer
+    0, the same test over the heads of the later layers.
+
+    Layer 0's heads mix token identity and position for everything downstream, and many
+    circuits hold them; a significant pair can rest on that alone. This says whether the
+    overlap survives without it, with the same correction over the same pairs.
+    """
+    from reuse_lens.compare.overlap import compare
+
+    survivors = overlap.significant_pairs("heads", alpha)
+    restricted = len(overlap.universe("all")) != len(overlap.shape.nodes())
+    if not survivors or restricted or overlap.shape.n_layers < 2:
+        return None
+    shared = [overlap.shared(a, b, "heads") for a, b in survivors]
+    first = sum(1 for nodes in shared for node in nodes if node.startswith("a0."))
+    total = sum(len(nodes) for nodes in shared)
+    if 2 * first <= total:
+        return None
+    later = [node.name for node in overlap.shape.nodes() if not node.name.startswith("a0.")]
+    rest = compare(overlap.circuits, universe=later, correction=overlap.correction)
+    kept = [pair for pair in rest.significant_pairs("heads", alpha) if pair in survivors]
+    head = (
+        f"Most heads those pairs share are in layer 0 ({first} of {total}). Over the heads of "
+        f"layers 1 to {overlap.shape.n_layers - 1} only, "
+    )
+    if kept:
+        listed = "; ".join(_pair_detail(rest, a, b, "heads") for a, b in kept[:_PAIRS_LISTED])
+        count = (
+            "it still does"
+            if len(survivors) == 1
+            else f"{len(kept)} of those {len(survivors)} pairs still do"
+        )
+        return head + f"{count}: {listed}{_more(len(kept))}."
+    tested = {pair: rest.p_value(*pair, "heads", corrected=True) for pair in survivors}
+    a, b = min(tested, key=lambda pair: tested[pair])
+    return head + f"none still does; the strongest is {_pair_detail(rest, a, b, 'heads')}."
 
 
 def _pair_detail(overlap: OverlapReport, a: str, b: str, kind: Kind) -> str:

@@ -120,7 +120,8 @@ def tables(label: str, analysis: FineTuneAnalysis) -> list[tuple[str, pd.DataFra
         (
             f"Does {label}'s {analysis.task} circuit reuse the heads of the base's circuits? "
             "Hypergeometric P(X ≥ shared) over the model's heads, Holm-corrected over these "
-            "pairs.",
+            "pairs; then the same over the heads after layer 0, which many circuits hold "
+            "whatever their task.",
             _named(
                 analysis.reuse,
                 {
@@ -131,6 +132,9 @@ def tables(label: str, analysis: FineTuneAnalysis) -> list[tuple[str, pd.DataFra
                     "expected_jaccard": "chance Jaccard",
                     "p_value": "p",
                     "p_adjusted": "Holm p",
+                    "shared_later": "shared after layer 0",
+                    "p_later": "p after layer 0",
+                    "p_later_adjusted": "Holm p after layer 0",
                 },
             ),
         ),

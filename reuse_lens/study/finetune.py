@@ -23,10 +23,12 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from reuse_lens.compare._sets import OverlapWarning
 from reuse_lens.compare._stats import adjust_p_values
 from reuse_lens.tasks.metrics import MetricError
 
@@ -142,6 +144,7 @@ class FineTuneAnalysis:
                 else "its circuit shares no more heads with any base task's circuit than chance "
                 "(Holm-corrected)"
             )
+            parts[-1] += self._later_clause(rows)
         test = self.drift.test("mlps_vs_heads")
         if test is not None and math.isfinite(test.p_adjusted):
             parts.append(
@@ -198,7 +201,7 @@ class FineTuneAnalysis:
                 )
             else:
                 reuse = "the base has no circuit of another task to compare with"
-            out.append(f"{learnt}; {reuse}.")
+            out.append(f"{learnt}; {reuse}{self._later_clause(rows)}.")
         top, inside = self.changed_in_circuit()
         drift_test = self.drift.test("mlps_vs_heads")
         where = f"The nodes whose weights changed most are {', '.join(top)}" + (
@@ -229,6 +232,23 @@ class FineTuneAnalysis:
                     "The base tasks' circuits keep faithfulness inside it: " + ", ".join(kept) + "."
                 )
         return out
+
+    @staticmethod
+    def _later_clause(rows: list[dict[str, Any]]) -> str:
+        """Which reuse holds over the heads after layer 0, where that differs."""
+        if not rows or any(math.isnan(r.get("p_later_adjusted", math.nan)) for r in rows):
+            return ""
+        whole = {r["base_task"] for r in rows if r["p_adjusted"] <= 0.05}
+        later = [r for r in rows if r["p_later_adjusted"] <= 0.05]
+        if {r["base_task"] for r in later} == whole:
+            return ""
+        if not later:
+            return "; over the heads after layer 0 no base task's circuit's overlap survives"
+        listed = ", ".join(
+            f"{r['base_task']} ({r['shared_later']} heads, Holm p = {r['p_later_adjusted']:.2g})"
+            for r in later
+        )
+        return f"; over the heads after layer 0 only, it reuses those of {listed}"
 
     def _cmap_sentence(self) -> str:
         assert self.cmap is not None
@@ -384,7 +404,8 @@ def _analyse(
 
 def _reuse(circuit: Circuit | None, base_circuits: Mapping[str, Circuit]) -> pd.DataFrame:
     """The fine-tune's circuit against each base task's circuit: heads, hypergeometric null
-    over the model's heads, Holm over these pairs only."""
+    over the model's heads, Holm over these pairs only; and the same over the heads after
+    layer 0 (``*_later``), whose heads many circuits hold whatever their task."""
     import pandas as pd
 
     from reuse_lens.compare.overlap import compare
@@ -397,26 +418,44 @@ def _reuse(circuit: Circuit | None, base_circuits: Mapping[str, Circuit]) -> pd.
         "expected_jaccard",
         "p_value",
         "p_adjusted",
+        "shared_later",
+        "p_later",
+        "p_later_adjusted",
     ]
     if circuit is None or not base_circuits:
         return pd.DataFrame(columns=columns)
+    later = [n.name for n in circuit.shape.nodes() if not n.name.startswith("a0.")]
     rows = []
     for name, other in base_circuits.items():
         report = compare({"new": circuit, name: other})
         shared = sorted(report.shared("new", name, "heads"))
-        rows.append(
-            {
-                "base_task": name,
-                "shared": len(shared),
-                "heads": ", ".join(shared) or "none",
-                "jaccard": report.jaccard("new", name, "heads"),
-                "expected_jaccard": report.expected_jaccard("new", name, "heads"),
-                "p_value": report.p_value("new", name, "heads"),
-            }
+        row = {
+            "base_task": name,
+            "shared": len(shared),
+            "heads": ", ".join(shared) or "none",
+            "jaccard": report.jaccard("new", name, "heads"),
+            "expected_jaccard": report.expected_jaccard("new", name, "heads"),
+            "p_value": report.p_value("new", name, "heads"),
+            "shared_later": math.nan,
+            "p_later": math.nan,
+        }
+        if circuit.shape.n_layers >= 2:
+            with warnings.catch_warnings():  # a circuit of layer-0 heads only is empty here
+                warnings.simplefilter("ignore", OverlapWarning)
+                rest = compare({"new": circuit, name: other}, universe=later)
+            row["shared_later"] = len(rest.shared("new", name, "heads"))
+            row["p_later"] = rest.p_value("new", name, "heads")
+        rows.append(row)
+    for key in ("p_value", "p_later"):
+        values = [r[key] for r in rows]
+        adjusted = (
+            adjust_p_values(values, "holm")
+            if not any(math.isnan(v) for v in values)
+            else [math.nan] * len(rows)
         )
-    adjusted = adjust_p_values([r["p_value"] for r in rows], "holm")
-    for row, p in zip(rows, adjusted, strict=True):
-        row["p_adjusted"] = p
+        target = "p_adjusted" if key == "p_value" else "p_later_adjusted"
+        for row, p in zip(rows, adjusted, strict=True):
+            row[target] = p
     return pd.DataFrame(rows, columns=columns)
 
 
