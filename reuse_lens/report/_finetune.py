@@ -97,6 +97,10 @@ def tables(label: str, analysis: FineTuneAnalysis) -> list[tuple[str, pd.DataFra
     nodes that changed most, the drift tests, the reuse of the base's circuits, their
     survival inside the fine-tune, and the task's circuit along the run."""
     top = analysis.drift.table().sort_values("weight", ascending=False).head(8)
+    top["in_circuit"] = [
+        "yes" if member is True else "no" if member is False else "–"
+        for member in top["in_circuit"]
+    ]
     columns = ["node", "weight", "weight_q", "weight_k", "weight_v", "weight_o"]
     columns += ["act_l2_answer", "in_circuit"]
     out = [
@@ -161,13 +165,23 @@ def _named(table: Any, names: Mapping[str, str]) -> pd.DataFrame:
     return table.rename(columns=dict(names))
 
 
+_MEASURES = {
+    "weight": "relative weight change",
+    "act_l2_answer": "relative output change at the answer",
+    "act_cos_answer": "1 − cosine of the output at the answer",
+    "act_l2_all": "relative output change, all positions",
+    "act_cos_all": "1 − cosine of the output, all positions",
+}
+"""How the tests' table names each drift measure."""
+
+
 def _tests(analysis: FineTuneAnalysis) -> pd.DataFrame:
     import pandas as pd
 
     rows = [
         {
             "test": f"{t.group} > {t.rest}",
-            "measure": t.measure,
+            "measure": _MEASURES.get(t.measure, t.measure),
             "mean (group)": t.mean_group,
             "mean (rest)": t.mean_rest,
             "rank-biserial": t.rank_biserial,
