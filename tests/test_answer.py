@@ -88,6 +88,10 @@ def test_says_whether_a_pair_survives_without_layer_0() -> None:
         "Most heads those pairs share are in layer 0 (8 of 14). Over the heads of layers 1 to 3 "
         "only, it still does: x and y (shared a1.h0, a1.h1, a1.h2, a1.h3, a1.h4, a1.h5;"
     )
+    # Two circuits of layer 0 alone: nothing to test after it, said so.
+    only_first = Circuit.from_nodes(first, ModelShape(n_layers=4, n_heads=8, has_mlps=False))
+    lines = answer(compare({"x": only_first, "y": only_first}))
+    assert lines[1].endswith("only, none still does: x and y hold no head there.")
     # Shared heads mostly after layer 0: no sentence.
     only_later = Circuit.from_nodes(later, SHAPE)
     assert not any(

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from reuse_lens.compare._sets import sorted_nodes
+from reuse_lens.compare._sets import OverlapWarning, sorted_nodes
 from reuse_lens.separation import MIN_EFFECT
 
 if TYPE_CHECKING:
@@ -163,7 +164,9 @@ def _beyond_first_layer(overlap: OverlapReport, alpha: float) -> str | None:
     if 2 * first <= total:
         return None
     later = [node.name for node in overlap.shape.nodes() if not node.name.startswith("a0.")]
-    rest = compare(overlap.circuits, universe=later, correction=overlap.correction)
+    with warnings.catch_warnings():  # a circuit of layer-0 heads alone is empty here: fine
+        warnings.simplefilter("ignore", OverlapWarning)
+        rest = compare(overlap.circuits, universe=later, correction=overlap.correction)
     kept = [pair for pair in rest.significant_pairs("heads", alpha) if pair in survivors]
     head = (
         f"Most heads those pairs share are in layer 0 ({first} of {total}). Over the heads of "
@@ -178,7 +181,9 @@ def _beyond_first_layer(overlap: OverlapReport, alpha: float) -> str | None:
         )
         return head + f"{count}: {listed}{_more(len(kept))}."
     tested = {pair: rest.p_value(*pair, "heads", corrected=True) for pair in survivors}
-    a, b = min(tested, key=lambda pair: tested[pair])
+    a, b = min(tested, key=lambda pair: (math.isnan(tested[pair]), tested[pair]))
+    if math.isnan(rest.jaccard(a, b, "heads")):
+        return head + f"none still does: {a} and {b} hold no head there."
     return head + f"none still does; the strongest is {_pair_detail(rest, a, b, 'heads')}."
 
 
