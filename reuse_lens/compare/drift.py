@@ -452,7 +452,10 @@ def _row(
 
 def _layer_norms(a: LayerParts, b: LayerParts) -> dict[str, float]:
     out = {name: _relative(list(zip(a.norms[name], b.norms[name], strict=True))) for name in _NORMS}
-    out["b_o"] = _relative([(a.b_o, b.b_o)])
+    # Adapters hold an absent attention output bias as zeros: zero in both models is no
+    # bias (NaN, as the bridge, which has none), not a bias that did not change.
+    absent = all(x is None or not bool(x.any()) for x in (a.b_o, b.b_o))
+    out["b_o"] = math.nan if absent else _relative([(a.b_o, b.b_o)])
     return out
 
 
