@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.compare import _stats as _overlap_stats
 from reuse_lens.compare import overlap
+from reuse_lens.compare._sets import OverlapWarning
 from reuse_lens.compare.overlap import KINDS, Kind, OverlapReport, compare
 from reuse_lens.nodes import Edge, ModelShape, edges_of
 
@@ -453,12 +455,21 @@ def test_symmetric_statistics_in_unit_range(a: set[str], b: set[str], kind: Kind
         assert rep.jaccard("a", "b", kind) <= rep.overlap_coefficient("a", "b", kind)
 
 
+INPUT_TO_LOGITS = {
+    e for e in SMALL_EDGES if str(e.sender) == "input" and str(e.receiver) == "logits"
+}
+
+
 @settings(deadline=None, max_examples=40)
 @given(edge_sets, edge_sets)
+@example(set(SMALL_EDGES[:1]), INPUT_TO_LOGITS)  # a circuit with an edge and no node
 def test_edge_iou_symmetric_in_unit_range(a: set[Edge], b: set[Edge]) -> None:
     circuit_a = Circuit.from_edges(sorted(a, key=str), SMALL)
     circuit_b = Circuit.from_edges(sorted(b, key=str), SMALL)
-    rep = compare({"a": circuit_a, "b": circuit_b})
+    # An edge set of input -> logits alone has no node: compared, with the warning that says so.
+    empty = not circuit_a.nodes or not circuit_b.nodes
+    with pytest.warns(OverlapWarning) if empty else contextlib.nullcontext():
+        rep = compare({"a": circuit_a, "b": circuit_b})
     forward, backward = rep.edge_iou("a", "b"), rep.edge_iou("b", "a")
     assert forward is not None and forward == backward
     assert 0.0 <= forward <= 1.0
