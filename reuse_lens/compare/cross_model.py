@@ -36,7 +36,14 @@ from reuse_lens._memory import MemoryBudget, resolve_budget
 from reuse_lens._progress import progress_bar
 from reuse_lens.compare._model_pair import ModelPairError, check_pair_of_models, label
 from reuse_lens.nodes import MLP, AttentionHead, ModelShape
-from reuse_lens.patching._common import ENGINES, Engine, Prepared, prepare, rows_per_chunk
+from reuse_lens.patching._common import (
+    ENGINES,
+    Engine,
+    Prepared,
+    paired_parts,
+    prepare,
+    rows_per_chunk,
+)
 from reuse_lens.patching.activation import select_nodes
 from reuse_lens.patching.scores import NodeScores
 from reuse_lens.tasks.metrics import MetricError
@@ -125,12 +132,11 @@ def cross_model_patching(
     limit = rows_per_chunk(target, width, None, budget, held=prep_t.held_bytes + prep_s.held_bytes)
     sums = _Sums(shape, width, per_position)
     functional = prep_t.weights is not None and prep_s.weights is not None
-    spans = prep_t.spans() if len(prep_t.spans()) >= len(prep_s.spans()) else prep_s.spans()
+    n_parts = max(len(prep_t.spans()), len(prep_s.spans()))
     targets = [(h.layer, h.head) for h in heads] + [(m.layer, None) for m in mlps]
-    total = len(spans) * len(targets) * (1 + (width if per_position else 0))
+    total = n_parts * len(targets) * (1 + (width if per_position else 0))
     with progress_bar(desc="cross-model patching", total=total, show_from=50) as bar:
-        for span in spans:
-            part_t, part_s = _part(prep_t, span), _part(prep_s, span)
+        for part_t, part_s in paired_parts(prep_t, prep_s):
             patcher = _Functional(part_t, part_s) if functional else _Hooks(part_t, part_s)
             for layer, head in targets:
                 for pos0, local, prompts in _position_groups(part_t, per_position):
@@ -139,8 +145,6 @@ def cross_model_patching(
                         effect = patcher.effect(layer, head, chunk, pos0, local)
                         sums.add(layer, head, pos0, local, float(effect.sum()))
                     bar.update()
-            part_t.runs.clear()
-            part_s.runs.clear()
     scale = prep_t.n * (gap if normalize else 1.0)
     head_scores, mlp_scores, heads_by_pos, mlps_by_pos = sums.scores(heads, mlps, scale)
     return NodeScores(
@@ -205,16 +209,12 @@ def cross_model_recovery(
             f"weights={list(weights)!r} needs the functional engine, which does not cover "
             f"this model ({prep_t.fallback_reason or prep_s.fallback_reason}); patch nodes only"
         )
-    spans = prep_t.spans() if len(prep_t.spans()) >= len(prep_s.spans()) else prep_s.spans()
     total = 0.0
-    for span in spans:
-        part_t, part_s = _part(prep_t, span), _part(prep_s, span)
+    for part_t, part_s in paired_parts(prep_t, prep_s):
         if functional:
             total += float(_Functional(part_t, part_s).joint(heads, mlps, weights).sum())
         else:
             total += float(_Hooks(part_t, part_s).joint(heads, mlps).sum())
-        part_t.runs.clear()
-        part_s.runs.clear()
     return total / (prep_t.n * gap)
 
 
@@ -277,10 +277,6 @@ def _gap(
             "There is no gain to recover: pass normalize=False for the raw effects."
         )
     return gap, (low, high)
-
-
-def _part(prep: Prepared, span: slice) -> Prepared:
-    return prep if span == slice(0, prep.n) else prep.select(span)
 
 
 def _position_groups(prep: Prepared, per_position: bool) -> list[tuple[int, bool, Tensor]]:

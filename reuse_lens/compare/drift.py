@@ -472,14 +472,13 @@ def _add_activations(
     memory_budget: MemoryBudget,
 ) -> None:
     """Fill the activation columns of ``rows``: sums over prompts part by part, then means."""
-    from reuse_lens.patching._common import prepare
+    from reuse_lens.patching._common import paired_parts, prepare
 
     budget = resolve_budget(memory_budget, base.cfg.device)
     # Each model's part holds its own runs; two models share the budget.
     prep_b = prepare(base, task, None, engine=engine, budget=budget // 2)
     prep_t = prepare(tuned, task, None, engine=engine, budget=budget // 2)
     functional = prep_b.weights is not None and prep_t.weights is not None
-    spans = prep_b.spans() if len(prep_b.spans()) >= len(prep_t.spans()) else prep_t.spans()
     n_layers, n_heads = shape.n_layers, shape.n_heads
     totals = {
         "head": torch.zeros(len(ACTIVATIONS) + 1, n_layers, n_heads, dtype=torch.float64),
@@ -487,8 +486,7 @@ def _add_activations(
     }
     n_prompts = prep_b.n
     n_positions = 0
-    for span in spans:
-        part_b, part_t = _part(prep_b, span), _part(prep_t, span)
+    for part_b, part_t in paired_parts(prep_b, prep_t):
         answer = part_b.answer_pos
         real = _real_positions(answer, int(part_b.clean.shape[1]))
         n_positions += int(real.sum())
@@ -502,8 +500,6 @@ def _add_activations(
             if mlp_b is not None and mlp_t is not None:
                 stats = _change_sums(mlp_b.unsqueeze(2), mlp_t.unsqueeze(2), answer, real)
                 totals["mlp"][:, layer] += stats[:, 0]
-        part_b.runs.clear()
-        part_t.runs.clear()
     denominators = [n_prompts, n_prompts, n_positions, n_positions]
     for row in rows:
         layer = int(row["layer"])
@@ -550,10 +546,6 @@ def _node_outputs(part: Prepared, functional: bool, shape: ModelShape) -> Output
         mlp = cache[f"blocks.{layer}.hook_mlp_out"] if shape.has_mlps else None
         out.append((heads, cache[f"blocks.{layer}.attn.hook_pattern"], mlp))
     return out
-
-
-def _part(prep: Prepared, span: slice) -> Prepared:
-    return prep if span == slice(0, prep.n) else prep.select(span)
 
 
 def _real_positions(answer: Tensor, width: int) -> Tensor:

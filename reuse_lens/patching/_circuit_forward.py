@@ -324,11 +324,7 @@ def sparse_edges_supported(w: Weights) -> str | None:
     tie the heads of a layer together too."""
     if any(layer.attn_post is not None for layer in w.layers):
         return "a norm after the attention"
-    if w.alibi is not None:
-        return "ALiBi"
-    if w.spec.qk_norm == "proj":
-        return "a q/k norm over all heads"
-    return None
+    return sparse_nodes_supported(w)
 
 
 def sparse_edge_logits(

@@ -25,7 +25,15 @@ if TYPE_CHECKING:
 
     from reuse_lens.tasks.task import Task
 
-__all__ = ["ENGINES", "Engine", "Prepared", "prepare", "prompts_per_part", "rows_per_chunk"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "Prepared",
+    "paired_parts",
+    "prepare",
+    "prompts_per_part",
+    "rows_per_chunk",
+]
 
 Engine = Literal["auto", "functional", "hooks"]
 """Which engine patches the model.
@@ -151,6 +159,18 @@ class Prepared:
     @property
     def corrupted_metric(self) -> Float[Tensor, " batch"]:
         return self.score(self.corrupted_logits, torch.arange(self.n, device=self.clean.device))
+
+
+def paired_parts(a: Prepared, b: Prepared) -> Iterator[tuple[Prepared, Prepared]]:
+    """Two calls on the same prompts (a model and its fine-tune) taken part by part
+    together, on the finer of their two splits; each pair's runs are let go before the
+    next pair is made, so one part of each model is held at a time."""
+    spans = max(a.spans(), b.spans(), key=len)
+    for span in spans:
+        part_a, part_b = (p if span == slice(0, p.n) else p.select(span) for p in (a, b))
+        yield part_a, part_b
+        part_a.runs.clear()
+        part_b.runs.clear()
 
 
 @torch.no_grad()

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import reuse_lens as rl
+from reuse_lens._memory import resolve_budget
 from reuse_lens.compare._model_pair import ModelPairError
+from reuse_lens.patching._common import prepare
 from reuse_lens.tasks.metrics import MetricError
 from tests.archs import save_arch
 from tests.compare.fine_tuned import HF_NAMES, edited, module, noise_everywhere
@@ -245,3 +247,34 @@ def test_every_node_and_every_other_weight_make_the_source_exactly(
     assert -10 < readout < 10  # a share, finite
     with pytest.raises(ValueError, match="weights must be"):
         rl.cross_model_recovery(base, tuned, task, [], weights=["heads"])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("engine", ["functional", "hooks"])
+def test_prompts_taken_in_parts_give_the_same_numbers(pairs: Any, engine: str) -> None:
+    # A budget that holds the runs of half the prompts: both models are taken part by
+    # part together (paired_parts), and every sum over prompts comes out the same.
+    base, tuned = pairs("gpt2")
+    task = random_task(base, n=6, width=6)
+    half = resolve_budget("1MiB", "cpu") // 2  # each model's share, as the calls split it
+    assert len(prepare(base, task, None, engine=engine, budget=half).spans()) > 1  # type: ignore[arg-type]
+    whole = rl.cross_model_patching(base, tuned, task, normalize=False, engine=engine)  # type: ignore[arg-type]
+    parts = rl.cross_model_patching(
+        base,
+        tuned,
+        task,
+        normalize=False,
+        engine=engine,
+        memory_budget="1MiB",  # type: ignore[arg-type]
+    )
+    got, want = parts.as_dict(), whole.as_dict()
+    assert got == pytest.approx(want, abs=1e-5)
+    nodes = ["a0.h1", "m1"]
+    assert rl.cross_model_recovery(base, tuned, task, nodes, memory_budget="1MiB") == pytest.approx(
+        rl.cross_model_recovery(base, tuned, task, nodes), abs=1e-5
+    )
+    drift_whole = rl.component_drift(base, tuned, task, engine=engine).table()  # type: ignore[arg-type]
+    drift_parts = rl.component_drift(base, tuned, task, engine=engine, memory_budget="1MiB").table()  # type: ignore[arg-type]
+    columns = ["act_cos_answer", "act_l2_answer", "act_cos_all", "act_l2_all", "attn_tv"]
+    np.testing.assert_allclose(
+        drift_parts[columns].to_numpy(float), drift_whole[columns].to_numpy(float), rtol=1e-5
+    )
