@@ -98,3 +98,12 @@ def test_says_whether_a_pair_survives_without_layer_0() -> None:
         line.startswith("Most heads")
         for line in answer(compare({"x": only_later, "y": only_later}))
     )
+
+
+def test_compare_after_layer_0_keeps_every_node_but_layer_0_heads() -> None:
+    from reuse_lens.compare.overlap import compare_after_layer_0
+
+    only_first = Circuit.from_nodes(["a0.h0", "a0.h1"], SHAPE)
+    rep = compare_after_layer_0({"x": only_first, "y": Circuit.from_nodes(["a0.h0", "m0"], SHAPE)})
+    assert rep.universe("all") == {n.name for n in SHAPE.nodes()} - {f"a0.h{h}" for h in range(8)}
+    assert rep.nodes("x") == frozenset() and rep.nodes("y") == {"m0"}  # no warning for x

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from reuse_lens.compare._sets import OverlapWarning, sorted_nodes
+from reuse_lens.compare._sets import sorted_nodes
 from reuse_lens.separation import MIN_EFFECT
 
 if TYPE_CHECKING:
@@ -152,7 +151,7 @@ def _beyond_first_layer(overlap: OverlapReport, alpha: float) -> str | None:
     circuits hold them; a significant pair can rest on that alone. This says whether the
     overlap survives without it, with the same correction over the same pairs.
     """
-    from reuse_lens.compare.overlap import compare
+    from reuse_lens.compare.overlap import compare_after_layer_0
 
     survivors = overlap.significant_pairs("heads", alpha)
     restricted = len(overlap.universe("all")) != len(overlap.shape.nodes())
@@ -163,10 +162,7 @@ def _beyond_first_layer(overlap: OverlapReport, alpha: float) -> str | None:
     total = sum(len(nodes) for nodes in shared)
     if 2 * first <= total:
         return None
-    later = [node.name for node in overlap.shape.nodes() if not node.name.startswith("a0.")]
-    with warnings.catch_warnings():  # a circuit of layer-0 heads alone is empty here: fine
-        warnings.simplefilter("ignore", OverlapWarning)
-        rest = compare(overlap.circuits, universe=later, correction=overlap.correction)
+    rest = compare_after_layer_0(overlap.circuits, correction=overlap.correction)
     kept = [pair for pair in rest.significant_pairs("heads", alpha) if pair in survivors]
     head = (
         f"Most heads those pairs share are in layer 0 ({first} of {total}). Over the heads of "

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -44,7 +45,7 @@ from reuse_lens.compare import _sets as sets
 from reuse_lens.compare import _stats as stats
 from reuse_lens.compare._sets import KINDS, Kind, OverlapWarning
 from reuse_lens.compare._stats import CORRECTIONS, Correction
-from reuse_lens.nodes import ModelShape
+from reuse_lens.nodes import AttentionHead, ModelShape
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,6 +65,7 @@ __all__ = [
     "OverlapWarning",
     "Stat",
     "compare",
+    "compare_after_layer_0",
 ]
 
 Stat = Literal[
@@ -146,6 +148,26 @@ def compare(
     return OverlapReport(
         circuits, shape=shape, universes=universes, correction=stats.check_correction(correction)
     )
+
+
+def compare_after_layer_0(
+    circuits: Mapping[str, Circuit], *, correction: Correction = DEFAULT_CORRECTION
+) -> OverlapReport:
+    """``compare`` over every node but layer 0's heads.
+
+    Layer 0's heads mix token identity and position for everything downstream, and many
+    circuits hold them whatever their task, so an overlap can beat chance on them alone;
+    this measures it without them. A circuit of layer-0 heads alone is empty here, which is
+    the point of the question, so no OverlapWarning is given for it.
+    """
+    shapes = {c.shape for c in circuits.values()}
+    if len(shapes) != 1:
+        return compare(circuits, correction=correction)  # compare names the mismatch
+    (shape,) = shapes
+    later = [n.name for n in shape.nodes() if not (isinstance(n, AttentionHead) and n.layer == 0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OverlapWarning)
+        return compare(circuits, universe=later, correction=correction)
 
 
 class OverlapReport(sets.NamedPairs):

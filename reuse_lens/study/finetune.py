@@ -23,12 +23,10 @@ from __future__ import annotations
 import logging
 import math
 import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from reuse_lens.compare._sets import OverlapWarning
 from reuse_lens.compare._stats import adjust_p_values
 from reuse_lens.tasks.metrics import MetricError
 
@@ -408,7 +406,7 @@ def _reuse(circuit: Circuit | None, base_circuits: Mapping[str, Circuit]) -> pd.
     layer 0 (``*_later``), whose heads many circuits hold whatever their task."""
     import pandas as pd
 
-    from reuse_lens.compare.overlap import compare
+    from reuse_lens.compare.overlap import compare, compare_after_layer_0
 
     columns = [
         "base_task",
@@ -424,7 +422,6 @@ def _reuse(circuit: Circuit | None, base_circuits: Mapping[str, Circuit]) -> pd.
     ]
     if circuit is None or not base_circuits:
         return pd.DataFrame(columns=columns)
-    later = [n.name for n in circuit.shape.nodes() if not n.name.startswith("a0.")]
     rows = []
     for name, other in base_circuits.items():
         report = compare({"new": circuit, name: other})
@@ -440,9 +437,7 @@ def _reuse(circuit: Circuit | None, base_circuits: Mapping[str, Circuit]) -> pd.
             "p_later": math.nan,
         }
         if circuit.shape.n_layers >= 2:
-            with warnings.catch_warnings():  # a circuit of layer-0 heads only is empty here
-                warnings.simplefilter("ignore", OverlapWarning)
-                rest = compare({"new": circuit, name: other}, universe=later)
+            rest = compare_after_layer_0({"new": circuit, name: other})
             row["shared_later"] = len(rest.shared("new", name, "heads"))
             row["p_later"] = rest.p_value("new", name, "heads")
         rows.append(row)
