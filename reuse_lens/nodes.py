@@ -2,7 +2,8 @@
 
 Names follow the MIB circuit track (Mueller et al. 2025): ``a3.h1`` is head 1 of
 layer 3, ``m3`` is the MLP of layer 3, and ``input`` and ``logits`` are the two
-ends of the residual stream. An edge into a head names the input it enters by,
+ends of the residual stream. In a mixture-of-experts model analysed expert by expert,
+``m3.e5`` is routed expert 5 of layer 3's MLP and ``m3.shared`` its shared expert. An edge into a head names the input it enters by,
 ``a0.h1->a2.h3<q>``, because the q, k and v inputs of a head are patched apart.
 
 This module imports neither torch nor TransformerLens, so that the names can be
@@ -11,6 +12,7 @@ used (and circuits read) without loading a model.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -26,6 +28,7 @@ __all__ = [
     "AttentionHead",
     "Edge",
     "Endpoint",
+    "Expert",
     "HeadInput",
     "InputNode",
     "LogitsNode",
@@ -37,6 +40,7 @@ __all__ = [
     "architecture",
     "edges_of",
     "format_node",
+    "forward_order",
     "nodes_of",
     "parse_edge",
     "parse_node",
@@ -94,6 +98,36 @@ class MLP:
         return self.name
 
 
+@dataclass(frozen=True, order=True)
+class Expert:
+    """One expert of the mixture-of-experts MLP of block ``layer``: routed expert
+    ``index`` (``m{layer}.e{index}``), or the shared expert every token goes through
+    (``index == -1``, ``m{layer}.shared``; Qwen2-MoE).
+
+    Its output is its term of the MLP's sum: the routing weight times the expert's
+    output at the tokens routed to it, 0 elsewhere (the shared expert's term is its
+    gated output at every token). The terms of a layer's experts add up to ``m{layer}``.
+    """
+
+    layer: int
+    index: int
+
+    @property
+    def shared(self) -> bool:
+        return self.index == SHARED_EXPERT
+
+    @property
+    def name(self) -> str:
+        return f"m{self.layer}.shared" if self.shared else f"m{self.layer}.e{self.index}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+SHARED_EXPERT = -1
+"""``Expert.index`` of a layer's shared expert."""
+
+
 @dataclass(frozen=True)
 class InputNode:
     """The embeddings (token plus position): the start of every path; named ``input``."""
@@ -121,14 +155,14 @@ class LogitsNode:
 INPUT = InputNode()
 LOGITS = LogitsNode()
 
-Node = AttentionHead | MLP
+Node = AttentionHead | MLP | Expert
 """A component that a circuit can contain."""
 
-Endpoint = AttentionHead | MLP | InputNode | LogitsNode
+Endpoint = AttentionHead | MLP | Expert | InputNode | LogitsNode
 """Anything an edge can start or end at."""
 
 Sender = AttentionHead | MLP | InputNode
-"""Anything an edge can start at."""
+"""Anything an edge can start at (expert nodes have no edges)."""
 
 
 @dataclass(frozen=True)
@@ -173,10 +207,12 @@ class Edge:
 
 _HEAD_RE = re.compile(r"a(\d+)\.h(\d+)")
 _MLP_RE = re.compile(r"m(\d+)")
+_EXPERT_RE = re.compile(r"m(\d+)\.(?:e(\d+)|(shared))")
 _RECEIVER_RE = re.compile(r"(.+?)(?:<([qkv])>)?")
 
 _NAME_HELP = (
-    "node names are 'a{layer}.h{head}' for heads and 'm{layer}' for MLPs, e.g. 'a3.h1', 'm3'"
+    "node names are 'a{layer}.h{head}' for heads and 'm{layer}' for MLPs, e.g. 'a3.h1', 'm3' "
+    "(and 'm3.e5', 'm3.shared' for experts)"
 )
 
 
@@ -186,7 +222,7 @@ def parse_node(name: str | Endpoint) -> Endpoint:
     Raises:
         NodeNameError: if ``name`` is not a valid node name.
     """
-    if isinstance(name, AttentionHead | MLP | InputNode | LogitsNode):
+    if isinstance(name, AttentionHead | MLP | Expert | InputNode | LogitsNode):
         return name
     if not isinstance(name, str):
         raise NodeNameError(f"a node name must be a string, got {type(name).__name__}: {name!r}")
@@ -199,7 +235,23 @@ def parse_node(name: str | Endpoint) -> Endpoint:
         return AttentionHead(int(match[1]), int(match[2]))
     if match := _MLP_RE.fullmatch(text):
         return MLP(int(match[1]))
+    if match := _EXPERT_RE.fullmatch(text):
+        return Expert(int(match[1]), SHARED_EXPERT if match[3] else int(match[2]))
     raise NodeNameError(f"invalid node name {name!r}: {_NAME_HELP}, plus 'input' and 'logits'")
+
+
+def forward_order(node: Endpoint) -> tuple[int, int, int]:
+    """A sort key in forward order: ``input``; each layer's heads, then its MLP (or its
+    routed experts and then its shared one); ``logits``."""
+    if isinstance(node, InputNode):
+        return (-1, 0, 0)
+    if isinstance(node, AttentionHead):
+        return (node.layer, 0, node.head)
+    if isinstance(node, MLP):
+        return (node.layer, 1, 0)
+    if isinstance(node, Expert):
+        return (node.layer, 1, node.index if not node.shared else 1 << 20)
+    return (1 << 30, 0, 0)
 
 
 def format_node(node: Endpoint) -> str:
@@ -222,11 +274,20 @@ def parse_edge(name: str) -> Edge:
     match = _RECEIVER_RE.fullmatch(receiver_text.strip())
     assert match is not None  # the pattern accepts any non-empty text
     sender, receiver = parse_node(sender_text), parse_node(match[1])
+    if isinstance(sender, Expert) or isinstance(receiver, Expert):
+        raise NodeNameError(f"invalid edge {name!r}: {_NO_EXPERT_EDGES}")
     if isinstance(sender, LogitsNode):
         raise NodeNameError(f"invalid edge {name!r}: 'logits' cannot send")
     if isinstance(receiver, InputNode):
         raise NodeNameError(f"invalid edge {name!r}: 'input' cannot receive")
     return Edge(sender, receiver, match[2])  # type: ignore[arg-type]
+
+
+_NO_EXPERT_EDGES = (
+    "expert nodes have no edges: the node methods (activation and attribution patching, "
+    "node circuits, faithfulness, overlap) take them; for edges use MLP-level nodes "
+    "(experts=False)"
+)
 
 
 class _HasConfig(Protocol):
@@ -240,12 +301,57 @@ class ModelShape:
 
     ``parallel``: attention and MLP read the same residual stream (GPT-NeoX, GPT-J, Phi,
     Falcon, Cohere), so a layer's heads do not feed its MLP.
+
+    ``experts``: set when a mixture-of-experts model is analysed expert by expert
+    (``shape_of(model, experts=True)``): the number of routed experts of each layer's
+    MLP, 0 where the MLP is dense and stays one node ``m{layer}``; ``shared`` says
+    which layers also have a shared expert. An expert-split layer has the nodes
+    ``m{layer}.e0``... (and ``m{layer}.shared``) in place of ``m{layer}``. Empty for
+    the usual MLP-level nodes.
     """
 
     n_layers: int
     n_heads: int
     has_mlps: bool
     parallel: bool = False
+    experts: tuple[int, ...] = ()
+    shared: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.experts and (
+            len(self.experts) != self.n_layers or len(self.shared) != self.n_layers
+        ):
+            raise ValueError(
+                f"experts and shared must give one value per layer ({self.n_layers}), got "
+                f"{len(self.experts)} and {len(self.shared)}"
+            )
+
+    def split(self, layer: int) -> bool:
+        """Whether the MLP of ``layer`` is analysed expert by expert."""
+        return bool(self.experts) and (self.experts[layer] > 0 or self.shared[layer])
+
+    def experts_of(self, layer: int) -> list[Expert]:
+        """The expert nodes of ``layer``: routed ones in order, then the shared one."""
+        if not self.split(layer):
+            return []
+        routed = [Expert(layer, k) for k in range(self.experts[layer])]
+        return routed + ([Expert(layer, SHARED_EXPERT)] if self.shared[layer] else [])
+
+    @property
+    def n_columns(self) -> int:
+        """Columns of an expert mask or score table: the most routed experts of a layer,
+        plus one for shared experts where any layer has one; 0 without expert nodes."""
+        if not self.experts:
+            return 0
+        return max(self.experts) + int(any(self.shared))
+
+    def column(self, expert: Expert) -> int:
+        """``expert``'s column in an expert mask or score table (shared experts last)."""
+        return max(self.experts) if expert.shared else expert.index
+
+    def mlp_level(self) -> ModelShape:
+        """This shape with every layer's MLP one node again."""
+        return ModelShape(self.n_layers, self.n_heads, self.has_mlps, self.parallel)
 
     def check(self, node: Endpoint) -> None:
         """Raise NodeNameError if ``node`` is not a node of a model of this shape."""
@@ -263,13 +369,39 @@ class ModelShape:
                     f"node {node.name} does not exist: the model has MLPs m0 to "
                     f"m{self.n_layers - 1}"
                 )
+            if self.split(node.layer):
+                first = self.experts_of(node.layer)[0].name
+                raise NodeNameError(
+                    f"node {node.name} is split into its experts in this analysis: name them "
+                    f"({first}, ...), or analyse at MLP level (experts=False)"
+                )
+        elif isinstance(node, Expert) and not (
+            0 <= node.layer < self.n_layers and node in self.experts_of(node.layer)
+        ):
+            where = [layer for layer in range(self.n_layers) if self.split(layer)]
+            raise NodeNameError(
+                f"node {node.name} does not exist: "
+                + (
+                    "this analysis has no expert nodes (a mixture-of-experts model "
+                    "analysed with experts=True has them)"
+                    if not where
+                    else f"the expert-split layers are {where}, with experts "
+                    + ", ".join(
+                        f"m{layer}.e0..e{self.experts[layer] - 1}"
+                        + (f" and m{layer}.shared" if self.shared[layer] else "")
+                        for layer in where
+                    )
+                )
+            )
 
     def nodes(self) -> list[Node]:
         """Every head and MLP in forward order: a layer's heads, then its MLP."""
         out: list[Node] = []
         for layer in range(self.n_layers):
             out.extend(AttentionHead(layer, head) for head in range(self.n_heads))
-            if self.has_mlps:
+            if self.split(layer):
+                out.extend(self.experts_of(layer))
+            elif self.has_mlps:
                 out.append(MLP(layer))
         return out
 
@@ -288,19 +420,26 @@ class ModelShape:
             return True
         return (
             not self.parallel
-            and isinstance(receiver, MLP)
+            and isinstance(receiver, MLP | Expert)
             and isinstance(sender, AttentionHead)
             and sender.layer == receiver.layer
         )
 
     def senders_of(self, receiver: AttentionHead | MLP | LogitsNode) -> list[Sender]:
         """The senders that ``receiver`` reads, in forward order (a prefix of all senders)."""
-        senders: list[Sender] = [INPUT, *self.nodes()]
+        nodes = [n for n in self.nodes() if isinstance(n, AttentionHead | MLP)]
+        senders: list[Sender] = [INPUT, *nodes]
         return [s for s in senders if self.feeds(s, receiver)]
 
     def edges(self) -> list[Edge]:
         """Every edge, receivers in forward order: per layer the heads' q, k and v inputs,
-        then the MLP; ``logits`` last."""
+        then the MLP; ``logits`` last.
+
+        Raises:
+            NodeNameError: for a shape with expert nodes (they have no edges).
+        """
+        if self.experts:
+            raise NodeNameError(_NO_EXPERT_EDGES)
         edges: list[Edge] = []
         for layer in range(self.n_layers):
             heads = [AttentionHead(layer, head) for head in range(self.n_heads)]
@@ -322,8 +461,11 @@ def architecture(model: _HasConfig) -> str:
     return str(getattr(cfg, "architecture", None) or getattr(cfg, "model_name", "this"))
 
 
-def shape_of(model: _HasConfig) -> ModelShape:
+def shape_of(model: _HasConfig, *, experts: bool = False) -> ModelShape:
     """Read the node-deciding shape of a TransformerLens model (or anything with ``cfg``).
+
+    ``experts=True`` splits each mixture-of-experts MLP into its experts (``m3.e0``...,
+    ``m3.shared``; ``reuse_lens.arch.experts``); a model without one is refused.
 
     Every node and edge method starts here, so a model without the nodes reuse_lens
     analyses is refused here, once for all of them (``arch.support``).
@@ -342,12 +484,18 @@ def shape_of(model: _HasConfig) -> ModelShape:
     reason = unsupported_reason(model, architecture(model))
     if reason is not None:
         raise UnsupportedArchitectureError(reason)
-    return ModelShape(
+    shape = ModelShape(
         n_layers=int(cfg.n_layers),  # type: ignore[attr-defined]
         n_heads=int(cfg.n_heads),  # type: ignore[attr-defined]
         has_mlps=not bool(getattr(cfg, "attn_only", False)),
         parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
     )
+    if not experts:
+        return shape
+    from reuse_lens.arch.experts import expert_counts
+
+    routed, shared = expert_counts(model)
+    return dataclasses.replace(shape, experts=routed, shared=shared)
 
 
 def nodes_of(model: _HasConfig | ModelShape) -> list[Node]:
@@ -372,11 +520,12 @@ def edges_of(model: _HasConfig | ModelShape) -> list[Edge]:
 
 
 def parse_nodes(names: Iterable[str | Endpoint], shape: ModelShape | None = None) -> list[Node]:
-    """Parse node names into heads and MLPs, checking them against ``shape`` when given."""
+    """Parse node names into heads, MLPs and experts, checking them against ``shape`` when
+    given."""
     out: list[Node] = []
     for name in names:
         node = parse_node(name)
-        if not isinstance(node, AttentionHead | MLP):
+        if not isinstance(node, AttentionHead | MLP | Expert):
             raise NodeNameError(f"{node.name!r} is an edge end, not a head or MLP")
         if shape is not None:
             shape.check(node)

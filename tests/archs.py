@@ -497,11 +497,13 @@ def _scale_up(model: torch.nn.Module) -> None:
     ``transformers`` initialises with std 0.02, which makes every head of a tiny model
     attend almost uniformly; patching effects would then be too small to tell apart. Norms
     start at weight 1 (Gemma's ``1 + w`` at 0): a forward pass that dropped a norm's weight,
-    or applied it in the wrong place (before or after rotary), would go unnoticed.
+    or applied it in the wrong place (before or after rotary), would go unnoticed. Experts
+    stored as one ``(expert, out, in)`` tensor are matrices too: left at std 0.02 they would
+    add almost nothing, and no expert could be told from another.
     """
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "norm" not in name and "ln" not in name:
+            if p.dim() in (2, 3) and "norm" not in name and "ln" not in name:
                 p.mul_(8.0)
             elif p.dim() == 1:
                 p.add_(0.25 * torch.randn_like(p))

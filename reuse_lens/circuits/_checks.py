@@ -16,6 +16,7 @@ from reuse_lens.nodes import (
     AttentionHead,
     Edge,
     Endpoint,
+    Expert,
     ModelShape,
     Node,
     NodeNameError,
@@ -55,11 +56,13 @@ class CircuitError(ValueError):
     """A circuit that cannot exist: a node the model lacks, a bad file, an unknown version."""
 
 
-def as_shape(model_or_shape: object) -> ModelShape:
+def as_shape(model_or_shape: object, *, experts: bool = False) -> ModelShape:
+    """``model_or_shape`` itself, or the shape of a model (with expert nodes if
+    ``experts``)."""
     if isinstance(model_or_shape, ModelShape):
         return model_or_shape
     if hasattr(model_or_shape, "cfg"):
-        return shape_of(model_or_shape)  # type: ignore[arg-type]
+        return shape_of(model_or_shape, experts=experts)  # type: ignore[arg-type]
     raise CircuitError(
         f"expected a reuse_lens.nodes.ModelShape or a model with .cfg, got "
         f"{type(model_or_shape).__name__}; build one with ModelShape(n_layers, n_heads, has_mlps)"
@@ -70,7 +73,7 @@ def check_node(name: object, shape: ModelShape, what: str = "circuit node") -> N
     """Parse and check one head or MLP name against ``shape``."""
     try:
         node = parse_node(name)  # type: ignore[arg-type]
-        if not isinstance(node, AttentionHead | MLP):
+        if not isinstance(node, AttentionHead | MLP | Expert):
             raise NodeNameError(
                 f"{node.name!r} is an end of the residual stream, not a head or MLP; circuits "
                 "hold heads ('a{layer}.h{head}') and MLPs ('m{layer}') only"

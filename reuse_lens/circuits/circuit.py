@@ -45,14 +45,13 @@ from reuse_lens.circuits._checks import (
     write_atomic,
 )
 from reuse_lens.nodes import (
-    MLP,
-    AttentionHead,
     Edge,
     Endpoint,
-    InputNode,
+    Expert,
     ModelShape,
     Node,
     NodeNameError,
+    forward_order,
     parse_edge,
     parse_node,
 )
@@ -67,13 +66,7 @@ EdgeLike = tuple[str, str] | Edge | str
 
 def _node_order(node: Endpoint) -> tuple[int, int, int]:
     """Forward order: ``input``, then each layer's heads and MLP, then ``logits``."""
-    if isinstance(node, InputNode):
-        return (-1, 0, 0)
-    if isinstance(node, AttentionHead):
-        return (node.layer, 0, node.head)
-    if isinstance(node, MLP):
-        return (node.layer, 1, 0)
-    return (1 << 30, 0, 0)
+    return forward_order(node)
 
 
 def _edge_order(edge: Edge) -> tuple[tuple[int, int, int], int, tuple[int, int, int]]:
@@ -273,8 +266,9 @@ class Circuit:
         MIB files record), as with every way of building a circuit from a model.
         """
         kwargs["metadata"] = _with_width(shape, kwargs.get("metadata") or {})
-        shape = as_shape(shape)
-        nodes = frozenset(check_node(n, shape).name for n in _collection(names, "names"))
+        names = list(_collection(names, "names"))
+        shape = as_shape(shape, experts=_names_experts(names))
+        nodes = frozenset(check_node(n, shape).name for n in names)
         return cls(nodes=nodes, shape=shape, **kwargs)
 
     @classmethod
@@ -302,7 +296,7 @@ class Circuit:
 
     @property
     def mlps(self) -> frozenset[str]:
-        """The MLPs among the nodes."""
+        """The MLPs among the nodes (and the experts, in a circuit of expert nodes)."""
         return frozenset(n for n in self.nodes if n.startswith("m"))
 
     @property
@@ -366,6 +360,7 @@ class Circuit:
         shown = self.nodes_in_order()
         names = ", ".join(shown[:6]) + (", ..." if len(shown) > 6 else "")
         mlps = "MLPs" if self.shape.has_mlps else "no MLPs"
+        mlps += " split into experts" if self.shape.experts else ""
         task = f", task={self.metadata['task']!r}" if "task" in self.metadata else ""
         return (
             f"Circuit({self.level}, {len(self.nodes)} nodes [{names}], {len(self.edges)} "
@@ -379,7 +374,7 @@ class Circuit:
         Edges need no check of their own: whether an edge exists depends only on its ends'
         layers, so a model that has both ends has the edge.
         """
-        other = as_shape(model_or_shape)
+        other = as_shape(model_or_shape, experts=bool(self.shape.experts))
         missing = []
         for name in self.nodes_in_order():
             try:
@@ -485,9 +480,8 @@ class Circuit:
 
         Scores are written with MIB's sign (positive = important) unless
         ``sign="reuse_lens"``. See ``reuse_lens.circuits.mib.to_mib_dict`` for the scores
-        and ``d_model`` it writes.
+        and ``d_model`` it writes; a circuit of expert nodes has no MIB graph.
         """
-
         return mib.to_mib_dict(self, d_model=d_model, sign=sign)
 
     def to_mib_json(
@@ -576,6 +570,9 @@ def _shape_dict(shape: ModelShape) -> dict[str, Any]:
     }
     if shape.parallel:  # written only when true, so sequential models' files are unchanged
         out["parallel_attn_mlp"] = True
+    if shape.experts:  # likewise only for circuits of expert nodes
+        out["experts"] = list(shape.experts)
+        out["shared_experts"] = list(shape.shared)
     return out
 
 
@@ -588,12 +585,39 @@ def _shape_from(doc: dict[str, Any], source: str) -> ModelShape:
         raise CircuitError(
             f"{source}: 'shape.parallel_attn_mlp' must be true or false, got {parallel!r}"
         )
+    n_layers = count_field(doc.get("n_layers"), "'shape.n_layers'", source)
+    experts, shared = doc.get("experts", []), doc.get("shared_experts", [])
+    if not (
+        isinstance(experts, list)
+        and isinstance(shared, list)
+        and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in experts)
+        and all(isinstance(s, bool) for s in shared)
+        and len(experts) == len(shared) in (0, n_layers)
+    ):
+        raise CircuitError(
+            f"{source}: 'shape.experts' and 'shape.shared_experts' must be lists of "
+            f"{n_layers} expert counts and true/false, got {experts!r} and {shared!r}"
+        )
     return ModelShape(
-        n_layers=count_field(doc.get("n_layers"), "'shape.n_layers'", source),
+        n_layers=n_layers,
         n_heads=count_field(doc.get("n_heads"), "'shape.n_heads'", source),
         has_mlps=has_mlps,
         parallel=parallel,
+        experts=tuple(experts),
+        shared=tuple(shared),
     )
+
+
+def _names_experts(names: list[Any]) -> bool:
+    """Whether any of ``names`` is an expert node (``m3.e5``), so that a model given as
+    the shape is read with its experts as nodes."""
+    for name in names:
+        try:
+            if isinstance(parse_node(name), Expert):
+                return True
+        except (NodeNameError, TypeError):
+            continue  # check_node names the bad one
+    return False
 
 
 def _load(path_or_text: object) -> tuple[Any, str]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from jaxtyping import Float
@@ -42,6 +43,7 @@ from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.circuits.interval import DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, FaithfulnessInterval
 from reuse_lens.circuits.measure import CircuitEvaluator, ranked
 from reuse_lens.nodes import AttentionHead, parse_node, shape_of
+from reuse_lens.patching._experts import RoutingMode, check_routing
 from reuse_lens.patching.activation import activation_patching
 from reuse_lens.patching.attribution import attribution_patching
 from reuse_lens.patching.edges import EdgeScores
@@ -113,6 +115,8 @@ def discover_circuit(
     metric: str | Metric | None = None,
     max_stages: int | None = None,
     memory_budget: MemoryBudget = None,
+    experts: bool = False,
+    routing: RoutingMode = "frozen",
 ) -> Circuit:
     """Find the heads and MLPs (or edges) that the task uses, as a ``Circuit``.
 
@@ -141,6 +145,11 @@ def discover_circuit(
             and to the faithfulness evaluator; by default ``REUSE_LENS_MEMORY_BUDGET``,
             else 2 GiB on the CPU and half the free memory of a GPU (docs/scale.md). It
             changes how the work is chunked, never the circuit.
+        experts: make each expert of a mixture-of-experts MLP a node (``m3.e5``,
+            ``m3.shared``): node circuits from ``activation``, ``eap`` or ``eap-ig``,
+            scored and ablated expert by expert (docs/models.md, "Experts as nodes").
+        routing: with ``experts``, what the routers do in patched and ablated runs:
+            ``frozen`` (the default, each prompt's clean routing) or ``recompute``.
 
     Returns:
         A Circuit with the scores of every scored node (and edge), path stages, and
@@ -168,6 +177,12 @@ def discover_circuit(
         )
     if len(task) == 0:
         raise ValueError(f"task {task.name!r} has no prompts")
+    check_routing(routing)
+    if experts and (level == "edge" or method == "path"):
+        raise ValueError(
+            "experts=True finds node circuits (method 'activation', 'eap' or 'eap-ig', "
+            "level 'node'): expert nodes have no edges"
+        )
     _check_rule(threshold, top_k, target_faithfulness, selection, level)
     if method == "path" and target_faithfulness is not None:
         raise ValueError(
@@ -176,7 +191,13 @@ def discover_circuit(
         )
     resolve_budget(memory_budget)  # a bad budget is refused before any forward pass
     evaluator = CircuitEvaluator(
-        model, task, ablation=ablation, metric=metric, memory_budget=memory_budget
+        model,
+        task,
+        ablation=ablation,
+        metric=metric,
+        memory_budget=memory_budget,
+        experts=experts,
+        routing=routing,
     )
     prep = evaluator.runner.prep
     gap = check_separates(
@@ -192,7 +213,8 @@ def discover_circuit(
         )
         settings.update(rule)
     else:
-        scores = _score(model, task, method, level, ablation, steps, metric, memory_budget)
+        scoring = _Scoring(method, level, ablation, steps, metric, memory_budget, experts, routing)
+        scores = _score(model, task, scoring)
         settings.update(scores.settings)
         settings["ablation"] = ablation
         circuit, rule = _select(
@@ -276,28 +298,41 @@ def _check_rule(
             )
 
 
-def _score(
-    model: TransformerBridge,
-    task: Task,
-    method: str,
-    level: str,
-    ablation: Ablation,
-    steps: int,
-    metric: str | Metric | None,
-    memory_budget: MemoryBudget,
-) -> NodeScores | EdgeScores:
-    if method == "activation":
+@dataclass(frozen=True)
+class _Scoring:
+    """How ``discover_circuit`` scores nodes or edges before it selects them."""
+
+    method: str
+    level: str
+    ablation: Ablation
+    steps: int
+    metric: str | Metric | None
+    memory_budget: MemoryBudget
+    experts: bool
+    routing: RoutingMode
+
+
+def _score(model: TransformerBridge, task: Task, how: _Scoring) -> NodeScores | EdgeScores:
+    if how.method == "activation":
         return activation_patching(
-            model, task, ablation=ablation, metric=metric, memory_budget=memory_budget
+            model,
+            task,
+            ablation=how.ablation,
+            metric=how.metric,
+            memory_budget=how.memory_budget,
+            experts=how.experts,
+            routing=how.routing,
         )
     return attribution_patching(
         model,
         task,
-        method=method,  # type: ignore[arg-type]
-        level=level,  # type: ignore[arg-type]
-        steps=steps,
-        metric=metric,
-        memory_budget=memory_budget,
+        method=how.method,  # type: ignore[arg-type]
+        level=how.level,  # type: ignore[arg-type]
+        steps=how.steps,
+        metric=how.metric,
+        memory_budget=how.memory_budget,
+        experts=how.experts,
+        routing=how.routing,
     )
 
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from reuse_lens._memory import MemoryBudget
 from reuse_lens._validate import check_circuit, check_count, check_fits, check_seed
+from reuse_lens.circuits._checks import CircuitError
 from reuse_lens.circuits.interval import (
     DEFAULT_CONFIDENCE,
     DEFAULT_N_BOOT,
@@ -24,8 +25,9 @@ from reuse_lens.circuits.interval import (
     Resamples,
     check_confidence,
 )
-from reuse_lens.nodes import MLP, AttentionHead, ModelShape, parse_node
+from reuse_lens.nodes import MLP, AttentionHead, Expert, ModelShape, parse_node
 from reuse_lens.patching._common import Engine
+from reuse_lens.patching._experts import RoutingMode
 from reuse_lens.patching.ablation import AblationRunner, InputKind, MeanPositions, NodeMask
 from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.tasks.metrics import MetricError
@@ -84,6 +86,8 @@ class CircuitEvaluator:
         prune: bool = False,
         node_empty: NodeEmpty = "nodes",
         memory_budget: MemoryBudget = None,
+        experts: bool = False,
+        routing: RoutingMode = "frozen",
     ) -> None:
         if node_empty not in ("nodes", "edges"):
             raise ValueError(
@@ -99,6 +103,8 @@ class CircuitEvaluator:
             engine=engine,
             mean_positions=mean_positions,
             memory_budget=memory_budget,
+            experts=experts,
+            routing=routing,
         )
         self.prune = bool(prune)
         self.node_empty: NodeEmpty = node_empty
@@ -109,8 +115,15 @@ class CircuitEvaluator:
         self.full = self.runner.full
         self._empty: dict[Level, float] = {}
         self._empty_values: dict[Level, Tensor] = {}
-        self._index = GraphIndex(self.shape)
+        self._graph: GraphIndex | None = None
         self._resamples: dict[tuple[float, int, int], Resamples] = {}
+
+    @property
+    def _index(self) -> GraphIndex:
+        """The edge graph, built on first use (a shape with expert nodes has none)."""
+        if self._graph is None:
+            self._graph = GraphIndex(self.shape)
+        return self._graph
 
     def empty(self, level: Level) -> float:
         """The metric with everything ablated at ``level``."""
@@ -187,6 +200,13 @@ class CircuitEvaluator:
     def check(self, circuit: object, arg: str = "circuit") -> Circuit:
         """The circuit, if it is one and was made for a model of this model's shape."""
         checked = check_circuit(circuit, arg)
+        if bool(checked.shape.experts) != bool(self.shape.experts):
+            has = "has" if checked.shape.experts else "has no"
+            raise CircuitError(
+                f"{arg} {has} expert nodes (m3.e5) and this evaluation "
+                f"{'does not' if checked.shape.experts else 'does'}: evaluate it with "
+                f"experts={bool(checked.shape.experts)}"
+            )
         checked.check(self.shape)  # names the nodes a smaller model lacks
         check_fits(checked, self.shape, arg)
         return checked
@@ -273,7 +293,7 @@ class CircuitEvaluator:
 
 
 def node_mask(shape: ModelShape, nodes: Iterable[str]) -> NodeMask:
-    """The keep-mask of a node circuit: True for the named heads and MLPs."""
+    """The keep-mask of a node circuit: True for the named heads, MLPs and experts."""
     mask = NodeMask.full(shape, keep=False)
     for name in nodes:
         node = parse_node(name)
@@ -282,6 +302,8 @@ def node_mask(shape: ModelShape, nodes: Iterable[str]) -> NodeMask:
             mask.heads[node.layer, node.head] = True
         elif isinstance(node, MLP) and mask.mlps is not None:
             mask.mlps[node.layer] = True
+        elif isinstance(node, Expert) and mask.experts is not None:
+            mask.experts[node.layer, shape.column(node)] = True
     return mask
 
 

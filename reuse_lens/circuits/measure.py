@@ -41,8 +41,9 @@ from reuse_lens.circuits.interval import (
     FaithfulnessInterval,
     check_confidence,
 )
-from reuse_lens.nodes import MLP, AttentionHead, edges_of
+from reuse_lens.nodes import MLP, AttentionHead, Expert, edges_of
 from reuse_lens.patching._common import Engine
+from reuse_lens.patching._experts import RoutingMode
 from reuse_lens.patching.ablation import InputKind, MeanPositions
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.scores import NodeScores
@@ -102,6 +103,7 @@ def faithfulness(
     confidence: float = DEFAULT_CONFIDENCE,
     n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
+    routing: RoutingMode = "frozen",
 ) -> float: ...
 
 
@@ -126,6 +128,7 @@ def faithfulness(
     confidence: float = DEFAULT_CONFIDENCE,
     n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
+    routing: RoutingMode = "frozen",
 ) -> FaithfulnessInterval: ...
 
 
@@ -149,6 +152,7 @@ def faithfulness(
     confidence: float = DEFAULT_CONFIDENCE,
     n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
+    routing: RoutingMode = "frozen",
 ) -> float | FaithfulnessInterval:
     """The circuit's share of the task's behaviour: 1.0 = the full model, 0.0 = all ablated.
 
@@ -189,6 +193,9 @@ def faithfulness(
         confidence: the interval's coverage, in (0, 1).
         n_boot: the interval's bootstrap draws.
         seed: the draws' seed: the same seed gives the same interval.
+        routing: for a circuit of expert nodes (``m3.e5``), what the routers do in the
+            ablated run: keep each prompt's clean routing (``frozen``, the default) or
+            route what they read (``recompute``); docs/models.md, "Experts as nodes".
 
     Returns:
         The faithfulness, a float; with ``interval=True`` a ``FaithfulnessInterval``
@@ -221,6 +228,8 @@ def faithfulness(
         prune=prune,
         node_empty=node_empty,
         memory_budget=memory_budget,
+        experts=bool(circuit.shape.experts),
+        routing=routing,
     )
     if check_task:  # a faithfulness of a task the model does not do divides noise by noise
         prep = evaluator.runner.prep
@@ -342,6 +351,7 @@ def faithfulness_curve(
         prune=prune,
         node_empty=node_empty,
         memory_budget=memory_budget,
+        experts=isinstance(scores, NodeScores) and scores.expert_shape is not None,
     )
     order = ranked(scores, absolute=absolute)
     if not order:
@@ -409,7 +419,12 @@ def random_baseline(
     seed = check_seed(seed)
     check_circuit(circuit)
     evaluator = evaluator or CircuitEvaluator(
-        model, task, ablation=ablation, metric=metric, memory_budget=memory_budget
+        model,
+        task,
+        ablation=ablation,
+        metric=metric,
+        memory_budget=memory_budget,
+        experts=bool(circuit.shape.experts),
     )
     evaluator.check(circuit)
     rng = np.random.default_rng(seed)
@@ -423,7 +438,7 @@ def random_baseline(
     else:
         shape = evaluator.shape
         heads = [n_.name for n_ in shape.nodes() if isinstance(n_, AttentionHead)]
-        mlps = [n_.name for n_ in shape.nodes() if isinstance(n_, MLP)]
+        mlps = [n_.name for n_ in shape.nodes() if isinstance(n_, MLP | Expert)]
         n_heads, n_mlps = len(circuit.heads), len(circuit.mlps)
         size = len(circuit.nodes)
         sets = [

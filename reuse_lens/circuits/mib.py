@@ -95,6 +95,11 @@ def to_mib_dict(
     them first; with ``--absolute`` MIB ranks by |score| as ``faithfulness_curve`` does.
     ``sign="reuse_lens"`` writes them as the circuit holds them. Our block records which.
     """
+    if circuit.shape.experts:
+        raise CircuitError(
+            "MIB's circuit format has one node per MLP and no experts: this circuit has "
+            "expert nodes (m3.e5); save it with to_json, or find it with experts=False"
+        )
     flip = _check_sign(sign) == "mib"
     kept = circuit.nodes | {"input", "logits"}
     all_edges = edges_of(circuit.shape)

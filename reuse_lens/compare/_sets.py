@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from reuse_lens.nodes import MLP, AttentionHead, ModelShape, parse_node
+from reuse_lens.nodes import MLP, AttentionHead, Expert, ModelShape, forward_order, parse_node
 
 if TYPE_CHECKING:
     from reuse_lens.circuits.circuit import Circuit
@@ -66,13 +66,11 @@ def check_kind(kind: str) -> Kind:
 
 
 def node_key(name: str) -> tuple[int, int, int]:
-    """Forward order: a layer's heads by index, then its MLP."""
+    """Forward order: a layer's heads by index, then its MLP (or its experts)."""
     node = parse_node(name)
-    if isinstance(node, AttentionHead):
-        return (node.layer, 0, node.head)
-    if isinstance(node, MLP):
-        return (node.layer, 1, 0)
-    raise ValueError(f"{name!r} is an edge end, not a head or MLP")
+    if not isinstance(node, AttentionHead | MLP | Expert):
+        raise ValueError(f"{name!r} is an edge end, not a head or MLP")
+    return forward_order(node)
 
 
 def sorted_nodes(nodes: Iterable[str]) -> list[str]:
@@ -100,7 +98,7 @@ def canonical(name: str | Node, shape: ModelShape, where: str) -> str:
     """The canonical name of a head or MLP of ``shape``; a ValueError says ``where`` it was."""
     try:
         node = parse_node(name)
-        if not isinstance(node, AttentionHead | MLP):
+        if not isinstance(node, AttentionHead | MLP | Expert):
             raise ValueError(f"{node.name!r} is an edge end, not a head or MLP")
         shape.check(node)
     except ValueError as error:

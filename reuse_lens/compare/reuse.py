@@ -162,7 +162,13 @@ def cross_task_faithfulness(
     """
     _check_maps(circuits, tasks)
     evaluators = {
-        name: CircuitEvaluator(model, task, ablation=ablation, memory_budget=memory_budget)
+        name: CircuitEvaluator(
+            model,
+            task,
+            ablation=ablation,
+            memory_budget=memory_budget,
+            experts=_with_experts(circuits),
+        )
         for name, task in tasks.items()
     }
     rows = {
@@ -193,7 +199,11 @@ def cross_model_faithfulness(
     for c_name, circuit in circuits.items():
         rows[c_name] = {
             m_name: CircuitEvaluator(
-                model, tasks[c_name], ablation=ablation, memory_budget=memory_budget
+                model,
+                tasks[c_name],
+                ablation=ablation,
+                memory_budget=memory_budget,
+                experts=bool(circuit.shape.experts),
             )(circuit, "node")
             for m_name, model in models.items()
         }
@@ -222,7 +232,13 @@ def cross_task_ablation(
     if kind not in ("heads", "all"):
         raise ValueError(f"kind must be 'heads' or 'all', got {kind!r}")
     evaluators = {
-        name: CircuitEvaluator(model, task, ablation=ablation, memory_budget=memory_budget)
+        name: CircuitEvaluator(
+            model,
+            task,
+            ablation=ablation,
+            memory_budget=memory_budget,
+            experts=_with_experts(circuits),
+        )
         for name, task in tasks.items()
     }
     rows: dict[str, dict[str, float]] = {}
@@ -234,3 +250,8 @@ def cross_task_ablation(
         rest = sorted(everything - removed)
         rows[c_name] = {t_name: 1.0 - ev.nodes([rest])[0] for t_name, ev in evaluators.items()}
     return _frame(rows)
+
+
+def _with_experts(circuits: Mapping[str, Circuit]) -> bool:
+    """Whether the circuits are of expert nodes (``m3.e5``): their evaluations must be."""
+    return any(circuit.shape.experts for circuit in circuits.values())

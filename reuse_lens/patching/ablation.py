@@ -59,6 +59,7 @@ from reuse_lens.patching._common import (
     zero_cache,
 )
 from reuse_lens.patching._edge_forward import run_edges
+from reuse_lens.patching._experts import ExpertRuns, Plan, RoutingMode, check_routing
 from reuse_lens.patching._forward import Weights
 from reuse_lens.patching._hook_edges import HookEdges
 from reuse_lens.patching._hooks import HookSources, hook_name
@@ -109,15 +110,23 @@ MEAN_POSITIONS: tuple[str, ...] = ("real", "padded")
 
 @dataclass(frozen=True)
 class NodeMask:
-    """Which heads and MLPs a node circuit keeps: True = kept, False = ablated."""
+    """Which heads and MLPs a node circuit keeps: True = kept, False = ablated.
+
+    ``experts`` is set for a shape with expert nodes: ``(layer, column)``, the columns of
+    ``ModelShape.column``; there ``mlps`` is read only at the layers not split into
+    experts.
+    """
 
     heads: Bool[Tensor, "layer head_index"]
     mlps: Bool[Tensor, " layer"] | None
+    experts: Bool[Tensor, "layer column"] | None = None
 
     @classmethod
     def full(cls, shape: ModelShape, keep: bool = True) -> NodeMask:
         heads = torch.full((shape.n_layers, shape.n_heads), keep)
-        return cls(heads, torch.full((shape.n_layers,), keep) if shape.has_mlps else None)
+        mlps = torch.full((shape.n_layers,), keep) if shape.has_mlps else None
+        experts = torch.full((shape.n_layers, shape.n_columns), keep) if shape.experts else None
+        return cls(heads, mlps, experts)
 
 
 class AblationRunner:
@@ -146,7 +155,15 @@ class AblationRunner:
         input_node: InputKind = "embeddings",
         mean_positions: MeanPositions = "real",
         memory_budget: MemoryBudget = None,
+        experts: bool = False,
+        routing: RoutingMode = "frozen",
     ) -> None:
+        check_routing(routing)
+        if experts and engine == "functional":
+            raise ValueError(
+                "expert nodes are patched through hooks on the bridge (each mixture runs its "
+                "own router and experts): use engine='auto' or 'hooks' with experts=True"
+            )
         if ablation not in _ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}: choose 'mean', 'resample' or 'zero'")
         if input_node not in INPUT_NODES:
@@ -170,10 +187,14 @@ class AblationRunner:
         if len(task) == 0:
             raise ValueError(f"task {task.name!r} has no prompts: load it with n >= 1")
         self.ablation = ablation
-        self.shape = shape_of(model)  # first: it refuses models without attention heads
+        # First: it refuses models without attention heads (and, for experts, without
+        # a mixture of experts).
+        self.shape = shape_of(model, experts=experts)
         self.budget = resolve_budget(memory_budget, model.cfg.device)
         if batch_size is not None:
             rows_per_chunk(model, 1, batch_size, self.budget)  # refuses a bad one now
+        if experts:
+            engine = "hooks"
         self.prep: Prepared = prepare(model, task, metric, engine=engine, budget=self.budget)
         self.batch_size = batch_size
         self._width = int(self.prep.clean.shape[1])
@@ -187,6 +208,13 @@ class AblationRunner:
         self._sources: Sources | None = None
         self._hook_sources: HookSources | None = None
         self._edges_by_hooks: HookEdges | None = None
+        self._experts: ExpertRuns | None = None
+        if experts:
+            self._experts = ExpertRuns(model, routing)
+            clean_terms = self._experts.set_clean(self.prep.clean)
+            self._experts.set_sources(
+                ablation, clean_terms, self.prep.corrupted, self._mean_lengths
+            )
         with torch.no_grad():
             if self.prep.weights is not None:
                 forward_row = Shapes.of(model, self._width).forward_row()
@@ -202,6 +230,11 @@ class AblationRunner:
     @property
     def engine(self) -> str:
         return "functional" if self.prep.weights is not None else "hooks"
+
+    @property
+    def routing(self) -> RoutingMode | None:
+        """The routing of expert nodes (``_experts``), None without them."""
+        return None if self._experts is None else self._experts.routing
 
     def circuits_per_pass(self, level: Literal["node", "edge"]) -> int:
         """How many circuits one pass of the engine evaluates on every prompt (at least 1)."""
@@ -241,9 +274,12 @@ class AblationRunner:
         )
         shapes = Shapes.of(self.prep.model, self._width)
         step = self._per_chunk(shapes.forward_row(), "row of a forward pass")
+        experts = None
+        if self.shape.experts:
+            experts = torch.stack([m.experts for m in batch]).to(self.prep.clean.device)  # type: ignore[misc]
         w = self.prep.weights
         if w is None:
-            self._node_values_hooks(heads, mlps, step, values)
+            self._node_values_hooks(heads, mlps, experts, step, values)
             return values
         # A pass holds whole circuits on every prompt when they fit, else one circuit on
         # as many prompts as fit.
@@ -273,6 +309,7 @@ class AblationRunner:
         self,
         heads: Bool[Tensor, "circuit layer head_index"],
         mlps: Bool[Tensor, "circuit layer"] | None,
+        experts: Bool[Tensor, "circuit layer column"] | None,
         step: int,
         values: Float[Tensor, "circuit prompt"],
     ) -> None:
@@ -287,7 +324,8 @@ class AblationRunner:
             rows = slice(start, min(start + step, total))
             prompt, circuit = prompt_of[rows], circuit_of[rows]
             keep_m = None if mlps is None else mlps[circuit]
-            logits = self._node_logits_hooks(prompt, heads[circuit], keep_m)
+            keep_e = None if experts is None else experts[circuit]
+            logits = self._node_logits_hooks(prompt, heads[circuit], keep_m, keep_e)
             flat[rows] = self.prep.score(logits, prompt).cpu()
 
     def _check_node_mask(self, mask: NodeMask) -> None:
@@ -298,12 +336,21 @@ class AblationRunner:
             )
         if (mask.mlps is None) != (not self.shape.has_mlps):
             raise ValueError("an MLP mask must be given exactly when the model has MLPs")
+        columns = (self.shape.n_layers, self.shape.n_columns)
+        if (mask.experts is None) != (not self.shape.experts) or (
+            mask.experts is not None and tuple(mask.experts.shape) != columns
+        ):
+            raise ValueError(
+                f"an expert mask of shape {columns} must be given exactly when the circuit "
+                "has expert nodes (experts=True)"
+            )
 
     def _node_logits_hooks(
         self,
         prompt: Int[Tensor, " rows"],
         keep_h: Bool[Tensor, "rows layer head_index"],
         keep_m: Bool[Tensor, "rows layer"] | None,
+        keep_e: Bool[Tensor, "rows layer column"] | None = None,
     ) -> Float[Tensor, "rows d_vocab"]:
         assert self._hook_sources is not None
         sources = self._hook_sources
@@ -330,13 +377,36 @@ class AblationRunner:
             (hook_name(layer, "out"), heads_hook(layer)) for layer in range(self.shape.n_layers)
         ]
         if keep_m is not None:
-            hooks += [
-                (hook_name(layer, "mlp"), mlp_hook(layer)) for layer in range(self.shape.n_layers)
-            ]
+            # A layer split into experts is ablated expert by expert, below, not whole.
+            whole = [layer for layer in range(self.shape.n_layers) if not self.shape.split(layer)]
+            hooks += [(hook_name(layer, "mlp"), mlp_hook(layer)) for layer in whole]
         tokens = self.prep.clean[prompt]
-        logits = self.prep.model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
+        if self._experts is None:
+            logits = self.prep.model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
+        else:
+            assert keep_e is not None
+            plan = Plan(prompt=prompt, keep=self._expert_keep(keep_e))
+            with self._experts.active(plan):
+                logits = self.prep.model.run_with_hooks(
+                    tokens, fwd_hooks=hooks, return_type="logits"
+                )
         rows = torch.arange(len(prompt), device=prompt.device)
         return logits[rows, self.prep.answer_pos[prompt]].float()
+
+    def _expert_keep(
+        self, keep_e: Bool[Tensor, "rows layer column"]
+    ) -> dict[int, Bool[Tensor, "rows column"]]:
+        """Per split layer, the expert columns each row keeps; layers that keep every
+        expert in every row are left out (their mixture runs as it is)."""
+        out: dict[int, Tensor] = {}
+        for layer in range(self.shape.n_layers):
+            if not self.shape.split(layer):
+                continue
+            columns = [self.shape.column(e) for e in self.shape.experts_of(layer)]
+            keep = keep_e[:, layer, columns]  # the columns of this layer's experts, in order
+            if not bool(keep.all()):
+                out[layer] = keep
+        return out
 
     # ---- edge circuits --------------------------------------------------------------
 
@@ -353,6 +423,11 @@ class AblationRunner:
         The functional engine stacks circuits and prompts along the batch, as many
         (circuit, prompt) rows a pass as the budget holds; hooks run one circuit a pass.
         """
+        if self.shape.experts:
+            raise NotImplementedError(
+                "edge circuits are not evaluated with expert nodes (experts=True): evaluate a "
+                "node circuit, or an edge circuit with MLP-level nodes (experts=False)"
+            )
         w = self.prep.weights
         if w is not None and (why := w.spec.edge_unsupported()) is not None:
             raise NotImplementedError(

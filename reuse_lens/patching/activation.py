@@ -35,8 +35,10 @@ from reuse_lens.patching._common import (
     rows_per_chunk,
     zero_cache,
 )
+from reuse_lens.patching._experts import RoutingMode, check_routing
 from reuse_lens.patching._forward import RunCache, Weights
 from reuse_lens.patching._hooks import HookSources, check_pattern_edits, hook_logits
+from reuse_lens.patching.experts import expert_activation_patching
 from reuse_lens.patching.scores import NodeScores
 
 if TYPE_CHECKING:
@@ -102,6 +104,8 @@ def activation_patching(
     batch_size: int | None = None,
     engine: Engine = "auto",
     memory_budget: MemoryBudget = None,
+    experts: bool = False,
+    routing: RoutingMode = "frozen",
 ) -> NodeScores:
     """Patch each node's activation and measure how the task metric moves.
 
@@ -134,6 +138,12 @@ def activation_patching(
             chunk of rows may hold on top of the weights; by default
             ``REUSE_LENS_MEMORY_BUDGET``, else 2 GiB on the CPU and half the free memory
             of a GPU (docs/scale.md). Chunking never changes the scores.
+        experts: make each expert of a mixture-of-experts MLP a node (``m3.e5``,
+            ``m3.shared``) in place of the whole MLP; ``nodes="mlps"`` then means the
+            experts and any dense MLPs. Noising, ``component="out"``, all positions,
+            through hooks (docs/models.md, "Experts as nodes").
+        routing: with ``experts``, ``frozen`` (the default) keeps each prompt's clean
+            routing in every patched run; ``recompute`` lets the router see the patch.
 
     Returns:
         ``NodeScores`` with ``method="activation"``. ``heads``/``mlps`` hold
@@ -162,6 +172,19 @@ def activation_patching(
         raise ValueError(
             f"denoising patches the clean run's activations into the corrupted run, so it "
             f"takes no ablation; got ablation={ablation!r}. Use ablation='resample'."
+        )
+    check_routing(routing)
+    if experts:
+        _check_expert_options(direction, per_position, component, engine)
+        return expert_activation_patching(
+            model,
+            task,
+            nodes=nodes,
+            ablation=ablation,
+            routing=routing,
+            metric=metric,
+            batch_size=batch_size,
+            memory_budget=memory_budget,
         )
     return _activation_patching(
         model,
@@ -283,6 +306,23 @@ def _activation_patching(
             "n_prompts": prep.n,
         },
     )
+
+
+def _check_expert_options(direction: str, per_position: bool, component: str, engine: str) -> None:
+    """Refuse, naming it, an option that expert nodes do not take."""
+    asked = {
+        "direction='denoising'": direction == "denoising",
+        "per_position=True": per_position,
+        f"component={component!r}": component != "out",
+        "engine='functional'": engine == "functional",
+    }
+    refused = [name for name, bad in asked.items() if bad]
+    if refused:
+        raise ValueError(
+            f"experts=True patches each node's output at every position in the noising "
+            f"direction, through hooks; it does not take {', '.join(refused)}. Drop "
+            "experts=True for those options (each MLP is then one node)."
+        )
 
 
 def select_nodes(

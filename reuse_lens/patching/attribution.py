@@ -25,6 +25,7 @@ kept apart exactly although they share one LayerNorm. See docs/attribution.md.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -50,6 +51,7 @@ from reuse_lens.nodes import (
 )
 from reuse_lens.patching._attribution_functional import attribute_edges, functional_weights
 from reuse_lens.patching._common import ENGINES, Engine
+from reuse_lens.patching._experts import ExpertRuns, Plan, RoutingMode, check_routing
 from reuse_lens.patching._hook_edges import EDGE_INPUT_HOOK, edge_refusal, mlp_norm
 from reuse_lens.patching._hook_geometry import head_output_scale
 from reuse_lens.patching._hooks import whole_projection_qk_norm
@@ -86,6 +88,8 @@ def attribution_patching(
     batch_size: int | None = None,
     engine: Engine = "auto",
     memory_budget: MemoryBudget = None,
+    experts: bool = False,
+    routing: RoutingMode = "frozen",
 ) -> NodeScores | EdgeScores:
     """Estimate the effect of every head and MLP (or every edge) by attribution patching.
 
@@ -111,6 +115,12 @@ def attribution_patching(
             input and every sender's delta); by default ``REUSE_LENS_MEMORY_BUDGET``,
             else 2 GiB on the CPU and half the free memory of a GPU (docs/scale.md).
             Scores are sums over prompts, so the chunking does not change them.
+        experts: at node level, score each expert of a mixture-of-experts MLP (``m3.e5``,
+            ``m3.shared``) in place of the whole MLP: its term's change times the
+            gradient of its block's output (docs/models.md, "Experts as nodes").
+        routing: with ``experts``, ``frozen`` (the default) differentiates every run
+            with each prompt's clean routing held fixed; ``recompute`` lets the
+            gradient flow through the routers' weights as well.
 
     Returns:
         NodeScores (heads (layer, head_index), MLPs (layer,)) at node level, EdgeScores at
@@ -143,6 +153,12 @@ def attribution_patching(
         )
     if per_position and level == "edge":
         raise ValueError("per_position=True is only available at level='node'")
+    check_routing(routing)
+    if experts and level == "edge":
+        raise ValueError(
+            "experts=True scores nodes: expert nodes have no edges. Use level='node', or "
+            "experts=False for edges between whole MLPs"
+        )
     if model.training:
         # Dropout would make the clean and corrupted runs differ by noise.
         raise ValueError("the model is in training mode: call model.eval() first")
@@ -167,6 +183,7 @@ def attribution_patching(
         batch_size=batch_size,
         budget=budget,
         engine=engine,
+        routing=routing if experts else None,
     )
     settings: dict[str, Any] = {
         "method": method,
@@ -177,6 +194,8 @@ def attribution_patching(
         "n_prompts": len(task),
         "engine": result.engine,
     }
+    if experts:
+        settings.update(experts=True, routing=routing)
     if level == "edge":
         assert result.edge_matrix is not None  # _attribute filled it when asked
         graph = edges_of(result.shape)
@@ -192,16 +211,37 @@ def attribution_patching(
             method=method,
             settings=settings,
         )
+    mlps = None if result.mlps_by_pos is None else result.mlps_by_pos.sum(0)
+    expert_scores = None
+    if result.experts_by_pos is not None:
+        split = torch.tensor([result.shape.split(layer) for layer in range(result.shape.n_layers)])
+        assert mlps is not None
+        mlps = torch.where(split, float("nan"), mlps)  # those MLPs are their experts here
+        expert_scores = _expert_table(result.shape, result.experts_by_pos.sum(0))
     return NodeScores(
         heads=result.heads_by_pos.sum(0),
-        mlps=None if result.mlps_by_pos is None else result.mlps_by_pos.sum(0),
+        mlps=mlps,
         clean=result.clean,
         corrupted=result.corrupted,
         method=method,
         heads_by_pos=result.heads_by_pos if per_position else None,
-        mlps_by_pos=result.mlps_by_pos if per_position else None,
+        mlps_by_pos=result.mlps_by_pos if per_position and expert_scores is None else None,
         settings=settings,
+        experts=expert_scores,
+        expert_shape=result.shape if expert_scores is not None else None,
     )
+
+
+def _expert_table(
+    shape: ModelShape, scores: Float[Tensor, "layer column"]
+) -> Float[Tensor, "layer column"]:
+    """``scores`` with NaN in the columns a layer has no expert for."""
+    table = torch.full_like(scores, float("nan"))
+    for layer in range(shape.n_layers):
+        for expert in shape.experts_of(layer):
+            column = shape.column(expert)
+            table[layer, column] = scores[layer, column]
+    return table
 
 
 # ---- the computation ----------------------------------------------------------------------
@@ -216,6 +256,7 @@ class _Result:
     corrupted: float
     edge_matrix: Float[Tensor, "sender receiver"] | None = None
     engine: str = "hooks"
+    experts_by_pos: Float[Tensor, "pos layer column"] | None = None
 
 
 @dataclass
@@ -272,8 +313,10 @@ def _attribute(
     batch_size: int | None,
     budget: int,
     engine: Engine = "auto",
+    routing: RoutingMode | None = None,
 ) -> _Result:
-    shape = shape_of(model)
+    shape = shape_of(model, experts=routing is not None)
+    experts = None if routing is None else ExpertRuns(model, routing)
     shapes = Shapes.of(model, int(task.clean.shape[1]))
     if edges and engine != "hooks":
         functional = functional_weights(model, task, metric_fn, engine)
@@ -317,6 +360,7 @@ def _attribute(
     width = int(task.clean.shape[1])
     heads = torch.zeros(width, shape.n_layers, shape.n_heads)
     mlps = torch.zeros(width, shape.n_layers) if shape.has_mlps else None
+    by_expert = torch.zeros(width, shape.n_layers, shape.n_columns) if experts else None
     index = GraphIndex(shape) if edges else None
     matrix = torch.zeros(index.n_senders, index.n_receivers) if index is not None else None
     clean_total = corrupted_total = 0.0
@@ -330,9 +374,19 @@ def _attribute(
         for start in starts:
             chunk = task.select(list(range(start, min(start + batch_size, n)))).to(device)
             out = _attribute_chunk(
-                model, chunk, metric_fn, shape, weights, index, n_steps=n_steps, bar=bar
+                model,
+                chunk,
+                metric_fn,
+                shape,
+                weights,
+                index,
+                n_steps=n_steps,
+                bar=bar,
+                experts=experts,
             )
             w = int(chunk.clean.shape[1])
+            if by_expert is not None and out.experts_by_pos is not None:
+                by_expert[:w] += out.experts_by_pos.cpu()
             heads[:w] += out.heads_by_pos.cpu()
             if mlps is not None and out.mlps_by_pos is not None:
                 mlps[:w] += out.mlps_by_pos.cpu()
@@ -348,6 +402,7 @@ def _attribute(
         clean=clean_total / n,
         corrupted=corrupted_total / n,
         edge_matrix=None if matrix is None else matrix / n,
+        experts_by_pos=None if by_expert is None else by_expert / n,
     )
 
 
@@ -397,6 +452,7 @@ class _ChunkOut:
     clean: float
     corrupted: float
     edge_matrix: Float[Tensor, "sender receiver"] | None
+    experts_by_pos: Float[Tensor, "pos layer column"] | None = None
 
 
 _UNEMBED_IN = "unembed.hook_in"
@@ -444,6 +500,7 @@ def _attribute_chunk(
     *,
     n_steps: int,
     bar: Any,
+    experts: ExpertRuns | None = None,
 ) -> _ChunkOut:
     names = _hook_names(shape, mlp_norm(model))
     edges = index is not None
@@ -454,9 +511,18 @@ def _attribute_chunk(
     answer = _AnswerLogits(model, task.answer_pos)
     corrupted = _Capture()
     fwd_corrupted = [corrupted.fwd(h) for h in node_acts] + answer.hooks()
-    with torch.no_grad(), model.hooks(fwd_hooks=fwd_corrupted):
+    corrupted_terms: dict[int, tuple[Any, Tensor]] = {}
+    with (
+        torch.no_grad(),
+        model.hooks(fwd_hooks=fwd_corrupted),
+        _experts_plan(experts, Plan(record=corrupted_terms)),
+    ):
         corrupted_logits = answer.read(model(task.corrupted))
     bar.update(1)
+    # Expert terms: the clean ones, and the clean routing each run of a chunk keeps.
+    clean_terms = {} if experts is None else experts.set_clean(task.clean)
+    expert_grads: dict[int, Tensor] = {}
+    every = torch.arange(len(task), device=task.clean.device)
 
     grad_names = names["z"] + names["mlp_out"]
     step_acts: list[str] = []
@@ -487,9 +553,12 @@ def _attribute_chunk(
         fwd += [run.fwd(h) for h in (node_acts if step == 0 else [])]
         fwd += [run.fwd(h) for h in step_acts]
         fwd += answer.hooks()
+        step_grads: dict[int, Tensor] = {}
+        plan = Plan(prompt=every, grads=step_grads)
         with (
             torch.enable_grad(),
             model.hooks(fwd_hooks=fwd, bwd_hooks=[run.bwd(h) for h in grad_names]),
+            _experts_plan(experts, plan),
         ):
             logits = answer.read(model(task.clean))
             if step == 0:
@@ -513,6 +582,9 @@ def _attribute_chunk(
         for name in names["z"] + names["mlp_out"]:
             g = run.grads[name].float()
             grad_sums[name] = g if name not in grad_sums else grad_sums[name] + g
+        for layer, g in step_grads.items():
+            g = g.float()
+            expert_grads[layer] = g if layer not in expert_grads else expert_grads[layer] + g
         if index is not None and matrix is not None:
             assert deltas is not None
             _accumulate_edges(model, shape, weights, index, run, deltas, matrix)
@@ -537,13 +609,28 @@ def _attribute_chunk(
         for layer, name in enumerate(names["mlp_out"]):
             delta = corrupted.acts[name].float() - clean_acts[name].float()
             mlps[:, layer] = (delta * grad_sums[name]).sum(dim=(0, -1)) / n_steps
+    by_expert = None
+    if experts is not None:
+        by_expert = torch.zeros(width, shape.n_layers, shape.n_columns, device=task.clean.device)
+        for layer, (_, corrupted_layer) in corrupted_terms.items():
+            # Every term of a block has its output's gradient: the output is their sum.
+            delta = corrupted_layer.float() - clean_terms[layer].float()
+            products = delta * expert_grads[layer].unsqueeze(2)
+            columns = [shape.column(e) for e in shape.experts_of(layer)]
+            by_expert[:, layer, columns] = products.sum(dim=(0, -1)) / n_steps
     return _ChunkOut(
         heads_by_pos=heads,
         mlps_by_pos=mlps,
         clean=clean_metric,
         corrupted=float(corrupted_values.sum()),
         edge_matrix=None if matrix is None else matrix / n_steps,
+        experts_by_pos=by_expert,
     )
+
+
+def _experts_plan(experts: ExpertRuns | None, plan: Plan) -> AbstractContextManager[None]:
+    """``plan`` applied to the mixtures in the runs inside, when experts are nodes."""
+    return nullcontext() if experts is None else experts.active(plan)
 
 
 class _InputPoint:

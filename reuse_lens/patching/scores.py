@@ -15,7 +15,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from reuse_lens.nodes import MLP, AttentionHead, ModelShape, Node, NodeNameError, parse_node
+from reuse_lens.nodes import (
+    MLP,
+    AttentionHead,
+    Expert,
+    ModelShape,
+    Node,
+    NodeNameError,
+    parse_node,
+)
 from reuse_lens.tasks.metrics import MetricError
 
 __all__ = ["NodeScores"]
@@ -36,6 +44,11 @@ class NodeScores:
             method was asked for them; positions are absolute token positions.
         mlps_by_pos: per-position MLP effects, shape (pos, layer), likewise.
         settings: the options the method ran with, for the record.
+        experts: effect of each expert node, shape (layer, column) in the columns of
+            ``ModelShape.column`` (the shared expert after the routed ones), when the
+            scores are expert by expert (``experts=True``); ``mlps`` is then NaN at the
+            layers split into experts.
+        expert_shape: the shape with expert nodes that ``experts`` follows.
     """
 
     heads: Float[Tensor, "layer head_index"]
@@ -46,6 +59,8 @@ class NodeScores:
     heads_by_pos: Float[Tensor, "pos layer head_index"] | None = None
     mlps_by_pos: Float[Tensor, "pos layer"] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    experts: Float[Tensor, "layer column"] | None = None
+    expert_shape: ModelShape | None = None
 
     @classmethod
     def from_mapping(
@@ -62,6 +77,9 @@ class NodeScores:
         where a node has no score."""
         heads = torch.full((shape.n_layers, shape.n_heads), float("nan"))
         mlps = torch.full((shape.n_layers,), float("nan")) if shape.has_mlps else None
+        experts = (
+            torch.full((shape.n_layers, shape.n_columns), float("nan")) if shape.experts else None
+        )
         for name, value in scores.items():
             node = parse_node(name)
             shape.check(node)
@@ -69,10 +87,23 @@ class NodeScores:
                 heads[node.layer, node.head] = float(value)
             elif isinstance(node, MLP) and mlps is not None:
                 mlps[node.layer] = float(value)
-        return cls(heads, mlps, clean, corrupted, method, settings=dict(settings or {}))
+            elif isinstance(node, Expert) and experts is not None:
+                experts[node.layer, shape.column(node)] = float(value)
+        return cls(
+            heads,
+            mlps,
+            clean,
+            corrupted,
+            method,
+            settings=dict(settings or {}),
+            experts=experts,
+            expert_shape=shape if shape.experts else None,
+        )
 
     @property
     def shape(self) -> ModelShape:
+        if self.expert_shape is not None:
+            return self.expert_shape
         n_layers, n_heads = self.heads.shape
         return ModelShape(int(n_layers), int(n_heads), self.mlps is not None)
 
@@ -88,6 +119,9 @@ class NodeScores:
         if isinstance(parsed, MLP):
             assert self.mlps is not None  # shape.check refused MLPs of attention-only models
             return float(self.mlps[parsed.layer])
+        if isinstance(parsed, Expert):
+            assert self.experts is not None  # shape.check refused experts without a split
+            return float(self.experts[parsed.layer, self.shape.column(parsed)])
         raise NodeNameError(f"{parsed.name!r} has no score: only heads and MLPs are scored")
 
     def as_dict(self) -> dict[str, float]:
@@ -119,6 +153,8 @@ class NodeScores:
             heads_by_pos=scale(self.heads_by_pos),
             mlps_by_pos=scale(self.mlps_by_pos),
             settings={**self.settings, "normalized": True},
+            experts=scale(self.experts),
+            expert_shape=self.expert_shape,
         )
 
     def top(self, k: int, *, by_abs: bool = True) -> list[tuple[str, float]]:

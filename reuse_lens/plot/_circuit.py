@@ -17,7 +17,9 @@ from reuse_lens.plot._common import (
     finish,
     fmt,
     grid_cell,
+    grid_labels,
     grid_names,
+    grid_width,
 )
 
 if TYPE_CHECKING:
@@ -124,7 +126,7 @@ def circuit_diagram(
 
 def _position(end: Endpoint, shape: ModelShape) -> tuple[float, float]:
     """Where a node or an end of the residual stream is drawn."""
-    middle = (shape.n_heads - (0 if shape.has_mlps else 1)) / 2  # centre of the columns
+    middle = (grid_width(shape) - (1 if shape.has_mlps else 2)) / 2  # centre of the columns
     if isinstance(end, InputNode):
         return middle, -1.0
     if isinstance(end, LogitsNode):
@@ -311,8 +313,8 @@ def _add_scored_nodes(
 def _layout(fig: go.Figure, shape: ModelShape, *, ends: bool = True) -> None:
     """Axes: heads (and the MLP column) across, layers up; with ``ends``, the input below
     layer 0 and the logits above the last layer."""
-    columns = list(range(shape.n_heads + (1 if shape.has_mlps else 0)))
-    labels = [str(h) for h in range(shape.n_heads)] + ([MLP_LABEL] if shape.has_mlps else [])
+    width = grid_width(shape) - (0 if shape.has_mlps else 1)  # no MLP column without MLPs
+    columns, labels = list(range(width)), grid_labels(shape)[:width]
     layers = list(map(str, range(shape.n_layers)))
     if ends:
         rows = list(range(-1, shape.n_layers + 1))

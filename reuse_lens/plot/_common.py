@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reuse_lens.nodes import MLP, AttentionHead, parse_node
+from reuse_lens.nodes import MLP, AttentionHead, Expert, parse_node
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -49,37 +49,61 @@ def to_numpy(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=float)
 
 
+def grid_width(shape: ModelShape) -> int:
+    """Columns of the grid: the heads, then the MLP (or, with expert nodes, its experts)."""
+    return shape.n_heads + (shape.n_columns if shape.experts else 1)
+
+
 def grid_cell(node: str, shape: ModelShape) -> tuple[int, int]:
-    """(row, column) of a head or MLP in the grid of a model of ``shape``."""
+    """(row, column) of a head, MLP or expert in the grid of a model of ``shape``.
+
+    With expert nodes, the columns after the heads are the experts (``ModelShape.column``:
+    shared experts last); a layer whose MLP is dense has it in the first of them.
+    """
     parsed = parse_node(node)
     if isinstance(parsed, AttentionHead):
         return parsed.layer, parsed.head
     if isinstance(parsed, MLP):
         return parsed.layer, shape.n_heads
+    if isinstance(parsed, Expert):
+        return parsed.layer, shape.n_heads + shape.column(parsed)
     raise ValueError(f"{node!r} is an edge end, not a head or MLP; it has no grid cell")
 
 
 def grid_names(shape: ModelShape) -> list[list[str | None]]:
-    """The node name of every grid cell, ``None`` in the MLP column of attention-only models."""
+    """The node name of every grid cell, ``None`` where there is no node (the MLP column of
+    attention-only models, an expert column a layer lacks)."""
     rows: list[list[str | None]] = []
     for layer in range(shape.n_layers):
-        heads: list[str | None] = [f"a{layer}.h{head}" for head in range(shape.n_heads)]
-        rows.append([*heads, f"m{layer}" if shape.has_mlps else None])
+        row: list[str | None] = [None] * grid_width(shape)
+        for node in shape.nodes():
+            if node.layer == layer:
+                row[grid_cell(node.name, shape)[1]] = node.name
+        rows.append(row)
     return rows
 
 
+def grid_labels(shape: ModelShape) -> list[str]:
+    """The grid's column labels: head numbers, then ``MLP`` or the experts."""
+    heads = [str(head) for head in range(shape.n_heads)]
+    if not shape.experts:
+        return [*heads, MLP_LABEL]
+    routed = [f"e{k}" for k in range(max(shape.experts))]
+    return heads + routed + (["shared"] if any(shape.shared) else [])
+
+
 def grid_axes(fig: go.Figure, shape: ModelShape, **where: Any) -> None:
-    """Label the grid's axes: heads and an MLP column across, layers up (layer 0 at bottom).
+    """Label the grid's axes: heads and an MLP column (or the experts) across, layers up
+    (layer 0 at bottom).
 
     ``where`` passes ``row``/``col`` through when the grid is one panel of subplots.
     """
-    columns = list(range(shape.n_heads + 1))
-    labels = [str(head) for head in range(shape.n_heads)] + [MLP_LABEL]
+    width = grid_width(shape)
     fig.update_xaxes(
-        title_text="head",
-        tickvals=columns,
-        ticktext=labels,
-        range=[-0.5, shape.n_heads + 0.5],
+        title_text="head, then expert" if shape.experts else "head",
+        tickvals=list(range(width)),
+        ticktext=grid_labels(shape),
+        range=[-0.5, width - 0.5],
         **where,
     )
     fig.update_yaxes(

@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import plotly.graph_objects as go
 
-from reuse_lens.plot._common import check_choice, finish, fmt, grid_axes, grid_cell, grid_names
+from reuse_lens.plot._common import (
+    check_choice,
+    finish,
+    fmt,
+    grid_axes,
+    grid_cell,
+    grid_names,
+    grid_width,
+)
 
 if TYPE_CHECKING:
     from reuse_lens.circuits.circuit import Circuit
@@ -130,7 +138,7 @@ def _grid(
     fig = go.Figure(
         go.Heatmap(
             z=z,
-            x=list(range(shape.n_heads + 1)),
+            x=list(range(grid_width(shape))),
             y=list(range(shape.n_layers)),
             name="drift" if zmid is None else "cmap",
             text=text,

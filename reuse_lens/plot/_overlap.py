@@ -22,6 +22,7 @@ from reuse_lens.plot._common import (
     grid_axes,
     grid_cell,
     grid_names,
+    grid_width,
 )
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def overlap_grid(
         fig.add_trace(
             go.Heatmap(
                 z=z,
-                x=list(range(shape.n_heads + 1)),
+                x=list(range(grid_width(shape))),
                 y=list(range(shape.n_layers)),
                 name=_category_label(combo, report.names),
                 colorscale=[[0.0, color], [1.0, color]],
@@ -396,7 +397,7 @@ def _count_grid(
     fig = go.Figure(
         go.Heatmap(
             z=z,
-            x=list(range(report.shape.n_heads + 1)),
+            x=list(range(grid_width(report.shape))),
             y=list(range(report.shape.n_layers)),
             name="circuits",
             zmin=0,

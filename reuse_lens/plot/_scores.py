@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import plotly.graph_objects as go
 
-from reuse_lens.plot._common import finish, fmt, grid_axes, grid_names, to_numpy
+from reuse_lens.plot._common import finish, fmt, grid_axes, grid_names, grid_width, to_numpy
 
 if TYPE_CHECKING:
     from reuse_lens.patching.edges import EdgeScores
@@ -47,20 +47,25 @@ def patching_heatmap(
     if normalized:
         node_scores = node_scores.normalized()
     shape = node_scores.shape
-    heads = to_numpy(node_scores.heads)
-    mlps = to_numpy(node_scores.mlps) if node_scores.mlps is not None else None
-    mlp_column = np.full((shape.n_layers, 1), np.nan) if mlps is None else mlps[:, None]
-    z = np.concatenate([heads, mlp_column], axis=1)
     names = grid_names(shape)
+    missing = "no such expert in this layer" if shape.experts else "no MLP (attention-only model)"
+    if shape.experts:  # the experts' columns follow the heads (grid_cell)
+        values = node_scores.as_dict()
+        z = np.array([[values.get(n, np.nan) if n else np.nan for n in row] for row in names])
+    else:
+        heads = to_numpy(node_scores.heads)
+        mlps = to_numpy(node_scores.mlps) if node_scores.mlps is not None else None
+        mlp_column = np.full((shape.n_layers, 1), np.nan) if mlps is None else mlps[:, None]
+        z = np.concatenate([heads, mlp_column], axis=1)
     text = [
-        [_hover(name, float(value)) for name, value in zip(row, values, strict=True)]
+        [_hover(name, float(value), missing) for name, value in zip(row, values, strict=True)]
         for row, values in zip(names, z, strict=True)
     ]
     label = "normalized effect" if normalized else "effect"
     fig = go.Figure(
         go.Heatmap(
             z=z,
-            x=list(range(shape.n_heads + 1)),
+            x=list(range(grid_width(shape))),
             y=list(range(shape.n_layers)),
             text=text,
             hovertemplate="%{text}<extra></extra>",
@@ -77,7 +82,7 @@ def patching_heatmap(
     return finish(fig, template=template, title=title, default_title=default)
 
 
-def _hover(name: str | None, value: float) -> str:
+def _hover(name: str | None, value: float, missing: str) -> str:
     if name is None:
-        return "no MLP (attention-only model)"
+        return missing
     return f"{name}: {fmt(value)}"

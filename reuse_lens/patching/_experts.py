@@ -1,0 +1,204 @@
+"""Experts as nodes: forward hooks that patch a mixture-of-experts MLP expert by expert.
+
+Each expert's term (``arch.experts``) can be kept or replaced by its source value, per
+row of the batch, in any run of the bridge; and the router either runs on what the
+block reads in that run (``recompute``) or keeps the routing of the unpatched clean
+run of the row's prompt (``frozen``, the default).
+
+Why frozen by default: an expert node is then the same computation in the clean run and
+in every patched one, with the same tokens routed to it and the same weights, so its
+effect is what flows through the expert, and a patch elsewhere cannot switch experts on
+or off downstream (top-k routing is a step function: a small change of the residual
+stream can hand a token to another expert, and that jump would be scored as the
+patched node's effect). Attribution patching takes gradients, which see no jump at
+all; with the routing frozen they are the gradients of the function that patching
+evaluates. ``recompute`` is the model's own behaviour, and what MLP-level nodes
+always measure: with it, the scores include the router's response to the patch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from reuse_lens.arch.experts import Mixture, Routing, mixtures
+from reuse_lens.nodes import architecture
+from reuse_lens.patching._common import masked_means
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = ["ROUTINGS", "ExpertRuns", "Plan", "RoutingMode", "check_routing"]
+
+RoutingMode = Literal["frozen", "recompute"]
+"""What the router does in a patched run: keep the clean run's routing (``frozen``), or
+route what the block reads in that run (``recompute``)."""
+
+ROUTINGS: tuple[str, ...] = ("frozen", "recompute")
+
+
+def check_routing(routing: object) -> None:
+    if routing not in ROUTINGS:
+        raise ValueError(
+            f"unknown routing {routing!r}: choose 'frozen' (the default: every patched run "
+            "keeps the clean run's routing) or 'recompute' (the router sees the patch)"
+        )
+
+
+@dataclass
+class Plan:
+    """What every mixture does in one run of a batch of rows.
+
+    Attributes:
+        prompt: the prompt of each row: it indexes the frozen routing and the sources.
+        keep: per layer, which expert terms each row keeps (True) or replaces by its
+            source (False), ``(rows, column)``; a layer not given keeps them all.
+        record: filled with each layer's routing and terms ``(batch, pos, column,
+            d_model)`` of this run (detached).
+        grads: filled with the gradient of each layer's output ``(batch, pos, d_model)``
+            when the run is differentiated (the gradient of every term).
+    """
+
+    prompt: Int[Tensor, " rows"] | None = None
+    keep: dict[int, Bool[Tensor, "rows column"]] = field(default_factory=dict)
+    record: dict[int, tuple[Routing, Tensor]] | None = None
+    grads: dict[int, Tensor] | None = None
+
+
+class ExpertRuns:
+    """The mixtures of one model, patched expert by expert in runs of the bridge.
+
+    ``frozen`` holds each layer's routing in the clean run, ``(prompt, pos, top_k)``;
+    ``sources`` each layer's source terms, ``(prompt, pos, column, d_model)``, or a batch
+    of one shared by every prompt (``mean``, ``zero``).
+    """
+
+    def __init__(self, model: TransformerBridge, routing: RoutingMode) -> None:
+        check_routing(routing)
+        self.model = model
+        self.routing: RoutingMode = routing
+        self.mixtures: dict[int, Mixture] = mixtures(model)
+        self.frozen: dict[int, Routing] = {}
+        self.sources: dict[int, Tensor] = {}
+        self.shared_sources = False
+        self._plan: Plan | None = None
+        self._checked = False
+
+    # ---- set-up ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def record(self, tokens: Int[Tensor, "batch pos"]) -> dict[int, tuple[Routing, Tensor]]:
+        """Each layer's routing and terms in the unpatched run of ``tokens``; the first call
+        also checks that the terms add up to each block's output (``Mixture.check``)."""
+        out: dict[int, tuple[Routing, Tensor]] = {}
+        with self.active(Plan(record=out)):
+            self.model(tokens, return_type="logits")
+        self._checked = True
+        return out
+
+    def set_clean(self, clean: Int[Tensor, "batch pos"]) -> dict[int, Tensor]:
+        """Record the clean run: its routing is what ``frozen`` keeps. Returns its terms."""
+        recorded = self.record(clean)
+        self.frozen = {layer: routing for layer, (routing, _) in recorded.items()}
+        return {layer: terms for layer, (_, terms) in recorded.items()}
+
+    def set_sources(
+        self,
+        ablation: str,
+        clean_terms: dict[int, Tensor],
+        corrupted: Int[Tensor, "batch pos"],
+        lengths: Int[Tensor, " batch"],
+    ) -> None:
+        """The source terms of ``ablation``: the corrupted partner's (``resample``), the
+        mean over the clean prompts at their real positions (``mean``), or zero."""
+        if ablation == "resample":
+            self.sources = {layer: terms for layer, (_, terms) in self.record(corrupted).items()}
+            self.shared_sources = False
+            return
+        if ablation == "mean":
+            named = [(str(layer), terms) for layer, terms in clean_terms.items()]
+            means = masked_means([(named, lengths)])
+            self.sources = {int(name): mean for name, mean in means}
+        else:
+            self.sources = {layer: torch.zeros_like(t[:1]) for layer, t in clean_terms.items()}
+        self.shared_sources = True
+
+    # ---- runs -----------------------------------------------------------------------
+
+    @contextmanager
+    def active(self, plan: Plan) -> Iterator[None]:
+        """Run the model inside this block to apply ``plan`` to every mixture."""
+        handles = [
+            mixture.module.register_forward_hook(self._hook(layer))
+            for layer, mixture in self.mixtures.items()
+        ]
+        self._plan = plan
+        try:
+            yield
+        finally:
+            self._plan = None
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, layer: int) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], output: Any) -> Any:
+            del module
+            plan = self._plan
+            assert plan is not None
+            keep = plan.keep.get(layer)
+            changes = keep is not None or (self.routing == "frozen" and plan.prompt is not None)
+            if not changes and plan.record is None and plan.grads is None:
+                return None
+            x = args[0]
+            out = output[0] if isinstance(output, tuple) else output
+            if changes or plan.record is not None:
+                terms, routing = self._terms(layer, x, plan.prompt)
+                if plan.record is not None:
+                    if not self._checked:
+                        self.mixtures[layer].check(
+                            x.reshape(-1, x.shape[-1]), out, architecture(self.model)
+                        )
+                    plan.record[layer] = (routing, terms.detach())
+                if keep is not None:
+                    source = self._source(layer, plan.prompt, terms.shape[1])
+                    terms = torch.where(keep[:, None, :, None], terms, source)
+                if changes:
+                    out = terms.sum(2).to(out.dtype)
+            if plan.grads is not None and out.requires_grad:
+                out.register_hook(lambda grad: plan.grads.__setitem__(layer, grad.detach()))  # type: ignore[union-attr]
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        return hook
+
+    def _terms(
+        self, layer: int, x: Float[Tensor, "batch pos d_model"], prompt: Tensor | None
+    ) -> tuple[Float[Tensor, "batch pos column d_model"], Routing]:
+        mixture = self.mixtures[layer]
+        flat = x.reshape(-1, x.shape[-1])
+        if self.routing == "frozen" and prompt is not None:
+            clean = self.frozen[layer]
+            width = x.shape[1]
+            routing = Routing(
+                clean.index[prompt, :width].reshape(flat.shape[0], -1),
+                clean.weight[prompt, :width].reshape(flat.shape[0], -1),
+            )
+        else:
+            routing = mixture.route(flat)
+        terms = mixture.terms(flat, routing).unflatten(0, x.shape[:2])
+        shaped = Routing(
+            routing.index.reshape(*x.shape[:2], -1), routing.weight.reshape(*x.shape[:2], -1)
+        )
+        return terms, shaped
+
+    def _source(self, layer: int, prompt: Tensor | None, width: int) -> Tensor:
+        source = self.sources[layer]
+        if self.shared_sources:
+            return source[:, :width]
+        assert prompt is not None, "resample sources are read by prompt"
+        return source[prompt, :width]
