@@ -309,6 +309,7 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     circuit = rl.discover_circuit(
         model, task, method=args.method, level=args.level, threshold=args.threshold,
         top_k=args.top_k, target_faithfulness=args.target, ablation=args.ablation,
+        experts=args.experts, routing=args.routing,
     )  # fmt: skip
     circuit.to_json(out)
     diagram = rl.plot.circuit_diagram(circuit)
@@ -325,7 +326,8 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     faith_text = f"{faith:.3f}" + (
         f" (95% interval {interval[0]:.3f} to {interval[1]:.3f})" if interval else ""
     )
-    print(f"{len(circuit)} nodes ({len(circuit.heads)} heads, {len(circuit.mlps)} MLPs, "
+    mlps = "MLPs and experts" if args.experts else "MLPs"
+    print(f"{len(circuit)} nodes ({len(circuit.heads)} heads, {len(circuit.mlps)} {mlps}, "
           f"{len(circuit.edges)} edges), faithfulness {faith_text} ({args.ablation} ablation)")  # fmt: skip
     print(f"nodes: {' '.join(circuit.nodes_in_order())}")
     print(f"circuit: {out}\nfigure:  {figure}")
@@ -596,6 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep this many nodes (edges) (default: the automatic rule)")  # fmt: skip
     rule.add_argument("--target", type=_fraction,
                       help="faithfulness target of the automatic rule (default 0.9)")  # fmt: skip
+    discover.add_argument("--experts", action="store_true",
+                          help="mixtures of experts: each expert a node (m3.e5, m3.shared); "
+                          "node circuits from activation, eap or eap-ig")  # fmt: skip
+    discover.add_argument("--routing", choices=("frozen", "recompute"), default="frozen",
+                          help="with --experts: keep each prompt's clean routing in patched "
+                          "runs, or let the router see the patch (default: frozen)")  # fmt: skip
     discover.add_argument("--out", required=True, metavar="FILE.json",
                           help="the circuit file to write; its figures go to FILE.html "
                           "beside it")  # fmt: skip

@@ -99,6 +99,8 @@ def test_discover_compare_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture
          "positive integer"),
         (["discover", "--model", "zoo:base", "--task", "ioi", "--method", "acdc", "--out", "x"],
          "invalid choice"),
+        (["discover", "--model", "zoo:base", "--task", "ioi", "--experts", "--out", "x.json"],
+         "needs a mixture-of-experts model"),
         (["study", "--model", "zoo:base", "--tasks", "ioi", "sva", "--fine-tuned", "ioi",
           "--out", "o"], "must be TASK=SPEC"),
         (["study", "--model", "zoo:base", "--tasks", "ioi", "nope", "--out", "o"],
