@@ -161,16 +161,7 @@ def cross_task_faithfulness(
     ``memory_budget`` bounds each evaluation's chunks, as in ``rl.faithfulness``.
     """
     _check_maps(circuits, tasks)
-    evaluators = {
-        name: CircuitEvaluator(
-            model,
-            task,
-            ablation=ablation,
-            memory_budget=memory_budget,
-            experts=_with_experts(circuits),
-        )
-        for name, task in tasks.items()
-    }
+    evaluators = _evaluators(model, circuits, tasks, ablation, memory_budget)
     rows = {
         c_name: {t_name: ev(circuit, "node") for t_name, ev in evaluators.items()}
         for c_name, circuit in circuits.items()
@@ -231,16 +222,7 @@ def cross_task_ablation(
     _check_maps(circuits, tasks)
     if kind not in ("heads", "all"):
         raise ValueError(f"kind must be 'heads' or 'all', got {kind!r}")
-    evaluators = {
-        name: CircuitEvaluator(
-            model,
-            task,
-            ablation=ablation,
-            memory_budget=memory_budget,
-            experts=_with_experts(circuits),
-        )
-        for name, task in tasks.items()
-    }
+    evaluators = _evaluators(model, circuits, tasks, ablation, memory_budget)
     rows: dict[str, dict[str, float]] = {}
     for c_name, circuit in circuits.items():
         for evaluator in evaluators.values():
@@ -252,6 +234,18 @@ def cross_task_ablation(
     return _frame(rows)
 
 
-def _with_experts(circuits: Mapping[str, Circuit]) -> bool:
-    """Whether the circuits are of expert nodes (``m3.e5``): their evaluations must be."""
-    return any(circuit.shape.experts for circuit in circuits.values())
+def _evaluators(
+    model: TransformerBridge,
+    circuits: Mapping[str, Circuit],
+    tasks: Mapping[str, Task],
+    ablation: Ablation,
+    memory_budget: MemoryBudget,
+) -> dict[str, CircuitEvaluator]:
+    """One evaluator per task, with expert nodes where the circuits have them."""
+    experts = any(circuit.shape.experts for circuit in circuits.values())
+    return {
+        name: CircuitEvaluator(
+            model, task, ablation=ablation, memory_budget=memory_budget, experts=experts
+        )
+        for name, task in tasks.items()
+    }

@@ -355,6 +355,11 @@ def test_expert_circuits_are_found_compared_and_drawn(root: Any, word_tokenizer:
         assert circuit.metadata["faithfulness_interval"][0] >= 0.9 - 1e-6
         again = rl.faithfulness(model, task, circuit, ablation="resample")
         assert again == pytest.approx(circuit.metadata["faithfulness"], abs=1e-6)
+    table = rl.cross_task_faithfulness(model, found, {"t": task}, ablation="resample")
+    for name, circuit in found.items():
+        assert table.loc[name, "t"] == pytest.approx(circuit.metadata["faithfulness"], abs=1e-6)
+    baseline = rl.random_baseline(model, task, found["eap-ig"], n=3, ablation="resample")
+    assert len(baseline.values) == 3
     report = rl.compare(found)
     assert report.shape.experts == (4, 4)
     shared = found["eap-ig"].nodes & found["activation"].nodes
