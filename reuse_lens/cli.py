@@ -600,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="faithfulness target of the automatic rule (default 0.9)")  # fmt: skip
     discover.add_argument("--experts", action="store_true",
                           help="mixtures of experts: each expert a node (m3.e5, m3.shared); "
-                          "node circuits from activation, eap or eap-ig")  # fmt: skip
+                          "node circuits from activation, eap or eap-ig (default: each MLP "
+                          "one node)")  # fmt: skip
     discover.add_argument("--routing", choices=("frozen", "recompute"), default="frozen",
                           help="with --experts: keep each prompt's clean routing in patched "
                           "runs, or let the router see the patch (default: frozen)")  # fmt: skip

@@ -492,9 +492,12 @@ def shape_of(model: _HasConfig, *, experts: bool = False) -> ModelShape:
     )
     if not experts:
         return shape
-    from reuse_lens.arch.experts import expert_counts
+    from reuse_lens.arch.experts import NoMixture, expert_counts
 
-    routed, shared = expert_counts(model)
+    try:
+        routed, shared = expert_counts(model)
+    except NoMixture as error:
+        raise UnsupportedArchitectureError(f"{architecture(model)}: {error}") from error
     return dataclasses.replace(shape, experts=routed, shared=shared)
 
 

@@ -11,7 +11,7 @@ the expert's activation (SwiGLU, GPT-OSS's clamped variant) or the router's rule
 
 An expert's *term* is its share of the block's output: the routing weight times the
 expert's output at the tokens routed to it, zero at the others. The terms of a block
-add up to its output, which ``Mixture.check`` verifies on real activations before any
+add up to its output, which ``Mixture.mismatch`` tests on real activations before any
 engine relies on it.
 """
 
@@ -25,12 +25,16 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from reuse_lens.arch.hf import original
-from reuse_lens.nodes import UnsupportedArchitectureError, architecture
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["Mixture", "Routing", "expert_counts", "mixtures"]
+__all__ = ["Mixture", "NoMixture", "Routing", "expert_counts", "mixtures"]
+
+
+class NoMixture(ValueError):
+    """A model without a mixture of experts that reuse_lens can read expert by expert
+    (``nodes.shape_of`` says so as an ``UnsupportedArchitectureError``)."""
 
 
 @dataclass(frozen=True)
@@ -102,20 +106,21 @@ class Mixture:
             columns.append(out.to(x.dtype))
         return torch.stack(columns, dim=1)
 
-    def check(self, x: Float[Tensor, "tokens d_model"], output: Tensor, family: str) -> None:
-        """Refuse the model unless the terms of ``x`` add up to the block's ``output``."""
+    def mismatch(self, x: Float[Tensor, "tokens d_model"], output: Tensor) -> str | None:
+        """Why the terms of ``x`` do not add up to the block's ``output``, or None."""
         total = self.terms(x, self.route(x)).sum(1)
         got = output.reshape(total.shape).float()
         scale = max(float(got.abs().max()), 1e-6)
         error = float((total.float() - got).abs().max())
         tolerance = 1e-4 if x.dtype == torch.float32 else 2e-2
-        if not error <= tolerance * scale:
-            raise UnsupportedArchitectureError(
-                f"the mixture-of-experts MLP of layer {self.layer} ({family}, "
-                f"{type(self.module).__name__}) does not add up to the sum of its experts' "
-                f"terms (largest difference {error:.3g} on a scale of {scale:.3g}), so its "
-                "experts cannot be nodes; analyse its MLPs whole (experts=False)"
-            )
+        if error <= tolerance * scale:
+            return None
+        return (
+            f"the mixture-of-experts MLP of layer {self.layer} ({type(self.module).__name__}) "
+            f"does not add up to the sum of its experts' terms (largest difference "
+            f"{error:.3g} on a scale of {scale:.3g}), so its experts cannot be nodes; "
+            "analyse its MLPs whole (experts=False)"
+        )
 
 
 def _mixture(layer: int, mlp: Any) -> Mixture | None:
@@ -142,8 +147,8 @@ def mixtures(model: TransformerBridge) -> dict[int, Mixture]:
     """The mixture-of-experts MLP of every block that has one, by layer.
 
     Raises:
-        UnsupportedArchitectureError: for a model with none, or whose mixtures do not
-            have ``transformers``' common router/experts parts.
+        NoMixture: for a model with none, or whose mixtures do not have
+            ``transformers``' common router/experts parts.
     """
     found: dict[int, Mixture] = {}
     for layer, block in enumerate(model.blocks):
@@ -153,16 +158,16 @@ def mixtures(model: TransformerBridge) -> dict[int, Mixture]:
             continue
         mixture = _mixture(layer, mlp)
         if mixture is None:
-            raise UnsupportedArchitectureError(
-                f"the mixture-of-experts MLP of layer {layer} of {architecture(model)} "
-                f"({type(module).__name__}) lacks the router and experts that reuse_lens "
-                "reads expert by expert; analyse its MLPs whole (experts=False)"
+            raise NoMixture(
+                f"the mixture-of-experts MLP of layer {layer} ({type(module).__name__}) "
+                "lacks the router and experts that reuse_lens reads expert by expert; "
+                "analyse its MLPs whole (experts=False)"
             )
         found[layer] = mixture
     if not found:
-        raise UnsupportedArchitectureError(
-            f"experts=True needs a mixture-of-experts model; {architecture(model)} has dense "
-            "MLPs only. Leave experts=False: each MLP is one node m{layer}."
+        raise NoMixture(
+            "experts=True needs a mixture-of-experts model, and this one has dense MLPs "
+            "only. Leave experts=False: each MLP is one node m{layer}."
         )
     return found
 

@@ -16,7 +16,7 @@ from reuse_lens._memory import Shapes, chunk_items
 from reuse_lens._validate import check_pair
 from reuse_lens.arch.registry import extract as extract_weights
 from reuse_lens.evaluation import answer_logits
-from reuse_lens.nodes import architecture
+from reuse_lens.nodes import ModelShape, Node, NodeNameError, architecture, parse_nodes
 from reuse_lens.patching._forward import RunCache, Unsupported, Weights
 from reuse_lens.tasks.metrics import Metric, MetricInputs, check_finite, get_metric
 
@@ -440,3 +440,17 @@ def rows_per_chunk(
         return batch_size
     shapes = Shapes.of(model, width)
     return chunk_items(budget, shapes.forward_row(), held, "row of a forward pass")
+
+
+def parse_all(names: list[str | Node], shape: ModelShape) -> list[Node]:
+    """Parse node names against ``shape``, naming every bad one in one NodeNameError."""
+    bad: list[str] = []
+    out: list[Node] = []
+    for name in names:
+        try:
+            out.extend(parse_nodes([name], shape))
+        except NodeNameError as error:
+            bad.append(f"{name!r} ({error})")
+    if bad:
+        raise NodeNameError(f"unknown node name(s): {'; '.join(bad)}")
+    return out

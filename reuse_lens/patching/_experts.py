@@ -27,8 +27,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from reuse_lens.arch.experts import Mixture, Routing, mixtures
-from reuse_lens.nodes import architecture
+from reuse_lens.arch.experts import Mixture, NoMixture, Routing, mixtures
+from reuse_lens.nodes import UnsupportedArchitectureError, architecture
 from reuse_lens.patching._common import masked_means
 
 if TYPE_CHECKING:
@@ -83,7 +83,10 @@ class ExpertRuns:
         check_routing(routing)
         self.model = model
         self.routing: RoutingMode = routing
-        self.mixtures: dict[int, Mixture] = mixtures(model)
+        try:
+            self.mixtures: dict[int, Mixture] = mixtures(model)
+        except NoMixture as error:
+            raise UnsupportedArchitectureError(f"{architecture(model)}: {error}") from error
         self.frozen: dict[int, Routing] = {}
         self.sources: dict[int, Tensor] = {}
         self.shared_sources = False
@@ -95,7 +98,7 @@ class ExpertRuns:
     @torch.no_grad()
     def record(self, tokens: Int[Tensor, "batch pos"]) -> dict[int, tuple[Routing, Tensor]]:
         """Each layer's routing and terms in the unpatched run of ``tokens``; the first call
-        also checks that the terms add up to each block's output (``Mixture.check``)."""
+        also checks that the terms add up to each block's output (``Mixture.mismatch``)."""
         out: dict[int, tuple[Routing, Tensor]] = {}
         with self.active(Plan(record=out)):
             self.model(tokens, return_type="logits")
@@ -161,9 +164,7 @@ class ExpertRuns:
                 terms, routing = self._terms(layer, x, plan.prompt)
                 if plan.record is not None:
                     if not self._checked:
-                        self.mixtures[layer].check(
-                            x.reshape(-1, x.shape[-1]), out, architecture(self.model)
-                        )
+                        self._check(layer, x, out)
                     plan.record[layer] = (routing, terms.detach())
                 if keep is not None:
                     source = self._source(layer, plan.prompt, terms.shape[1])
@@ -175,6 +176,12 @@ class ExpertRuns:
             return (out, *output[1:]) if isinstance(output, tuple) else out
 
         return hook
+
+    def _check(self, layer: int, x: Tensor, out: Tensor) -> None:
+        """Refuse the model unless the block's terms add up to its output."""
+        why = self.mixtures[layer].mismatch(x.reshape(-1, x.shape[-1]), out)
+        if why is not None:
+            raise UnsupportedArchitectureError(f"{architecture(self.model)}: {why}")
 
     def _terms(
         self, layer: int, x: Float[Tensor, "batch pos d_model"], prompt: Tensor | None

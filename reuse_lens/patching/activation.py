@@ -27,10 +27,11 @@ from torch import Tensor
 from reuse_lens._memory import MemoryBudget, resolve_budget
 from reuse_lens._progress import progress_bar
 from reuse_lens._validate import check_pair
-from reuse_lens.nodes import MLP, AttentionHead, Node, NodeNameError, parse_nodes, shape_of
+from reuse_lens.nodes import MLP, AttentionHead, Node, NodeNameError, shape_of
 from reuse_lens.patching._common import (
     Engine,
     Prepared,
+    parse_all,
     prepare,
     rows_per_chunk,
     zero_cache,
@@ -334,7 +335,7 @@ def select_nodes(
     shape = shape_of(model)
     if isinstance(nodes, str):
         if nodes not in ("all", "heads", "mlps"):
-            parsed = _parse_all([nodes], shape)
+            parsed = parse_all([nodes], shape)
         else:
             every = shape.nodes()
             parsed = [
@@ -349,7 +350,7 @@ def select_nodes(
             if nodes == "mlps" and not shape.has_mlps:
                 raise NodeNameError("nodes='mlps' but the model is attention-only")
     else:
-        parsed = _parse_all(list(nodes), shape)
+        parsed = parse_all(list(nodes), shape)
     mlps = [n for n in parsed if isinstance(n, MLP)]
     if mlps and component != "out":
         raise ValueError(
@@ -357,22 +358,6 @@ def select_nodes(
             "can only be patched at their output (component='out')"
         )
     return [n for n in parsed if isinstance(n, AttentionHead)], mlps
-
-
-def _parse_all(names: list[str | Node], shape: object) -> list[Node]:
-    from reuse_lens.nodes import ModelShape
-
-    assert isinstance(shape, ModelShape)
-    bad: list[str] = []
-    out: list[Node] = []
-    for name in names:
-        try:
-            out.extend(parse_nodes([name], shape))
-        except NodeNameError as error:
-            bad.append(f"{name!r} ({error})")
-    if bad:
-        raise NodeNameError(f"unknown node name(s): {'; '.join(bad)}")
-    return out
 
 
 def _groups(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from reuse_lens.nodes import MLP, AttentionHead, Expert, ModelShape, Node, NodeNameError
+from reuse_lens.patching._common import parse_all
 from reuse_lens.patching._experts import RoutingMode
 from reuse_lens.patching.ablation import AblationRunner
 from reuse_lens.patching.scores import NodeScores
@@ -32,12 +33,10 @@ __all__ = ["expert_activation_patching", "select_expert_nodes"]
 def select_expert_nodes(shape: ModelShape, nodes: str | Sequence[str | Node]) -> list[Node]:
     """The nodes of ``shape`` that ``nodes`` names: ``all``, ``heads``, ``mlps`` (experts
     and dense MLPs) or a list of names, each checked."""
-    from reuse_lens.patching.activation import _parse_all
-
     if not isinstance(nodes, str):
-        return _parse_all(list(nodes), shape)
+        return parse_all(list(nodes), shape)
     if nodes not in ("all", "heads", "mlps"):
-        return _parse_all([nodes], shape)
+        return parse_all([nodes], shape)
     every = shape.nodes()
     if nodes == "heads":
         return [n for n in every if isinstance(n, AttentionHead)]

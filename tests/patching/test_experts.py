@@ -216,7 +216,7 @@ def test_every_mixture_adds_up_to_its_experts(name: str, root: Any, word_tokeniz
     model = load_arch(name, root, word_tokenizer)
     task = _task(model)
     runs = ExpertRuns(model, "recompute")
-    runs.set_clean(task.clean)  # checks the sums (Mixture.check)
+    runs.set_clean(task.clean)  # checks the sums (Mixture.mismatch)
     shape = shape_of(model, experts=True)
     assert shape.experts == (4,) * shape.n_layers
     assert [n.name for n in shape.nodes()][-1] == ("m1.shared" if name == "qwen2_moe" else "m1.e3")
