@@ -171,8 +171,13 @@ class ExpertRuns:
                     terms = torch.where(keep[:, None, :, None], terms, source)
                 if changes:
                     out = terms.sum(2).to(out.dtype)
-            if plan.grads is not None and out.requires_grad:
-                out.register_hook(lambda grad: plan.grads.__setitem__(layer, grad.detach()))  # type: ignore[union-attr]
+            grads = plan.grads
+            if grads is not None and out.requires_grad:
+
+                def keep_grad(grad: Tensor) -> None:
+                    grads[layer] = grad.detach()
+
+                out.register_hook(keep_grad)
             return (out, *output[1:]) if isinstance(output, tuple) else out
 
         return hook
