@@ -20,7 +20,7 @@ output (Hanna et al. 2024; MIB).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -33,6 +33,7 @@ from reuse_lens.patching.graph import GraphIndex
 
 __all__ = [
     "DroppedEdges",
+    "SenderMemo",
     "Sources",
     "node_forward",
     "sparse_edge_logits",
@@ -327,6 +328,121 @@ def sparse_edges_supported(w: Weights) -> str | None:
     return sparse_nodes_supported(w)
 
 
+@dataclass
+class SenderMemo:
+    """Senders' outputs carried from one ``sparse_edge_logits`` call to the next.
+
+    A sender's output in an edge circuit depends only on which edges into it the circuit
+    keeps and on the outputs of those edges' senders. ``sparse_edge_logits`` gives each
+    distinct (kept in-edges, their senders' classes) a *class*, computes each class once
+    for every circuit that has it, and records the class's key here with an id that is
+    never reused. The prefixes of one ranking, evaluated batch after batch by the size
+    rule, keep most of their senders' classes from one prefix to the next, so the classes
+    of the last circuit of a call are held (``held``, id -> current − ablated output) for
+    the next call; the others are dropped, so what is held is one circuit's senders.
+
+    A memo belongs to one (weights, sources, prompts): ``bind`` forgets everything when
+    the prompts change.
+    """
+
+    prompts: Tensor | None = None
+    classes: dict[int, dict[bytes, int]] = field(default_factory=dict)
+    held: dict[int, Tensor] = field(default_factory=dict)
+    next_id: int = 0
+
+    def bind(self, prompts: Int[Tensor, " prompt"]) -> None:
+        """Use the memo for these prompts: what it holds for others is dropped."""
+        if self.prompts is None or not torch.equal(self.prompts, prompts):
+            self.prompts, self.classes, self.held = prompts.clone(), {}, {}
+
+    def new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+
+class _Bank:
+    """The current − ablated output of every class a call uses, a row each."""
+
+    def __init__(self, like: Tensor, capacity: int, memo: SenderMemo) -> None:
+        self.rows = like.new_empty(capacity, *like.shape)
+        self.row_of: dict[int, int] = {}
+        for gid, delta in memo.held.items():
+            self.put(gid, delta)
+
+    def put(self, gid: int, delta: Tensor) -> None:
+        row = len(self.row_of)
+        self.rows[row] = delta
+        self.row_of[gid] = row
+
+    def slots(self, gids: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
+        """The rows of these class ids."""
+        table = torch.zeros(max(self.row_of) + 1, dtype=torch.long)
+        table[list(self.row_of)] = torch.tensor(list(self.row_of.values()))
+        return table[gids.cpu()].to(gids.device)
+
+
+def _classify(
+    memo: SenderMemo,
+    keep: Bool[Tensor, "circuit sender receiver"],
+    ids: Int[Tensor, "circuit sender"],
+    sender: int,
+    columns: list[int],
+    visible: int,
+) -> tuple[list[int], Int[Tensor, "new visible column"]]:
+    """Give ``sender`` its class in each circuit that keeps an edge out of it (``ids``;
+    -1 in the others, which never read it).
+
+    A class's key is, per sender it reads (the first ``visible``) and per receiver column
+    of ``sender``, 0 where the edge is dropped and 1 + that sender's class where it is
+    kept: circuits with the same key compute the same output. Returns the ids of the
+    classes new to the memo, to be computed, and their keys ``(new, visible, column)``.
+    """
+    rows = torch.nonzero(keep[:, sender].any(1)).flatten()
+    if len(rows) == 0:
+        return [], ids.new_zeros(0, visible, len(columns))
+    kept = keep[rows, :visible][:, :, columns].long()
+    key = (kept * (ids[rows, :visible].unsqueeze(-1) + 1)).flatten(1)
+    if key.shape[1] == 0:  # the input sender reads nothing: one class
+        key = key.new_zeros(len(rows), 1)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    table = memo.classes.setdefault(sender, {})
+    gids, new = [], []
+    for u, row in enumerate(unique.cpu().numpy()):
+        raw = row.tobytes()
+        if raw not in table:
+            table[raw] = memo.new_id()
+            new.append(u)
+        gids.append(table[raw])
+    ids[rows, sender] = torch.tensor(gids, device=ids.device)[inverse]
+    fresh = unique[torch.tensor(new, dtype=torch.long, device=unique.device)]
+    return [gids[u] for u in new], fresh[:, : visible * len(columns)].view(
+        len(new), visible, len(columns)
+    )
+
+
+def _gather(
+    base: Tensor,
+    bank: _Bank,
+    keys: Int[Tensor, "cls visible column"],
+    at: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """What the receiver columns of each class read, ``(cls, column, *base.shape)``:
+    ``base`` (the stream with every sender ablated) plus the output of each kept sender's
+    class. ``at``: (prompt, position) pairs, where ``base`` holds those positions alone."""
+    n, _, width = keys.shape
+    filled = bank.rows[: len(bank.row_of)]
+    source = filled if at is None else filled[:, at[0], at[1]]
+    cls, sender, column = torch.nonzero(keys, as_tuple=True)
+    if len(cls) == 0:
+        return base.expand(n, width, *base.shape).clone()
+    # A dense (read, class row) selection times the bank: far faster than gathering the
+    # rows each read adds (a copy per kept edge), and its zeros cost a few flops.
+    select = base.new_zeros(n * width, len(filled))
+    select[cls * width + column, bank.slots(keys[cls, sender, column] - 1)] = 1
+    out = torch.addmm(base.flatten().expand(n * width, -1), select, source.flatten(1))
+    return out.view(n, width, *base.shape)
+
+
 def sparse_edge_logits(
     w: Weights,
     index: GraphIndex,
@@ -336,17 +452,22 @@ def sparse_edge_logits(
     src: Sources,
     src_rows: Int[Tensor, " prompt"],
     answer: Int[Tensor, " prompt"],
+    memo: SenderMemo | None = None,
 ) -> Float[Tensor, "row d_vocab"]:
     """Answer logits of a stack of edge circuits (rows ``c * prompts + p``), computing
-    only the senders that some circuit keeps an edge out of.
+    each sender once per class of circuits that give it the same output.
 
     A receiver reads ``Z + Σ_s keep[s, r] (current_s − ablated_s)``, where ``Z`` is the
     stream with every sender ablated (the ablated embedding, every ablated head and MLP
     output, the biases): the same for every circuit. A sender none of whose edges is kept
     adds only its ablated output, which ``Z`` holds already, so its current output is
     never needed: a circuit of a few hundred of GPT-2 small's 32,000 edges runs a few heads
-    and MLPs, not the model. The same values as the dense edge forward (``DroppedEdges``),
-    which the tests check.
+    and MLPs, not the model. A sender's output depends only on the edges into it that the
+    circuit keeps and on their senders' outputs, so circuits that agree on those share it
+    (``_classify``): nested prefixes of one ranking recompute only the senders downstream
+    of the edges each adds, and ``memo`` carries the last circuit's senders to the next
+    call. The same values as the dense edge forward (``DroppedEdges``), which the tests
+    check.
 
     Arguments:
         w: the model's weights (``sparse_edges_supported`` says which it takes).
@@ -357,75 +478,88 @@ def sparse_edge_logits(
             embedding alone).
         src: the ablated outputs; prompt ``p`` reads row ``src_rows[p]`` (or a shared row).
         answer: each prompt's answer position.
+        memo: the classes held from the previous call on the same prompts, if any.
     """
-    n_circuits, n_prompts, width = keep.shape[0], resid.shape[0], resid.shape[1]
-    n_heads, d_head = w.n_heads, w.d_head
-    keep = keep.to(resid.dtype)
-    active = keep.amax(dim=(0, 2)) > 0  # senders some circuit keeps an edge out of
-    slots = torch.nonzero(active).flatten().tolist()
-    column = {s: i for i, s in enumerate(slots)}
-    # (circuit, prompt, pos, active sender, d_model): current − ablated of each one computed.
-    deltas = resid.new_zeros(n_circuits, n_prompts, width, len(slots), resid.shape[-1])
+    memo = SenderMemo() if memo is None else memo
+    n_circuits, n_prompts = keep.shape[0], resid.shape[0]
+    keep = keep.bool()
+    ids = torch.full(keep.shape[:2], -1, dtype=torch.long, device=keep.device)
+    # At most one new class per (circuit, sender it keeps an edge out of).
+    bank = _Bank(resid, int(keep.any(2).sum()) + len(memo.held), memo)
 
     def shared(x: Tensor) -> Tensor:
         return x if src.shared else x[src_rows]
 
     ablated_input = shared(src.input)
     z = resid - current_input + ablated_input  # every sender ablated, before block 0
-    if 0 in column:
-        deltas[..., column[0], :] = current_input - ablated_input
-
-    def read(base: Tensor, columns: list[int], visible: int) -> Tensor:
-        """What receivers ``columns`` read: ``base`` plus their kept senders' deltas,
-        ``(circuit, prompt, pos, receiver, d_model)``."""
-        seen = sum(1 for s in slots if s < visible)
-        out = base.unsqueeze(-2).expand(n_circuits, n_prompts, width, len(columns), -1)
-        if seen == 0:
-            return out
-        kept = keep[:, slots[:seen]][:, :, columns]  # (circuit, sender, receiver)
-        added = torch.matmul(kept.transpose(1, 2)[:, None, None], deltas[..., :seen, :])
-        return added.add_(base.unsqueeze(-2))
-
-    positions = torch.arange(width, device=resid.device)
+    for gid, _ in zip(*_classify(memo, keep, ids, 0, [], 0), strict=True):
+        bank.put(gid, (current_input - ablated_input).expand_as(resid))
+    n_heads = w.n_heads
     for layer in range(w.n_layers):
-        weights = w.layers[layer]
         first = index.sender[f"a{layer}.h0"]
-        heads = [h for h in range(n_heads) if first + h in column]
         ablated_z = shared(src.z[layer])
-        if heads:
-            picked = torch.tensor(heads, device=resid.device)
-            start = index.heads_columns(layer).start
-            columns = [start + part * n_heads + h for part in range(3) for h in heads]
-            inputs = read(z, columns, index.senders_before_heads(layer)).flatten(0, 1)
-            x_q, x_k, x_v = inputs.unflatten(2, (3, len(heads))).unbind(2)
-
-            q = _project(w, layer, x_q, "q", picked)
-            k = _project(w, layer, x_k, "k", picked)
-            v = _project(w, layer, x_v, "v", picked)
-            q = w._qk_post(layer, q, weights.q_norm, positions)
-            k = w._qk_post(layer, k, weights.k_norm, positions)
-            mixed = w.mix(w.pattern(q, k, positions, layer, picked), v)
-            w_o = weights.w_o.view(n_heads, d_head, -1)[picked]
-            current = torch.einsum("bphe,hed->bphd", mixed, w_o)
-            ablated = torch.einsum("bphe,hed->bphd", ablated_z[:, :, picked], w_o)
-            moved = current.unflatten(0, (n_circuits, n_prompts)) - ablated.unsqueeze(0)
-            for i, h in enumerate(heads):
-                deltas[..., column[first + h], :] = moved[..., i, :]
+        start = index.heads_columns(layer).start
+        visible = index.senders_before_heads(layer)
+        for h in range(n_heads):
+            columns = [start + part * n_heads + h for part in range(3)]
+            gids, keys = _classify(memo, keep, ids, first + h, columns, visible)
+            if gids:
+                inputs = _gather(z, bank, keys)  # (class, q/k/v, prompt, pos, d_model)
+                delta = _head_delta(w, layer, h, inputs, ablated_z)
+                for gid, row in zip(gids, delta, strict=True):
+                    bank.put(gid, row)
         mid = z + w.attn_out(layer, ablated_z)  # every head ablated, b_O kept
         if w.has_mlps:
             ablated_mlp = shared(src.mlp_out[layer])
+            receiver = index.receiver[MLP(layer).name]
+            visible = index.senders_before_mlp(layer)
             slot = index.sender[MLP(layer).name]
-            if slot in column:
-                receiver = index.receiver[MLP(layer).name]
-                base = w.mlp_input(z, mid)
-                x = read(base, [receiver], index.senders_before_mlp(layer))[..., 0, :]
-                current = w.mlp_out(layer, x.flatten(0, 1)).unflatten(0, (n_circuits, n_prompts))
-                deltas[..., column[slot], :] = current - ablated_mlp.unsqueeze(0)
+            gids, keys = _classify(memo, keep, ids, slot, [receiver], visible)
+            if gids:
+                x = _gather(w.mlp_input(z, mid), bank, keys)[:, 0]
+                current = w.mlp_out(layer, x.flatten(0, 1)).unflatten(0, x.shape[:2])
+                for gid, row in zip(gids, current - ablated_mlp.unsqueeze(0), strict=True):
+                    bank.put(gid, row)
             mid = mid + ablated_mlp
         z = mid
+    _carry(memo, bank, ids[-1])
+    # The logits read every circuit's own senders, at the answer position alone.
     rows = torch.arange(n_prompts, device=resid.device)
-    final = read(z, [index.receiver[LOGITS.name]], index.n_senders)[:, rows, answer, 0]
+    column = index.receiver[LOGITS.name]
+    final_keys = keep[:, :, column].long().unsqueeze(-1) * (ids.unsqueeze(-1) + 1)
+    final = _gather(z[rows, answer], bank, final_keys, at=(rows, answer))[:, 0]
+    assert final.shape[0] == n_circuits
     return w.logits(final.flatten(0, 1))
+
+
+def _head_delta(
+    w: Weights,
+    layer: int,
+    head: int,
+    inputs: Float[Tensor, "cls qkv prompt pos d_model"],
+    ablated_z: Float[Tensor, "src pos head d_head"],
+) -> Float[Tensor, "cls prompt pos d_model"]:
+    """One head's current − ablated output for each class, from its q, k and v inputs."""
+    weights = w.layers[layer]
+    picked = torch.tensor([head], device=inputs.device)
+    positions = torch.arange(inputs.shape[3], device=inputs.device)
+    x_q, x_k, x_v = (x.flatten(0, 1).unsqueeze(2) for x in inputs.unbind(1))
+    q = w._qk_post(layer, _project(w, layer, x_q, "q", picked), weights.q_norm, positions)
+    k = w._qk_post(layer, _project(w, layer, x_k, "k", picked), weights.k_norm, positions)
+    v = _project(w, layer, x_v, "v", picked)
+    mixed = w.mix(w.pattern(q, k, positions, layer, picked), v)
+    w_o = weights.w_o.view(w.n_heads, w.d_head, -1)[head]
+    current = (mixed[:, :, 0] @ w_o).unflatten(0, (inputs.shape[0], inputs.shape[2]))
+    return current - (ablated_z[:, :, head] @ w_o).unsqueeze(0)
+
+
+def _carry(memo: SenderMemo, bank: _Bank, last: Int[Tensor, " sender"]) -> None:
+    """Hold the last circuit's classes for the next call, and forget the others."""
+    kept = {int(g) for g in last.tolist() if g >= 0}
+    memo.held = {g: bank.rows[bank.row_of[g]].clone() for g in kept}
+    memo.classes = {
+        s: {key: g for key, g in table.items() if g in kept} for s, table in memo.classes.items()
+    }
 
 
 def _project(

@@ -45,6 +45,7 @@ from reuse_lens._validate import check_pair
 from reuse_lens.nodes import ModelShape, shape_of
 from reuse_lens.patching._circuit_forward import (
     DroppedEdges,
+    SenderMemo,
     Sources,
     node_forward,
     sparse_edge_logits,
@@ -78,6 +79,7 @@ __all__ = [
     "InputKind",
     "MeanPositions",
     "NodeMask",
+    "SenderMemo",
 ]
 
 _ABLATIONS = ("resample", "mean", "zero")
@@ -346,12 +348,15 @@ class AblationRunner:
 
     @torch.no_grad()
     def edge_values(
-        self, keep: Bool[Tensor, "circuit sender receiver"]
+        self, keep: Bool[Tensor, "circuit sender receiver"], memo: SenderMemo | None = None
     ) -> Float[Tensor, "circuit prompt"]:
         """The metric of each edge circuit (keep-masks in ``GraphIndex`` order) on each prompt.
 
         The functional engine stacks circuits and prompts along the batch, as many
         (circuit, prompt) rows a pass as the budget holds; hooks run one circuit a pass.
+        ``memo``: senders' outputs carried from one call (and pass) to the next, where one
+        pass holds every prompt, for circuits that share them (``SenderMemo``: the
+        prefixes of a ranking, in order); the values are the same without it.
         """
         w = self.prep.weights
         if w is not None and (why := w.spec.edge_unsupported()) is not None:
@@ -380,11 +385,13 @@ class AblationRunner:
                     values[c, start : start + len(prompt)] = self.prep.score(logits, prompt).cpu()
             return values
         per_pass, prompts_per = max(1, step // n), min(n, step)
+        # What a memo holds is one pass's prompts: it is used only where a pass holds all.
+        memo = memo if prompts_per == n else None
         for first in range(0, len(keep), per_pass):
             circuits = slice(first, min(first + per_pass, len(keep)))
             for start in range(0, n, prompts_per):
                 prompt = torch.arange(start, min(start + prompts_per, n), device=device)
-                logits = self._edge_logits(w, index, prompt, drop[circuits])
+                logits = self._edge_logits(w, index, prompt, drop[circuits], memo)
                 k = drop[circuits].shape[0]
                 scored = self.prep.score(logits, prompt.repeat(k))
                 values[circuits, start : start + len(prompt)] = scored.view(k, -1).cpu()
@@ -454,9 +461,10 @@ class AblationRunner:
         index: GraphIndex,
         prompt: Int[Tensor, " prompt"],
         drop: Float[Tensor, "circuit sender receiver"],
+        memo: SenderMemo | None = None,
     ) -> Float[Tensor, "row d_vocab"]:
         """Answer logits, circuit-major, with every receiver input = kept senders' outputs
-        + dropped ones' ablations."""
+        + dropped ones' ablations (``memo``: see ``edge_values``)."""
         src, src_rows = self._sources_of(w, prompt)
         k = drop.shape[0]
         tokens = self.prep.clean[prompt]
@@ -466,7 +474,11 @@ class AblationRunner:
         if self.sparse_edges and sparse_edges_supported(w) is None:
             keep = drop == 0
             answer = self.prep.answer_pos[prompt]
-            return sparse_edge_logits(w, index, keep, resid, current, src, src_rows, answer)
+            if memo is not None:
+                memo.bind(prompt)
+            return sparse_edge_logits(
+                w, index, keep, resid, current, src, src_rows, answer, memo=memo
+            )
         input_delta = (src.input[src_rows] - current).repeat(k, 1, 1)
         ablated_z = [z if src.shared else z[src_rows] for z in src.z]
         ablated_mlp = [m if src.shared else m[src_rows] for m in src.mlp_out]
