@@ -42,7 +42,7 @@ from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.circuits.interval import DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, FaithfulnessInterval
 from reuse_lens.circuits.measure import CircuitEvaluator, ranked
 from reuse_lens.nodes import AttentionHead, parse_node, shape_of
-from reuse_lens.patching.ablation import SenderMemo
+from reuse_lens.patching.ablation import EdgeMemo
 from reuse_lens.patching.activation import activation_patching
 from reuse_lens.patching.attribution import attribution_patching
 from reuse_lens.patching.edges import EdgeScores
@@ -357,13 +357,13 @@ def prefix_intervals(
     order: Sequence[str] | Sequence[tuple[str, str]],
     level: Literal["node", "edge"],
     sizes: Sequence[int],
-    memo: SenderMemo | None = None,
+    memo: EdgeMemo | None = None,
 ) -> list[FaithfulnessInterval]:
     """The faithfulness and interval of the first ``k`` of ``order`` for each ``k`` in
     ``sizes``, evaluated in one batch (draws seeded with ``BOOTSTRAP_SEED``).
 
     ``memo`` (edges): the senders' outputs held from the previous batch of the same
-    ranking, which the next prefixes share (``SenderMemo``); it changes no value."""
+    ranking, which the next prefixes share (``EdgeMemo``); it changes no value."""
     resamples = evaluator.resamples(
         confidence=DEFAULT_CONFIDENCE, n_boot=DEFAULT_N_BOOT, seed=BOOTSTRAP_SEED
     )
@@ -380,9 +380,9 @@ def prefix_lower_bounds(
 ) -> Callable[[list[int]], list[float]]:
     """The automatic rule's criterion, a function of prefix sizes: the lower end of each
     prefix's bootstrap interval. Edge prefixes, asked for in rising batches, carry their
-    senders' outputs from one batch to the next (``SenderMemo``): a prefix recomputes only
+    senders' outputs from one batch to the next (``EdgeMemo``): a prefix recomputes only
     the senders downstream of the edges it adds."""
-    memo = SenderMemo() if level == "edge" else None
+    memo = EdgeMemo() if level == "edge" else None
     return lambda sizes: [iv.low for iv in prefix_intervals(evaluator, order, level, sizes, memo)]
 
 

@@ -28,10 +28,10 @@ from reuse_lens.nodes import MLP, AttentionHead, ModelShape, parse_node
 from reuse_lens.patching._common import Engine
 from reuse_lens.patching.ablation import (
     AblationRunner,
+    EdgeMemo,
     InputKind,
     MeanPositions,
     NodeMask,
-    SenderMemo,
 )
 from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.tasks.metrics import MetricError
@@ -240,10 +240,10 @@ class CircuitEvaluator:
         self,
         edge_sets: Sequence[Iterable[tuple[str, str]]],
         resamples: Resamples,
-        memo: SenderMemo | None = None,
+        memo: EdgeMemo | None = None,
     ) -> list[FaithfulnessInterval]:
         """Faithfulness of each edge set with its bootstrap interval, the sets stacked
-        along the batch (``memo``: senders carried between calls, ``SenderMemo``)."""
+        along the batch (``memo``: senders carried between calls, ``EdgeMemo``)."""
         if not edge_sets:
             return []
         keep = torch.stack([self._pruned_mask(e) for e in edge_sets])

@@ -19,14 +19,16 @@ output (Hanna et al. 2024; MIB).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from reuse_lens.nodes import LOGITS, MLP
+from reuse_lens.nodes import LOGITS, MLP, ModelShape
 from reuse_lens.patching._edge_forward import Receivers
 from reuse_lens.patching._forward import Norm, Weights, _affine, _norm
 from reuse_lens.patching.graph import GraphIndex
@@ -330,7 +332,8 @@ def sparse_edges_supported(w: Weights) -> str | None:
 
 @dataclass
 class SenderMemo:
-    """Senders' outputs carried from one ``sparse_edge_logits`` call to the next.
+    """Senders' outputs carried from one ``sparse_edge_logits`` call to the next, on the
+    same prompts.
 
     A sender's output in an edge circuit depends only on which edges into it the circuit
     keeps and on the outputs of those edges' senders. ``sparse_edge_logits`` gives each
@@ -339,21 +342,17 @@ class SenderMemo:
     never reused. The prefixes of one ranking, evaluated batch after batch by the size
     rule, keep most of their senders' classes from one prefix to the next, so the classes
     of the last circuit of a call are held (``held``, id -> current − ablated output) for
-    the next call; the others are dropped, so what is held is one circuit's senders.
-
-    A memo belongs to one (weights, sources, prompts): ``bind`` forgets everything when
-    the prompts change.
+    the next call, in sender order up to ``limit`` bytes (the early senders, which change
+    least); the others are dropped. A class not held is computed again: the memo changes
+    what is computed, never a value. ``streams``: the stream with every sender ablated
+    (``_EdgePass.ablated_streams``), the same for every circuit.
     """
 
-    prompts: Tensor | None = None
+    limit: int | None = None
     classes: dict[int, dict[bytes, int]] = field(default_factory=dict)
     held: dict[int, Tensor] = field(default_factory=dict)
     next_id: int = 0
-
-    def bind(self, prompts: Int[Tensor, " prompt"]) -> None:
-        """Use the memo for these prompts: what it holds for others is dropped."""
-        if self.prompts is None or not torch.equal(self.prompts, prompts):
-            self.prompts, self.classes, self.held = prompts.clone(), {}, {}
+    streams: tuple[list[Tensor], list[Tensor], Tensor] | None = None
 
     def new_id(self) -> int:
         self.next_id += 1
@@ -361,7 +360,11 @@ class SenderMemo:
 
 
 class _Bank:
-    """The current − ablated output of every class a call uses, a row each."""
+    """The current − ablated output of every class a call uses, a row each.
+
+    A class computed at the answer positions alone (``_full_positions``) is left undefined
+    elsewhere: only readers at the answer positions read it, and a read sums the rows it
+    keeps and no other (``_gather``)."""
 
     def __init__(self, like: Tensor, capacity: int, memo: SenderMemo) -> None:
         self.rows = like.new_empty(capacity, *like.shape)
@@ -369,9 +372,14 @@ class _Bank:
         for gid, delta in memo.held.items():
             self.put(gid, delta)
 
-    def put(self, gid: int, delta: Tensor) -> None:
+    def put(self, gid: int, delta: Tensor, at: tuple[Tensor, Tensor] | None = None) -> None:
+        """Store class ``gid``: ``delta`` at every position, or at the (prompt, position)
+        pairs ``at``."""
         row = len(self.row_of)
-        self.rows[row] = delta
+        if at is None:
+            self.rows[row] = delta
+        else:
+            self.rows[row][at] = delta
         self.row_of[gid] = row
 
     def slots(self, gids: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
@@ -381,29 +389,50 @@ class _Bank:
         return table[gids.cpu()].to(gids.device)
 
 
+@dataclass
+class _Classes:
+    """The classes of one sender new to the memo: their ids, their keys ``(class,
+    visible sender, column)`` and whether each is computed at every position."""
+
+    gids: list[int]
+    keys: Int[Tensor, "cls visible column"]
+    full: list[bool]
+
+    def split(self) -> list[tuple[bool, list[int], Int[Tensor, "cls visible column"]]]:
+        """The classes computed at every position, then those at the answer alone."""
+        groups = []
+        for full in (True, False):
+            picked = [i for i, f in enumerate(self.full) if f == full]
+            if picked:
+                index = torch.tensor(picked, device=self.keys.device)
+                groups.append((full, [self.gids[i] for i in picked], self.keys[index]))
+        return groups
+
+
 def _classify(
     memo: SenderMemo,
     keep: Bool[Tensor, "circuit sender receiver"],
     ids: Int[Tensor, "circuit sender"],
+    full: Bool[Tensor, "circuit sender"],
     sender: int,
     columns: list[int],
     visible: int,
-) -> tuple[list[int], Int[Tensor, "new visible column"]]:
+) -> _Classes:
     """Give ``sender`` its class in each circuit that keeps an edge out of it (``ids``;
     -1 in the others, which never read it).
 
     A class's key is, per sender it reads (the first ``visible``) and per receiver column
     of ``sender``, 0 where the edge is dropped and 1 + that sender's class where it is
-    kept: circuits with the same key compute the same output. Returns the ids of the
-    classes new to the memo, to be computed, and their keys ``(new, visible, column)``.
+    kept, and whether it is needed at every position or at the answer alone (``full``):
+    circuits with the same key compute the same output. Returns the classes new to the
+    memo, which are to be computed.
     """
     rows = torch.nonzero(keep[:, sender].any(1)).flatten()
     if len(rows) == 0:
-        return [], ids.new_zeros(0, visible, len(columns))
+        return _Classes([], ids.new_zeros(0, visible, len(columns)), [])
     kept = keep[rows, :visible][:, :, columns].long()
-    key = (kept * (ids[rows, :visible].unsqueeze(-1) + 1)).flatten(1)
-    if key.shape[1] == 0:  # the input sender reads nothing: one class
-        key = key.new_zeros(len(rows), 1)
+    reads = (kept * (ids[rows, :visible].unsqueeze(-1) + 1)).flatten(1)
+    key = torch.cat([reads, full[rows, sender].long().unsqueeze(1)], 1)
     unique, inverse = torch.unique(key, dim=0, return_inverse=True)
     table = memo.classes.setdefault(sender, {})
     gids, new = [], []
@@ -415,9 +444,94 @@ def _classify(
         gids.append(table[raw])
     ids[rows, sender] = torch.tensor(gids, device=ids.device)[inverse]
     fresh = unique[torch.tensor(new, dtype=torch.long, device=unique.device)]
-    return [gids[u] for u in new], fresh[:, : visible * len(columns)].view(
-        len(new), visible, len(columns)
+    keys = fresh[:, :-1].view(len(new), visible, len(columns))
+    return _Classes([gids[u] for u in new], keys, [bool(f) for f in fresh[:, -1].tolist()])
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each layer's senders and receivers sit in the edge graph, per layer: the
+    first head's sender slot, the first q column, how many senders the heads and the MLP
+    read, the MLP's slot and column; per receiver column, the sender that owns it (-1:
+    the logits) and whether it is read at every position (keys and values); and the
+    senders in groups that read none of each other, last group first (``backwards``)."""
+
+    first_head: list[int]
+    first_column: list[int]
+    heads_visible: list[int]
+    mlp_slot: list[int]
+    mlp_column: list[int]
+    mlp_visible: list[int]
+    logits: int
+    reader: Int[Tensor, " receiver"]
+    every: Bool[Tensor, " receiver"]
+    backwards: list[slice]
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(shape: ModelShape) -> _Layout:
+    """The layout of the edge graph of ``shape``, made once per shape (``GraphIndex``'s
+    ``senders_before_*`` list the senders each time)."""
+    index, n_heads = GraphIndex(shape), shape.n_heads
+    reader = torch.full((index.n_receivers,), -1, dtype=torch.long)
+    every = torch.zeros(index.n_receivers, dtype=torch.bool)
+    layers = range(shape.n_layers)
+    first_column = [index.heads_columns(layer).start for layer in layers]
+    for layer, start in zip(layers, first_column, strict=True):
+        for h in range(n_heads):
+            reader[start + h] = index.sender[f"a{layer}.h{h}"]
+        every[start + n_heads : start + 3 * n_heads] = True
+        if shape.has_mlps:
+            reader[index.receiver[MLP(layer).name]] = index.sender[MLP(layer).name]
+    mlps = shape.has_mlps
+    return _Layout(
+        first_head=[index.sender[f"a{layer}.h0"] for layer in layers],
+        first_column=first_column,
+        heads_visible=[index.senders_before_heads(layer) for layer in layers],
+        mlp_slot=[index.sender[MLP(layer).name] if mlps else -1 for layer in layers],
+        mlp_column=[index.receiver[MLP(layer).name] if mlps else -1 for layer in layers],
+        mlp_visible=[index.senders_before_mlp(layer) if mlps else -1 for layer in layers],
+        logits=index.receiver[LOGITS.name],
+        reader=reader,
+        every=every,
+        backwards=_groups_backwards(index),
     )
+
+
+def _groups_backwards(index: GraphIndex) -> list[slice]:
+    """Senders in groups that read none of each other, last first: per layer from the
+    last, its MLP, then its heads; then the input."""
+    groups = []
+    for layer in reversed(range(index.shape.n_layers)):
+        if index.shape.has_mlps:
+            slot = index.sender[MLP(layer).name]
+            groups.append(slice(slot, slot + 1))
+        first = index.sender[f"a{layer}.h0"]
+        groups.append(slice(first, first + index.shape.n_heads))
+    covered = sum(g.stop - g.start for g in groups) + 1
+    assert covered == index.n_senders, "every sender but the input is a head or an MLP"
+    return [*groups, slice(0, 1)]
+
+
+def _full_positions(
+    layout: _Layout, keep: Bool[Tensor, "circuit sender receiver"]
+) -> Bool[Tensor, "circuit sender"]:
+    """Which senders a circuit reads at every position; the others it reads at each
+    prompt's answer position alone.
+
+    The logits read the answer position; a head's keys and values read every position,
+    its query the positions its own output is read at, and an MLP its input at its
+    output's. So a sender whose kept edges all end at the logits or at the queries and
+    MLPs of senders read at the answer alone is itself read there alone: in the last
+    layers, a head's query and an MLP cost one position, not the prompt.
+    """
+    every, reader = layout.every.to(keep.device), layout.reader.to(keep.device)
+    read_by, owned = reader.clamp(min=0), reader >= 0
+    full = torch.zeros(keep.shape[:2], dtype=torch.bool, device=keep.device)
+    for group in layout.backwards:  # a group's readers come after it
+        wide = every | (full[:, read_by] & owned)
+        full[:, group] = (keep[:, group] & wide.unsqueeze(1)).any(2)
+    return full
 
 
 def _gather(
@@ -430,16 +544,21 @@ def _gather(
     ``base`` (the stream with every sender ablated) plus the output of each kept sender's
     class. ``at``: (prompt, position) pairs, where ``base`` holds those positions alone."""
     n, _, width = keys.shape
-    filled = bank.rows[: len(bank.row_of)]
-    source = filled if at is None else filled[:, at[0], at[1]]
     cls, sender, column = torch.nonzero(keys, as_tuple=True)
     if len(cls) == 0:
         return base.expand(n, width, *base.shape).clone()
-    # A dense (read, class row) selection times the bank: far faster than gathering the
-    # rows each read adds (a copy per kept edge), and its zeros cost a few flops.
-    select = base.new_zeros(n * width, len(filled))
-    select[cls * width + column, bank.slots(keys[cls, sender, column] - 1)] = 1
-    out = torch.addmm(base.flatten().expand(n * width, -1), select, source.flatten(1))
+    filled = bank.rows[: len(bank.row_of)]
+    source = filled if at is None else filled[:, at[0], at[1]]
+    # Each read sums its kept senders' rows of the bank: a bag sum, which reads only
+    # those rows (a dense selection matrix times the bank reads every row for every
+    # read, and gathering the rows first copies them).
+    read = cls * width + column
+    order = torch.argsort(read, stable=True)
+    slots = bank.slots(keys[cls, sender, column] - 1)[order]
+    counts = torch.bincount(read, minlength=n * width)
+    offsets = torch.cumsum(counts, 0) - counts
+    out = F.embedding_bag(slots, source.flatten(1), offsets, mode="sum")
+    out += base.flatten()
     return out.view(n, width, *base.shape)
 
 
@@ -465,9 +584,10 @@ def sparse_edge_logits(
     and MLPs, not the model. A sender's output depends only on the edges into it that the
     circuit keeps and on their senders' outputs, so circuits that agree on those share it
     (``_classify``): nested prefixes of one ranking recompute only the senders downstream
-    of the edges each adds, and ``memo`` carries the last circuit's senders to the next
-    call. The same values as the dense edge forward (``DroppedEdges``), which the tests
-    check.
+    of the edges each adds, and ``memo`` carries the last circuit's senders (and ``Z``)
+    to the next call. A sender read at the answer position alone is computed there alone
+    (``_full_positions``). The same values as the dense edge forward (``DroppedEdges``),
+    which the tests check.
 
     Arguments:
         w: the model's weights (``sparse_edges_supported`` says which it takes).
@@ -478,87 +598,164 @@ def sparse_edge_logits(
             embedding alone).
         src: the ablated outputs; prompt ``p`` reads row ``src_rows[p]`` (or a shared row).
         answer: each prompt's answer position.
-        memo: the classes held from the previous call on the same prompts, if any.
+        memo: what the previous call on the same prompts held, if any.
     """
     memo = SenderMemo() if memo is None else memo
-    n_circuits, n_prompts = keep.shape[0], resid.shape[0]
-    keep = keep.bool()
-    ids = torch.full(keep.shape[:2], -1, dtype=torch.long, device=keep.device)
-    # At most one new class per (circuit, sender it keeps an edge out of).
-    bank = _Bank(resid, int(keep.any(2).sum()) + len(memo.held), memo)
-
-    def shared(x: Tensor) -> Tensor:
-        return x if src.shared else x[src_rows]
-
-    ablated_input = shared(src.input)
-    z = resid - current_input + ablated_input  # every sender ablated, before block 0
-    for gid, _ in zip(*_classify(memo, keep, ids, 0, [], 0), strict=True):
-        bank.put(gid, (current_input - ablated_input).expand_as(resid))
-    n_heads = w.n_heads
+    run = _EdgePass(w, _layout(index.shape), keep.bool(), memo, src, src_rows, answer, resid)
+    if memo.streams is None:
+        memo.streams = run.ablated_streams(resid - current_input + run.shared(src.input))
+    heads_base, mlp_base, final_base = memo.streams
+    run.input(current_input - run.shared(src.input))
     for layer in range(w.n_layers):
-        first = index.sender[f"a{layer}.h0"]
-        ablated_z = shared(src.z[layer])
-        start = index.heads_columns(layer).start
-        visible = index.senders_before_heads(layer)
-        for h in range(n_heads):
-            columns = [start + part * n_heads + h for part in range(3)]
-            gids, keys = _classify(memo, keep, ids, first + h, columns, visible)
-            if gids:
-                inputs = _gather(z, bank, keys)  # (class, q/k/v, prompt, pos, d_model)
-                delta = _head_delta(w, layer, h, inputs, ablated_z)
-                for gid, row in zip(gids, delta, strict=True):
-                    bank.put(gid, row)
-        mid = z + w.attn_out(layer, ablated_z)  # every head ablated, b_O kept
+        for head in range(w.n_heads):
+            run.head(layer, head, heads_base[layer])
         if w.has_mlps:
-            ablated_mlp = shared(src.mlp_out[layer])
-            receiver = index.receiver[MLP(layer).name]
-            visible = index.senders_before_mlp(layer)
-            slot = index.sender[MLP(layer).name]
-            gids, keys = _classify(memo, keep, ids, slot, [receiver], visible)
-            if gids:
-                x = _gather(w.mlp_input(z, mid), bank, keys)[:, 0]
-                current = w.mlp_out(layer, x.flatten(0, 1)).unflatten(0, x.shape[:2])
-                for gid, row in zip(gids, current - ablated_mlp.unsqueeze(0), strict=True):
-                    bank.put(gid, row)
-            mid = mid + ablated_mlp
-        z = mid
-    _carry(memo, bank, ids[-1])
-    # The logits read every circuit's own senders, at the answer position alone.
-    rows = torch.arange(n_prompts, device=resid.device)
-    column = index.receiver[LOGITS.name]
-    final_keys = keep[:, :, column].long().unsqueeze(-1) * (ids.unsqueeze(-1) + 1)
-    final = _gather(z[rows, answer], bank, final_keys, at=(rows, answer))[:, 0]
-    assert final.shape[0] == n_circuits
-    return w.logits(final.flatten(0, 1))
+            run.mlp(layer, mlp_base[layer])
+    _carry(memo, run.bank, run.ids[-1])
+    return run.logits(final_base)
 
 
-def _head_delta(
+class _EdgePass:
+    """One ``sparse_edge_logits`` call: each sender's class per circuit (``ids``), and the
+    bank of the classes' outputs."""
+
+    def __init__(
+        self,
+        w: Weights,
+        layout: _Layout,
+        keep: Bool[Tensor, "circuit sender receiver"],
+        memo: SenderMemo,
+        src: Sources,
+        src_rows: Int[Tensor, " prompt"],
+        answer: Int[Tensor, " prompt"],
+        like: Float[Tensor, "prompt pos d_model"],
+    ) -> None:
+        """``like``: a tensor of the shape and dtype of a sender's output."""
+        self.w, self.layout, self.keep, self.memo = w, layout, keep, memo
+        self.src, self.src_rows, self.answer = src, src_rows, answer
+        self.ids = torch.full(keep.shape[:2], -1, dtype=torch.long, device=keep.device)
+        self.full = _full_positions(layout, keep)
+        self.full[:, 0] = True  # the input costs nothing to hold whole
+        read = keep.any(2)
+        self.wanted = read.any(0).tolist()  # the senders some circuit reads
+        # At most one new class per (circuit, sender it reads).
+        self.bank = _Bank(like, int(read.sum()) + len(memo.held), memo)
+        rows = torch.arange(len(answer), device=answer.device)
+        self.at = (rows, answer)
+
+    def shared(self, x: Tensor) -> Tensor:
+        """A source for each prompt, or the one every prompt shares."""
+        return x if self.src.shared else x[self.src_rows]
+
+    def answer_of(self, x: Tensor) -> Tensor:
+        """A prompt's (or the shared) tensor ``(src, pos, ...)`` at each answer."""
+        return x.expand(len(self.answer), *x.shape[1:])[self.at]
+
+    def ablated_streams(
+        self, z: Float[Tensor, "prompt pos d_model"]
+    ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """The stream with every sender ablated, as each layer's heads read it, as its MLP
+        reads it, and as the logits read it (at the answer): the same for every circuit,
+        so a memo keeps it from one call to the next."""
+        heads_base, mlp_base = [], []
+        for layer in range(self.w.n_layers):
+            heads_base.append(z)
+            mid = z + self.w.attn_out(layer, self.shared(self.src.z[layer]))  # b_O kept
+            if self.w.has_mlps:
+                mlp_base.append(self.w.mlp_input(z, mid))
+                mid = mid + self.shared(self.src.mlp_out[layer])
+            z = mid
+        return heads_base, mlp_base, z[self.at]
+
+    def input(self, delta: Float[Tensor, "prompt pos d_model"]) -> None:
+        for gid in _classify(self.memo, self.keep, self.ids, self.full, 0, [], 0).gids:
+            self.bank.put(gid, delta)
+
+    def head(self, layer: int, head: int, base: Float[Tensor, "prompt pos d_model"]) -> None:
+        """Compute the classes of a head new to the memo, from its q, k and v inputs."""
+        layout, w = self.layout, self.w
+        slot = layout.first_head[layer] + head
+        if not self.wanted[slot]:
+            return
+        start = layout.first_column[layer]
+        columns = [start + part * w.n_heads + head for part in range(3)]
+        visible = layout.heads_visible[layer]
+        classes = _classify(self.memo, self.keep, self.ids, self.full, slot, columns, visible)
+        ablated_z = self.shared(self.src.z[layer])[:, :, head]
+        w_o = w.layers[layer].w_o.view(w.n_heads, w.d_head, -1)[head]
+        for whole, gids, keys in classes.split():
+            k_v = _gather(base, self.bank, keys[:, :, 1:])  # keys and values: every position
+            if whole:
+                x_q, ablated = _gather(base, self.bank, keys[:, :, :1])[:, 0], ablated_z
+                q_pos = torch.arange(base.shape[1], device=base.device)
+            else:
+                x_q = _gather(base[self.at], self.bank, keys[:, :, :1], self.at)[:, 0]
+                x_q, ablated = x_q.unsqueeze(2), self.answer_of(ablated_z).unsqueeze(1)
+                q_pos = self.answer.repeat(len(gids)).unsqueeze(-1)
+            current = _head_out(w, layer, head, x_q, k_v[:, 0], k_v[:, 1], q_pos)
+            delta = current - (ablated @ w_o).unsqueeze(0)
+            for gid, row in zip(gids, delta, strict=True):
+                self.bank.put(gid, row if whole else row[:, 0], None if whole else self.at)
+
+    def mlp(self, layer: int, base: Float[Tensor, "prompt pos d_model"]) -> None:
+        """Compute the classes of an MLP new to the memo, from its input."""
+        slot, column = self.layout.mlp_slot[layer], self.layout.mlp_column[layer]
+        if not self.wanted[slot]:
+            return
+        visible = self.layout.mlp_visible[layer]
+        classes = _classify(self.memo, self.keep, self.ids, self.full, slot, [column], visible)
+        ablated_mlp = self.shared(self.src.mlp_out[layer])
+        for whole, gids, keys in classes.split():
+            if whole:
+                x, ablated = _gather(base, self.bank, keys)[:, 0], ablated_mlp
+            else:
+                x = _gather(base[self.at], self.bank, keys, self.at)[:, 0]
+                ablated = self.answer_of(ablated_mlp)
+            current = self.w.mlp_out(layer, x.flatten(0, 1)).unflatten(0, x.shape[:2])
+            for gid, row in zip(gids, current - ablated.unsqueeze(0), strict=True):
+                self.bank.put(gid, row, None if whole else self.at)
+
+    def logits(self, base: Float[Tensor, "prompt d_model"]) -> Float[Tensor, "row d_vocab"]:
+        """Every circuit reads its own senders' classes, at the answer position alone."""
+        kept = self.keep[:, :, self.layout.logits].long().unsqueeze(-1)
+        final = _gather(base, self.bank, kept * (self.ids.unsqueeze(-1) + 1), self.at)
+        return self.w.logits(final[:, 0].flatten(0, 1))
+
+
+def _head_out(
     w: Weights,
     layer: int,
     head: int,
-    inputs: Float[Tensor, "cls qkv prompt pos d_model"],
-    ablated_z: Float[Tensor, "src pos head d_head"],
-) -> Float[Tensor, "cls prompt pos d_model"]:
-    """One head's current − ablated output for each class, from its q, k and v inputs."""
+    x_q: Float[Tensor, "cls prompt q_pos d_model"],
+    x_k: Float[Tensor, "cls prompt pos d_model"],
+    x_v: Float[Tensor, "cls prompt pos d_model"],
+    q_pos: Int[Tensor, " ..."],
+) -> Float[Tensor, "cls prompt q_pos d_model"]:
+    """One head's output ``z W_O`` (no bias) for each class at the query positions
+    ``q_pos`` (``(pos,)``, or ``(cls * prompt, n)`` absolute), from its q, k, v inputs."""
     weights = w.layers[layer]
-    picked = torch.tensor([head], device=inputs.device)
-    positions = torch.arange(inputs.shape[3], device=inputs.device)
-    x_q, x_k, x_v = (x.flatten(0, 1).unsqueeze(2) for x in inputs.unbind(1))
-    q = w._qk_post(layer, _project(w, layer, x_q, "q", picked), weights.q_norm, positions)
-    k = w._qk_post(layer, _project(w, layer, x_k, "k", picked), weights.k_norm, positions)
-    v = _project(w, layer, x_v, "v", picked)
-    mixed = w.mix(w.pattern(q, k, positions, layer, picked), v)
+    picked = torch.tensor([head], device=x_q.device)
+    positions = torch.arange(x_k.shape[2], device=x_k.device)
+    q = _project(w, layer, x_q.flatten(0, 1).unsqueeze(2), "q", picked)
+    k = _project(w, layer, x_k.flatten(0, 1).unsqueeze(2), "k", picked)
+    v = _project(w, layer, x_v.flatten(0, 1).unsqueeze(2), "v", picked)
+    q = w._qk_post(layer, q, weights.q_norm, q_pos)
+    k = w._qk_post(layer, k, weights.k_norm, positions)
+    mixed = w.mix(w.pattern(q, k, q_pos, layer, picked), v)
     w_o = weights.w_o.view(w.n_heads, w.d_head, -1)[head]
-    current = (mixed[:, :, 0] @ w_o).unflatten(0, (inputs.shape[0], inputs.shape[2]))
-    return current - (ablated_z[:, :, head] @ w_o).unsqueeze(0)
+    return (mixed[:, :, 0] @ w_o).unflatten(0, x_q.shape[:2])
 
 
 def _carry(memo: SenderMemo, bank: _Bank, last: Int[Tensor, " sender"]) -> None:
-    """Hold the last circuit's classes for the next call, and forget the others."""
-    kept = {int(g) for g in last.tolist() if g >= 0}
+    """Hold the last circuit's classes for the next call, in sender order while they fit
+    in ``memo.limit``, and forget the others."""
+    row_bytes = bank.rows[0].nbytes if len(bank.rows) else 0
+    room = len(bank.row_of) if memo.limit is None else memo.limit // max(1, row_bytes)
+    kept = [int(g) for g in last.tolist() if g >= 0][:room]
     memo.held = {g: bank.rows[bank.row_of[g]].clone() for g in kept}
+    held = set(kept)
     memo.classes = {
-        s: {key: g for key, g in table.items() if g in kept} for s, table in memo.classes.items()
+        s: {key: g for key, g in table.items() if g in held} for s, table in memo.classes.items()
     }
 
 

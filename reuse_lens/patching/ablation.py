@@ -76,10 +76,10 @@ __all__ = [
     "INPUT_NODES",
     "MEAN_POSITIONS",
     "AblationRunner",
+    "EdgeMemo",
     "InputKind",
     "MeanPositions",
     "NodeMask",
-    "SenderMemo",
 ]
 
 _ABLATIONS = ("resample", "mean", "zero")
@@ -120,6 +120,45 @@ class NodeMask:
     def full(cls, shape: ModelShape, keep: bool = True) -> NodeMask:
         heads = torch.full((shape.n_layers, shape.n_heads), keep)
         return cls(heads, torch.full((shape.n_layers,), keep) if shape.has_mlps else None)
+
+
+class EdgeMemo:
+    """Senders' outputs that the edge circuits of one runner carry from one
+    ``edge_values`` call to the next (``_circuit_forward.SenderMemo``), per chunk of
+    prompts: the prefixes of a ranking, evaluated batch after batch, recompute only the
+    senders downstream of the edges each adds.
+
+    What is held over every chunk stays within ``MEMO_SHARE`` of the memory budget of
+    the runner it is bound to on first use; past it, the later senders are computed
+    again. It changes no value.
+    """
+
+    def __init__(self) -> None:
+        self.limit: int | None = None
+        self.runner: AblationRunner | None = None
+        self._chunks: dict[tuple[int, ...], SenderMemo] = {}
+
+    def bind(self, runner: AblationRunner) -> None:
+        """Tie the memo to the runner whose sources its outputs were computed with."""
+        if self.runner is None:
+            self.runner, self.limit = runner, int(runner.budget * MEMO_SHARE)
+        elif self.runner is not runner:
+            raise ValueError("an EdgeMemo holds one runner's outputs: make one per runner")
+
+    def of(self, prompts: Int[Tensor, " prompt"], n: int) -> SenderMemo:
+        """The memo of this chunk of ``n`` prompts, with its share of the limit."""
+        key = tuple(prompts.tolist())
+        if key not in self._chunks:
+            share = None if self.limit is None else self.limit * len(key) // max(1, n)
+            self._chunks[key] = SenderMemo(limit=share)
+        return self._chunks[key]
+
+
+MEMO_SHARE = 0.25
+"""The share of the memory budget an ``EdgeMemo`` may hold. The sparse edge forward of a
+pass holds far less than ``Shapes.edge_ablation_prompt`` counts (that is the dense
+forward's: every sender's delta for every circuit, three times, and every receiver's
+input), and the memo holds one circuit's senders."""
 
 
 class AblationRunner:
@@ -348,15 +387,15 @@ class AblationRunner:
 
     @torch.no_grad()
     def edge_values(
-        self, keep: Bool[Tensor, "circuit sender receiver"], memo: SenderMemo | None = None
+        self, keep: Bool[Tensor, "circuit sender receiver"], memo: EdgeMemo | None = None
     ) -> Float[Tensor, "circuit prompt"]:
         """The metric of each edge circuit (keep-masks in ``GraphIndex`` order) on each prompt.
 
         The functional engine stacks circuits and prompts along the batch, as many
         (circuit, prompt) rows a pass as the budget holds; hooks run one circuit a pass.
-        ``memo``: senders' outputs carried from one call (and pass) to the next, where one
-        pass holds every prompt, for circuits that share them (``SenderMemo``: the
-        prefixes of a ranking, in order); the values are the same without it.
+        ``memo``: senders' outputs carried from one call (and pass) to the next, for
+        circuits that share them (``EdgeMemo``: the prefixes of a ranking, in order); the
+        values are the same without it.
         """
         w = self.prep.weights
         if w is not None and (why := w.spec.edge_unsupported()) is not None:
@@ -385,8 +424,8 @@ class AblationRunner:
                     values[c, start : start + len(prompt)] = self.prep.score(logits, prompt).cpu()
             return values
         per_pass, prompts_per = max(1, step // n), min(n, step)
-        # What a memo holds is one pass's prompts: it is used only where a pass holds all.
-        memo = memo if prompts_per == n else None
+        if memo is not None:
+            memo.bind(self)
         for first in range(0, len(keep), per_pass):
             circuits = slice(first, min(first + per_pass, len(keep)))
             for start in range(0, n, prompts_per):
@@ -461,7 +500,7 @@ class AblationRunner:
         index: GraphIndex,
         prompt: Int[Tensor, " prompt"],
         drop: Float[Tensor, "circuit sender receiver"],
-        memo: SenderMemo | None = None,
+        memo: EdgeMemo | None = None,
     ) -> Float[Tensor, "row d_vocab"]:
         """Answer logits, circuit-major, with every receiver input = kept senders' outputs
         + dropped ones' ablations (``memo``: see ``edge_values``)."""
@@ -474,10 +513,9 @@ class AblationRunner:
         if self.sparse_edges and sparse_edges_supported(w) is None:
             keep = drop == 0
             answer = self.prep.answer_pos[prompt]
-            if memo is not None:
-                memo.bind(prompt)
+            held = None if memo is None else memo.of(prompt, self.prep.n)
             return sparse_edge_logits(
-                w, index, keep, resid, current, src, src_rows, answer, memo=memo
+                w, index, keep, resid, current, src, src_rows, answer, memo=held
             )
         input_delta = (src.input[src_rows] - current).repeat(k, 1, 1)
         ablated_z = [z if src.shared else z[src_rows] for z in src.z]
