@@ -14,7 +14,13 @@ computed: nothing else reaches the logits.
 Edge circuits: ``DroppedEdges`` is the edge graph's ``Receivers`` for a stack of circuits,
 each with its own (sender, receiver) drop matrix: every receiver input reads the current
 stream plus, for every sender whose edge it drops, that sender's (ablated − current)
-output (Hanna et al. 2024; MIB).
+output (Hanna et al. 2024; MIB). ``sparse_edge_logits`` computes the same values from
+the other end: the stream with every sender ablated plus the (current − ablated) output
+of each sender whose edge is kept, computing a sender once per class of circuits that
+give it the same inputs, and only at the positions its readers read. A ``SenderMemo``
+carries the classes from one call to the next: the prefixes of a ranking, evaluated
+batch after batch by the size rule, recompute only the senders downstream of the edges
+each prefix adds.
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ Both engines run on the functional forward of ``_forward`` (many circuits and pr
 stacked along the batch; ``_circuit_forward``): node circuits that keep the same nodes up
 to a block share the blocks before it, and a circuit computes only the heads and MLPs it
 keeps (node circuits) or keeps an edge out of (edge circuits), an ablated one's output
-being its source. A model that the functional forward cannot reproduce runs them
+being its source; edge circuits evaluated call after call through one ``EdgeMemo``
+reuse the senders' outputs they share. A model that the functional forward cannot
+reproduce runs them
 through hooks on the bridge (``_hook_edges`` for edges, which refuses, with the reason,
 a model whose hooks cannot give each head its own inputs).
 """
@@ -144,6 +146,11 @@ class EdgeMemo:
             self.runner, self.limit = runner, int(runner.budget * MEMO_SHARE)
         elif self.runner is not runner:
             raise ValueError("an EdgeMemo holds one runner's outputs: make one per runner")
+
+    @property
+    def computed(self) -> int:
+        """How many classes of senders were computed through this memo."""
+        return sum(memo.next_id for memo in self._chunks.values())
 
     def of(self, prompts: Int[Tensor, " prompt"], n: int) -> SenderMemo:
         """The memo of this chunk of ``n`` prompts, with its share of the limit."""

@@ -115,6 +115,10 @@ def test_batched_prefixes_with_a_memo_equal_each_prefix_alone(
         assert got.high == pytest.approx(want.high, abs=FAITH_ATOL), k
     lows = [iv.low for iv in alone]
     assert any(b < a for a, b in itertools.pairwise(lows)), "the curve should fall"
+    # What was shared: far fewer senders computed than the prefixes read in all.
+    index = GraphIndex(shape_of(model))
+    read = sum(len({index.sender[s] for s, _ in order[:k]}) for k in sizes)
+    assert memo.computed < read / 2
 
 
 def test_prefixes_equal_the_dense_edge_forward(
