@@ -347,41 +347,63 @@ class SenderMemo:
     for every circuit that has it, and records the class's key here with an id that is
     never reused. The prefixes of one ranking, evaluated batch after batch by the size
     rule, keep most of their senders' classes from one prefix to the next, so the classes
-    of the last circuit of a call are held (``held``, id -> current − ablated output) for
-    the next call, in sender order up to ``limit`` bytes (the early senders, which change
-    least); the others are dropped. A class not held is computed again: the memo changes
-    what is computed, never a value. ``streams``: the stream with every sender ablated
-    (``_EdgePass.ablated_streams``), the same for every circuit.
+    of the last circuit of a call are held for the next call (in ``rows``, the call's
+    buffer, at ``row_of``), in sender order up to ``limit`` bytes (the early senders,
+    which change least); the others are dropped. A class not held is computed again: the memo changes
+    what is computed, never a value. ``key_of`` gives each held class its sender and
+    key; ``streams`` the stream with every sender ablated (``_EdgePass.ablated_streams``),
+    the same for every circuit.
     """
 
     limit: int | None = None
     classes: dict[int, dict[bytes, int]] = field(default_factory=dict)
-    held: dict[int, Tensor] = field(default_factory=dict)
+    rows: Tensor | None = None
+    row_of: dict[int, int] = field(default_factory=dict)
     next_id: int = 0
     streams: tuple[list[Tensor], list[Tensor], Tensor] | None = None
+    key_of: dict[int, tuple[int, bytes]] = field(default_factory=dict)
 
-    def new_id(self) -> int:
+    def new_id(self, sender: int, key: bytes) -> int:
+        """A new class of ``sender`` with this key."""
+        self.classes.setdefault(sender, {})[key] = self.next_id
+        self.key_of[self.next_id] = (sender, key)
         self.next_id += 1
         return self.next_id - 1
 
 
 class _Bank:
-    """The current − ablated output of every class a call uses, a row each.
+    """The current − ablated output of every class a call uses, a row each, in a buffer
+    the memo keeps from one call to the next: a held class stays in its row, and the new
+    ones take the rows no held class uses, so nothing held is copied.
 
     A class computed at the answer positions alone (``_full_positions``) is left undefined
     elsewhere: only readers at the answer positions read it, and a read sums the rows it
     keeps and no other (``_gather``)."""
 
     def __init__(self, like: Tensor, capacity: int, memo: SenderMemo) -> None:
-        self.rows = like.new_empty(capacity, *like.shape)
-        self.row_of: dict[int, int] = {}
-        for gid, delta in memo.held.items():
-            self.put(gid, delta)
+        """Room for ``capacity`` new classes besides those the memo holds."""
+        held, self.row_of = memo.rows, dict(memo.row_of)
+        taken = set(self.row_of.values())
+        fits = held is not None and held.shape[1:] == like.shape and held.dtype == like.dtype
+        if held is not None and fits and len(held) - len(taken) >= capacity:
+            self.rows = held
+        else:  # a larger buffer, the held classes copied to its first rows once; twice
+            # the room asked for, so that a memo whose circuits grow seldom copies again
+            self.rows = like.new_empty(len(taken) + 2 * capacity, *like.shape)
+            if held is not None and self.row_of:
+                gids = list(self.row_of)
+                rows = [self.row_of[g] for g in gids]
+                before = torch.tensor(rows, dtype=torch.long, device=held.device)
+                self.rows[: len(gids)] = held[before]
+                self.row_of = {gid: row for row, gid in enumerate(gids)}
+                taken = set(range(len(gids)))
+        self.free = [row for row in range(len(self.rows)) if row not in taken]
+        self.free.reverse()  # popped from the end: the lowest rows first
 
     def put(self, gid: int, delta: Tensor, at: tuple[Tensor, Tensor] | None = None) -> None:
         """Store class ``gid``: ``delta`` at every position, or at the (prompt, position)
         pairs ``at``."""
-        row = len(self.row_of)
+        row = self.free.pop()
         if at is None:
             self.rows[row] = delta
         else:
@@ -440,14 +462,15 @@ def _classify(
     reads = (kept * (ids[rows, :visible].unsqueeze(-1) + 1)).flatten(1)
     key = torch.cat([reads, full[rows, sender].long().unsqueeze(1)], 1)
     unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-    table = memo.classes.setdefault(sender, {})
+    table = memo.classes.get(sender, {})
     gids, new = [], []
     for u, row in enumerate(unique.cpu().numpy()):
         raw = row.tobytes()
-        if raw not in table:
-            table[raw] = memo.new_id()
+        if raw in table:
+            gids.append(table[raw])
+        else:
+            gids.append(memo.new_id(sender, raw))
             new.append(u)
-        gids.append(table[raw])
     ids[rows, sender] = torch.tensor(gids, device=ids.device)[inverse]
     fresh = unique[torch.tensor(new, dtype=torch.long, device=unique.device)]
     keys = fresh[:, :-1].view(len(new), visible, len(columns))
@@ -553,14 +576,16 @@ def _gather(
     cls, sender, column = torch.nonzero(keys, as_tuple=True)
     if len(cls) == 0:
         return base.expand(n, width, *base.shape).clone()
-    filled = bank.rows[: len(bank.row_of)]
-    source = filled if at is None else filled[:, at[0], at[1]]
     # Each read sums its kept senders' rows of the bank: a bag sum, which reads only
     # those rows (a dense selection matrix times the bank reads every row for every
     # read, and gathering the rows first copies them).
     read = cls * width + column
     order = torch.argsort(read, stable=True)
     slots = bank.slots(keys[cls, sender, column] - 1)[order]
+    source = bank.rows
+    if at is not None:  # the rows read, at the answer positions alone
+        used, slots = torch.unique(slots, return_inverse=True)
+        source = bank.rows[used.unsqueeze(1), at[0], at[1]]
     counts = torch.bincount(read, minlength=n * width)
     offsets = torch.cumsum(counts, 0) - counts
     out = F.embedding_bag(slots, source.flatten(1), offsets, mode="sum")
@@ -645,7 +670,7 @@ class _EdgePass:
         read = keep.any(2)
         self.wanted = read.any(0).tolist()  # the senders some circuit reads
         # At most one new class per (circuit, sender it reads).
-        self.bank = _Bank(like, int(read.sum()) + len(memo.held), memo)
+        self.bank = _Bank(like, int(read.sum()), memo)
         rows = torch.arange(len(answer), device=answer.device)
         self.at = (rows, answer)
 
@@ -753,16 +778,21 @@ def _head_out(
 
 
 def _carry(memo: SenderMemo, bank: _Bank, last: Int[Tensor, " sender"]) -> None:
-    """Hold the last circuit's classes for the next call, in sender order while they fit
-    in ``memo.limit``, and forget the others."""
-    row_bytes = bank.rows[0].nbytes if len(bank.rows) else 0
-    room = len(bank.row_of) if memo.limit is None else memo.limit // max(1, row_bytes)
-    kept = [int(g) for g in last.tolist() if g >= 0][:room]
-    memo.held = {g: bank.rows[bank.row_of[g]].clone() for g in kept}
-    held = set(kept)
-    memo.classes = {
-        s: {key: g for key, g in table.items() if g in held} for s, table in memo.classes.items()
-    }
+    """Hold the last circuit's classes for the next call, and forget the others: in the
+    bank's own buffer where it fits in ``memo.limit``, else as many as fit, in sender
+    order, copied out."""
+    kept = [int(g) for g in last.tolist() if g >= 0]
+    if memo.limit is not None and bank.rows.nbytes > memo.limit:
+        kept = kept[: memo.limit // max(1, bank.rows[0].nbytes)]
+        rows = [bank.row_of[g] for g in kept]
+        index = torch.tensor(rows, dtype=torch.long, device=bank.rows.device)
+        memo.rows, memo.row_of = bank.rows[index], {g: row for row, g in enumerate(kept)}
+    else:
+        memo.rows, memo.row_of = bank.rows, {g: bank.row_of[g] for g in kept}
+    memo.key_of = {g: memo.key_of[g] for g in kept}
+    memo.classes = {}
+    for gid, (sender, key) in memo.key_of.items():
+        memo.classes.setdefault(sender, {})[key] = gid
 
 
 def _project(
