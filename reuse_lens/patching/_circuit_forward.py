@@ -349,10 +349,10 @@ class SenderMemo:
     rule, keep most of their senders' classes from one prefix to the next, so the classes
     of the last circuit of a call are held for the next call (in ``rows``, the call's
     buffer, at ``row_of``), in sender order up to ``limit`` bytes (the early senders,
-    which change least); the others are dropped. A class not held is computed again: the memo changes
-    what is computed, never a value. ``key_of`` gives each held class its sender and
-    key; ``streams`` the stream with every sender ablated (``_EdgePass.ablated_streams``),
-    the same for every circuit.
+    which change least); the others are dropped. A class not held is computed again:
+    the memo changes what is computed, never a value. ``key_of`` gives each held class
+    its sender and key; ``streams`` the stream with every sender ablated
+    (``_EdgePass.ablated_streams``), the same for every circuit.
     """
 
     limit: int | None = None
@@ -673,6 +673,10 @@ class _EdgePass:
         self.bank = _Bank(like, int(read.sum()), memo)
         rows = torch.arange(len(answer), device=answer.device)
         self.at = (rows, answer)
+        # The (prompt, position) pairs up to each answer, where some prompt ends earlier.
+        width = like.shape[1]
+        upto = torch.arange(width, device=answer.device) <= answer.unsqueeze(1)
+        self.upto = None if bool(upto.all()) else torch.nonzero(upto, as_tuple=True)
 
     def shared(self, x: Tensor) -> Tensor:
         """A source for each prompt, or the one every prompt shares."""
@@ -715,15 +719,18 @@ class _EdgePass:
         ablated_z = self.shared(self.src.z[layer])[:, :, head]
         w_o = w.layers[layer].w_o.view(w.n_heads, w.d_head, -1)[head]
         for whole, gids, keys in classes.split():
-            k_v = _gather(base, self.bank, keys[:, :, 1:])  # keys and values: every position
             if whole:
-                x_q, ablated = _gather(base, self.bank, keys[:, :, :1])[:, 0], ablated_z
+                q, k, v = _project_parts(w, layer, head, _gather(base, self.bank, keys), "qkv")
+                ablated = ablated_z
                 q_pos = torch.arange(base.shape[1], device=base.device)
-            else:
-                x_q = _gather(base[self.at], self.bank, keys[:, :, :1], self.at)[:, 0]
-                x_q, ablated = x_q.unsqueeze(2), self.answer_of(ablated_z).unsqueeze(1)
+            else:  # keys and values at every position, the query at the answer
+                k_v = _gather(base, self.bank, keys[:, :, 1:])
+                k, v = _project_parts(w, layer, head, k_v, "kv")
+                x_q = _gather(base[self.at], self.bank, keys[:, :, :1], self.at).unsqueeze(3)
+                (q,) = _project_parts(w, layer, head, x_q, "q")
+                ablated = self.answer_of(ablated_z).unsqueeze(1)
                 q_pos = self.answer.repeat(len(gids)).unsqueeze(-1)
-            current = _head_out(w, layer, head, x_q, k_v[:, 0], k_v[:, 1], q_pos)
+            current = _head_out(w, layer, head, q, k, v, q_pos).unflatten(0, (len(gids), -1))
             delta = current - (ablated @ w_o).unsqueeze(0)
             for gid, row in zip(gids, delta, strict=True):
                 self.bank.put(gid, row if whole else row[:, 0], None if whole else self.at)
@@ -738,13 +745,33 @@ class _EdgePass:
         ablated_mlp = self.shared(self.src.mlp_out[layer])
         for whole, gids, keys in classes.split():
             if whole:
-                x, ablated = _gather(base, self.bank, keys)[:, 0], ablated_mlp
+                x = _gather(base, self.bank, keys)[:, 0]
+                delta = self._mlp_to_answer(layer, x, ablated_mlp)
             else:
                 x = _gather(base[self.at], self.bank, keys, self.at)[:, 0]
-                ablated = self.answer_of(ablated_mlp)
-            current = self.w.mlp_out(layer, x.flatten(0, 1)).unflatten(0, x.shape[:2])
-            for gid, row in zip(gids, current - ablated.unsqueeze(0), strict=True):
+                current = self.w.mlp_out(layer, x.flatten(0, 1)).unflatten(0, x.shape[:2])
+                delta = current - self.answer_of(ablated_mlp).unsqueeze(0)
+            for gid, row in zip(gids, delta, strict=True):
                 self.bank.put(gid, row, None if whole else self.at)
+
+    def _mlp_to_answer(
+        self,
+        layer: int,
+        x: Float[Tensor, "cls prompt pos d_model"],
+        ablated: Float[Tensor, "src pos d_model"],
+    ) -> Float[Tensor, "cls prompt pos d_model"]:
+        """An MLP's current − ablated output at each prompt's positions up to its answer,
+        and 0 after it. Nothing read at or before the answer reads a later position
+        (attention is causal: a later key gets exactly zero weight), so the padding of
+        shorter prompts costs no MLP."""
+        upto = self.upto
+        if upto is None:
+            current = self.w.mlp_out(layer, x.flatten(0, 1)).unflatten(0, x.shape[:2])
+            return current - ablated.unsqueeze(0)
+        delta = x.new_zeros(x.shape)
+        current = self.w.mlp_out(layer, x[:, upto[0], upto[1]])
+        delta[:, upto[0], upto[1]] = current - ablated.expand(x.shape[1:])[upto].unsqueeze(0)
+        return delta
 
     def logits(self, base: Float[Tensor, "prompt d_model"]) -> Float[Tensor, "row d_vocab"]:
         """Every circuit reads its own senders' classes, at the answer position alone."""
@@ -757,24 +784,34 @@ def _head_out(
     w: Weights,
     layer: int,
     head: int,
-    x_q: Float[Tensor, "cls prompt q_pos d_model"],
-    x_k: Float[Tensor, "cls prompt pos d_model"],
-    x_v: Float[Tensor, "cls prompt pos d_model"],
+    q: Float[Tensor, "row q_pos 1 d_head"],
+    k: Float[Tensor, "row pos 1 d_head"],
+    v: Float[Tensor, "row pos 1 d_head"],
     q_pos: Int[Tensor, " ..."],
-) -> Float[Tensor, "cls prompt q_pos d_model"]:
-    """One head's output ``z W_O`` (no bias) for each class at the query positions
-    ``q_pos`` (``(pos,)``, or ``(cls * prompt, n)`` absolute), from its q, k, v inputs."""
+) -> Float[Tensor, "row q_pos d_model"]:
+    """One head's output ``z W_O`` (no bias) at the query positions ``q_pos`` (``(pos,)``,
+    or ``(row, n)`` absolute), from its projected q, k and v."""
     weights = w.layers[layer]
-    picked = torch.tensor([head], device=x_q.device)
-    positions = torch.arange(x_k.shape[2], device=x_k.device)
-    q = _project(w, layer, x_q.flatten(0, 1).unsqueeze(2), "q", picked)
-    k = _project(w, layer, x_k.flatten(0, 1).unsqueeze(2), "k", picked)
-    v = _project(w, layer, x_v.flatten(0, 1).unsqueeze(2), "v", picked)
+    picked = torch.tensor([head], device=q.device)
+    positions = torch.arange(k.shape[1], device=k.device)
     q = w._qk_post(layer, q, weights.q_norm, q_pos)
     k = w._qk_post(layer, k, weights.k_norm, positions)
     mixed = w.mix(w.pattern(q, k, q_pos, layer, picked), v)
-    w_o = weights.w_o.view(w.n_heads, w.d_head, -1)[head]
-    return (mixed[:, :, 0] @ w_o).unflatten(0, x_q.shape[:2])
+    return mixed[:, :, 0] @ weights.w_o.view(w.n_heads, w.d_head, -1)[head]
+
+
+def _project_parts(
+    w: Weights, layer: int, head: int, x: Float[Tensor, "cls part prompt pos d_model"], parts: str
+) -> list[Tensor]:
+    """The ``parts`` (of q, k, v) projections of one head, each from its own input, in
+    one norm and one contraction: ``(cls * prompt, pos, 1, d_head)`` each, before any q/k
+    norm or rotary."""
+    weights = w.layers[layer]
+    mats = [getattr(weights, f"w_{p}").view(-1, w.n_heads, w.d_head)[:, head] for p in parts]
+    bias = [getattr(weights, f"b_{p}").view(w.n_heads, w.d_head)[head] for p in parts]
+    out = torch.einsum("cnbpd,nde->cnbpe", _norm(x, weights.ln1), torch.stack(mats))
+    out = out + torch.stack(bias).view(1, len(parts), 1, 1, -1)
+    return [part.flatten(0, 1).unsqueeze(2) for part in out.unbind(1)]
 
 
 def _carry(memo: SenderMemo, bank: _Bank, last: Int[Tensor, " sender"]) -> None:
@@ -793,15 +830,3 @@ def _carry(memo: SenderMemo, bank: _Bank, last: Int[Tensor, " sender"]) -> None:
     memo.classes = {}
     for gid, (sender, key) in memo.key_of.items():
         memo.classes.setdefault(sender, {})[key] = gid
-
-
-def _project(
-    w: Weights, layer: int, x: Tensor, part: str, heads: Int[Tensor, " head"]
-) -> Float[Tensor, "batch pos head d_head"]:
-    """The ``part`` (q, k or v) projection of ``heads``, each from its own input
-    ``(batch, pos, head, d_model)``, before any q/k norm or rotary."""
-    weights = w.layers[layer]
-    w_flat, b_flat = getattr(weights, f"w_{part}"), getattr(weights, f"b_{part}")
-    per_head = w_flat.view(-1, w.n_heads, w.d_head)[:, heads].permute(1, 0, 2)
-    bias = b_flat.view(w.n_heads, w.d_head)[heads]
-    return torch.einsum("bphd,hde->bphe", _norm(x, weights.ln1), per_head) + bias
