@@ -162,10 +162,12 @@ class EdgeMemo:
 
 
 MEMO_SHARE = 0.25
-"""The share of the memory budget an ``EdgeMemo`` may hold. The sparse edge forward of a
+"""The share of the memory budget an ``EdgeMemo`` may hold between passes: the last
+pass's buffer of senders' outputs where it fits, else as many of the last circuit's
+outputs as do. It needs no room of its own in the chunking: the sparse edge forward of a
 pass holds far less than ``Shapes.edge_ablation_prompt`` counts (that is the dense
 forward's: every sender's delta for every circuit, three times, and every receiver's
-input), and the memo holds one circuit's senders."""
+input), about one copy of the deltas."""
 
 
 class AblationRunner:
