@@ -21,9 +21,8 @@ to a block share the blocks before it, and a circuit computes only the heads and
 keeps (node circuits) or keeps an edge out of (edge circuits), an ablated one's output
 being its source; edge circuits evaluated call after call through one ``EdgeMemo``
 reuse the senders' outputs they share. A model that the functional forward cannot
-reproduce runs them
-through hooks on the bridge (``_hook_edges`` for edges, which refuses, with the reason,
-a model whose hooks cannot give each head its own inputs).
+reproduce runs them through hooks on the bridge (``_hook_edges`` for edges, which
+refuses, with the reason, a model whose hooks cannot give each head its own inputs).
 """
 
 from __future__ import annotations
