@@ -44,6 +44,7 @@ from reuse_lens.circuits.interval import DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, Fai
 from reuse_lens.circuits.measure import CircuitEvaluator, ranked
 from reuse_lens.nodes import AttentionHead, parse_node, shape_of
 from reuse_lens.patching._experts import RoutingMode, check_routing
+from reuse_lens.patching.ablation import EdgeMemo
 from reuse_lens.patching.activation import activation_patching
 from reuse_lens.patching.attribution import attribution_patching
 from reuse_lens.patching.edges import EdgeScores
@@ -391,15 +392,19 @@ def prefix_intervals(
     order: Sequence[str] | Sequence[tuple[str, str]],
     level: Literal["node", "edge"],
     sizes: Sequence[int],
+    memo: EdgeMemo | None = None,
 ) -> list[FaithfulnessInterval]:
     """The faithfulness and interval of the first ``k`` of ``order`` for each ``k`` in
-    ``sizes``, evaluated in one batch (draws seeded with ``BOOTSTRAP_SEED``)."""
+    ``sizes``, evaluated in one batch (draws seeded with ``BOOTSTRAP_SEED``).
+
+    ``memo`` (edges): the senders' outputs held from the previous batch of the same
+    ranking, which the next prefixes share (``EdgeMemo``); it changes no value."""
     resamples = evaluator.resamples(
         confidence=DEFAULT_CONFIDENCE, n_boot=DEFAULT_N_BOOT, seed=BOOTSTRAP_SEED
     )
     prefixes = [order[:k] for k in sizes]
     if level == "edge":
-        return evaluator.edge_intervals(prefixes, resamples)  # type: ignore[arg-type]
+        return evaluator.edge_intervals(prefixes, resamples, memo)  # type: ignore[arg-type]
     return evaluator.node_intervals(prefixes, resamples)  # type: ignore[arg-type]
 
 
@@ -409,8 +414,11 @@ def prefix_lower_bounds(
     level: Literal["node", "edge"],
 ) -> Callable[[list[int]], list[float]]:
     """The automatic rule's criterion, a function of prefix sizes: the lower end of each
-    prefix's bootstrap interval."""
-    return lambda sizes: [iv.low for iv in prefix_intervals(evaluator, order, level, sizes)]
+    prefix's bootstrap interval. Edge prefixes, asked for in rising batches, carry their
+    senders' outputs from one batch to the next (``EdgeMemo``): a prefix recomputes only
+    the senders downstream of the edges it adds."""
+    memo = EdgeMemo() if level == "edge" else None
+    return lambda sizes: [iv.low for iv in prefix_intervals(evaluator, order, level, sizes, memo)]
 
 
 def prefix_sizes(n: int, level: Literal["node", "edge"] = "node") -> list[int]:
@@ -454,8 +462,10 @@ def select_prefix(
     bracket can reach the target when the sizes around it do not, and only a scan of
     every size below the answer rules that out. The engine is what makes it cheap: the
     circuits of one batch share the runs of their common early blocks, and each computes
-    only the heads and MLPs (senders) it keeps (``patching._circuit_forward``); at most
-    one batch is evaluated past the answer.
+    only the heads and MLPs (senders) it keeps (``patching._circuit_forward``); edge
+    prefixes compute a sender once per distinct set of inputs, and carry those of the
+    last prefix to the next batch (``EdgeMemo``), so a prefix costs the senders
+    downstream of the edges it adds. At most one batch is evaluated past the answer.
 
     Arguments:
         n: how many nodes (edges) the ranking has; size ``n`` keeps all of them.

@@ -28,7 +28,13 @@ from reuse_lens.circuits.interval import (
 from reuse_lens.nodes import MLP, AttentionHead, Expert, ModelShape, parse_node
 from reuse_lens.patching._common import Engine
 from reuse_lens.patching._experts import RoutingMode
-from reuse_lens.patching.ablation import AblationRunner, InputKind, MeanPositions, NodeMask
+from reuse_lens.patching.ablation import (
+    AblationRunner,
+    EdgeMemo,
+    InputKind,
+    MeanPositions,
+    NodeMask,
+)
 from reuse_lens.patching.graph import GraphIndex
 from reuse_lens.tasks.metrics import MetricError
 
@@ -251,13 +257,17 @@ class CircuitEvaluator:
         return float(self.normalize(value, "edge"))
 
     def edge_intervals(
-        self, edge_sets: Sequence[Iterable[tuple[str, str]]], resamples: Resamples
+        self,
+        edge_sets: Sequence[Iterable[tuple[str, str]]],
+        resamples: Resamples,
+        memo: EdgeMemo | None = None,
     ) -> list[FaithfulnessInterval]:
         """Faithfulness of each edge set with its bootstrap interval, the sets stacked
-        along the batch."""
+        along the batch (``memo``: senders carried between calls, ``EdgeMemo``)."""
         if not edge_sets:
             return []
-        per_prompt = self.runner.edge_values(torch.stack([self._pruned_mask(e) for e in edge_sets]))
+        keep = torch.stack([self._pruned_mask(e) for e in edge_sets])
+        per_prompt = self.runner.edge_values(keep, memo)
         return self._intervals(per_prompt, "edge", resamples)
 
     def _pruned_mask(self, edges: Iterable[tuple[str, str]]) -> Bool[Tensor, "sender receiver"]:

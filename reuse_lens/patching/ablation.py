@@ -19,9 +19,10 @@ Both engines run on the functional forward of ``_forward`` (many circuits and pr
 stacked along the batch; ``_circuit_forward``): node circuits that keep the same nodes up
 to a block share the blocks before it, and a circuit computes only the heads and MLPs it
 keeps (node circuits) or keeps an edge out of (edge circuits), an ablated one's output
-being its source. A model that the functional forward cannot reproduce runs them
-through hooks on the bridge (``_hook_edges`` for edges, which refuses, with the reason,
-a model whose hooks cannot give each head its own inputs).
+being its source; edge circuits evaluated call after call through one ``EdgeMemo``
+reuse the senders' outputs they share. A model that the functional forward cannot
+reproduce runs them through hooks on the bridge (``_hook_edges`` for edges, which
+refuses, with the reason, a model whose hooks cannot give each head its own inputs).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from reuse_lens._validate import check_pair
 from reuse_lens.nodes import ModelShape, shape_of
 from reuse_lens.patching._circuit_forward import (
     DroppedEdges,
+    SenderMemo,
     Sources,
     node_forward,
     sparse_edge_logits,
@@ -76,6 +78,7 @@ __all__ = [
     "INPUT_NODES",
     "MEAN_POSITIONS",
     "AblationRunner",
+    "EdgeMemo",
     "InputKind",
     "MeanPositions",
     "NodeMask",
@@ -127,6 +130,52 @@ class NodeMask:
         mlps = torch.full((shape.n_layers,), keep) if shape.has_mlps else None
         experts = torch.full((shape.n_layers, shape.n_columns), keep) if shape.experts else None
         return cls(heads, mlps, experts)
+
+
+class EdgeMemo:
+    """Senders' outputs that the edge circuits of one runner carry from one
+    ``edge_values`` call to the next (``_circuit_forward.SenderMemo``), per chunk of
+    prompts: the prefixes of a ranking, evaluated batch after batch, recompute only the
+    senders downstream of the edges each adds.
+
+    What is held over every chunk stays within ``MEMO_SHARE`` of the memory budget of
+    the runner it is bound to on first use; past it, the later senders are computed
+    again. It changes no value.
+    """
+
+    def __init__(self) -> None:
+        self.limit: int | None = None
+        self.runner: AblationRunner | None = None
+        self._chunks: dict[tuple[int, ...], SenderMemo] = {}
+
+    def bind(self, runner: AblationRunner) -> None:
+        """Tie the memo to the runner whose sources its outputs were computed with."""
+        if self.runner is None:
+            self.runner, self.limit = runner, int(runner.budget * MEMO_SHARE)
+        elif self.runner is not runner:
+            raise ValueError("an EdgeMemo holds one runner's outputs: make one per runner")
+
+    @property
+    def computed(self) -> int:
+        """How many classes of senders were computed through this memo."""
+        return sum(memo.next_id for memo in self._chunks.values())
+
+    def of(self, prompts: Int[Tensor, " prompt"], n: int) -> SenderMemo:
+        """The memo of this chunk of ``n`` prompts, with its share of the limit."""
+        key = tuple(prompts.tolist())
+        if key not in self._chunks:
+            share = None if self.limit is None else self.limit * len(key) // max(1, n)
+            self._chunks[key] = SenderMemo(limit=share)
+        return self._chunks[key]
+
+
+MEMO_SHARE = 0.25
+"""The share of the memory budget an ``EdgeMemo`` may hold between passes: the last
+pass's buffer of senders' outputs where it fits, else as many of the last circuit's
+outputs as do. It needs no room of its own in the chunking: the sparse edge forward of a
+pass holds far less than ``Shapes.edge_ablation_prompt`` counts (that is the dense
+forward's: every sender's delta for every circuit, three times, and every receiver's
+input), about one copy of the deltas."""
 
 
 class AblationRunner:
@@ -416,12 +465,15 @@ class AblationRunner:
 
     @torch.no_grad()
     def edge_values(
-        self, keep: Bool[Tensor, "circuit sender receiver"]
+        self, keep: Bool[Tensor, "circuit sender receiver"], memo: EdgeMemo | None = None
     ) -> Float[Tensor, "circuit prompt"]:
         """The metric of each edge circuit (keep-masks in ``GraphIndex`` order) on each prompt.
 
         The functional engine stacks circuits and prompts along the batch, as many
         (circuit, prompt) rows a pass as the budget holds; hooks run one circuit a pass.
+        ``memo``: senders' outputs carried from one call (and pass) to the next, for
+        circuits that share them (``EdgeMemo``: the prefixes of a ranking, in order); the
+        values are the same without it.
         """
         if self.shape.experts:
             raise NotImplementedError(
@@ -455,11 +507,13 @@ class AblationRunner:
                     values[c, start : start + len(prompt)] = self.prep.score(logits, prompt).cpu()
             return values
         per_pass, prompts_per = max(1, step // n), min(n, step)
+        if memo is not None:
+            memo.bind(self)
         for first in range(0, len(keep), per_pass):
             circuits = slice(first, min(first + per_pass, len(keep)))
             for start in range(0, n, prompts_per):
                 prompt = torch.arange(start, min(start + prompts_per, n), device=device)
-                logits = self._edge_logits(w, index, prompt, drop[circuits])
+                logits = self._edge_logits(w, index, prompt, drop[circuits], memo)
                 k = drop[circuits].shape[0]
                 scored = self.prep.score(logits, prompt.repeat(k))
                 values[circuits, start : start + len(prompt)] = scored.view(k, -1).cpu()
@@ -529,9 +583,10 @@ class AblationRunner:
         index: GraphIndex,
         prompt: Int[Tensor, " prompt"],
         drop: Float[Tensor, "circuit sender receiver"],
+        memo: EdgeMemo | None = None,
     ) -> Float[Tensor, "row d_vocab"]:
         """Answer logits, circuit-major, with every receiver input = kept senders' outputs
-        + dropped ones' ablations."""
+        + dropped ones' ablations (``memo``: see ``edge_values``)."""
         src, src_rows = self._sources_of(w, prompt)
         k = drop.shape[0]
         tokens = self.prep.clean[prompt]
@@ -541,7 +596,10 @@ class AblationRunner:
         if self.sparse_edges and sparse_edges_supported(w) is None:
             keep = drop == 0
             answer = self.prep.answer_pos[prompt]
-            return sparse_edge_logits(w, index, keep, resid, current, src, src_rows, answer)
+            held = None if memo is None else memo.of(prompt, self.prep.n)
+            return sparse_edge_logits(
+                w, index, keep, resid, current, src, src_rows, answer, memo=held
+            )
         input_delta = (src.input[src_rows] - current).repeat(k, 1, 1)
         ablated_z = [z if src.shared else z[src_rows] for z in src.z]
         ablated_mlp = [m if src.shared else m[src_rows] for m in src.mlp_out]
