@@ -462,7 +462,8 @@ def select_prefix(
     bracket can reach the target when the sizes around it do not, and only a scan of
     every size below the answer rules that out. The engine is what makes it cheap: the
     circuits of one batch share the runs of their common early blocks, and each computes
-    only the heads and MLPs (senders) it keeps (``patching._circuit_forward``); edge
+    only the heads and MLPs (senders) it keeps (``patching._circuit_forward``,
+    ``patching._sparse_edges``); edge
     prefixes compute a sender once per distinct set of inputs, and carry those of the
     last prefix to the next batch (``EdgeMemo``), so a prefix costs the senders
     downstream of the edges it adds. At most one batch is evaluated past the answer.

@@ -44,14 +44,7 @@ from reuse_lens._memory import (
 )
 from reuse_lens._validate import check_pair
 from reuse_lens.nodes import ModelShape, shape_of
-from reuse_lens.patching._circuit_forward import (
-    DroppedEdges,
-    SenderMemo,
-    Sources,
-    node_forward,
-    sparse_edge_logits,
-    sparse_edges_supported,
-)
+from reuse_lens.patching._circuit_forward import DroppedEdges, Sources, node_forward
 from reuse_lens.patching._common import (
     Engine,
     Prepared,
@@ -65,6 +58,7 @@ from reuse_lens.patching._experts import ExpertRuns, Plan, RoutingMode, check_ro
 from reuse_lens.patching._forward import Weights
 from reuse_lens.patching._hook_edges import HookEdges
 from reuse_lens.patching._hooks import HookSources, hook_name
+from reuse_lens.patching._sparse_edges import SenderMemo, sparse_edge_logits, sparse_edges_supported
 from reuse_lens.patching.graph import GraphIndex
 
 if TYPE_CHECKING:
@@ -134,7 +128,7 @@ class NodeMask:
 
 class EdgeMemo:
     """Senders' outputs that the edge circuits of one runner carry from one
-    ``edge_values`` call to the next (``_circuit_forward.SenderMemo``), per chunk of
+    ``edge_values`` call to the next (``_sparse_edges.SenderMemo``), per chunk of
     prompts: the prefixes of a ranking, evaluated batch after batch, recompute only the
     senders downstream of the edges each adds.
 
@@ -227,8 +221,8 @@ class AblationRunner:
             )
         self.input_node: InputKind = input_node
         # Circuits compute only the heads and MLPs they keep (node circuits) or keep an
-        # edge of (edge circuits), where the model allows it (``_circuit_forward``);
-        # False: every one, always (the tests compare the two).
+        # edge of (edge circuits), where the model allows it (``_circuit_forward``,
+        # ``_sparse_edges``); False: every one, always (the tests compare the two).
         self.sparse_nodes = True
         self.sparse_edges = True
         self.mean_positions: MeanPositions = mean_positions

@@ -29,7 +29,7 @@ from reuse_lens.circuits.discovery import (
 from reuse_lens.circuits.interval import FaithfulnessInterval
 from reuse_lens.circuits.measure import CircuitEvaluator, ranked
 from reuse_lens.nodes import ModelShape, shape_of
-from reuse_lens.patching._circuit_forward import _full_positions, _layout
+from reuse_lens.patching._sparse_edges import _full_positions, _layout
 from reuse_lens.patching.ablation import AblationRunner, EdgeMemo
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.graph import GraphIndex
