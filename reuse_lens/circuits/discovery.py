@@ -43,9 +43,10 @@ from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.circuits.interval import DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, FaithfulnessInterval
 from reuse_lens.circuits.measure import CircuitEvaluator, ranked
 from reuse_lens.nodes import AttentionHead, parse_node, shape_of
+from reuse_lens.patching._common import Prepared
 from reuse_lens.patching._experts import RoutingMode, check_routing
 from reuse_lens.patching.ablation import EdgeMemo
-from reuse_lens.patching.activation import activation_patching
+from reuse_lens.patching.activation import _activation_patching, activation_patching
 from reuse_lens.patching.attribution import attribution_patching
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.path import path_patching
@@ -215,7 +216,7 @@ def discover_circuit(
         settings.update(rule)
     else:
         scoring = _Scoring(method, level, ablation, steps, metric, memory_budget, experts, routing)
-        scores = _score(model, task, scoring)
+        scores = _score(model, task, scoring, prep)
         settings.update(scores.settings)
         settings["ablation"] = ablation
         circuit, rule = _select(
@@ -313,7 +314,25 @@ class _Scoring:
     routing: RoutingMode
 
 
-def _score(model: TransformerBridge, task: Task, how: _Scoring) -> NodeScores | EdgeScores:
+def _score(
+    model: TransformerBridge, task: Task, how: _Scoring, prep: Prepared
+) -> NodeScores | EdgeScores:
+    """The scores a circuit is cut from; activation patching takes the evaluator's
+    preparation (``prep``), whose bridge passes it would otherwise run again."""
+    if how.method == "activation" and not how.experts:
+        return _activation_patching(
+            model,
+            task,
+            "all",
+            how.ablation,
+            "noising",
+            False,
+            "out",
+            how.metric,
+            None,
+            memory_budget=how.memory_budget,
+            prep=prep.renewed(),
+        )
     if how.method == "activation":
         return activation_patching(
             model,

@@ -117,6 +117,28 @@ class Prepared:
         for span in spans:
             yield self.select(span)
 
+    @torch.no_grad()  # the weights are the model's parameters: no graph may be kept
+    def renewed(self) -> Prepared:
+        """This preparation as ``prepare`` returns it, for another engine on the same
+        (model, task, metric): the bridge's logits and the functional forward's check
+        are kept, the runs are those ``prepare`` keeps (every prompt's, where they are
+        held whole) and ``part_bytes`` what an engine holds beside its chunks. An engine
+        that cleared its runs (the ablation runner) can hand its preparation on this way
+        without the bridge's forward passes being run again."""
+        held_whole = self.weights is not None and self.part_size is None
+        runs = {}
+        if held_whole:
+            assert self.weights is not None
+            runs = {
+                "clean": self.weights.run(self.clean),
+                "corrupted": self.weights.run(self.corrupted),
+            }
+        part_bytes = 0
+        if not held_whole:
+            size = min(self.part_size or self.n, self.n)
+            part_bytes = 2 * size * Shapes.of(self.model, int(self.clean.shape[1])).run_cache()
+        return dataclasses.replace(self, runs=runs, part_bytes=part_bytes)
+
     def select(self, prompts: slice) -> Prepared:
         """These prompts alone: the same model, weights and metric; runs computed anew."""
         return dataclasses.replace(

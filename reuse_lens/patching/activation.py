@@ -215,11 +215,14 @@ def _activation_patching(
     *,
     engine: Engine = "auto",
     memory_budget: MemoryBudget = None,
+    prep: Prepared | None = None,
 ) -> NodeScores:
-    """``activation_patching`` after its options are checked."""
+    """``activation_patching`` after its options are checked; ``prep``, a preparation of
+    the same call (``Prepared.renewed``), spares the bridge's forward passes."""
     heads, mlps = select_nodes(model, nodes, component)
     budget = resolve_budget(memory_budget, model.cfg.device)
-    prep = prepare(model, task, metric, engine=engine, budget=budget)
+    if prep is None:
+        prep = prepare(model, task, metric, engine=engine, budget=budget)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     shape = shape_of(model)
     width = int(prep.clean.shape[1])

@@ -11,6 +11,7 @@ from transformer_lens import patching as tl_patching
 import reuse_lens as rl
 from reuse_lens.arch.registry import extract as extract_weights
 from reuse_lens.nodes import NodeNameError
+from reuse_lens.patching.ablation import AblationRunner
 from reuse_lens.patching.activation import _activation_patching
 from reuse_lens.tasks.metrics import LogitDiff, MetricError, MetricInputs
 from reuse_lens.tasks.task import TaskError
@@ -189,6 +190,29 @@ def test_deterministic_and_chunking_invariant(models: dict[str, Any]) -> None:
     assert torch.equal(first.heads_by_pos, second.heads_by_pos)  # type: ignore[arg-type]
     torch.testing.assert_close(first.heads, tiny.heads, atol=1e-5, rtol=0)
     torch.testing.assert_close(first.heads_by_pos, tiny.heads_by_pos, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [None, "200KiB"])
+def test_a_preparation_handed_on_gives_the_same_scores(
+    models: dict[str, Any], budget: str | None
+) -> None:
+    """discover_circuit hands its evaluator's preparation to activation patching
+    (``Prepared.renewed``); the scores are those of a preparation of their own, also when
+    the call works in parts (a small budget)."""
+    model = models["native_ln"]
+    task = random_task(model, lengths=[5, 4, 6, 6], seed=8)
+    runner = AblationRunner(model, task, ablation="mean", memory_budget=budget)
+    assert not runner.prep.runs  # the runner lets its runs go
+    assert (runner.prep.part_size is not None) == (budget is not None)  # parts, or whole
+    handed = _activation_patching(
+        model, task, "all", "mean", "noising", False, "out", None, None,
+        memory_budget=budget, prep=runner.prep.renewed(),
+    )  # fmt: skip
+    own = rl.activation_patching(model, task, ablation="mean", memory_budget=budget)
+    assert torch.equal(handed.heads, own.heads)
+    assert own.mlps is not None and handed.mlps is not None
+    assert torch.equal(handed.mlps, own.mlps)
+    assert handed.settings == own.settings
 
 
 def test_node_subset_and_nan_for_unpatched(models: dict[str, Any]) -> None:
