@@ -25,7 +25,7 @@ from reuse_lens.circuits.interval import (
     Resamples,
     check_confidence,
 )
-from reuse_lens.nodes import MLP, AttentionHead, Expert, ModelShape, parse_node
+from reuse_lens.nodes import ModelShape
 from reuse_lens.patching._common import Engine
 from reuse_lens.patching._experts import RoutingMode
 from reuse_lens.patching.ablation import (
@@ -304,17 +304,7 @@ class CircuitEvaluator:
 
 def node_mask(shape: ModelShape, nodes: Iterable[str]) -> NodeMask:
     """The keep-mask of a node circuit: True for the named heads, MLPs and experts."""
-    mask = NodeMask.full(shape, keep=False)
-    for name in nodes:
-        node = parse_node(name)
-        shape.check(node)
-        if isinstance(node, AttentionHead):
-            mask.heads[node.layer, node.head] = True
-        elif isinstance(node, MLP) and mask.mlps is not None:
-            mask.mlps[node.layer] = True
-        elif isinstance(node, Expert) and mask.experts is not None:
-            mask.experts[node.layer, shape.column(node)] = True
-    return mask
+    return NodeMask.of(shape, nodes)
 
 
 def ablation_level(circuit: Circuit, level: Level | None = None) -> Level:

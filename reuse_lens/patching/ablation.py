@@ -43,7 +43,7 @@ from reuse_lens._memory import (
     resolve_budget,
 )
 from reuse_lens._validate import check_pair
-from reuse_lens.nodes import ModelShape, shape_of
+from reuse_lens.nodes import MLP, AttentionHead, Expert, ModelShape, Node, parse_node, shape_of
 from reuse_lens.patching._circuit_forward import DroppedEdges, Sources, node_forward
 from reuse_lens.patching._common import (
     Engine,
@@ -62,6 +62,8 @@ from reuse_lens.patching._sparse_edges import SenderMemo, sparse_edge_logits, sp
 from reuse_lens.patching.graph import GraphIndex
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from transformer_lens.model_bridge import TransformerBridge
 
     from reuse_lens.nodes import Ablation
@@ -124,6 +126,22 @@ class NodeMask:
         mlps = torch.full((shape.n_layers,), keep) if shape.has_mlps else None
         experts = torch.full((shape.n_layers, shape.n_columns), keep) if shape.experts else None
         return cls(heads, mlps, experts)
+
+    @classmethod
+    def of(cls, shape: ModelShape, nodes: Iterable[str | Node], *, keep: bool = True) -> NodeMask:
+        """``nodes`` set to ``keep`` and every other node to the opposite: the circuit of
+        ``nodes`` (the default), or everything but them (``keep=False``)."""
+        mask = cls.full(shape, keep=not keep)
+        for name in nodes:
+            node = parse_node(name)
+            shape.check(node)
+            if isinstance(node, AttentionHead):
+                mask.heads[node.layer, node.head] = keep
+            elif isinstance(node, MLP) and mask.mlps is not None:
+                mask.mlps[node.layer] = keep
+            elif isinstance(node, Expert) and mask.experts is not None:
+                mask.experts[node.layer, shape.column(node)] = keep
+        return mask
 
 
 class EdgeMemo:
@@ -273,11 +291,6 @@ class AblationRunner:
     @property
     def engine(self) -> str:
         return "functional" if self.prep.weights is not None else "hooks"
-
-    @property
-    def routing(self) -> RoutingMode | None:
-        """The routing of expert nodes (``_experts``), None without them."""
-        return None if self._experts is None else self._experts.routing
 
     def circuits_per_pass(self, level: Literal["node", "edge"]) -> int:
         """How many circuits one pass of the engine evaluates on every prompt (at least 1)."""

@@ -159,6 +159,11 @@ def attribution_patching(
             "experts=True scores nodes: expert nodes have no edges. Use level='node', or "
             "experts=False for edges between whole MLPs"
         )
+    if experts and per_position:
+        raise ValueError(
+            "experts=True scores each expert over every position; per_position=True is "
+            "only available with experts=False (each MLP one node)"
+        )
     if model.training:
         # Dropout would make the clean and corrupted runs differ by noise.
         raise ValueError("the model is in training mode: call model.eval() first")

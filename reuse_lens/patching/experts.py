@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from reuse_lens.nodes import MLP, AttentionHead, Expert, ModelShape, Node, NodeNameError
 from reuse_lens.patching._common import parse_all
 from reuse_lens.patching._experts import RoutingMode
-from reuse_lens.patching.ablation import AblationRunner
+from reuse_lens.patching.ablation import AblationRunner, NodeMask
 from reuse_lens.patching.scores import NodeScores
 
 if TYPE_CHECKING:
@@ -71,10 +71,7 @@ def expert_activation_patching(
     chosen = select_expert_nodes(shape, nodes)
     if not chosen:
         raise NodeNameError(f"nodes={nodes!r} selects no node of this model")
-    from reuse_lens.circuits.evaluator import node_mask
-
-    every = [n.name for n in shape.nodes()]
-    masks = [node_mask(shape, [name for name in every if name != node.name]) for node in chosen]
+    masks = [NodeMask.of(shape, [node], keep=False) for node in chosen]
     values = runner.node_values(masks)
     base = runner.prep.clean_metric.cpu()
     effects = (values - base).mean(1)

@@ -313,6 +313,8 @@ def test_expert_nodes_are_refused_where_they_have_no_meaning(
         shape_of(model, experts=True).edges()
     with pytest.raises(ValueError, match="expert nodes have no edges"):
         rl.attribution_patching(model, task, level="edge", experts=True)
+    with pytest.raises(ValueError, match="per_position=True"):
+        rl.attribution_patching(model, task, per_position=True, experts=True)
     runner = AblationRunner(model, task, experts=True)
     with pytest.raises(NotImplementedError, match="expert nodes"):
         runner.edge_values(torch.ones(1, 3, 3, dtype=torch.bool))
