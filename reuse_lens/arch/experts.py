@@ -106,13 +106,13 @@ class Mixture:
             columns.append(out.to(x.dtype))
         return torch.stack(columns, dim=1)
 
-    def mismatch(self, x: Float[Tensor, "tokens d_model"], output: Tensor) -> str | None:
-        """Why the terms of ``x`` do not add up to the block's ``output``, or None."""
-        total = self.terms(x, self.route(x)).sum(1)
+    def mismatch(self, total: Float[Tensor, "... d_model"], output: Tensor) -> str | None:
+        """Why ``total``, the sum of the terms of the input that gave the block's
+        ``output`` (routed as the block routed it), is not that output, or None."""
         got = output.reshape(total.shape).float()
         scale = max(float(got.abs().max()), 1e-6)
         error = float((total.float() - got).abs().max())
-        tolerance = 1e-4 if x.dtype == torch.float32 else 2e-2
+        tolerance = 1e-4 if total.dtype == torch.float32 else 2e-2
         if error <= tolerance * scale:
             return None
         return (

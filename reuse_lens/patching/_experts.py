@@ -163,8 +163,10 @@ class ExpertRuns:
             if changes or plan.record is not None:
                 terms, routing = self._terms(layer, x, plan.prompt)
                 if plan.record is not None:
-                    if not self._checked:
-                        self._check(layer, x, out)
+                    if not self._checked and not changes:
+                        # An unpatched run, routed as the block routed it: the terms
+                        # must add up to what the block computed.
+                        self._check(layer, terms.sum(2), out)
                     plan.record[layer] = (routing, terms.detach())
                 if keep is not None:
                     source = self._source(layer, plan.prompt, terms.shape[1])
@@ -182,9 +184,10 @@ class ExpertRuns:
 
         return hook
 
-    def _check(self, layer: int, x: Tensor, out: Tensor) -> None:
-        """Refuse the model unless the block's terms add up to its output."""
-        why = self.mixtures[layer].mismatch(x.reshape(-1, x.shape[-1]), out)
+    def _check(self, layer: int, total: Tensor, out: Tensor) -> None:
+        """Refuse the model unless the block's terms (their sum, ``total``) add up to its
+        output."""
+        why = self.mixtures[layer].mismatch(total, out)
         if why is not None:
             raise UnsupportedArchitectureError(f"{architecture(self.model)}: {why}")
 
