@@ -43,12 +43,12 @@ from reuse_lens.circuits.circuit import Circuit
 from reuse_lens.circuits.interval import DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, FaithfulnessInterval
 from reuse_lens.circuits.measure import CircuitEvaluator, ranked
 from reuse_lens.nodes import AttentionHead, parse_node, shape_of
-from reuse_lens.patching._common import Prepared
 from reuse_lens.patching._experts import RoutingMode, check_routing
-from reuse_lens.patching.ablation import EdgeMemo
-from reuse_lens.patching.activation import _activation_patching, activation_patching
+from reuse_lens.patching.ablation import AblationRunner, EdgeMemo
+from reuse_lens.patching.activation import _activation_patching
 from reuse_lens.patching.attribution import attribution_patching
 from reuse_lens.patching.edges import EdgeScores
+from reuse_lens.patching.experts import expert_activation_patching
 from reuse_lens.patching.path import path_patching
 from reuse_lens.patching.scores import NodeScores
 from reuse_lens.separation import accuracy_of, check_separation
@@ -216,7 +216,7 @@ def discover_circuit(
         settings.update(rule)
     else:
         scoring = _Scoring(method, level, ablation, steps, metric, memory_budget, experts, routing)
-        scores = _score(model, task, scoring, prep)
+        scores = _score(model, task, scoring, evaluator.runner)
         settings.update(scores.settings)
         settings["ablation"] = ablation
         circuit, rule = _select(
@@ -315,11 +315,24 @@ class _Scoring:
 
 
 def _score(
-    model: TransformerBridge, task: Task, how: _Scoring, prep: Prepared
+    model: TransformerBridge, task: Task, how: _Scoring, runner: AblationRunner
 ) -> NodeScores | EdgeScores:
-    """The scores a circuit is cut from; activation patching takes the evaluator's
-    preparation (``prep``), whose bridge passes it would otherwise run again."""
-    if how.method == "activation" and not how.experts:
+    """The scores a circuit is cut from. Activation patching takes the evaluator's
+    ``runner``: with expert nodes the runner itself (the same runs, the same sources),
+    else its preparation, whose bridge passes it would otherwise run again."""
+    if how.method == "activation" and how.experts:
+        return expert_activation_patching(
+            model,
+            task,
+            nodes="all",
+            ablation=how.ablation,
+            routing=how.routing,
+            metric=how.metric,
+            batch_size=None,
+            memory_budget=how.memory_budget,
+            runner=runner,
+        )
+    if how.method == "activation":
         return _activation_patching(
             model,
             task,
@@ -331,17 +344,7 @@ def _score(
             metric=how.metric,
             batch_size=None,
             memory_budget=how.memory_budget,
-            prep=prep.renewed(),
-        )
-    if how.method == "activation":
-        return activation_patching(
-            model,
-            task,
-            ablation=how.ablation,
-            metric=how.metric,
-            memory_budget=how.memory_budget,
-            experts=how.experts,
-            routing=how.routing,
+            prep=runner.prep.renewed(),
         )
     return attribution_patching(
         model,

@@ -55,9 +55,12 @@ def expert_activation_patching(
     metric: str | Metric | None,
     batch_size: int | None,
     memory_budget: MemoryBudget,
+    runner: AblationRunner | None = None,
 ) -> NodeScores:
-    """``activation_patching`` with expert nodes, in the noising direction."""
-    runner = AblationRunner(
+    """``activation_patching`` with expert nodes, in the noising direction; ``runner``, an
+    expert runner of the same (model, task, ablation, metric, routing), spares the set-up
+    (``discover_circuit`` hands its evaluator's on)."""
+    runner = runner or AblationRunner(
         model,
         task,
         ablation=ablation,  # type: ignore[arg-type]

@@ -357,6 +357,9 @@ def test_expert_circuits_are_found_compared_and_drawn(root: Any, word_tokenizer:
         assert circuit.metadata["faithfulness_interval"][0] >= 0.9 - 1e-6
         again = rl.faithfulness(model, task, circuit, ablation="resample")
         assert again == pytest.approx(circuit.metadata["faithfulness"], abs=1e-6)
+    # Discovery scores with its evaluator's runner; the scores are a call's of its own.
+    alone = rl.activation_patching(model, task, ablation="resample", experts=True).as_dict()
+    assert dict(found["activation"].node_scores) == pytest.approx(alone, abs=1e-7)
     table = rl.cross_task_faithfulness(model, found, {"t": task}, ablation="resample")
     for name, circuit in found.items():
         assert table.loc[name, "t"] == pytest.approx(circuit.metadata["faithfulness"], abs=1e-6)
