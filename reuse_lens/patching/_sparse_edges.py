@@ -346,8 +346,7 @@ def sparse_edge_logits(
     heads_base, mlp_base, final_base = memo.streams
     run.input(current_input - run.shared(src.input))
     for layer in range(w.n_layers):
-        for head in range(w.n_heads):
-            run.head(layer, head, heads_base[layer])
+        run.heads(layer, heads_base[layer])
         if w.has_mlps:
             run.mlp(layer, mlp_base[layer])
     _carry(memo, run.bank, run.ids[-1])
@@ -414,34 +413,67 @@ class _EdgePass:
         for gid in _classify(self.memo, self.keep, self.ids, self.full, 0, [], 0).gids:
             self.bank.put(gid, delta)
 
-    def head(self, layer: int, head: int, base: Float[Tensor, "prompt pos d_model"]) -> None:
-        """Compute the classes of a head new to the memo, from its q, k and v inputs."""
+    def heads(self, layer: int, base: Float[Tensor, "prompt pos d_model"]) -> None:
+        """Compute the classes of the layer's heads new to the memo, from their q, k and v
+        inputs: the classes of all its heads together (a layer's heads read none of each
+        other), those read at every position, then those read at the answer alone. A
+        layer with attention sinks (GPT-OSS), a logit per head, takes a head at a time."""
         layout, w = self.layout, self.w
-        slot = layout.first_head[layer] + head
-        if not self.wanted[slot]:
-            return
-        start = layout.first_column[layer]
-        columns = [start + part * w.n_heads + head for part in range(3)]
-        visible = layout.heads_visible[layer]
-        classes = _classify(self.memo, self.keep, self.ids, self.full, slot, columns, visible)
-        ablated_z = self.shared(self.src.z[layer])[:, :, head]
-        w_o = w.layers[layer].w_o.view(w.n_heads, w.d_head, -1)[head]
-        for whole, gids, keys in classes.split():
-            if whole:
-                q, k, v = _project_parts(w, layer, head, _gather(base, self.bank, keys), "qkv")
-                ablated = ablated_z
-                q_pos = torch.arange(base.shape[1], device=base.device)
-            else:  # keys and values at every position, the query at the answer
-                k_v = _gather(base, self.bank, keys[:, :, 1:])
-                k, v = _project_parts(w, layer, head, k_v, "kv")
-                x_q = _gather(base[self.at], self.bank, keys[:, :, :1], self.at).unsqueeze(3)
-                (q,) = _project_parts(w, layer, head, x_q, "q")
-                ablated = self.answer_of(ablated_z).unsqueeze(1)
-                q_pos = self.answer.repeat(len(gids)).unsqueeze(-1)
-            current = _head_out(w, layer, head, q, k, v, q_pos).unflatten(0, (len(gids), -1))
-            delta = current - (ablated @ w_o).unsqueeze(0)
-            for gid, row in zip(gids, delta, strict=True):
-                self.bank.put(gid, row if whole else row[:, 0], None if whole else self.at)
+        start, visible = layout.first_column[layer], layout.heads_visible[layer]
+        groups: dict[bool, list[tuple[int, list[int], Tensor]]] = {True: [], False: []}
+        for head in range(w.n_heads):
+            slot = layout.first_head[layer] + head
+            if not self.wanted[slot]:
+                continue
+            columns = [start + part * w.n_heads + head for part in range(3)]
+            classes = _classify(self.memo, self.keep, self.ids, self.full, slot, columns, visible)
+            for whole, gids, keys in classes.split():
+                groups[whole].append((head, gids, keys))
+        by_head = w.layers[layer].sinks is not None
+        for whole, parts in groups.items():
+            for batch in [[part] for part in parts] if by_head else [parts] if parts else []:
+                gids = [gid for _, ids, _ in batch for gid in ids]
+                heads = [head for head, ids, _ in batch for _ in ids]
+                keys = torch.cat([keys for *_, keys in batch])
+                delta = self._heads_delta(layer, base, torch.tensor(heads), keys, whole)
+                for gid, row in zip(gids, delta, strict=True):
+                    self.bank.put(gid, row if whole else row[:, 0], None if whole else self.at)
+
+    def _heads_delta(
+        self,
+        layer: int,
+        base: Float[Tensor, "prompt pos d_model"],
+        heads: Int[Tensor, " cls"],
+        keys: Int[Tensor, "cls visible 3"],
+        whole: bool,
+    ) -> Float[Tensor, "cls prompt q_pos d_model"]:
+        """Each class's current − ablated head output (of head ``heads[c]``): at every
+        position (``whole``), or at each prompt's answer, where its query is read alone
+        while its keys and values are read at every position."""
+        w, n = self.w, len(heads)
+        heads = heads.to(base.device)
+        if whole:
+            q, k, v = _project_heads(w, layer, heads, _gather(base, self.bank, keys), "qkv")
+            q_pos = torch.arange(base.shape[1], device=base.device)
+        else:
+            k, v = _project_heads(w, layer, heads, _gather(base, self.bank, keys[:, :, 1:]), "kv")
+            x_q = _gather(base[self.at], self.bank, keys[:, :, :1], self.at).unsqueeze(3)
+            (q,) = _project_heads(w, layer, heads, x_q, "q")
+            q_pos = self.answer.repeat(n).unsqueeze(-1)
+        weights = w.layers[layer]
+        positions = torch.arange(k.shape[1], device=k.device)
+        q = w._qk_post(layer, q, weights.q_norm, q_pos)
+        k = w._qk_post(layer, k, weights.k_norm, positions)
+        # Sinks come a head at a time (``heads``), and every class of the batch has it.
+        pattern = w.pattern(q, k, q_pos, layer, None if weights.sinks is None else heads[:1])
+        z = w.mix(pattern, v).unflatten(0, (n, -1))  # (cls, prompt, q_pos, 1, d_head)
+        w_o = weights.w_o.view(w.n_heads, w.d_head, -1)[heads]
+        current = torch.matmul(z.flatten(1, 3), w_o).view(n, z.shape[1], z.shape[2], -1)
+        ablated_z = self.shared(self.src.z[layer])[:, :, heads]  # (src, pos, cls, d_head)
+        if not whole:
+            ablated_z = self.answer_of(ablated_z).unsqueeze(1)
+        ablated = torch.matmul(ablated_z.movedim(2, 0).flatten(1, 2), w_o)
+        return current - ablated.view(n, *ablated_z.shape[:2], -1)
 
     def mlp(self, layer: int, base: Float[Tensor, "prompt pos d_model"]) -> None:
         """Compute the classes of an MLP new to the memo, from its input."""
@@ -488,38 +520,23 @@ class _EdgePass:
         return self.w.logits(final[:, 0].flatten(0, 1))
 
 
-def _head_out(
+def _project_heads(
     w: Weights,
     layer: int,
-    head: int,
-    q: Float[Tensor, "row q_pos 1 d_head"],
-    k: Float[Tensor, "row pos 1 d_head"],
-    v: Float[Tensor, "row pos 1 d_head"],
-    q_pos: Int[Tensor, " ..."],
-) -> Float[Tensor, "row q_pos d_model"]:
-    """One head's output ``z W_O`` (no bias) at the query positions ``q_pos`` (``(pos,)``,
-    or ``(row, n)`` absolute), from its projected q, k and v."""
-    weights = w.layers[layer]
-    picked = torch.tensor([head], device=q.device)
-    positions = torch.arange(k.shape[1], device=k.device)
-    q = w._qk_post(layer, q, weights.q_norm, q_pos)
-    k = w._qk_post(layer, k, weights.k_norm, positions)
-    mixed = w.mix(w.pattern(q, k, q_pos, layer, picked), v)
-    return mixed[:, :, 0] @ weights.w_o.view(w.n_heads, w.d_head, -1)[head]
-
-
-def _project_parts(
-    w: Weights, layer: int, head: int, x: Float[Tensor, "cls part prompt pos d_model"], parts: str
+    heads: Int[Tensor, " cls"],
+    x: Float[Tensor, "cls part prompt pos d_model"],
+    parts: str,
 ) -> list[Tensor]:
-    """The ``parts`` (of q, k, v) projections of one head, each from its own input, in
-    one norm and one contraction: ``(cls * prompt, pos, 1, d_head)`` each, before any q/k
-    norm or rotary."""
+    """The ``parts`` (of q, k, v) projections of class ``c``'s head ``heads[c]``, each
+    part from its own input, in one norm and one contraction: ``(prompt, pos, cls,
+    d_head)`` each, before any q/k norm or rotary."""
     weights = w.layers[layer]
-    mats = [getattr(weights, f"w_{p}").view(-1, w.n_heads, w.d_head)[:, head] for p in parts]
-    bias = [getattr(weights, f"b_{p}").view(w.n_heads, w.d_head)[head] for p in parts]
-    out = torch.einsum("cnbpd,nde->cnbpe", _norm(x, weights.ln1), torch.stack(mats))
-    out = out + torch.stack(bias).view(1, len(parts), 1, 1, -1)
-    return [part.flatten(0, 1).unsqueeze(2) for part in out.unbind(1)]
+    per_head = [getattr(weights, f"w_{p}").view(-1, w.n_heads, w.d_head) for p in parts]
+    mats = torch.stack(per_head, 1)[:, :, heads].permute(2, 1, 0, 3)  # (cls, part, d, e)
+    bias = torch.stack([getattr(weights, f"b_{p}").view(w.n_heads, w.d_head) for p in parts])
+    normed = _norm(x, weights.ln1)
+    out = torch.matmul(normed.flatten(2, 3), mats) + bias[:, heads].movedim(1, 0).unsqueeze(2)
+    return [part.reshape(-1, x.shape[3], 1, w.d_head) for part in out.unbind(1)]
 
 
 def _carry(memo: SenderMemo, bank: _Bank, last: Int[Tensor, " sender"]) -> None:

@@ -233,11 +233,12 @@ def test_a_memo_changes_no_value(
     torch.testing.assert_close(runner.edge_values(keep), alone, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt_neox", "llama_gqa", "qwen3", "gptj"])
+@pytest.mark.parametrize("name", ["gpt_neox", "llama_gqa", "qwen3", "gptj", "gpt_oss", "hunyuan"])
 def test_memoized_prefixes_on_other_architectures(
     name: str, tmp_path_factory: pytest.TempPathFactory, word_tokenizer: Any
 ) -> None:
-    """Parallel blocks, grouped-query attention, rotary and per-head q/k norms: nested
+    """Parallel blocks, grouped-query attention, rotary, per-head q/k norms (before and
+    after rotary) and attention sinks with sliding windows: nested
     prefixes through a memo equal the dense forward."""
     arch = load_arch(name, tmp_path_factory.mktemp(name), word_tokenizer)
     job = random_task(arch, n=3, width=6, seed=2)
