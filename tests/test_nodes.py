@@ -150,3 +150,24 @@ def test_shape_of_reads_the_parallel_flag(native_model) -> None:
     assert not shape_of(native_model).parallel
     model = rl.load_model(native_config(parallel_attn_mlp=True))
     assert shape_of(model).parallel
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ModelShape(n_layers=3, n_heads=2, has_mlps=True),
+        ModelShape(n_layers=2, n_heads=3, has_mlps=True, parallel=True),
+        ModelShape(n_layers=2, n_heads=2, has_mlps=False),
+    ],
+)
+def test_the_graph_index_marks_exactly_the_edges_of_the_shape(shape: ModelShape) -> None:
+    from reuse_lens.patching.graph import GraphIndex
+
+    index = GraphIndex(shape)
+    marked = {
+        (sender, receiver)
+        for sender, row in index.sender.items()
+        for receiver, column in index.receiver.items()
+        if index.edges[row, column]
+    }
+    assert marked == {(e.sender.name, e.receiver_name) for e in edges_of(shape)}

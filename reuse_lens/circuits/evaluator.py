@@ -242,14 +242,26 @@ class CircuitEvaluator:
 
     def edge_mask(self, edges: Iterable[tuple[str, str]]) -> Bool[Tensor, "sender receiver"]:
         keep = torch.zeros(self._index.n_senders, self._index.n_receivers, dtype=torch.bool)
-        for sender, receiver in edges:
-            try:
-                keep[self._index.sender[sender], self._index.receiver[receiver]] = True
-            except KeyError as error:
-                raise ValueError(
-                    f"edge {sender}->{receiver} is not in this model's graph "
-                    f"({self.shape.n_layers} layers, {self.shape.n_heads} heads)"
-                ) from error
+        index, pairs = self._index, list(edges)
+        try:  # one write for every edge: the size rule builds a mask per prefix
+            rows = [index.sender[sender] for sender, _ in pairs]
+            columns = [index.receiver[receiver] for _, receiver in pairs]
+            if not bool(index.edges[rows, columns].all()):
+                raise KeyError
+        except KeyError:
+            sender, receiver = next(
+                (s, r)
+                for s, r in pairs
+                if s not in index.sender
+                or r not in index.receiver
+                or not index.edges[index.sender[s], index.receiver[r]]
+            )
+            raise ValueError(
+                f"edge {sender}->{receiver} is not in this model's graph "
+                f"({self.shape.n_layers} layers, {self.shape.n_heads} heads; a receiver "
+                "reads only the senders before it)"
+            ) from None
+        keep[rows, columns] = True
         return keep
 
     def edges(self, edges: Iterable[tuple[str, str]]) -> float:

@@ -7,6 +7,12 @@ this one index so that a row or column means the same node everywhere.
 
 from __future__ import annotations
 
+import functools
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
 from reuse_lens.nodes import INPUT, LOGITS, MLP, AttentionHead, Edge, ModelShape
 
 __all__ = ["GraphIndex"]
@@ -62,3 +68,16 @@ class GraphIndex:
     def heads_columns(self, layer: int) -> slice:
         start = self.receiver[f"{AttentionHead(layer, 0).name}<q>"]
         return slice(start, start + 3 * self.shape.n_heads)
+
+    @functools.cached_property
+    def edges(self) -> Bool[Tensor, "sender receiver"]:
+        """Which (sender, receiver) pairs are edges: each receiver reads the senders before
+        it (a later sender's row is no edge, whatever a mask holds there)."""
+        reads = torch.zeros(self.n_senders, self.n_receivers, dtype=torch.bool)
+        for layer in range(self.shape.n_layers):
+            reads[: self.senders_before_heads(layer), self.heads_columns(layer)] = True
+            if self.shape.has_mlps:
+                column = self.receiver[MLP(layer).name]
+                reads[: self.senders_before_mlp(layer), column] = True
+        reads[:, self.receiver[LOGITS.name]] = True
+        return reads

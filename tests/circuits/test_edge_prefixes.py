@@ -288,3 +288,16 @@ def test_senders_read_at_the_answer_alone() -> None:
     assert not full[0].any()  # the empty circuit reads nothing
     at_every = {s for s, i in index.sender.items() if full[1, i]}
     assert at_every == {"a0.h0", "a1.h1", "a0.h1"}
+
+
+def test_an_edge_mask_names_the_edge_the_graph_lacks(zoo: tuple[Any, rl.Task]) -> None:
+    model, task = zoo
+    evaluator = CircuitEvaluator(model, task)
+    keep = evaluator.edge_mask([("input", "a0.h1<q>"), ("a1.h0", "logits")])
+    index = GraphIndex(shape_of(model))
+    assert int(keep.sum()) == 2
+    assert keep[index.sender["a1.h0"], index.receiver["logits"]]
+    with pytest.raises(ValueError, match=r"a9\.h0->logits is not in this model's graph"):
+        evaluator.edge_mask([("input", "a0.h1<q>"), ("a9.h0", "logits")])
+    with pytest.raises(ValueError, match=r"a1\.h0->a0\.h1<q> is not in"):
+        evaluator.edge_mask([("a1.h0", "a0.h1<q>")])
