@@ -11,7 +11,10 @@ faithfulness evaluator's unablated runs and sources), **scoring** (the patching 
 circuit is cut from), **size rule** (``select_prefix``), **faithfulness** (the circuit's
 own, with its interval), **other**. The ratio is the whole call over its scoring pass,
 the same patching call run on its own just before (``activation_patching`` or
-``attribution_patching``, as a user would run it; the aim: about 1.5 at most). Inside
+``attribution_patching``, as a user would run it; the aim: about 1.5 at most). Each row
+is run ``--repeat`` times (3 by default), each discovery just after its pass alone, and
+gives the median of each time, and the median of the repeats' ratios with their range:
+on a shared machine one run's CPU seconds move by up to a quarter. Inside
 discovery, activation patching takes the evaluator's preparation instead of running the
 bridge again, so its stage there can be shorter than the pass alone. The row also gives
 the number of prefix sizes the rule evaluated and the size it chose.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -79,10 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=64, help="IOI prompt pairs")
     parser.add_argument("--runs", nargs="+", default=[f"{m}/{lv}" for m, lv in RUNS])
     parser.add_argument("--quick", action="store_true", help="the zoo, 16 prompts")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each row, interleaved with its pass alone"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.n = "zoo", 16
+        args.model, args.n, args.repeat = "zoo", 16, 1
     import torch
 
     torch.set_num_threads(1)
@@ -108,34 +115,60 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for run in args.runs:
         method, level = run.split("/")
-        alone = time.process_time()
-        if method == "activation":
-            rl.activation_patching(model, task, ablation="mean")
-        else:
-            rl.attribution_patching(model, task, method=method, level=level)  # type: ignore[arg-type]
-        alone = time.process_time() - alone
-        stages.cpu.clear()
-        stages.wall.clear()
-        counts.update(evaluated=0, passes=0, n=0, chosen=0)
-        cpu, wall = time.process_time(), time.perf_counter()
-        with stages.stage("other"):
-            circuit = rl.discover_circuit(model, task, method=method, level=level)  # type: ignore[arg-type]
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        cell = {k: stages.cpu.get(k, 0.0) for k in
-                ("set-up", "scoring", "size rule", "faithfulness", "other")}  # fmt: skip
-        row = {"method": method, "level": level, "cpu": cpu, "wall": wall, "stages": cell,
-               "pass_alone": alone,
-               "stages_wall": dict(stages.wall), **counts,
-               "faithfulness": circuit.metadata["faithfulness"],
-               "interval": circuit.metadata.get("faithfulness_interval")}  # fmt: skip
+        reps = [_once(rl, model, task, method, level, stages, counts) for _ in range(args.repeat)]
+        row = _median_row(reps)
         rows.append(row)
+        cell, ratios = row["stages"], sorted(r["cpu"] / max(r["pass_alone"], 1e-9) for r in reps)
+        spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(reps) > 1 else ""
         print(f"| {method} | {level} | " + " | ".join(f"{cell[k]:.2f}" for k in cell)
-              + f" | {cpu:.2f} | {alone:.2f} | {cpu / max(alone, 1e-9):.2f}x "
-              f"| {counts['evaluated']} ({counts['passes']}) | {counts['chosen']} of {counts['n']} |",
+              + f" | {row['cpu']:.2f} | {row['pass_alone']:.2f} | {row['ratio']:.2f}x{spread} "
+              f"| {row['evaluated']} ({row['passes']}) | {row['chosen']} of {row['n']} |",
               flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "n": args.n, "rows": rows},
                                         indent=2) + "\n")  # fmt: skip
+
+
+STAGE_NAMES = ("set-up", "scoring", "size rule", "faithfulness", "other")
+
+
+def _once(
+    rl: Any, model: Any, task: Any, method: str, level: str, stages: Stages, counts: dict[str, Any]
+) -> dict[str, Any]:
+    """One timed discovery, just after its scoring pass alone."""
+    alone = time.process_time()
+    if method == "activation":
+        rl.activation_patching(model, task, ablation="mean")
+    else:
+        rl.attribution_patching(model, task, method=method, level=level)
+    alone = time.process_time() - alone
+    stages.cpu.clear()
+    stages.wall.clear()
+    counts.update(evaluated=0, passes=0, n=0, chosen=0)
+    cpu, wall = time.process_time(), time.perf_counter()
+    with stages.stage("other"):
+        circuit = rl.discover_circuit(model, task, method=method, level=level)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"method": method, "level": level, "cpu": cpu, "wall": wall,
+            "stages": {k: stages.cpu.get(k, 0.0) for k in STAGE_NAMES},
+            "pass_alone": alone, "stages_wall": dict(stages.wall), **counts,
+            "faithfulness": circuit.metadata["faithfulness"],
+            "interval": circuit.metadata.get("faithfulness_interval")}  # fmt: skip
+
+
+def _median_row(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each time over the repeats (the ratio: the median of each repeat's
+    own), the counts and circuit of the first (every repeat finds the same)."""
+    first = reps[0]
+    assert all(r["chosen"] == first["chosen"] for r in reps), "a repeat chose another size"
+    row = dict(first)
+    for key in ("cpu", "wall", "pass_alone"):
+        row[key] = statistics.median(r[key] for r in reps)
+    row["stages"] = {k: statistics.median(r["stages"][k] for r in reps) for k in STAGE_NAMES}
+    ratios = [r["cpu"] / max(r["pass_alone"], 1e-9) for r in reps]
+    row["ratio"], row["ratios"] = statistics.median(ratios), ratios
+    row["repeats"] = reps
+    return row
 
 
 if __name__ == "__main__":
