@@ -192,6 +192,8 @@ def discover_circuit(
             "threshold or top_k, not target_faithfulness"
         )
     resolve_budget(memory_budget)  # a bad budget is refused before any forward pass
+    # Activation patching runs on the same prompts first, from the evaluator's runs.
+    hold = method == "activation" and not experts
     evaluator = CircuitEvaluator(
         model,
         task,
@@ -200,6 +202,7 @@ def discover_circuit(
         memory_budget=memory_budget,
         experts=experts,
         routing=routing,
+        hold_runs=hold,
     )
     prep = evaluator.runner.prep
     gap = check_separates(
@@ -217,6 +220,8 @@ def discover_circuit(
     else:
         scoring = _Scoring(method, level, ablation, steps, metric, memory_budget, experts, routing)
         scores = _score(model, task, scoring, evaluator.runner)
+        if hold:
+            evaluator.runner.release_runs()
         settings.update(scores.settings)
         settings["ablation"] = ablation
         circuit, rule = _select(

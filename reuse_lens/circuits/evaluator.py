@@ -94,7 +94,10 @@ class CircuitEvaluator:
         memory_budget: MemoryBudget = None,
         experts: bool = False,
         routing: RoutingMode = "frozen",
+        hold_runs: bool = False,
     ) -> None:
+        """``hold_runs``: keep the unablated runs until ``runner.release_runs()``
+        (``AblationRunner``); the other arguments are ``faithfulness``'s."""
         if node_empty not in ("nodes", "edges"):
             raise ValueError(
                 f"unknown node_empty {node_empty!r}: choose 'nodes' (the default) or 'edges'"
@@ -111,6 +114,7 @@ class CircuitEvaluator:
             memory_budget=memory_budget,
             experts=experts,
             routing=routing,
+            hold_runs=hold_runs,
         )
         self.prune = bool(prune)
         self.node_empty: NodeEmpty = node_empty

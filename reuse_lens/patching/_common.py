@@ -122,16 +122,18 @@ class Prepared:
         """This preparation as ``prepare`` returns it, for another engine on the same
         (model, task, metric): the bridge's logits and the functional forward's check
         are kept, the runs are those ``prepare`` keeps (every prompt's, where they are
-        held whole) and ``part_bytes`` what an engine holds beside its chunks. An engine
-        that cleared its runs (the ablation runner) can hand its preparation on this way
-        without the bridge's forward passes being run again."""
+        held whole: the ones still held here, the others computed again) and
+        ``part_bytes`` what an engine holds beside its chunks. An engine that cleared its
+        runs (the ablation runner) can hand its preparation on this way without the
+        bridge's forward passes being run again."""
         held_whole = self.weights is not None and self.part_size is None
         runs = {}
         if held_whole:
             assert self.weights is not None
+            prompts = {"clean": self.clean, "corrupted": self.corrupted}
             runs = {
-                "clean": self.weights.run(self.clean),
-                "corrupted": self.weights.run(self.corrupted),
+                name: self.runs[name] if name in self.runs else self.weights.run(tokens)
+                for name, tokens in prompts.items()
             }
         part_bytes = 0
         if not held_whole:

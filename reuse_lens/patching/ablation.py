@@ -197,7 +197,9 @@ class AblationRunner:
     circuits as needed: the sources and the unablated runs are computed once. Circuits
     and prompts are stacked along the batch, as many rows per pass as ``memory_budget``
     holds (``batch_size`` overrides it; see ``reuse_lens._memory``); the values do not
-    depend on the chunking.
+    depend on the chunking. ``hold_runs`` keeps the unablated runs of the preparation
+    (``prep``) until ``release_runs``, for a caller that patches the same prompts first
+    (discovery's activation patching takes them through ``Prepared.renewed``).
 
     Attributes:
         full: the mean metric of the unablated model (every node and edge kept).
@@ -218,6 +220,7 @@ class AblationRunner:
         memory_budget: MemoryBudget = None,
         experts: bool = False,
         routing: RoutingMode = "frozen",
+        hold_runs: bool = False,
     ) -> None:
         check_routing(routing)
         if experts and engine == "functional":
@@ -282,11 +285,18 @@ class AblationRunner:
                 if self.ablation != "resample" or self._sources_fit(forward_row):
                     self._sources = self._functional_sources(self.prep.weights)
                 # Circuits read the sources and recompute the rest from the tokens: the
-                # runs go, and the budget's room with them returns to the chunks.
-                self.prep.runs.clear()
-                self.prep.part_bytes = 0
+                # runs go, and the budget's room with them returns to the chunks (with
+                # ``hold_runs``, once the caller that patches with them first is done).
+                if not hold_runs:
+                    self.release_runs()
             else:
                 self._hook_sources = self._hooked_sources()
+
+    def release_runs(self) -> None:
+        """Let the unablated runs go (``hold_runs``): circuits read the sources and
+        recompute the rest, and the budget's room returns to the chunks."""
+        self.prep.runs.clear()
+        self.prep.part_bytes = 0
 
     @property
     def engine(self) -> str:

@@ -192,27 +192,35 @@ def test_deterministic_and_chunking_invariant(models: dict[str, Any]) -> None:
     torch.testing.assert_close(first.heads_by_pos, tiny.heads_by_pos, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("hold", [False, True])
 @pytest.mark.parametrize("budget", [None, "200KiB"])
 def test_a_preparation_handed_on_gives_the_same_scores(
-    models: dict[str, Any], budget: str | None
+    models: dict[str, Any], budget: str | None, hold: bool
 ) -> None:
     """discover_circuit hands its evaluator's preparation to activation patching
-    (``Prepared.renewed``); the scores are those of a preparation of their own, also when
-    the call works in parts (a small budget)."""
+    (``Prepared.renewed``), with the runs it holds for it (``hold_runs``); the scores are
+    those of a preparation of their own, also when the call works in parts (a small
+    budget), and the runs go when the runner releases them."""
     model = models["native_ln"]
     task = random_task(model, lengths=[5, 4, 6, 6], seed=8)
-    runner = AblationRunner(model, task, ablation="mean", memory_budget=budget)
-    assert not runner.prep.runs  # the runner lets its runs go
+    runner = AblationRunner(model, task, ablation="mean", memory_budget=budget, hold_runs=hold)
+    whole = budget is None
+    assert bool(runner.prep.runs) == (hold and whole)  # held, or let go (none: in parts)
     assert (runner.prep.part_size is not None) == (budget is not None)  # parts, or whole
+    renewed = runner.prep.renewed()
+    if hold and whole:  # the held runs are handed on, not computed again
+        assert all(renewed.runs[k] is runner.prep.runs[k] for k in ("clean", "corrupted"))
     handed = _activation_patching(
         model, task, "all", "mean", "noising", False, "out", None, None,
-        memory_budget=budget, prep=runner.prep.renewed(),
+        memory_budget=budget, prep=renewed,
     )  # fmt: skip
     own = rl.activation_patching(model, task, ablation="mean", memory_budget=budget)
     assert torch.equal(handed.heads, own.heads)
     assert own.mlps is not None and handed.mlps is not None
     assert torch.equal(handed.mlps, own.mlps)
     assert handed.settings == own.settings
+    runner.release_runs()
+    assert not runner.prep.runs and runner.prep.part_bytes == 0
 
 
 def test_node_subset_and_nan_for_unpatched(models: dict[str, Any]) -> None:
