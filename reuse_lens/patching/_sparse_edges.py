@@ -416,59 +416,104 @@ class _EdgePass:
     def heads(self, layer: int, base: Float[Tensor, "prompt pos d_model"]) -> None:
         """Compute the classes of the layer's heads new to the memo, from their q, k and v
         inputs: the classes of all its heads together (a layer's heads read none of each
-        other), those read at every position, then those read at the answer alone. A
-        layer with attention sinks (GPT-OSS), a logit per head, takes a head at a time."""
+        other), those read at every position, then those read at the answer alone.
+
+        A class differs from another of its head by the edges into one of its inputs more
+        often than by all three (an edge added into a query leaves the keys and values
+        as they were), so each distinct input of a head is normed and projected once
+        (``_projections``), whichever classes read it.
+        """
         layout, w = self.layout, self.w
         start, visible = layout.first_column[layer], layout.heads_visible[layer]
-        groups: dict[bool, list[tuple[int, list[int], Tensor]]] = {True: [], False: []}
+        found: list[tuple[bool, int, list[int], Tensor]] = []
         for head in range(w.n_heads):
             slot = layout.first_head[layer] + head
             if not self.wanted[slot]:
                 continue
             columns = [start + part * w.n_heads + head for part in range(3)]
             classes = _classify(self.memo, self.keep, self.ids, self.full, slot, columns, visible)
-            for whole, gids, keys in classes.split():
-                groups[whole].append((head, gids, keys))
-        by_head = w.layers[layer].sinks is not None
-        for whole, parts in groups.items():
-            for batch in [[part] for part in parts] if by_head else [parts] if parts else []:
-                gids = [gid for _, ids, _ in batch for gid in ids]
-                heads = [head for head, ids, _ in batch for _ in ids]
-                keys = torch.cat([keys for *_, keys in batch])
-                delta = self._heads_delta(layer, base, torch.tensor(heads), keys, whole)
-                for gid, row in zip(gids, delta, strict=True):
-                    self.bank.put(gid, row if whole else row[:, 0], None if whole else self.at)
+            found += [(whole, head, gids, keys) for whole, gids, keys in classes.split()]
+        if not found:
+            return
+        heads = torch.tensor([h for _, h, ids, _ in found for _ in ids], device=base.device)
+        keys = torch.cat([keys for *_, keys in found])
+        whole = torch.tensor([f for f, _, ids, _ in found for _ in ids], device=base.device)
+        k = self._projections(layer, base, heads, keys[:, :, 1], 1)
+        v = self._projections(layer, base, heads, keys[:, :, 2], 2)
+        gids = [gid for *_, ids, _ in found for gid in ids]
+        for full in (True, False):
+            picked = torch.nonzero(whole == full).flatten()
+            if len(picked) == 0:
+                continue
+            at = None if full else self.at
+            q = self._projections(layer, base, heads[picked], keys[picked, :, 0], 0, at)
+            delta = self._heads_delta(layer, heads[picked], q, k[picked], v[picked], full)
+            for index, row in zip(picked.tolist(), delta, strict=True):
+                self.bank.put(gids[index], row if full else row[:, 0], at)
 
-    def _heads_delta(
+    def _projections(
         self,
         layer: int,
         base: Float[Tensor, "prompt pos d_model"],
         heads: Int[Tensor, " cls"],
-        keys: Int[Tensor, "cls visible 3"],
+        reads: Int[Tensor, "cls visible"],
+        part: int,
+        at: tuple[Tensor, Tensor] | None = None,
+    ) -> Float[Tensor, "cls prompt q_pos d_head"]:
+        """Part ``part`` (0 q, 1 k, 2 v) of each class's head, projected from what the
+        class's column reads (``reads``: per visible sender, 0 or 1 + its class): every
+        distinct (head, reads) normed and projected once, at every position or at the
+        answer positions ``at``; before any q/k norm or rotary."""
+        w = self.w
+        weights = w.layers[layer]
+        distinct, inverse = torch.unique(
+            torch.cat([heads.unsqueeze(1), reads], 1), dim=0, return_inverse=True
+        )
+        head, columns = distinct[:, 0], distinct[:, 1:].unsqueeze(2)
+        x = _gather(base if at is None else base[at], self.bank, columns, at)[:, 0]
+        name = "qkv"[part]
+        mats = getattr(weights, f"w_{name}").view(-1, w.n_heads, w.d_head)[:, head]
+        bias = getattr(weights, f"b_{name}").view(w.n_heads, w.d_head)[head]
+        normed = _norm(x, weights.ln1)
+        out = torch.matmul(normed.flatten(1, -2), mats.movedim(1, 0)) + bias.unsqueeze(1)
+        return out.view(len(distinct), x.shape[1], -1, w.d_head)[inverse]
+
+    def _heads_delta(
+        self,
+        layer: int,
+        heads: Int[Tensor, " cls"],
+        q: Float[Tensor, "cls prompt q_pos d_head"],
+        k: Float[Tensor, "cls prompt pos d_head"],
+        v: Float[Tensor, "cls prompt pos d_head"],
         whole: bool,
     ) -> Float[Tensor, "cls prompt q_pos d_model"]:
-        """Each class's current − ablated head output (of head ``heads[c]``): at every
-        position (``whole``), or at each prompt's answer, where its query is read alone
-        while its keys and values are read at every position."""
-        w, n = self.w, len(heads)
-        heads = heads.to(base.device)
+        """Each class's current − ablated head output (of head ``heads[c]``) from its
+        projected q, k and v: at every position (``whole``), or at each prompt's answer,
+        where its query is read alone. A layer with attention sinks (GPT-OSS), a logit
+        per head, attends a head at a time."""
+        w, weights = self.w, self.w.layers[layer]
+        n, prompts = q.shape[:2]
         if whole:
-            q, k, v = _project_heads(w, layer, heads, _gather(base, self.bank, keys), "qkv")
-            q_pos = torch.arange(base.shape[1], device=base.device)
+            q_pos = torch.arange(q.shape[2], device=q.device)
         else:
-            k, v = _project_heads(w, layer, heads, _gather(base, self.bank, keys[:, :, 1:]), "kv")
-            x_q = _gather(base[self.at], self.bank, keys[:, :, :1], self.at).unsqueeze(3)
-            (q,) = _project_heads(w, layer, heads, x_q, "q")
             q_pos = self.answer.repeat(n).unsqueeze(-1)
-        weights = w.layers[layer]
-        positions = torch.arange(k.shape[1], device=k.device)
-        q = w._qk_post(layer, q, weights.q_norm, q_pos)
-        k = w._qk_post(layer, k, weights.k_norm, positions)
-        # Sinks come a head at a time (``heads``), and every class of the batch has it.
-        pattern = w.pattern(q, k, q_pos, layer, None if weights.sinks is None else heads[:1])
-        z = w.mix(pattern, v).unflatten(0, (n, -1))  # (cls, prompt, q_pos, 1, d_head)
+        positions = torch.arange(k.shape[2], device=k.device)
+        q = w._qk_post(layer, q.flatten(0, 1).unsqueeze(2), weights.q_norm, q_pos)
+        k = w._qk_post(layer, k.flatten(0, 1).unsqueeze(2), weights.k_norm, positions)
+        v = v.flatten(0, 1).unsqueeze(2)
+        if weights.sinks is None:
+            z = w.mix(w.pattern(q, k, q_pos, layer), v)
+        else:
+            z = q.new_empty(q.shape)
+            rows = heads.repeat_interleave(prompts)
+            for head in heads.unique().tolist():
+                at = torch.nonzero(rows == head).flatten()
+                pos = q_pos if whole else q_pos[at]
+                one = torch.tensor([head], device=q.device)
+                z[at] = w.mix(w.pattern(q[at], k[at], pos, layer, one), v[at])
+        z = z.unflatten(0, (n, prompts))  # (cls, prompt, q_pos, 1, d_head)
         w_o = weights.w_o.view(w.n_heads, w.d_head, -1)[heads]
-        current = torch.matmul(z.flatten(1, 3), w_o).view(n, z.shape[1], z.shape[2], -1)
+        current = torch.matmul(z.flatten(1, 3), w_o).view(n, prompts, z.shape[2], -1)
         ablated_z = self.shared(self.src.z[layer])[:, :, heads]  # (src, pos, cls, d_head)
         if not whole:
             ablated_z = self.answer_of(ablated_z).unsqueeze(1)
@@ -518,25 +563,6 @@ class _EdgePass:
         kept = self.keep[:, :, self.layout.logits].long().unsqueeze(-1)
         final = _gather(base, self.bank, kept * (self.ids.unsqueeze(-1) + 1), self.at)
         return self.w.logits(final[:, 0].flatten(0, 1))
-
-
-def _project_heads(
-    w: Weights,
-    layer: int,
-    heads: Int[Tensor, " cls"],
-    x: Float[Tensor, "cls part prompt pos d_model"],
-    parts: str,
-) -> list[Tensor]:
-    """The ``parts`` (of q, k, v) projections of class ``c``'s head ``heads[c]``, each
-    part from its own input, in one norm and one contraction: ``(prompt, pos, cls,
-    d_head)`` each, before any q/k norm or rotary."""
-    weights = w.layers[layer]
-    per_head = [getattr(weights, f"w_{p}").view(-1, w.n_heads, w.d_head) for p in parts]
-    mats = torch.stack(per_head, 1)[:, :, heads].permute(2, 1, 0, 3)  # (cls, part, d, e)
-    bias = torch.stack([getattr(weights, f"b_{p}").view(w.n_heads, w.d_head) for p in parts])
-    normed = _norm(x, weights.ln1)
-    out = torch.matmul(normed.flatten(2, 3), mats) + bias[:, heads].movedim(1, 0).unsqueeze(2)
-    return [part.reshape(-1, x.shape[3], 1, w.d_head) for part in out.unbind(1)]
 
 
 def _carry(memo: SenderMemo, bank: _Bank, last: Int[Tensor, " sender"]) -> None:
