@@ -13,6 +13,7 @@ used (and circuits read) without loading a model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -191,13 +192,14 @@ class Edge:
                 f"receiver_input={self.receiver_input!r}"
             )
 
-    @property
+    # Cached: a discovery on GPT-2 small names each of its 32,000 edges several times.
+    @functools.cached_property
     def receiver_name(self) -> str:
         """The receiver with its input, as MIB writes it: ``a2.h3<q>`` or ``m1``."""
         suffix = f"<{self.receiver_input}>" if self.receiver_input else ""
         return f"{self.receiver.name}{suffix}"
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         return f"{self.sender.name}->{self.receiver_name}"
 

@@ -126,6 +126,16 @@ def _edges_by_key(shape: ModelShape) -> dict[tuple[str, str], Edge]:
     return {(edge.sender.name, edge.receiver_name): edge for edge in edges_of(shape)}
 
 
+@functools.lru_cache(maxsize=8)
+def edge_ranks(shape: ModelShape) -> dict[tuple[str, str], int]:
+    """Each edge key of ``shape``'s graph by its place in ``edges_of``: ordering the
+    scores of every edge of GPT-2 small by their parsed ends costs a discovery a quarter
+    second."""
+    return {
+        (edge.sender.name, edge.receiver_name): rank for rank, edge in enumerate(edges_of(shape))
+    }
+
+
 def edge_ends(sender: str, receiver: str) -> tuple[Endpoint, Endpoint]:
     edge = parse_edge(f"{sender}->{receiver}")
     return edge.sender, edge.receiver

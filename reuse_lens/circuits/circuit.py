@@ -40,6 +40,7 @@ from reuse_lens.circuits._checks import (
     count_field,
     edge_ends,
     edge_key,
+    edge_ranks,
     node_ends,
     require,
     write_atomic,
@@ -220,13 +221,19 @@ class Circuit:
             check_node(k, shape, "node_scores key").name: _score(v, f"node_scores[{k!r}]")
             for k, v in self._mapping(self.node_scores, "node_scores").items()
         }
-        scored_edges = sorted(  # parsed once, for both the check and the order
-            (
-                (check_edge(k, shape, "edge_scores key"), _score(v, f"edge_scores[{k!r}]"))
-                for k, v in self._mapping(self.edge_scores, "edge_scores").items()
-            ),
-            key=lambda pair: _edge_order(pair[0]),
-        )
+        given = self._mapping(self.edge_scores, "edge_scores")
+        scored_edges = [  # parsed once, for both the check and the order
+            (check_edge(k, shape, "edge_scores key"), _score(v, f"edge_scores[{k!r}]"))
+            for k, v in given.items()
+        ]
+        ranks = {} if shape.experts else edge_ranks(shape)
+        if all(k in ranks for k in given):  # keys of the graph: its order, looked up
+            order = [ranks[k] for k in given]
+            scored_edges = [
+                scored_edges[i] for i in sorted(range(len(order)), key=order.__getitem__)
+            ]
+        else:
+            scored_edges.sort(key=lambda pair: _edge_order(pair[0]))
         stages = {
             check_node(k, shape, "stages key").name: _stage(v, f"stages[{k!r}]")
             for k, v in self._mapping(self.stages, "stages").items()

@@ -102,19 +102,21 @@ class EdgeScores:
         the inputs of every receiver downstream of it, because the residual stream is a
         sum (docs/attribution.md). ``input``'s outgoing edges are not part of any node.
         """
-        heads = torch.zeros(self.shape.n_layers, self.shape.n_heads, dtype=self.scores.dtype)
-        mlps = (
-            torch.zeros(self.shape.n_layers, dtype=self.scores.dtype)
-            if self.shape.has_mlps
-            else None
-        )
-        for edge, value in zip(self.edges, self.scores, strict=True):
-            sender = edge.sender
-            if isinstance(sender, AttentionHead):
-                heads[sender.layer, sender.head] += value
-            elif isinstance(sender, MLP):
-                assert mlps is not None  # only models with MLPs have MLP senders
-                mlps[sender.layer] += value
+        layers, n_heads = self.shape.n_layers, self.shape.n_heads
+        # A slot per head, then per MLP, then one for input's edges (left out): one sum
+        # over the edges, not a tensor write per edge (GPT-2 small has 32,000).
+        slots = [
+            e.sender.layer * n_heads + e.sender.head
+            if isinstance(e.sender, AttentionHead)
+            else layers * n_heads + e.sender.layer
+            if isinstance(e.sender, MLP)
+            else layers * (n_heads + 1)
+            for e in self.edges
+        ]
+        sums = torch.zeros(layers * (n_heads + 1) + 1, dtype=self.scores.dtype)
+        sums.index_add_(0, torch.tensor(slots, dtype=torch.long), self.scores.cpu())
+        heads = sums[: layers * n_heads].view(layers, n_heads).clone()
+        mlps = sums[layers * n_heads : -1].clone() if self.shape.has_mlps else None
         return NodeScores(
             heads=heads,
             mlps=mlps,

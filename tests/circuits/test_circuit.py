@@ -622,3 +622,27 @@ def test_both_formats_round_trip_random_circuits(circuit: Circuit) -> None:
     # every head or MLP at an edge's end is a node
     ends = {s for s, _ in circuit.edges} | {r.partition("<")[0] for _, r in circuit.edges}
     assert ends - {"input", "logits"} <= circuit.nodes
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [ModelShape(3, 2, has_mlps=True), ModelShape(2, 3, has_mlps=True, parallel=True),
+     ModelShape(2, 2, has_mlps=False)],
+)  # fmt: skip
+def test_edge_scores_come_in_the_graphs_order_whatever_their_order_given(
+    shape: ModelShape,
+) -> None:
+    """Scores are kept in ``edges_of`` order: the order of their receivers, inputs and
+    senders (``_edge_order``), looked up per edge rather than computed."""
+    import random
+
+    from reuse_lens.circuits.circuit import _edge_order
+
+    graph = edges_of(shape)
+    assert sorted(graph, key=_edge_order) == graph
+    keys = [(e.sender.name, e.receiver_name) for e in graph]
+    shuffled = random.Random(0).sample(keys, len(keys))
+    scores = {key: float(i) for i, key in enumerate(shuffled)}
+    circuit = Circuit.from_edges(keys[:3], shape, edge_scores=scores)
+    assert list(circuit.edge_scores) == keys
+    assert dict(circuit.edge_scores) == scores

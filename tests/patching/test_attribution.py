@@ -452,3 +452,27 @@ def test_task_for_another_vocabulary_is_refused(native_model: Any) -> None:
     task = random_task(other)
     with pytest.raises(TaskError, match="vocabulary"):
         attribution_patching(native_model, task)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("has_mlps", [True, False])
+def test_to_node_scores_sums_each_senders_edges(parallel: bool, has_mlps: bool) -> None:
+    """The vectorised sum equals a plain loop over the edges (``input``'s left out)."""
+    from reuse_lens.nodes import ModelShape
+
+    shape = ModelShape(n_layers=3, n_heads=2, has_mlps=has_mlps, parallel=parallel and has_mlps)
+    edges = tuple(edges_of(shape))
+    scores = torch.randn(len(edges), generator=torch.Generator().manual_seed(0))
+    summed = EdgeScores(edges, scores, shape, 1.0, 0.0, "eap").to_node_scores()
+    heads, mlps = torch.zeros(3, 2), torch.zeros(3)
+    for edge, value in zip(edges, scores.tolist(), strict=True):
+        if isinstance(edge.sender, AttentionHead):
+            heads[edge.sender.layer, edge.sender.head] += value
+        elif isinstance(edge.sender, MLP):
+            mlps[edge.sender.layer] += value
+    torch.testing.assert_close(summed.heads, heads, atol=1e-6, rtol=0)
+    if has_mlps:
+        assert summed.mlps is not None
+        torch.testing.assert_close(summed.mlps, mlps, atol=1e-6, rtol=0)
+    else:
+        assert summed.mlps is None
