@@ -46,7 +46,7 @@ from reuse_lens.nodes import AttentionHead, parse_node, shape_of
 from reuse_lens.patching._experts import RoutingMode, check_routing
 from reuse_lens.patching.ablation import AblationRunner, EdgeMemo
 from reuse_lens.patching.activation import _activation_patching
-from reuse_lens.patching.attribution import attribution_patching
+from reuse_lens.patching.attribution import _attribution_patching
 from reuse_lens.patching.edges import EdgeScores
 from reuse_lens.patching.experts import expert_activation_patching
 from reuse_lens.patching.path import path_patching
@@ -192,8 +192,11 @@ def discover_circuit(
             "threshold or top_k, not target_faithfulness"
         )
     resolve_budget(memory_budget)  # a bad budget is refused before any forward pass
-    # Activation patching runs on the same prompts first, from the evaluator's runs.
-    hold = method == "activation" and not experts
+    # Activation patching and edge attribution run on the same prompts first, from the
+    # evaluator's verified forward and unablated runs.
+    hold = not experts and (
+        method == "activation" or (method in ("eap", "eap-ig") and level == "edge")
+    )
     evaluator = CircuitEvaluator(
         model,
         task,
@@ -324,7 +327,8 @@ def _score(
 ) -> NodeScores | EdgeScores:
     """The scores a circuit is cut from. Activation patching takes the evaluator's
     ``runner``: with expert nodes the runner itself (the same runs, the same sources),
-    else its preparation, whose bridge passes it would otherwise run again."""
+    else its preparation, whose bridge passes it would otherwise run again; edge
+    attribution takes the preparation's verified forward and unablated runs."""
     if how.method == "activation" and how.experts:
         return expert_activation_patching(
             model,
@@ -351,16 +355,20 @@ def _score(
             memory_budget=how.memory_budget,
             prep=runner.prep.renewed(),
         )
-    return attribution_patching(
+    return _attribution_patching(
         model,
         task,
         method=how.method,  # type: ignore[arg-type]
         level=how.level,  # type: ignore[arg-type]
         steps=how.steps,
+        per_position=False,
         metric=how.metric,
+        batch_size=None,
+        engine="auto",
         memory_budget=how.memory_budget,
         experts=how.experts,
         routing=how.routing,
+        prep=runner.prep if how.level == "edge" else None,
     )
 
 

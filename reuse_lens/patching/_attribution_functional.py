@@ -157,17 +157,19 @@ def edge_chunk(
     *,
     n_steps: int,
     layers_per_pass: int | None = None,
+    runs: tuple[RunCache, RunCache] | None = None,
 ) -> FunctionalEdges:
     """Edge scores of one chunk of prompts, summed over them (``attribution.py`` divides).
 
     ``inputs`` carry the answers; their ``clean_logits`` are filled in here from the
     functional clean run. ``layers_per_pass`` splits the receivers: each gradient pass
     probes the receivers of that many layers (all of them by default), and the layers
-    before its first run without autograd.
+    before its first run without autograd. ``runs``: the chunk's clean and corrupted
+    runs, where a caller holds them already (discovery's evaluator).
     """
     rows = torch.arange(clean.shape[0], device=clean.device)
     with torch.no_grad():
-        clean_run, corrupted_run = w.run(clean), w.run(corrupted)
+        clean_run, corrupted_run = runs if runs is not None else (w.run(clean), w.run(corrupted))
         clean_logits = w.logits(clean_run.final[rows, answer_pos]).float()
         corrupted_logits = w.logits(corrupted_run.final[rows, answer_pos]).float()
         deltas = _sender_deltas(w, clean_run, corrupted_run)
@@ -247,16 +249,21 @@ def _accumulate(
 
 
 def functional_weights(
-    model: TransformerBridge, task: Task, metric_fn: Metric, engine: Engine
+    model: TransformerBridge,
+    task: Task,
+    metric_fn: Metric,
+    engine: Engine,
+    verified: Weights | None = None,
 ) -> Weights | None:
     """The verified functional forward of ``model``, or None where it does not reproduce
-    the model (the hooks are tried then).
+    the model (the hooks are tried then). ``verified``: weights a caller has verified
+    on the same model already (discovery's evaluator), used as they are.
 
     Raises:
         NotImplementedError: where the model's edges are undefined (its heads' inputs are
             not separable); hooks cannot do better there.
     """
-    w = prepare(model, task.select([0]), metric_fn, engine=engine).weights
+    w = verified or prepare(model, task.select([0]), metric_fn, engine=engine).weights
     why = None if w is None else w.spec.edge_unsupported()
     if why is not None:
         raise NotImplementedError(
@@ -274,11 +281,13 @@ def attribute_edges(
     n_steps: int,
     batch_size: int,
     layers_per_pass: int | None = None,
+    runs: tuple[RunCache, RunCache] | None = None,
 ) -> FunctionalEdges:
     """Every edge's score on ``task``, the mean over its prompts, chunk by chunk.
 
     ``batch_size`` prompts a chunk; ``layers_per_pass`` receivers' layers a gradient pass
-    (``edge_chunk``).
+    (``edge_chunk``); ``runs``: the clean and corrupted runs of every prompt, where the
+    caller holds them (each chunk reads its rows instead of running the model again).
     """
     index = GraphIndex(shape)
     device = w.w_u.device
@@ -287,7 +296,8 @@ def attribute_edges(
     clean_total = corrupted_total = 0.0
     starts = list(range(0, n, batch_size))
     for start in progress_bar(starts, desc="attribution (edges)", show_from=8):
-        chunk = task.select(list(range(start, min(start + batch_size, n)))).to(device)
+        span = slice(start, min(start + batch_size, n))
+        chunk = task.select(list(range(span.start, span.stop))).to(device)
         base = chunk.metric_inputs()
         out = edge_chunk(
             w,
@@ -299,6 +309,7 @@ def attribute_edges(
             MetricInputs(base.answers.to(device), base.wrong.to(device), base.clean_logits),
             n_steps=n_steps,
             layers_per_pass=layers_per_pass,
+            runs=None if runs is None else (runs[0].rows(span), runs[1].rows(span)),
         )
         matrix += out.matrix.cpu()
         clean_total += out.clean

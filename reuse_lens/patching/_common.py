@@ -141,6 +141,11 @@ class Prepared:
             part_bytes = 2 * size * Shapes.of(self.model, int(self.clean.shape[1])).run_cache()
         return dataclasses.replace(self, runs=runs, part_bytes=part_bytes)
 
+    def held_runs(self) -> tuple[RunCache, RunCache] | None:
+        """The clean and corrupted runs of every prompt, where both are held."""
+        clean, corrupted = self.runs.get("clean"), self.runs.get("corrupted")
+        return None if clean is None or corrupted is None else (clean, corrupted)
+
     def select(self, prompts: slice) -> Prepared:
         """These prompts alone: the same model, weights and metric; runs computed anew."""
         return dataclasses.replace(

@@ -618,6 +618,10 @@ class RunCache:
         per_layer = [(name, x) for name in _PER_LAYER for x in getattr(self, name)]
         return [*per_layer, ("final", self.final)]
 
+    def rows(self, rows: slice) -> RunCache:
+        """These prompts' activations (views, not copies)."""
+        return RunCache.from_items([(name, x[rows]) for name, x in self.items()])
+
     @classmethod
     def from_items(cls, items: Sequence[tuple[str, Tensor]]) -> RunCache:
         """The cache whose ``items()`` are ``items``: each layer's in order, and ``final``."""

@@ -50,7 +50,7 @@ from reuse_lens.nodes import (
     shape_of,
 )
 from reuse_lens.patching._attribution_functional import attribute_edges, functional_weights
-from reuse_lens.patching._common import ENGINES, Engine
+from reuse_lens.patching._common import ENGINES, Engine, Prepared
 from reuse_lens.patching._experts import ExpertRuns, Plan, RoutingMode, check_routing
 from reuse_lens.patching._hook_edges import EDGE_INPUT_HOOK, edge_refusal, mlp_norm
 from reuse_lens.patching._hook_geometry import head_output_scale
@@ -137,6 +137,41 @@ def attribution_patching(
         TaskError: if the task was built for another vocabulary.
         MetricError: if the metric is NaN or infinite on some prompt.
     """
+    return _attribution_patching(
+        model,
+        task,
+        method=method,
+        level=level,
+        steps=steps,
+        per_position=per_position,
+        metric=metric,
+        batch_size=batch_size,
+        engine=engine,
+        memory_budget=memory_budget,
+        experts=experts,
+        routing=routing,
+    )
+
+
+def _attribution_patching(
+    model: TransformerBridge,
+    task: Task,
+    *,
+    method: AttributionMethod,
+    level: AttributionLevel,
+    steps: int,
+    per_position: bool,
+    metric: str | Metric | None,
+    batch_size: int | None,
+    engine: Engine,
+    memory_budget: MemoryBudget,
+    experts: bool,
+    routing: RoutingMode,
+    prep: Prepared | None = None,
+) -> NodeScores | EdgeScores:
+    """``attribution_patching``; ``prep``: a preparation of the same (model, task,
+    metric) that discovery's evaluator holds, whose verified functional forward and
+    unablated runs the edge engine reads instead of making its own."""
     check_pair(model, task)  # a spec string or a list is named here, not deep inside
     if method not in ("eap", "eap-ig"):
         raise ValueError(f"unknown attribution method {method!r}: choose 'eap' or 'eap-ig'")
@@ -189,6 +224,7 @@ def attribution_patching(
         budget=budget,
         engine=engine,
         routing=routing if experts else None,
+        prep=prep,
     )
     settings: dict[str, Any] = {
         "method": method,
@@ -319,20 +355,24 @@ def _attribute(
     budget: int,
     engine: Engine = "auto",
     routing: RoutingMode | None = None,
+    prep: Prepared | None = None,
 ) -> _Result:
     shape = shape_of(model, experts=routing is not None)
     experts = None if routing is None else ExpertRuns(model, routing)
     shapes = Shapes.of(model, int(task.clean.shape[1]))
     if edges and engine != "hooks":
-        functional = functional_weights(model, task, metric_fn, engine)
+        verified = None if prep is None else prep.weights
+        functional = functional_weights(model, task, metric_fn, engine, verified)
         if functional is not None:
+            runs = None if prep is None or verified is None else prep.held_runs()
+            held = 0 if runs is None else runs[0].nbytes + runs[1].nbytes
             batch_size, layers_per_pass = edge_attribution_plan(
                 budget,
                 shapes,
                 post_norm=any(layer.attn_post is not None for layer in functional.layers),
                 qk_norm=functional.spec.qk_norm == "proj",
                 batch_size=batch_size,
-                held=functional.own_bytes,
+                held=functional.own_bytes + held,
             )
             out = attribute_edges(
                 functional,
@@ -342,6 +382,7 @@ def _attribute(
                 n_steps=n_steps,
                 batch_size=batch_size,
                 layers_per_pass=layers_per_pass,
+                runs=runs,
             )
             width = int(task.clean.shape[1])
             return _Result(

@@ -476,3 +476,31 @@ def test_to_node_scores_sums_each_senders_edges(parallel: bool, has_mlps: bool) 
         torch.testing.assert_close(summed.mlps, mlps, atol=1e-6, rtol=0)
     else:
         assert summed.mlps is None
+
+
+@pytest.mark.parametrize(("budget", "batch_size"), [(None, None), (None, 4), ("300KiB", None)])
+def test_edge_attribution_from_a_held_preparation_gives_the_same_scores(
+    budget: str | None, batch_size: int | None
+) -> None:
+    """discover_circuit hands its evaluator's verified forward and unablated runs to edge
+    attribution; the scores are those of a call of its own, in one chunk of prompts or
+    in several (each reading its rows of the held runs), and where nothing is held."""
+    from reuse_lens.patching.ablation import AblationRunner
+    from reuse_lens.patching.attribution import _attribution_patching
+
+    model = rl.load_model(native_config(n_layers=2, d_model=32, n_heads=4))
+    task = random_task(model, (6, 8, 7, 8, 5, 8), seed=3)
+    runner = AblationRunner(model, task, memory_budget=budget, hold_runs=True)
+    settings: dict[str, Any] = dict(
+        method="eap-ig", level="edge", steps=3, metric=None, batch_size=batch_size,
+        engine="auto", memory_budget=budget, experts=False, routing="frozen",
+    )  # fmt: skip
+    held = runner.prep.held_runs()
+    assert (held is not None) == (budget is None)  # a small budget holds no runs
+    handed = _attribution_patching(model, task, per_position=False, prep=runner.prep, **settings)
+    own = rl.attribution_patching(model, task, **settings)
+    assert isinstance(handed, EdgeScores) and isinstance(own, EdgeScores)
+    torch.testing.assert_close(handed.scores, own.scores, atol=1e-6, rtol=0)
+    assert (handed.clean, handed.corrupted, handed.settings) == (
+        own.clean, own.corrupted, own.settings
+    )  # fmt: skip
