@@ -105,32 +105,70 @@ class ExpertRuns:
         self._checked = True
         return out
 
+    def set_up(
+        self,
+        ablation: str,
+        clean: Int[Tensor, "batch pos"],
+        corrupted: Int[Tensor, "batch pos"],
+        lengths: Int[Tensor, " batch"],
+        per_pass: int,
+    ) -> None:
+        """The clean routing that ``frozen`` keeps, and the source terms of ``ablation``:
+        the corrupted partner's (``resample``), the mean over the clean prompts at their
+        real positions (``mean``), or zero. Made from runs of ``per_pass`` prompts at a
+        time: a run records every mixture's terms ``(prompt, pos, expert, d_model)``,
+        which for every prompt at once would hold many times the model's activations. A
+        mean is summed chunk by chunk; resampled sources are kept whole (the runner
+        counts them against its budget, ``held_bytes``)."""
+        routings: list[dict[int, Routing]] = []
+        first: dict[int, Tensor] = {}
+
+        def clean_pieces() -> Iterator[tuple[list[tuple[str, Tensor]], Tensor]]:
+            for start in range(0, len(clean), per_pass):
+                rows = slice(start, start + per_pass)
+                recorded = self.record(clean[rows])
+                routings.append({layer: routing for layer, (routing, _) in recorded.items()})
+                if not first:
+                    first.update({layer: terms[:1] for layer, (_, terms) in recorded.items()})
+                yield [(str(layer), terms) for layer, (_, terms) in recorded.items()], lengths[rows]
+
+        if ablation == "mean":
+            self.sources = {int(name): mean for name, mean in masked_means(clean_pieces())}
+        else:
+            for _ in clean_pieces():  # the routing alone
+                pass
+            if ablation == "zero":
+                self.sources = {layer: torch.zeros_like(t) for layer, t in first.items()}
+            else:
+                parts = [
+                    self.record(corrupted[start : start + per_pass])
+                    for start in range(0, len(corrupted), per_pass)
+                ]
+                self.sources = {
+                    layer: torch.cat([part[layer][1] for part in parts]) for layer in parts[0]
+                }
+        self.shared_sources = ablation != "resample"
+        self.frozen = {
+            layer: Routing(
+                torch.cat([r[layer].index for r in routings]),
+                torch.cat([r[layer].weight for r in routings]),
+            )
+            for layer in routings[0]
+        }
+
+    @property
+    def held_bytes(self) -> int:
+        """What the set-up holds for every run: the clean routing and the sources."""
+        tensors = [*self.sources.values()]
+        for routing in self.frozen.values():
+            tensors += [routing.index, routing.weight]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def set_clean(self, clean: Int[Tensor, "batch pos"]) -> dict[int, Tensor]:
         """Record the clean run: its routing is what ``frozen`` keeps. Returns its terms."""
         recorded = self.record(clean)
         self.frozen = {layer: routing for layer, (routing, _) in recorded.items()}
         return {layer: terms for layer, (_, terms) in recorded.items()}
-
-    def set_sources(
-        self,
-        ablation: str,
-        clean_terms: dict[int, Tensor],
-        corrupted: Int[Tensor, "batch pos"],
-        lengths: Int[Tensor, " batch"],
-    ) -> None:
-        """The source terms of ``ablation``: the corrupted partner's (``resample``), the
-        mean over the clean prompts at their real positions (``mean``), or zero."""
-        if ablation == "resample":
-            self.sources = {layer: terms for layer, (_, terms) in self.record(corrupted).items()}
-            self.shared_sources = False
-            return
-        if ablation == "mean":
-            named = [(str(layer), terms) for layer, terms in clean_terms.items()]
-            means = masked_means([(named, lengths)])
-            self.sources = {int(name): mean for name, mean in means}
-        else:
-            self.sources = {layer: torch.zeros_like(t[:1]) for layer, t in clean_terms.items()}
-        self.shared_sources = True
 
     # ---- runs -----------------------------------------------------------------------
 

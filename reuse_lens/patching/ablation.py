@@ -35,6 +35,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from reuse_lens._memory import (
+    F32,
     HEADROOM,
     MemoryBudget,
     Shapes,
@@ -275,9 +276,12 @@ class AblationRunner:
         self._experts: ExpertRuns | None = None
         if experts:
             self._experts = ExpertRuns(model, routing)
-            clean_terms = self._experts.set_clean(self.prep.clean)
-            self._experts.set_sources(
-                ablation, clean_terms, self.prep.corrupted, self._mean_lengths
+            self._experts.set_up(
+                ablation,
+                self.prep.clean,
+                self.prep.corrupted,
+                self._mean_lengths,
+                self._per_chunk(self._expert_prompt(), "prompt of the experts' record"),
             )
         with torch.no_grad():
             if self.prep.weights is not None:
@@ -572,15 +576,24 @@ class AblationRunner:
             prep.model, prep.corrupted, prep.clean, self._mean_lengths, self.ablation, "out"
         )
 
+    def _expert_prompt(self) -> int:
+        """One prompt of the experts' record: a forward row, and every term of every
+        mixture, ``(pos, expert, d_model)`` per layer, held until its chunk is summed."""
+        shapes = Shapes.of(self.prep.model, self._width)
+        columns = sum(len(self.shape.experts_of(layer)) for layer in range(self.shape.n_layers))
+        return shapes.forward_row() + F32 * self._width * columns * shapes.d_model
+
     def _held(self) -> int:
         """Bytes held for the whole of a call: the functional weights and the ablation's
         sources (none when each chunk computes its own); for hooks, the sources of node
-        circuits and, once built, of edge circuits."""
+        circuits and, once built, of edge circuits, and the experts' routing and
+        sources."""
         if self.prep.weights is None:
             held = [] if self._hook_sources is None else [self._hook_sources]
             if self._edges_by_hooks is not None:
                 held.append(self._edges_by_hooks.sources)
-            return nbytes(x for sources in held for x in sources.values.values())
+            experts = 0 if self._experts is None else self._experts.held_bytes
+            return experts + nbytes(x for sources in held for x in sources.values.values())
         src = self._sources
         sources = 0 if src is None else nbytes([src.input, *src.z, *src.mlp_out])
         return self.prep.held_bytes + sources

@@ -31,7 +31,7 @@ from reuse_lens.nodes import (
     shape_of,
 )
 from reuse_lens.patching._experts import ExpertRuns
-from reuse_lens.patching.ablation import AblationRunner
+from reuse_lens.patching.ablation import AblationRunner, NodeMask
 from tests.archs import load_arch
 from tests.patching.helpers import random_task, separable_task
 
@@ -400,3 +400,36 @@ def test_expert_circuits_have_no_mib_graph_and_need_an_expert_evaluation(
     evaluator = rl.circuits.CircuitEvaluator(model, _task(model))
     with pytest.raises(CircuitError, match="experts=True"):
         evaluator(circuit)
+
+
+@pytest.mark.parametrize("ablation", ["mean", "resample", "zero"])
+def test_the_experts_record_in_chunks_of_prompts_changes_nothing(
+    ablation: str, root: Any, word_tokenizer: Any
+) -> None:
+    """Under a budget that holds two prompts of the record, the clean routing and the
+    sources are made chunk by chunk, and every value is what one run of every prompt
+    gives; what the set-up holds counts against the budget."""
+    model = load_arch("qwen2_moe", root, word_tokenizer)
+    task = random_task(model, lengths=[6, 5, 6, 4, 6], seed=12)
+    whole = AblationRunner(model, task, ablation=ablation, experts=True)  # type: ignore[arg-type]
+    assert whole._experts is not None
+    from reuse_lens._memory import HEADROOM
+
+    per_prompt = whole._expert_prompt()
+    budget = int((whole._experts.held_bytes + 2.5 * per_prompt) / (1 - HEADROOM))
+    chunked = AblationRunner(model, task, ablation=ablation, experts=True, memory_budget=budget)  # type: ignore[arg-type]
+    assert chunked._experts is not None and chunked._experts.held_bytes > 0
+    assert chunked._per_chunk(per_prompt, "prompt") < len(task)  # it did run in chunks
+    assert chunked._held() >= chunked._experts.held_bytes
+    for layer, routing in whole._experts.frozen.items():
+        assert torch.equal(routing.index, chunked._experts.frozen[layer].index)
+        torch.testing.assert_close(routing.weight, chunked._experts.frozen[layer].weight)
+    assert whole._experts.shared_sources == chunked._experts.shared_sources
+    for layer, source in whole._experts.sources.items():
+        torch.testing.assert_close(source, chunked._experts.sources[layer], atol=1e-6, rtol=0)
+    shape = shape_of(model, experts=True)
+    experts = [n.name for n in shape.nodes() if isinstance(n, Expert)]
+    masks = [NodeMask.of(shape, experts[:k]) for k in (0, 3, len(experts))]
+    torch.testing.assert_close(
+        chunked.node_values(masks), whole.node_values(masks), atol=1e-5, rtol=0
+    )
