@@ -263,6 +263,12 @@ class Shapes:
         per_token = self.d_model + self.n_layers * (self.n_heads * self.d_head + self.d_model)
         return self.itemsize * self.width * per_token
 
+    def expert_terms(self, columns: int) -> int:
+        """One prompt's terms of ``columns`` experts in all (summed over the mixtures),
+        ``(pos, expert, d_model)`` each, in float32: what a record of the mixtures holds
+        (``patching._experts``)."""
+        return F32 * self.width * columns * self.d_model
+
     def backward_prompt(self) -> int:
         """One prompt of a forward and backward pass through the bridge's hooks (node EAP).
 

@@ -35,7 +35,6 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from reuse_lens._memory import (
-    F32,
     HEADROOM,
     MemoryBudget,
     Shapes,
@@ -581,7 +580,7 @@ class AblationRunner:
         mixture, ``(pos, expert, d_model)`` per layer, held until its chunk is summed."""
         shapes = Shapes.of(self.prep.model, self._width)
         columns = sum(len(self.shape.experts_of(layer)) for layer in range(self.shape.n_layers))
-        return shapes.forward_row() + F32 * self._width * columns * shapes.d_model
+        return shapes.forward_row() + shapes.expert_terms(columns)
 
     def _held(self) -> int:
         """Bytes held for the whole of a call: the functional weights and the ablation's

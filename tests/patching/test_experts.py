@@ -433,3 +433,30 @@ def test_the_experts_record_in_chunks_of_prompts_changes_nothing(
     torch.testing.assert_close(
         chunked.node_values(masks), whole.node_values(masks), atol=1e-5, rtol=0
     )
+
+
+def test_expert_attribution_counts_the_terms_in_its_chunks(
+    root: Any, word_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk of expert attribution holds its prompts' clean and corrupted terms of
+    every expert: the budget's chunks count them, and chunking changes no score."""
+    import reuse_lens.patching.attribution as attribution
+    from reuse_lens._memory import HEADROOM, Shapes
+
+    model = load_arch("qwen2_moe", root, word_tokenizer)
+    task = random_task(model, lengths=[6, 5, 6, 4, 6, 5], seed=13)
+    whole = rl.attribution_patching(model, task, method="eap-ig", steps=2, experts=True)
+    shapes = Shapes.of(model, int(task.clean.shape[1]))
+    # Room for two prompts of the estimate without the terms, one with them.
+    budget = int(2 * shapes.backward_prompt() / (1 - HEADROOM))
+    chunks = []
+    real = attribution._attribute_chunk
+    monkeypatch.setattr(
+        attribution, "_attribute_chunk", lambda *a, **k: chunks.append(1) or real(*a, **k)
+    )
+    chunked = rl.attribution_patching(
+        model, task, method="eap-ig", steps=2, experts=True, memory_budget=budget
+    )
+    assert len(chunks) == len(task)  # one prompt a chunk: the terms were counted
+    for name, value in whole.as_dict().items():
+        assert chunked.as_dict()[name] == pytest.approx(value, abs=1e-5), name
