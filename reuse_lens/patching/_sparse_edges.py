@@ -33,6 +33,10 @@ from reuse_lens.patching.graph import GraphIndex
 
 __all__ = ["SenderMemo", "sparse_edge_logits", "sparse_edges_supported"]
 
+PartKey = tuple[int, int, bool, bytes]
+"""A head's projected input: (layer, part: 0 q, 1 k, 2 v, at every position or at the
+answer alone, the head and what its column reads, as bytes)."""
+
 
 def sparse_edges_supported(w: Weights) -> str | None:
     """Why ``sparse_edge_logits`` cannot run this model (the dense edge forward can), or
@@ -60,7 +64,9 @@ class SenderMemo:
     which change least); the others are dropped. A class not held is computed again:
     the memo changes what is computed, never a value. ``key_of`` gives each held class
     its sender and key; ``streams`` the stream with every sender ablated
-    (``_EdgePass.ablated_streams``), the same for every circuit.
+    (``_EdgePass.ablated_streams``), the same for every circuit; ``parts`` the projected
+    q, k and v inputs of the held heads' classes (``parts_of``), which the next
+    prefix's classes of those heads mostly read again (``_EdgePass._projections``).
     """
 
     limit: int | None = None
@@ -70,6 +76,8 @@ class SenderMemo:
     next_id: int = 0
     streams: tuple[list[Tensor], list[Tensor], Tensor] | None = None
     key_of: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    parts: dict[PartKey, Tensor] = field(default_factory=dict)
+    parts_of: dict[int, tuple[PartKey, ...]] = field(default_factory=dict)
 
     def new_id(self, sender: int, key: bytes) -> int:
         """A new class of ``sender`` with this key."""
@@ -349,7 +357,7 @@ def sparse_edge_logits(
         run.heads(layer, heads_base[layer])
         if w.has_mlps:
             run.mlp(layer, mlp_base[layer])
-    _carry(memo, run.bank, run.ids[-1])
+    _carry(memo, run.bank, run.ids[-1], run.parts, run.parts_of)
     return run.logits(final_base)
 
 
@@ -372,6 +380,7 @@ class _EdgePass:
         self.w, self.layout, self.keep, self.memo = w, layout, keep, memo
         self.src, self.src_rows, self.answer = src, src_rows, answer
         self.ids = torch.full(keep.shape[:2], -1, dtype=torch.long, device=keep.device)
+        self.parts, self.parts_of = dict(memo.parts), dict(memo.parts_of)
         self.full = _full_positions(layout, keep)
         self.full[:, 0] = True  # the input costs nothing to hold whole
         read = keep.any(2)
@@ -438,18 +447,19 @@ class _EdgePass:
         heads = torch.tensor([h for _, h, ids, _ in found for _ in ids], device=base.device)
         keys = torch.cat([keys for *_, keys in found])
         whole = torch.tensor([f for f, _, ids, _ in found for _ in ids], device=base.device)
-        k = self._projections(layer, base, heads, keys[:, :, 1], 1)
-        v = self._projections(layer, base, heads, keys[:, :, 2], 2)
+        k, k_keys = self._projections(layer, base, heads, keys[:, :, 1], 1)
+        v, v_keys = self._projections(layer, base, heads, keys[:, :, 2], 2)
         gids = [gid for *_, ids, _ in found for gid in ids]
         for full in (True, False):
             picked = torch.nonzero(whole == full).flatten()
             if len(picked) == 0:
                 continue
             at = None if full else self.at
-            q = self._projections(layer, base, heads[picked], keys[picked, :, 0], 0, at)
+            q, q_keys = self._projections(layer, base, heads[picked], keys[picked, :, 0], 0, at)
             delta = self._heads_delta(layer, heads[picked], q, k[picked], v[picked], full)
-            for index, row in zip(picked.tolist(), delta, strict=True):
+            for i, (index, row) in enumerate(zip(picked.tolist(), delta, strict=True)):
                 self.bank.put(gids[index], row if full else row[:, 0], at)
+                self.parts_of[gids[index]] = (q_keys[i], k_keys[index], v_keys[index])
 
     def _projections(
         self,
@@ -459,24 +469,34 @@ class _EdgePass:
         reads: Int[Tensor, "cls visible"],
         part: int,
         at: tuple[Tensor, Tensor] | None = None,
-    ) -> Float[Tensor, "cls prompt q_pos d_head"]:
+    ) -> tuple[Float[Tensor, "cls prompt q_pos d_head"], list[PartKey]]:
         """Part ``part`` (0 q, 1 k, 2 v) of each class's head, projected from what the
-        class's column reads (``reads``: per visible sender, 0 or 1 + its class): every
-        distinct (head, reads) normed and projected once, at every position or at the
-        answer positions ``at``; before any q/k norm or rotary."""
+        class's column reads (``reads``: per visible sender, 0 or 1 + its class), at
+        every position or at the answer positions ``at``, before any q/k norm or rotary;
+        with each class's key of it. Each distinct (head, reads) is normed and projected
+        once, and not at all where this call or the memo has it already."""
         w = self.w
         weights = w.layers[layer]
         distinct, inverse = torch.unique(
             torch.cat([heads.unsqueeze(1), reads], 1), dim=0, return_inverse=True
         )
-        head, columns = distinct[:, 0], distinct[:, 1:].unsqueeze(2)
-        x = _gather(base if at is None else base[at], self.bank, columns, at)[:, 0]
-        name = "qkv"[part]
-        mats = getattr(weights, f"w_{name}").view(-1, w.n_heads, w.d_head)[:, head]
-        bias = getattr(weights, f"b_{name}").view(w.n_heads, w.d_head)[head]
-        normed = _norm(x, weights.ln1)
-        out = torch.matmul(normed.flatten(1, -2), mats.movedim(1, 0)) + bias.unsqueeze(1)
-        return out.view(len(distinct), x.shape[1], -1, w.d_head)[inverse]
+        keys: list[PartKey] = [
+            (layer, part, at is None, row.tobytes()) for row in distinct.cpu().numpy()
+        ]
+        new = [u for u, key in enumerate(keys) if key not in self.parts]
+        if new:
+            fresh = distinct[torch.tensor(new, device=distinct.device)]
+            head, columns = fresh[:, 0], fresh[:, 1:].unsqueeze(2)
+            x = _gather(base if at is None else base[at], self.bank, columns, at)[:, 0]
+            name = "qkv"[part]
+            mats = getattr(weights, f"w_{name}").view(-1, w.n_heads, w.d_head)[:, head]
+            bias = getattr(weights, f"b_{name}").view(w.n_heads, w.d_head)[head]
+            normed = _norm(x, weights.ln1)
+            out = torch.matmul(normed.flatten(1, -2), mats.movedim(1, 0)) + bias.unsqueeze(1)
+            out = out.view(len(new), x.shape[1], -1, w.d_head)
+            self.parts.update((keys[u], projected) for u, projected in zip(new, out, strict=True))
+        projected = torch.stack([self.parts[key] for key in keys])
+        return projected[inverse], [keys[u] for u in inverse.tolist()]
 
     def _heads_delta(
         self,
@@ -565,10 +585,16 @@ class _EdgePass:
         return self.w.logits(final[:, 0].flatten(0, 1))
 
 
-def _carry(memo: SenderMemo, bank: _Bank, last: Int[Tensor, " sender"]) -> None:
+def _carry(
+    memo: SenderMemo,
+    bank: _Bank,
+    last: Int[Tensor, " sender"],
+    parts: dict[PartKey, Tensor],
+    parts_of: dict[int, tuple[PartKey, ...]],
+) -> None:
     """Hold the last circuit's classes for the next call, and forget the others: in the
     bank's own buffer where it fits in ``memo.limit``, else as many as fit, in sender
-    order, copied out."""
+    order, copied out; and its heads' projected inputs, where they fit beside them."""
     kept = [int(g) for g in last.tolist() if g >= 0]
     if memo.limit is not None and bank.rows.nbytes > memo.limit:
         kept = kept[: memo.limit // max(1, bank.rows[0].nbytes)]
@@ -581,3 +607,12 @@ def _carry(memo: SenderMemo, bank: _Bank, last: Int[Tensor, " sender"]) -> None:
     memo.classes = {}
     for gid, (sender, key) in memo.key_of.items():
         memo.classes.setdefault(sender, {})[key] = gid
+    memo.parts_of = {g: parts_of[g] for g in kept if g in parts_of}
+    needed = {key for keys in memo.parts_of.values() for key in keys}
+    size = sum(parts[key].nbytes for key in needed)
+    room = None if memo.limit is None else memo.limit - memo.rows.nbytes
+    if room is not None and size > room:
+        memo.parts, memo.parts_of = {}, {}
+    else:  # the new ones copied: a view would hold its whole batch of projections
+        held = memo.parts
+        memo.parts = {key: held[key] if key in held else parts[key].clone() for key in needed}
