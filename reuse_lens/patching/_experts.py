@@ -63,12 +63,17 @@ class Plan:
             d_model)`` of this run (detached).
         grads: filled with the gradient of each layer's output ``(batch, pos, d_model)``
             when the run is differentiated (the gradient of every term).
+        clean_before: per row, the first layer where the run patches something: the
+            mixtures before it read what they read in the clean run, so they route as it
+            did and run as they are (their terms are not recomputed); None: any layer
+            may read a patch.
     """
 
     prompt: Int[Tensor, " rows"] | None = None
     keep: dict[int, Bool[Tensor, "rows column"]] = field(default_factory=dict)
     record: dict[int, tuple[Routing, Tensor]] | None = None
     grads: dict[int, Tensor] | None = None
+    clean_before: Int[Tensor, " rows"] | None = None
 
 
 class ExpertRuns:
@@ -194,12 +199,20 @@ class ExpertRuns:
             assert plan is not None
             keep = plan.keep.get(layer)
             changes = keep is not None or (self.routing == "frozen" and plan.prompt is not None)
+            rows = None  # the rows whose terms are computed: every one
+            if changes and plan.record is None and plan.clean_before is not None:
+                # A row that reads no patch here keeps every expert and routes as the
+                # clean run did: the block's own output is its output.
+                rows = plan.clean_before <= layer
+                changes = bool(rows.any())
+                rows = None if bool(rows.all()) else rows
             if not changes and plan.record is None and plan.grads is None:
                 return None
             x = args[0]
             out = output[0] if isinstance(output, tuple) else output
             if changes or plan.record is not None:
-                terms, routing = self._terms(layer, x, plan.prompt)
+                prompt = plan.prompt if rows is None or plan.prompt is None else plan.prompt[rows]
+                terms, routing = self._terms(layer, x if rows is None else x[rows], prompt)
                 if plan.record is not None:
                     if not self._checked and not changes:
                         # An unpatched run, routed as the block routed it: the terms
@@ -207,10 +220,12 @@ class ExpertRuns:
                         self._check(layer, terms.sum(2), out)
                     plan.record[layer] = (routing, terms.detach())
                 if keep is not None:
-                    source = self._source(layer, plan.prompt, terms.shape[1])
-                    terms = torch.where(keep[:, None, :, None], terms, source)
+                    source = self._source(layer, prompt, terms.shape[1])
+                    kept = keep if rows is None else keep[rows]
+                    terms = torch.where(kept[:, None, :, None], terms, source)
                 if changes:
-                    out = terms.sum(2).to(out.dtype)
+                    summed = terms.sum(2).to(out.dtype)
+                    out = summed if rows is None else out.clone().index_put_((rows,), summed)
             grads = plan.grads
             if grads is not None and out.requires_grad:
 

@@ -454,13 +454,34 @@ class AblationRunner:
             logits = self.prep.model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
         else:
             assert keep_e is not None
-            plan = Plan(prompt=prompt, keep=self._expert_keep(keep_e))
+            keep = self._expert_keep(keep_e)
+            plan = Plan(
+                prompt=prompt, keep=keep, clean_before=self._first_patched(keep_h, keep_m, keep)
+            )
             with self._experts.active(plan):
                 logits = self.prep.model.run_with_hooks(
                     tokens, fwd_hooks=hooks, return_type="logits"
                 )
         rows = torch.arange(len(prompt), device=prompt.device)
         return logits[rows, self.prep.answer_pos[prompt]].float()
+
+    def _first_patched(
+        self,
+        keep_h: Bool[Tensor, "rows layer head_index"],
+        keep_m: Bool[Tensor, "rows layer"] | None,
+        keep_e: dict[int, Bool[Tensor, "rows column"]],
+    ) -> Int[Tensor, " rows"]:
+        """Per row, the first layer where it replaces a head, a whole MLP or an expert
+        (the number of layers where it replaces none): every mixture before it reads
+        what it read in the clean run."""
+        patched = (~keep_h).any(-1)  # (rows, layer)
+        if keep_m is not None:
+            split = torch.tensor([self.shape.split(layer) for layer in range(self.shape.n_layers)])
+            patched = patched | (~keep_m & ~split.to(keep_m.device))
+        for layer, keep in keep_e.items():
+            patched[:, layer] |= (~keep).any(-1)
+        layers = torch.arange(self.shape.n_layers, device=patched.device)
+        return torch.where(patched, layers, self.shape.n_layers).min(-1).values
 
     def _expert_keep(
         self, keep_e: Bool[Tensor, "rows layer column"]

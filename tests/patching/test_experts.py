@@ -460,3 +460,29 @@ def test_expert_attribution_counts_the_terms_in_its_chunks(
     assert len(chunks) == len(task)  # one prompt a chunk: the terms were counted
     for name, value in whole.as_dict().items():
         assert chunked.as_dict()[name] == pytest.approx(value, abs=1e-5), name
+
+
+def test_mixtures_upstream_of_every_patch_run_as_they_are(
+    root: Any, word_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the routing frozen, a mixture before the first patched layer of a run reads
+    its clean input, so it routes as the clean run did: it runs as it is, its terms not
+    recomputed, and every score is what recomputing them gives."""
+    model = load_arch("mixtral", root, word_tokenizer)
+    task = _task(model)
+    calls: list[int] = []
+    real = ExpertRuns._terms
+
+    def counted(self: ExpertRuns, layer: int, x: Tensor, *args: Any) -> Any:
+        calls.append(len(x))  # the rows whose terms are computed
+        return real(self, layer, x, *args)
+
+    monkeypatch.setattr(ExpertRuns, "_terms", counted)
+    skipping = rl.activation_patching(model, task, experts=True)
+    skipped = sum(calls)
+    calls.clear()
+    monkeypatch.setattr(AblationRunner, "_first_patched", lambda self, keep_h, *a: None)
+    everywhere = rl.activation_patching(model, task, experts=True)
+    assert skipped < sum(calls)  # the rows before each patch ran as they are
+    for name, value in everywhere.as_dict().items():
+        assert skipping.as_dict()[name] == pytest.approx(value, abs=1e-5), name
