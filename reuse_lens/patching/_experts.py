@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from reuse_lens._memory import nbytes
 from reuse_lens.arch.experts import Mixture, NoMixture, Routing, mixtures
 from reuse_lens.nodes import UnsupportedArchitectureError, architecture
 from reuse_lens.patching._common import masked_means
@@ -164,10 +165,8 @@ class ExpertRuns:
     @property
     def held_bytes(self) -> int:
         """What the set-up holds for every run: the clean routing and the sources."""
-        tensors = [*self.sources.values()]
-        for routing in self.frozen.values():
-            tensors += [routing.index, routing.weight]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        routings = [x for r in self.frozen.values() for x in (r.index, r.weight)]
+        return nbytes([*self.sources.values(), *routings])
 
     def set_clean(self, clean: Int[Tensor, "batch pos"]) -> dict[int, Tensor]:
         """Record the clean run: its routing is what ``frozen`` keeps. Returns its terms."""
