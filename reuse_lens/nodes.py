@@ -340,6 +340,11 @@ class ModelShape:
         return routed + ([Expert(layer, SHARED_EXPERT)] if self.shared[layer] else [])
 
     @property
+    def n_experts(self) -> int:
+        """Expert nodes over every layer, routed and shared; 0 without expert nodes."""
+        return sum(len(self.experts_of(layer)) for layer in range(self.n_layers))
+
+    @property
     def n_columns(self) -> int:
         """Columns of an expert mask or score table: the most routed experts of a layer,
         plus one for shared experts where any layer has one; 0 without expert nodes."""

@@ -9,7 +9,7 @@ circuits in batches, with or without their bootstrap intervals over prompts
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 import torch
 from jaxtyping import Bool
@@ -245,28 +245,27 @@ class CircuitEvaluator:
     # ---- edge circuits --------------------------------------------------------------
 
     def edge_mask(self, edges: Iterable[tuple[str, str]]) -> Bool[Tensor, "sender receiver"]:
-        keep = torch.zeros(self._index.n_senders, self._index.n_receivers, dtype=torch.bool)
         index, pairs = self._index, list(edges)
-        try:  # one write for every edge: the size rule builds a mask per prefix
-            rows = [index.sender[sender] for sender, _ in pairs]
-            columns = [index.receiver[receiver] for _, receiver in pairs]
-            if not bool(index.edges[rows, columns].all()):
-                raise KeyError
-        except KeyError:
-            sender, receiver = next(
-                (s, r)
-                for s, r in pairs
-                if s not in index.sender
-                or r not in index.receiver
-                or not index.edges[index.sender[s], index.receiver[r]]
-            )
-            raise ValueError(
-                f"edge {sender}->{receiver} is not in this model's graph "
-                f"({self.shape.n_layers} layers, {self.shape.n_heads} heads; a receiver "
-                "reads only the senders before it)"
-            ) from None
+        missing = next(
+            ((s, r) for s, r in pairs if s not in index.sender or r not in index.receiver), None
+        )
+        if missing is not None:
+            self._refuse_edge(*missing)
+        # One write for every edge: the size rule builds a mask per prefix.
+        rows = [index.sender[sender] for sender, _ in pairs]
+        columns = [index.receiver[receiver] for _, receiver in pairs]
+        outside = torch.nonzero(~index.edges[rows, columns]).flatten()
+        if len(outside):  # a receiver reading a later sender
+            self._refuse_edge(*pairs[int(outside[0])])
+        keep = torch.zeros(index.n_senders, index.n_receivers, dtype=torch.bool)
         keep[rows, columns] = True
         return keep
+
+    def _refuse_edge(self, sender: str, receiver: str) -> NoReturn:
+        raise ValueError(
+            f"edge {sender}->{receiver} is not in this model's graph ({self.shape.n_layers} "
+            f"layers, {self.shape.n_heads} heads; a receiver reads only the senders before it)"
+        )
 
     def edges(self, edges: Iterable[tuple[str, str]]) -> float:
         value = self.runner.edges(self._pruned_mask(edges))

@@ -263,7 +263,9 @@ def functional_weights(
         NotImplementedError: where the model's edges are undefined (its heads' inputs are
             not separable); hooks cannot do better there.
     """
-    w = verified or prepare(model, task.select([0]), metric_fn, engine=engine).weights
+    w = verified
+    if w is None:
+        w = prepare(model, task.select([0]), metric_fn, engine=engine).weights
     why = None if w is None else w.spec.edge_unsupported()
     if why is not None:
         raise NotImplementedError(

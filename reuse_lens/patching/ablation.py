@@ -600,8 +600,7 @@ class AblationRunner:
         """One prompt of the experts' record: a forward row, and every term of every
         mixture, ``(pos, expert, d_model)`` per layer, held until its chunk is summed."""
         shapes = Shapes.of(self.prep.model, self._width)
-        columns = sum(len(self.shape.experts_of(layer)) for layer in range(self.shape.n_layers))
-        return shapes.forward_row() + shapes.expert_terms(columns)
+        return shapes.forward_row() + shapes.expert_terms(self.shape.n_experts)
 
     def _held(self) -> int:
         """Bytes held for the whole of a call: the functional weights and the ablation's

@@ -401,8 +401,7 @@ def _attribute(
         # Jacobian products of every head's q, k and v gradient on top.
         per_prompt = shapes.edge_backward_prompt() if edges else shapes.backward_prompt()
         if experts is not None:  # the chunk's clean and corrupted terms, and a step's
-            columns = sum(len(shape.experts_of(layer)) for layer in range(shape.n_layers))
-            per_prompt += 3 * shapes.expert_terms(columns)
+            per_prompt += 3 * shapes.expert_terms(shape.n_experts)
         batch_size = chunk_items(budget, per_prompt, what="prompt of attribution patching")
     device = torch.device(model.cfg.device or "cpu")
     n = len(task)

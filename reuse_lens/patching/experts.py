@@ -60,16 +60,17 @@ def expert_activation_patching(
     """``activation_patching`` with expert nodes, in the noising direction; ``runner``, an
     expert runner of the same (model, task, ablation, metric, routing), spares the set-up
     (``discover_circuit`` hands its evaluator's on)."""
-    runner = runner or AblationRunner(
-        model,
-        task,
-        ablation=ablation,  # type: ignore[arg-type]
-        metric=metric,
-        batch_size=batch_size,
-        memory_budget=memory_budget,
-        experts=True,
-        routing=routing,
-    )
+    if runner is None:
+        runner = AblationRunner(
+            model,
+            task,
+            ablation=ablation,  # type: ignore[arg-type]
+            metric=metric,
+            batch_size=batch_size,
+            memory_budget=memory_budget,
+            experts=True,
+            routing=routing,
+        )
     shape = runner.shape
     chosen = select_expert_nodes(shape, nodes)
     if not chosen:
